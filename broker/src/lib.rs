@@ -1,0 +1,21 @@
+//! The hashvote MQTT broker: rumqttd embedded, configured from `config/broker.toml`, and checked
+//! to really listen.
+//!
+//! - [`config`]: [`BrokerConfig`] and how it becomes a validated [`rumqttd::Config`].
+//! - [`server`]: [`Broker`] / [`start`], which refuse a busy port and wait until rumqttd accepts.
+//! - [`cli`]: the `broker` command (also run as `launcher broker ...`).
+//!
+//! ```no_run
+//! let running = broker::start(&broker::BrokerConfig::default())?;
+//! println!("{}", running.ready_line());
+//! # Ok::<(), broker::BrokerError>(())
+//! ```
+
+pub mod cli;
+pub mod config;
+mod error;
+pub mod server;
+
+pub use config::BrokerConfig;
+pub use error::BrokerError;
+pub use server::{Broker, READY_PREFIX, RunningBroker, parse_ready_line, start};

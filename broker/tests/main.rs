@@ -1,0 +1,269 @@
+//! Integration tests of the broker: the real binary on free ports, and the library in-process.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Packet, QoS};
+use support::{BrokerProcess, block_on, connect, connected, free_port, options, scratch_file, until};
+
+#[test]
+fn serves_mqtt_and_prints_only_the_ready_line() {
+    let port = free_port();
+    let mut broker = BrokerProcess::spawn(&["--port", &port.to_string()]);
+    let addr = broker.wait_ready();
+    assert_eq!(addr, format!("127.0.0.1:{port}").parse().expect("addr"));
+
+    block_on(async {
+        let (client, mut eventloop) = connected(addr, "echo").await;
+        client
+            .subscribe("hashvote/test", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        until(&mut eventloop, |p| matches!(p, Packet::SubAck(_)).then_some(())).await;
+        client
+            .publish("hashvote/test", QoS::AtLeastOnce, false, "hello")
+            .await
+            .expect("publish");
+        let payload = until(&mut eventloop, |p| match p {
+            Packet::Publish(publish) => Some(publish.payload.clone()),
+            _ => None,
+        })
+        .await;
+        assert_eq!(&payload[..], b"hello");
+
+        // A clean DISCONNECT makes rumqttd log `router-drop` at ERROR; the default filter must
+        // keep it off stderr. A second client's round trip gives the broker time to log it.
+        client.disconnect().await.expect("disconnect");
+        while eventloop.poll().await.is_ok() {}
+        let (second, mut eventloop) = connected(addr, "second").await;
+        second
+            .subscribe("hashvote/sync", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        until(&mut eventloop, |p| matches!(p, Packet::SubAck(_)).then_some(())).await;
+    });
+
+    assert_eq!(broker.remaining_stdout(), Vec::<String>::new());
+    assert_eq!(broker.stderr(), "");
+}
+
+#[test]
+fn busy_port_fails_fast_with_one_line_naming_the_port() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port();
+    let mut broker = BrokerProcess::spawn(&["--port", &port.to_string()]);
+    let started = std::time::Instant::now();
+    let status = broker.wait_exit();
+    assert!(!status.success(), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(
+        broker.stderr(),
+        format!(
+            "broker: error: port {port} on 127.0.0.1 is already in use \
+             (another broker running? pick another with --port)\n"
+        )
+    );
+    assert_eq!(broker.remaining_stdout(), Vec::<String>::new());
+}
+
+#[test]
+fn bad_config_file_fails_with_one_line() {
+    let path = scratch_file("bad.toml", "id = 0\n[router\nmax_connections = 10\n");
+    let path_text = path.display().to_string();
+    let mut broker =
+        BrokerProcess::spawn(&["--config", &path_text, "--port", &free_port().to_string()]);
+    let status = broker.wait_exit();
+    assert!(!status.success(), "{status}");
+    let stderr = broker.stderr();
+    assert!(
+        stderr.starts_with(&format!("broker: error: cannot read config {path_text}: line 2,")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn misspelt_auth_in_config_file_is_an_error_not_an_open_broker() {
+    let text = format!(
+        "{}\n[v4.1.connections.auht]\npeer = \"secret\"\n",
+        broker::config::DEFAULT_CONFIG
+    );
+    let path = scratch_file("auht.toml", &text);
+    let path_text = path.display().to_string();
+    let mut broker =
+        BrokerProcess::spawn(&["--config", &path_text, "--port", &free_port().to_string()]);
+    assert!(!broker.wait_exit().success());
+    assert_eq!(
+        broker.stderr(),
+        format!(
+            "broker: error: cannot read config {path_text}: unknown key `v4.1.connections.auht`\n"
+        )
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn auth_map_admits_only_the_right_password() {
+    let config = broker::BrokerConfig {
+        port: free_port(),
+        auth: Some(HashMap::from([("peer".to_owned(), "right".to_owned())])),
+        ..broker::BrokerConfig::default()
+    };
+    // In-process: rumqttd cannot be stopped, so this broker lives until the test binary exits.
+    let running = broker::start(&config).expect("start broker");
+    let addr = running.listen_addr();
+
+    let attempt = |id: &str, login: Option<(&str, &str)>| {
+        let mut options = options(addr, id);
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
+        let (_client, mut eventloop) = AsyncClient::new(options, 10);
+        block_on(async move { connect(&mut eventloop).await.is_ok() })
+    };
+    assert!(!attempt("wrong", Some(("peer", "wrong"))), "wrong password admitted");
+    assert!(!attempt("stranger", Some(("stranger", "right"))), "unknown user admitted");
+    assert!(!attempt("anonymous", None), "client without login admitted");
+    assert!(attempt("right", Some(("peer", "right"))), "right password refused");
+    assert!(running.is_running());
+}
+
+#[test]
+fn max_payload_flag_limits_packets() {
+    let port = free_port();
+    let mut broker =
+        BrokerProcess::spawn(&["--port", &port.to_string(), "--max-payload", "1024"]);
+    let addr = broker.wait_ready();
+    block_on(async {
+        let (client, mut eventloop) = connected(addr, "big").await;
+        client
+            .publish("hashvote/big", QoS::AtLeastOnce, false, vec![7u8; 2000])
+            .await
+            .expect("queue publish");
+        // rumqttd closes the connection on a packet above the limit.
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) => {
+                    panic!("oversized publish was accepted")
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+}
+
+#[test]
+fn sigterm_and_sigint_exit_zero() {
+    for signal in ["TERM", "INT"] {
+        let mut broker = BrokerProcess::spawn(&["--port", &free_port().to_string()]);
+        broker.wait_ready();
+        broker.signal(signal);
+        let status = broker.wait_exit();
+        assert!(status.success(), "SIG{signal}: {status}");
+        assert_eq!(broker.stderr(), "", "SIG{signal}");
+    }
+}
+
+/// 10 clients on 6 shared topics exchange 20,000 QoS 1 messages of 100 bytes (200,000
+/// deliveries); the broker's resident memory must stay far below rumqttd's defaults (which let it
+/// reach hundreds of MB).
+#[cfg(target_os = "linux")]
+#[test]
+fn memory_stays_bounded_under_load() {
+    const CLIENTS: usize = 10;
+    const TOPICS: usize = 6;
+    const MESSAGES: usize = 200_000;
+    const PAYLOAD: usize = 100;
+    const LIMIT_KB: u64 = 64 * 1024;
+
+    let port = free_port();
+    let mut broker = BrokerProcess::spawn(&["--port", &port.to_string()]);
+    let addr = broker.wait_ready();
+    let idle = memory_kb(broker.pid());
+
+    let started = std::time::Instant::now();
+    block_on(async {
+        let mut clients = Vec::new();
+        let mut receivers = Vec::new();
+        for i in 0..CLIENTS {
+            let (client, mut eventloop) = connected(addr, &format!("load-{i}")).await;
+            for t in 0..TOPICS {
+                client
+                    .subscribe(format!("load/t{t}"), QoS::AtLeastOnce)
+                    .await
+                    .expect("subscribe");
+            }
+            let mut acked = 0;
+            until(&mut eventloop, |p| {
+                acked += usize::from(matches!(p, Packet::SubAck(_)));
+                (acked == TOPICS).then_some(())
+            })
+            .await;
+            // Every client receives every message; its event loop runs until it has them all.
+            receivers.push(tokio::spawn(async move {
+                let mut received = 0;
+                let _ = tokio::time::timeout(Duration::from_secs(40), until(&mut eventloop, |p| {
+                    received += usize::from(matches!(p, Packet::Publish(_)));
+                    (received == MESSAGES).then_some(())
+                }))
+                .await;
+                eprintln!("received {received}");
+                eventloop
+            }));
+            clients.push(client);
+        }
+        let per_client = MESSAGES / CLIENTS;
+        let publishers = clients.iter().cloned().enumerate().map(|(i, client)| {
+            tokio::spawn(async move {
+                for n in 0..per_client {
+                    let topic = format!("load/t{}", (i + n) % TOPICS);
+                    client
+                        .publish(topic, QoS::AtLeastOnce, false, vec![b'x'; PAYLOAD])
+                        .await
+                        .expect("publish");
+                }
+            })
+        });
+        for publisher in publishers.collect::<Vec<_>>() {
+            publisher.await.expect("publisher");
+        }
+        for receiver in receivers {
+            receiver.await.expect("receiver");
+        }
+    });
+    let elapsed = started.elapsed();
+    let loaded = memory_kb(broker.pid());
+    eprintln!(
+        "broker memory: idle VmRSS {} kB; after {MESSAGES} messages x {CLIENTS} subscribers in \
+         {elapsed:?}: VmRSS {} kB, VmHWM (peak) {} kB",
+        idle.rss, loaded.rss, loaded.peak
+    );
+    let e = broker.stderr(); eprintln!("stderr lines {}: {}", e.lines().count(), e.lines().take(3).collect::<Vec<_>>().join("\n"));
+    assert!(loaded.peak < LIMIT_KB, "peak {} kB", loaded.peak);
+}
+
+#[cfg(target_os = "linux")]
+struct Memory {
+    rss: u64,
+    peak: u64,
+}
+
+#[cfg(target_os = "linux")]
+fn memory_kb(pid: u32) -> Memory {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    Memory {
+        rss: field("VmRSS:"),
+        peak: field("VmHWM:"),
+    }
+}

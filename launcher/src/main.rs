@@ -1,0 +1,15 @@
+//! The `launcher` binary: `cargo run -p launcher` starts a broker and a room of peers.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use launcher::cli::{Args, Role};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match args.role {
+        Some(Role::Broker(a)) => broker::cli::main(a),
+        Some(Role::Peer(a)) => peer::cli::main(a),
+        None => launcher::main(args.room),
+    }
+}

@@ -1,0 +1,177 @@
+//! What the launcher makes of the peers' events: readable lines as things happen (each election,
+//! challenge and block once, not once per peer) and the summary printed at the end.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use std::time::Instant;
+
+use peer::events::{Event, Record};
+use peer::protocol::{PeerId, Term, TxId};
+
+#[derive(Debug, Default, Clone)]
+struct PeerState {
+    id: Option<PeerId>,
+    height: u64,
+    alive: bool,
+    hashes: u64,
+    mining_ms: u64,
+    wins: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BlockInfo {
+    winner: PeerId,
+    difficulty: u8,
+    solve_ms: Option<u64>,
+}
+
+/// The room as seen through its events.
+#[derive(Debug)]
+pub struct Tally {
+    started: Instant,
+    expected: usize,
+    peers: Vec<PeerState>,
+    leaders: BTreeMap<Term, PeerId>,
+    announced_terms: BTreeSet<(Term, PeerId)>,
+    challenges: BTreeMap<TxId, u64>,
+    blocks: BTreeMap<TxId, BlockInfo>,
+    all_known: bool,
+    late_solutions: u64,
+}
+
+impl Tally {
+    /// A tally for a room of `expected` peers.
+    pub fn new(expected: usize) -> Self {
+        Self {
+            started: Instant::now(),
+            expected,
+            peers: vec![PeerState { alive: true, ..PeerState::default() }; expected],
+            leaders: BTreeMap::new(),
+            announced_terms: BTreeSet::new(),
+            challenges: BTreeMap::new(),
+            blocks: BTreeMap::new(),
+            all_known: false,
+            late_solutions: 0,
+        }
+    }
+
+    fn index_of(&self, id: PeerId) -> Option<usize> {
+        self.peers.iter().position(|p| p.id == Some(id))
+    }
+
+    fn name(&self, id: PeerId) -> String {
+        match self.index_of(id) {
+            Some(i) => format!("peer #{i} ({id})"),
+            None => format!("peer {id}"),
+        }
+    }
+
+    /// Takes one record from peer `index`, printing what is worth showing through `print`.
+    pub fn record(&mut self, index: usize, r: Record, print: &mut dyn FnMut(String)) {
+        let t = self.started.elapsed().as_secs_f64();
+        let mut say = |s: String| print(format!("[{t:7.3}s] {s}"));
+        let Some(state) = self.peers.get_mut(index) else { return };
+        match r.event {
+            Event::Started { pid, client_id, .. } => {
+                state.id = Some(client_id);
+                say(format!("peer #{index} started: client id {client_id}, pid {pid}"));
+            }
+            Event::PeerJoined { members, .. } => {
+                if members >= self.expected && !self.all_known && self.expected > 1 {
+                    self.all_known = true;
+                    say(format!("peer #{index} knows all {members} peers: voting starts"));
+                }
+            }
+            Event::PeerLeft { id, members } => {
+                let name = self.name(id);
+                if self.announced_terms.insert((u64::MAX, id)) {
+                    say(format!("{name} left the room ({members} remain)"));
+                }
+            }
+            Event::LeaderElected { term, leader, votes } => {
+                if votes > 0 && self.announced_terms.insert((term, leader)) {
+                    let previous = self.leaders.insert(term, leader);
+                    let how = if previous.is_some() { "replaced by a later vote: " } else { "" };
+                    say(format!("election of term {term}: {how}controller is {} ({votes} votes)", self.name(leader)));
+                }
+            }
+            Event::ChallengeIssued { term, tx, difficulty } => {
+                self.challenges.entry(tx).or_insert(r.ts_ms);
+                say(format!("challenge {tx}: find {difficulty} leading zero bits (term {term})"));
+            }
+            Event::SolutionFound { hashes, elapsed_ms, .. } => {
+                state.hashes += hashes;
+                state.mining_ms += elapsed_ms;
+            }
+            Event::BlockAccepted { tx, winner, difficulty, nonce, .. } => {
+                state.height = state.height.max(tx + 1);
+                if !self.blocks.contains_key(&tx) {
+                    let solve_ms = self.challenges.get(&tx).map(|&at| r.ts_ms.saturating_sub(at));
+                    self.blocks.insert(tx, BlockInfo { winner, difficulty, solve_ms });
+                    if let Some(i) = self.index_of(winner) {
+                        self.peers[i].wins += 1;
+                    }
+                    let time = solve_ms.map(|ms| format!(" in {ms} ms")).unwrap_or_default();
+                    say(format!("block {tx}: won by {}{time} (solution {nonce}, {difficulty} bits)", self.name(winner)));
+                }
+            }
+            Event::SolutionRejected { tx, miner, reason } => {
+                // Late solutions are the normal end of every race; count them, show the rest.
+                if reason == "already_solved" {
+                    self.late_solutions += 1;
+                } else {
+                    say(format!("controller rejected {}'s solution for {tx}: {reason}", self.name(miner)));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Marks peer `index` as gone.
+    pub fn exited(&mut self, index: usize) {
+        if let Some(p) = self.peers.get_mut(index) {
+            p.alive = false;
+        }
+    }
+
+    /// Peers still running.
+    pub fn live(&self) -> usize {
+        self.peers.iter().filter(|p| p.alive).count()
+    }
+
+    /// True when every live peer holds at least `blocks` blocks.
+    pub fn all_have(&self, blocks: u64) -> bool {
+        self.live() > 0 && self.peers.iter().filter(|p| p.alive).all(|p| p.height >= blocks)
+    }
+
+    /// Index of the controller of the latest term.
+    pub fn leader_index(&self) -> Option<usize> {
+        self.leaders.values().next_back().and_then(|&id| self.index_of(id))
+    }
+
+    /// The end-of-run summary.
+    pub fn summary(&self) -> String {
+        let mut s = String::from("\nsummary\n");
+        for (term, leader) in &self.leaders {
+            let _ = writeln!(s, "  term {term}: controller {}", self.name(*leader));
+        }
+        let _ = writeln!(s, "  blocks: {}", self.blocks.len());
+        let mut wins: BTreeMap<PeerId, u64> = BTreeMap::new();
+        for b in self.blocks.values() {
+            *wins.entry(b.winner).or_default() += 1;
+        }
+        for (id, n) in &wins {
+            let _ = writeln!(s, "    {}: {n} won", self.name(*id));
+        }
+        let times: Vec<u64> = self.blocks.values().filter_map(|b| b.solve_ms).collect();
+        if !times.is_empty() {
+            let mean = times.iter().sum::<u64>() as f64 / times.len() as f64;
+            let (min, max) = (times.iter().min().copied().unwrap_or(0), times.iter().max().copied().unwrap_or(0));
+            let _ = writeln!(s, "  solve time: min {min} ms, mean {mean:.0} ms, max {max} ms");
+        }
+        let _ = writeln!(s, "  late solutions (found after the block was decided): {}", self.late_solutions);
+        let difficulties: BTreeSet<u8> = self.blocks.values().map(|b| b.difficulty).collect();
+        let _ = write!(s, "  difficulty: {difficulties:?}");
+        s
+    }
+}

@@ -1,0 +1,147 @@
+//! The peer's command line: flags (and `HASHVOTE_*` environment variables) over the config file
+//! over the embedded defaults. Shared by the `peer` binary and the launcher, which re-executes
+//! itself as `launcher peer ...`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::PeerConfig;
+use crate::events::EventSink;
+use crate::pow::HashAlg;
+use crate::protocol::PeerId;
+
+/// A hashvote peer: joins a room through an MQTT broker, takes part in the election, then mines
+/// (or, if elected, issues challenges and validates solutions).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "peer", version)]
+pub struct Args {
+    /// Configuration file (TOML, keys as in config/peer.toml).
+    #[arg(long, env = "HASHVOTE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Broker host.
+    #[arg(long, env = "HASHVOTE_HOST")]
+    pub host: Option<String>,
+    /// Broker port.
+    #[arg(long, env = "HASHVOTE_PORT")]
+    pub port: Option<u16>,
+    /// Peers that must know each other before the first election.
+    #[arg(long, env = "HASHVOTE_ROOM_SIZE")]
+    pub room_size: Option<usize>,
+    /// Fewest members for which a lost controller is replaced.
+    #[arg(long, env = "HASHVOTE_MIN_PEERS")]
+    pub min_peers: Option<usize>,
+    /// Mining threads (0: one per core).
+    #[arg(long, env = "HASHVOTE_THREADS")]
+    pub threads: Option<usize>,
+    /// Leading zero bits of challenges issued as controller.
+    #[arg(long, env = "HASHVOTE_DIFFICULTY")]
+    pub difficulty: Option<u8>,
+    /// Proof-of-work hash: sha1 or sha256.
+    #[arg(long, env = "HASHVOTE_HASH")]
+    pub hash: Option<HashAlg>,
+    /// Topic prefix.
+    #[arg(long, env = "HASHVOTE_PREFIX")]
+    pub prefix: Option<String>,
+    /// Client id (nonzero u32; random if omitted).
+    #[arg(long, env = "HASHVOTE_ID")]
+    pub id: Option<PeerId>,
+    /// MQTT keepalive in seconds.
+    #[arg(long, env = "HASHVOTE_KEEPALIVE")]
+    pub keepalive: Option<u64>,
+    /// Seconds to keep trying the first connection.
+    #[arg(long, env = "HASHVOTE_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<u64>,
+    /// Broker user name.
+    #[arg(long, env = "HASHVOTE_USERNAME")]
+    pub username: Option<String>,
+    /// Write events as JSON lines to FILE (`-` for stdout).
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<String>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `peer=debug`. Logs go to stderr.
+    #[arg(long, env = "HASHVOTE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Args {
+    /// The configuration these arguments describe. The password is read only from the
+    /// environment (`HASHVOTE_PASSWORD`) or the config file, never from the command line, where
+    /// every local user could read it.
+    pub fn to_config(&self) -> anyhow::Result<PeerConfig> {
+        let mut c = PeerConfig::load(self.config.as_deref())?;
+        macro_rules! set {
+            ($($field:ident => $key:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$key = v; } )* };
+        }
+        set!(host => host, port => port, room_size => room_size, min_peers => min_peers, threads => threads,
+             difficulty => difficulty, hash => hash, prefix => prefix, keepalive => keepalive_s,
+             connect_timeout => connect_timeout_s);
+        if let Some(id) = self.id {
+            c.id = Some(id);
+        }
+        if let Some(user) = &self.username {
+            c.username = Some(user.clone());
+        }
+        if let Ok(password) = std::env::var("HASHVOTE_PASSWORD") {
+            c.password = Some(password);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Runs a peer from parsed arguments; the whole of `main`.
+pub fn main(args: Args) -> ExitCode {
+    let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "peer: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let cfg = args.to_config()?;
+    let id = cfg.id.unwrap_or_else(|| rand::random_range(1..=u32::MAX));
+    let out: Option<Box<dyn Write + Send>> = match args.events.as_deref() {
+        None => None,
+        Some("-") => Some(Box::new(std::io::stdout())),
+        Some(path) => Some(Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot create events file {path}"))?,
+        ))),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        let span = tracing::info_span!("peer", id);
+        let _enter = span.enter();
+        crate::transport::run(cfg, id, EventSink::new(id, out), shutdown).await
+    })?;
+    Ok(())
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::warn!("cannot install signal handlers; Ctrl-C will kill the peer abruptly");
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    token.cancel();
+}

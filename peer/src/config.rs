@@ -1,0 +1,181 @@
+//! Peer configuration: defaults from `config/peer.toml` (embedded), a `--config` file, then
+//! `HASHVOTE_*` environment variables and flags (applied by [`crate::cli`]), then [`PeerConfig::validate`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::pow::HashAlg;
+use crate::protocol::{MAX_DIFFICULTY, PeerId};
+
+/// The embedded default configuration.
+pub const DEFAULT_TOML: &str = include_str!("../../config/peer.toml");
+
+/// Everything a peer needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Broker host name or address.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Peers that must know each other before the first election.
+    pub room_size: usize,
+    /// Fewest members for which a lost controller is replaced.
+    pub min_peers: usize,
+    /// Mining threads; 0 means one per available core.
+    pub threads: usize,
+    /// Leading zero bits of challenges issued as controller.
+    pub difficulty: u8,
+    /// Proof-of-work hash of a chain started as controller.
+    pub hash: HashAlg,
+    /// Topic prefix.
+    pub prefix: String,
+    /// Client id; absent or 0 means a random nonzero id.
+    #[serde(default)]
+    pub id: Option<PeerId>,
+    /// MQTT keepalive in seconds.
+    pub keepalive_s: u64,
+    /// Largest accepted payload in bytes.
+    pub max_payload: usize,
+    /// Seconds to keep trying the first connection.
+    pub connect_timeout_s: u64,
+    /// Broker user name, if the broker requires a login.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Broker password (prefer the `HASHVOTE_PASSWORD` environment variable to a file).
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse into a configuration.
+    #[error("invalid config {origin}: {message}")]
+    Parse {
+        /// Where it came from.
+        origin: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl PeerConfig {
+    /// Parses a TOML document; keys it lacks keep the embedded defaults.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let parse = |t: &str, o: &str| {
+            toml::from_str::<toml::Table>(t).map_err(|e| ConfigError::Parse { origin: o.into(), message: e.to_string() })
+        };
+        let mut merged = parse(DEFAULT_TOML, "(embedded defaults)")?;
+        merged.extend(parse(text, origin)?);
+        merged.try_into().map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.into(), message: e.to_string() })
+    }
+
+    /// Loads the embedded defaults, overridden by `path` if given.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Self::from_toml("", "(embedded defaults)"),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+                Self::from_toml(&text, &p.display().to_string())
+            }
+        }
+    }
+
+    /// Checks every value, with a precise message for the first one out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if self.host.trim().is_empty() {
+            return bad("host", "must not be empty".into());
+        }
+        if self.port == 0 {
+            return bad("port", "must be 1..=65535".into());
+        }
+        if self.room_size == 0 || self.room_size > 10_000 {
+            return bad("room_size", format!("{} is not in 1..=10000", self.room_size));
+        }
+        if self.min_peers == 0 || self.min_peers > self.room_size {
+            return bad("min_peers", format!("{} is not in 1..=room_size ({})", self.min_peers, self.room_size));
+        }
+        if self.threads > 1024 {
+            return bad("threads", format!("{} is more than 1024", self.threads));
+        }
+        let max = MAX_DIFFICULTY.min(self.hash.bits() as u8);
+        if self.difficulty > max {
+            return bad("difficulty", format!("{} is more than the {max} bits of {}", self.difficulty, self.hash.name()));
+        }
+        if self.prefix.is_empty() || self.prefix.contains(['#', '+']) || self.prefix.ends_with('/') {
+            return bad("prefix", format!("'{}' must be a non-empty topic level without wildcards", self.prefix));
+        }
+        if self.id == Some(0) {
+            return bad("id", "must be nonzero (omit it for a random id)".into());
+        }
+        if self.keepalive_s == 0 || self.keepalive_s > 3600 {
+            return bad("keepalive_s", format!("{} is not in 1..=3600 (brokers reject 0)", self.keepalive_s));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_payload) {
+            return bad("max_payload", format!("{} is not in 1024..=16777216", self.max_payload));
+        }
+        if self.username.is_none() && self.password.is_some() {
+            return bad("password", "given without a username".into());
+        }
+        Ok(())
+    }
+
+    /// Mining threads to start: the setting, or one per available core.
+    pub fn mining_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_parse_and_validate() {
+        let c = PeerConfig::load(None).unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.room_size, c.port, c.hash, c.prefix.as_str()), (10, 1883, HashAlg::Sha1, "sd"));
+    }
+
+    #[test]
+    fn a_file_overrides_some_keys_and_keeps_the_rest() {
+        let c = PeerConfig::from_toml("port = 1999\nhash = \"sha256\"", "test").unwrap();
+        assert_eq!((c.port, c.hash, c.room_size), (1999, HashAlg::Sha256, 10));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_reported_precisely() {
+        let e = PeerConfig::from_toml("prot = 1", "x.toml").unwrap_err().to_string();
+        assert!(e.contains("x.toml") && e.contains("prot"), "{e}");
+        let mut c = PeerConfig::load(None).unwrap();
+        c.difficulty = 161;
+        assert!(c.validate().unwrap_err().to_string().contains("difficulty"));
+        c.difficulty = 20;
+        c.min_peers = 11;
+        assert!(c.validate().unwrap_err().to_string().contains("min_peers"));
+        c.min_peers = 2;
+        c.keepalive_s = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("keepalive_s"));
+    }
+}

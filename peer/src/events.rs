@@ -1,0 +1,244 @@
+//! The event stream: one JSON object per line describing what a peer does.
+//!
+//! Tests, the launcher and outside tools read this stream (`--events FILE` or `-` for stdout).
+//! Every line has `ts_ms` (Unix milliseconds), `peer` (client id) and `event` (a snake_case name);
+//! the other fields depend on the event and are documented in `docs/PROTOCOL.md`.
+
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{PeerId, Term, TxId};
+
+/// Something a peer did or saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The peer process started (always the first event).
+    Started {
+        /// OS process id, so tools can inject faults into a chosen peer.
+        pid: u32,
+        /// The peer's client id.
+        client_id: PeerId,
+        /// Expected room size.
+        room_size: usize,
+        /// Mining threads.
+        threads: usize,
+    },
+    /// Connected (or reconnected) to the broker and subscribed.
+    Connected {
+        /// Broker address.
+        broker: String,
+    },
+    /// Lost the broker connection; it is retried with backoff.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+    /// A peer became known.
+    PeerJoined {
+        /// Its client id.
+        id: PeerId,
+        /// Members known now, this peer included.
+        members: usize,
+    },
+    /// A peer left (cleanly, or announced by its Last Will).
+    PeerLeft {
+        /// Its client id.
+        id: PeerId,
+        /// Members known now, this peer included.
+        members: usize,
+    },
+    /// This peer voted.
+    VoteCast {
+        /// Term being elected.
+        term: Term,
+        /// The vote.
+        vote: u32,
+    },
+    /// This peer learned who controls a term.
+    LeaderElected {
+        /// The term.
+        term: Term,
+        /// The controller's client id.
+        leader: PeerId,
+        /// Votes held when deciding (0 when adopted from an announcement or challenge).
+        votes: usize,
+    },
+    /// As controller, issued a challenge.
+    ChallengeIssued {
+        /// Controller's term.
+        term: Term,
+        /// Transaction id.
+        tx: TxId,
+        /// Leading zero bits required.
+        difficulty: u8,
+    },
+    /// As miner, started on a challenge.
+    MiningStarted {
+        /// Controller's term.
+        term: Term,
+        /// Transaction id.
+        tx: TxId,
+        /// Leading zero bits required.
+        difficulty: u8,
+    },
+    /// As miner, found a solution and submitted it.
+    SolutionFound {
+        /// Transaction id.
+        tx: TxId,
+        /// The nonce.
+        nonce: u64,
+        /// Candidates tried for this transaction by all threads.
+        hashes: u64,
+        /// Milliseconds from the start of mining to the find.
+        elapsed_ms: u64,
+    },
+    /// As controller, rejected a solution.
+    SolutionRejected {
+        /// Transaction named by the solution.
+        tx: TxId,
+        /// Miner who sent it.
+        miner: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// A verified block was appended to this peer's chain.
+    BlockAccepted {
+        /// Term of the controller that accepted it.
+        term: Term,
+        /// Transaction id (height).
+        tx: TxId,
+        /// Winning miner.
+        winner: PeerId,
+        /// Leading zero bits required.
+        difficulty: u8,
+        /// Nonce (the solution).
+        nonce: u64,
+        /// Block hash (hex).
+        hash: String,
+        /// Previous block hash (hex).
+        prev: String,
+    },
+    /// Blocks caught up from another peer's chain.
+    Synced {
+        /// First transaction received.
+        from: TxId,
+        /// Height after applying them.
+        height: u64,
+    },
+    /// This peer's chain held blocks the current controller's chain does not; they were dropped.
+    ChainTruncated {
+        /// New height.
+        height: u64,
+    },
+    /// A message was dropped (undecodable, invalid, stale or from the wrong sender).
+    MessageDropped {
+        /// Short reason name.
+        reason: String,
+        /// Details.
+        detail: String,
+    },
+    /// The peer is shutting down.
+    Stopped,
+}
+
+/// One line of the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Unix time in milliseconds.
+    pub ts_ms: u64,
+    /// The peer's client id.
+    pub peer: PeerId,
+    /// The event.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Writes records as JSON lines, flushing each so readers see them at once.
+pub struct EventSink {
+    peer: PeerId,
+    out: Option<Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSink").field("peer", &self.peer).field("enabled", &self.out.is_some()).finish()
+    }
+}
+
+impl EventSink {
+    /// A sink writing to `out`, or discarding events when `None`.
+    pub fn new(peer: PeerId, out: Option<Box<dyn Write + Send>>) -> Self {
+        Self { peer, out }
+    }
+
+    /// Writes one event. A failing sink (a closed pipe) is disabled with one warning, never fatal:
+    /// the peer's work matters more than its log.
+    pub fn emit(&mut self, event: Event) {
+        let Some(out) = self.out.as_mut() else { return };
+        let record = Record { ts_ms: now_ms(), peer: self.peer, event };
+        let mut line = serde_json::to_vec(&record).expect("events serialize");
+        line.push(b'\n');
+        if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
+            tracing::warn!(error = %e, "event stream closed; events are no longer written");
+            self.out = None;
+        }
+    }
+}
+
+/// A one-line human description of an event, for logs and the launcher's display.
+pub fn describe(event: &Event) -> String {
+    match event {
+        Event::Started { pid, client_id, room_size, threads } => {
+            format!("started as {client_id} (pid {pid}, room of {room_size}, {threads} mining threads)")
+        }
+        Event::Connected { broker } => format!("connected to {broker}"),
+        Event::Disconnected { reason } => format!("lost the broker: {reason}"),
+        Event::PeerJoined { id, members } => format!("peer {id} joined ({members} known)"),
+        Event::PeerLeft { id, members } => format!("peer {id} left ({members} known)"),
+        Event::VoteCast { term, vote } => format!("voted {vote} in term {term}"),
+        Event::LeaderElected { term, leader, votes: 0 } => format!("follows controller {leader} of term {term}"),
+        Event::LeaderElected { term, leader, votes } => {
+            format!("elected controller {leader} for term {term} ({votes} votes)")
+        }
+        Event::ChallengeIssued { term, tx, difficulty } => {
+            format!("issued challenge tx {tx}: {difficulty} zero bits (term {term})")
+        }
+        Event::MiningStarted { tx, difficulty, .. } => format!("mining tx {tx} ({difficulty} bits)"),
+        Event::SolutionFound { tx, nonce, hashes, elapsed_ms } => {
+            format!("found tx {tx}: nonce {nonce} after {hashes} hashes in {elapsed_ms} ms")
+        }
+        Event::SolutionRejected { tx, miner, reason } => format!("rejected {miner}'s solution for tx {tx}: {reason}"),
+        Event::BlockAccepted { tx, winner, difficulty, nonce, hash, .. } => {
+            format!("block {tx}: winner {winner}, solution {nonce}, {difficulty} bits, hash {}", &hash[..16.min(hash.len())])
+        }
+        Event::Synced { from, height } => format!("caught up from tx {from} to height {height}"),
+        Event::ChainTruncated { height } => format!("dropped blocks the room never accepted; height {height}"),
+        Event::MessageDropped { reason, detail } => format!("dropped message ({reason}): {detail}"),
+        Event::Stopped => "stopped".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_flat_json_with_the_documented_fields() {
+        let r = Record { ts_ms: 5, peer: 9, event: Event::LeaderElected { term: 2, leader: 3, votes: 10 } };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["event"], "leader_elected");
+        assert_eq!(v["term"], 2);
+        assert_eq!(v["leader"], 3);
+        assert_eq!(v["peer"], 9);
+        let back: Record = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,16 @@
+//! hashvote's peer: joins a room of peers over MQTT, elects a controller with them, and mines
+//! blocks of a small proof-of-work chain (or, as controller, issues and judges the challenges).
+//!
+//! The protocol core ([`node`], built on [`election`], [`chain`] and [`pow`]) is sans-IO;
+//! [`transport`] connects it to a broker and to the [`miner`]'s threads. See `docs/ARCHITECTURE.md`.
+
+pub mod chain;
+pub mod cli;
+pub mod config;
+pub mod election;
+pub mod events;
+pub mod miner;
+pub mod node;
+pub mod pow;
+pub mod protocol;
+pub mod transport;

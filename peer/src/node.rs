@@ -1,0 +1,528 @@
+//! The peer's protocol core: a sans-IO state machine combining membership, elections, the chain,
+//! the controller's transaction table and the miner's job.
+//!
+//! Feed it an [`Input`] (a connection, a decoded message, a solution found by the local miner) and
+//! it returns the [`Action`]s to carry out: messages to publish, jobs for the miner, events to log.
+//! No clocks, sockets or threads live here, so tests drive whole rooms of nodes in memory.
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::chain::Chain;
+use crate::election::{Election, Step};
+use crate::events::Event;
+use crate::miner::{Found, Job};
+use crate::pow::{self, HashAlg, Template};
+use crate::protocol::{
+    Block, Challenge, Envelope, MAX_SYNC_BLOCKS, Message, Outcome, PeerId, RejectReason, Term, TxId, View,
+};
+
+/// The settings the protocol core needs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This peer's client id.
+    pub id: PeerId,
+    /// Peers that must know each other before the first election.
+    pub room_size: usize,
+    /// Fewest members for which a lost controller is replaced.
+    pub min_peers: usize,
+    /// Difficulty of the challenges this peer issues as controller.
+    pub difficulty: u8,
+    /// Hash function of the chain this peer starts as controller.
+    pub alg: HashAlg,
+    /// Seed of the vote generator (`None`: from the OS).
+    pub seed: Option<u64>,
+}
+
+/// Something that happened to the node.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// (Re)connected to the broker and subscribed.
+    Connected,
+    /// A decoded, validated message.
+    Message(Envelope),
+    /// The local miner found a solution.
+    Mined(Found),
+}
+
+/// Something the node asks its owner to do.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Publish this message (the owner wraps it in an envelope and picks the topic).
+    Publish(Message),
+    /// Mine this job, replacing any other.
+    Mine(Job),
+    /// Stop mining.
+    StopMining,
+    /// Write this event to the event stream.
+    Emit(Event),
+}
+
+/// One peer's protocol state.
+#[derive(Debug)]
+pub struct Node {
+    cfg: NodeConfig,
+    election: Election,
+    chain: Chain,
+    /// The challenge being mined (miner) or issued (controller).
+    open: Option<Challenge>,
+    /// This peer's solution for the open challenge, re-sent if the challenge is re-issued.
+    submitted: Option<u64>,
+    /// Controller: a block published as accepted and not yet seen back from the broker.
+    pending: Option<Block>,
+    /// The peer a sync request is outstanding with.
+    syncing: Option<PeerId>,
+    /// Chain heights other peers announced, to catch up from the longest.
+    heights: BTreeMap<PeerId, u64>,
+    rng: StdRng,
+    out: Vec<Action>,
+}
+
+impl Node {
+    /// A node that has not yet heard from anyone.
+    pub fn new(cfg: NodeConfig) -> Self {
+        let rng = match cfg.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self {
+            election: Election::new(cfg.id, cfg.room_size, cfg.min_peers),
+            cfg,
+            chain: Chain::new(),
+            open: None,
+            submitted: None,
+            pending: None,
+            syncing: None,
+            heights: BTreeMap::new(),
+            rng,
+            out: Vec::new(),
+        }
+    }
+
+    /// This peer's client id.
+    pub fn id(&self) -> PeerId {
+        self.cfg.id
+    }
+
+    /// The verified chain.
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// Membership and election state.
+    pub fn election(&self) -> &Election {
+        &self.election
+    }
+
+    /// The open challenge, if any.
+    pub fn open(&self) -> Option<&Challenge> {
+        self.open.as_ref()
+    }
+
+    /// What this peer tells others about the room.
+    pub fn view(&self) -> View {
+        View { term: self.election.term(), leader: self.election.leader(), height: self.chain.height() }
+    }
+
+    /// Feeds one input and returns what to do.
+    pub fn handle(&mut self, input: Input) -> Vec<Action> {
+        match input {
+            Input::Connected => self.connected(),
+            Input::Message(env) => self.message(env),
+            Input::Mined(found) => self.mined(found),
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// The message to register as Last Will, and to publish on a clean exit.
+    pub fn farewell() -> Message {
+        Message::Leave
+    }
+
+    fn publish(&mut self, msg: Message) {
+        self.out.push(Action::Publish(msg));
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.out.push(Action::Emit(event));
+    }
+
+    fn drop_msg(&mut self, reason: &str, detail: String) {
+        self.emit(Event::MessageDropped { reason: reason.into(), detail });
+    }
+
+    fn connected(&mut self) {
+        self.publish(Message::Hello { want_reply: true, view: self.view() });
+        // After a broker restart anything in flight may be lost: say again what the room waits on.
+        if self.election.is_leader() {
+            match (self.pending, self.open) {
+                (Some(block), _) => {
+                    let term = self.election.term();
+                    self.publish(Message::Result { term, outcome: Outcome::Accepted(block) });
+                }
+                (None, Some(c)) => self.publish(Message::Challenge(c)),
+                (None, None) => {}
+            }
+        } else if let (Some(c), Some(nonce)) = (self.open, self.submitted) {
+            self.publish(Message::Solution { tx: c.tx, nonce });
+        }
+    }
+
+    fn message(&mut self, env: Envelope) {
+        let from = env.from;
+        if from == self.cfg.id {
+            // Our own messages come back from the broker; only an accepted result matters, as it
+            // is how the controller knows the room has the block (see `result`).
+            if let Message::Result { term, outcome: Outcome::Accepted(block) } = env.msg {
+                self.result_accepted(from, term, block);
+            }
+            return;
+        }
+        match env.msg {
+            Message::Hello { want_reply, view } => self.hello(from, want_reply, view),
+            Message::Leave => self.leave(from),
+            Message::SyncRequest { to, from: start } => {
+                if to == self.cfg.id {
+                    self.sync_request(from, start);
+                }
+            }
+            Message::SyncReply { to, term, blocks, height, open } => {
+                if to == self.cfg.id {
+                    self.sync_reply(from, term, blocks, height, open);
+                }
+            }
+            Message::Vote { term, vote, height } => {
+                self.heights.insert(from, height);
+                let steps = self.election.vote(from, term, vote, &mut rng_vote(&mut self.rng));
+                self.apply(steps);
+            }
+            Message::Challenge(c) => self.challenge(from, c),
+            Message::Solution { tx, nonce } => self.solution(from, tx, nonce),
+            Message::Result { term, outcome } => match outcome {
+                Outcome::Accepted(block) => self.result_accepted(from, term, block),
+                Outcome::Rejected { .. } => {
+                    // Informational for the miner; the controller already logged it.
+                    let _ = self.fence(from, term, "result");
+                }
+            },
+        }
+    }
+
+    fn hello(&mut self, from: PeerId, want_reply: bool, view: View) {
+        self.heights.insert(from, view.height);
+        // Adopt the room's controller before counting the member, so a newcomer joins the running
+        // term instead of starting an election of its own.
+        if let Some(leader) = view.leader
+            && leader != self.cfg.id
+            && self.election.adopt(view.term, leader)
+        {
+            self.emit(Event::LeaderElected { term: view.term, leader, votes: 0 });
+            self.stepped_into_term();
+        }
+        let (new, steps) = self.election.join(from, &mut rng_vote(&mut self.rng));
+        if new {
+            let members = self.election.members().len();
+            self.emit(Event::PeerJoined { id: from, members });
+        }
+        if want_reply {
+            self.publish(Message::Hello { want_reply: false, view: self.view() });
+        }
+        self.apply(steps);
+        if view.leader == Some(from) || self.election.leader() == Some(from) {
+            self.catch_up_with(from, view.height);
+        }
+    }
+
+    fn leave(&mut self, from: PeerId) {
+        self.heights.remove(&from);
+        let (known, steps) = self.election.leave(from, &mut rng_vote(&mut self.rng));
+        if known {
+            let members = self.election.members().len();
+            self.emit(Event::PeerLeft { id: from, members });
+        }
+        if self.syncing == Some(from) {
+            self.syncing = None;
+            self.issue_if_leader();
+        }
+        self.apply(steps);
+    }
+
+    fn apply(&mut self, steps: Vec<Step>) {
+        for step in steps {
+            match step {
+                Step::Vote { term, vote } => {
+                    self.emit(Event::VoteCast { term, vote });
+                    self.publish(Message::Vote { term, vote, height: self.chain.height() });
+                }
+                Step::Elected { term, leader } => {
+                    let votes = self.election.votes_held();
+                    self.emit(Event::LeaderElected { term, leader, votes });
+                    self.stepped_into_term();
+                }
+            }
+        }
+    }
+
+    /// Called whenever the controller or term changed.
+    fn stepped_into_term(&mut self) {
+        self.pending = None;
+        if !self.election.is_leader() {
+            return;
+        }
+        // The controller does not mine.
+        self.out.push(Action::StopMining);
+        self.submitted = None;
+        // Continue from the longest chain any voter announced, so no accepted block is lost.
+        let best = self.heights.iter().filter(|&(&p, _)| p != self.cfg.id).max_by_key(|&(_, &h)| h);
+        if let Some((&peer, &height)) = best
+            && height > self.chain.height()
+        {
+            self.request_sync(peer);
+            return;
+        }
+        self.issue_if_leader();
+    }
+
+    /// As controller, issues the challenge for the next transaction (re-issuing the open one, with
+    /// the same difficulty, if it is still undecided, so miners continue where they were).
+    fn issue_if_leader(&mut self) {
+        if !self.election.is_leader() || self.syncing.is_some() || self.pending.is_some() {
+            return;
+        }
+        let tx = self.chain.height();
+        let prev = self.chain.tip_hash(self.cfg.alg);
+        let alg = self.chain.alg(self.cfg.alg);
+        let difficulty = match self.open {
+            Some(c) if c.tx == tx && c.prev == prev => c.difficulty,
+            _ => self.cfg.difficulty,
+        };
+        let term = self.election.term();
+        let c = Challenge { term, tx, alg, difficulty, prev };
+        self.open = Some(c);
+        self.emit(Event::ChallengeIssued { term, tx, difficulty });
+        self.publish(Message::Challenge(c));
+    }
+
+    /// Checks that a controller message for `term` from `from` is from the current controller,
+    /// adopting it if it announces a newer term. Returns false (and logs) if it must be ignored.
+    fn fence(&mut self, from: PeerId, term: Term, what: &str) -> bool {
+        let current = self.election.term();
+        if term < current {
+            self.drop_msg("stale_term", format!("{what} from {from} for term {term}, current term is {current}"));
+            return false;
+        }
+        if term == current && self.election.leader().is_some_and(|l| l != from) {
+            let leader = self.election.leader().unwrap_or_default();
+            self.drop_msg("not_controller", format!("{what} from {from} in term {term}, whose controller is {leader}"));
+            return false;
+        }
+        if self.election.adopt(term, from) {
+            self.emit(Event::LeaderElected { term, leader: from, votes: 0 });
+            self.stepped_into_term();
+        }
+        true
+    }
+
+    fn challenge(&mut self, from: PeerId, c: Challenge) {
+        if !self.fence(from, c.term, "challenge") {
+            return;
+        }
+        let height = self.chain.height();
+        if c.tx < height {
+            self.drop_msg("stale_transaction", format!("challenge for transaction {} at height {height}", c.tx));
+            return;
+        }
+        if c.tx > height || c.prev != self.chain.tip_hash(c.alg) {
+            // We missed blocks (or hold a block the room does not): catch up, then mine.
+            self.request_sync(from);
+            return;
+        }
+        self.follow(c);
+    }
+
+    /// Starts mining `c`, unless it is the job already running (a re-issued challenge).
+    fn follow(&mut self, c: Challenge) {
+        let same_job = self.open.is_some_and(|o| (o.tx, o.prev, o.difficulty) == (c.tx, c.prev, c.difficulty));
+        self.open = Some(c);
+        if same_job {
+            if let Some(nonce) = self.submitted {
+                // The controller re-issued the challenge: our answer may have been lost.
+                self.publish(Message::Solution { tx: c.tx, nonce });
+            }
+            return;
+        }
+        self.submitted = None;
+        let template = Template::new(&c.prev, c.tx, self.cfg.id);
+        self.out.push(Action::Mine(Job { tx: c.tx, template, difficulty: c.difficulty }));
+        self.emit(Event::MiningStarted { term: c.term, tx: c.tx, difficulty: c.difficulty });
+    }
+
+    fn mined(&mut self, found: Found) {
+        let Some(c) = self.open else { return };
+        if c.tx != found.tx || self.election.is_leader() {
+            return;
+        }
+        self.submitted = Some(found.nonce);
+        self.emit(Event::SolutionFound {
+            tx: found.tx,
+            nonce: found.nonce,
+            hashes: found.hashes,
+            elapsed_ms: found.elapsed_ms,
+        });
+        self.publish(Message::Solution { tx: found.tx, nonce: found.nonce });
+    }
+
+    fn solution(&mut self, miner: PeerId, tx: TxId, nonce: u64) {
+        if !self.election.is_leader() {
+            return;
+        }
+        let term = self.election.term();
+        let verdict = match (self.open, self.pending) {
+            (_, Some(p)) if p.tx == tx => Err(RejectReason::AlreadySolved),
+            _ if tx < self.chain.height() => Err(RejectReason::AlreadySolved),
+            (Some(c), None) if c.tx == tx => {
+                let hash = pow::proof(&c.prev, tx, miner, nonce);
+                if hash.leading_zeros() >= u32::from(c.difficulty) {
+                    let (alg, difficulty, prev) = (c.alg, c.difficulty, c.prev);
+                    Ok(Block { tx, term, alg, difficulty, prev, miner, nonce, hash })
+                } else {
+                    Err(RejectReason::InsufficientWork)
+                }
+            }
+            _ => Err(RejectReason::UnknownTransaction),
+        };
+        match verdict {
+            Ok(block) => {
+                self.pending = Some(block);
+                self.publish(Message::Result { term, outcome: Outcome::Accepted(block) });
+            }
+            Err(reason) => {
+                self.emit(Event::SolutionRejected { tx, miner, reason: reason.as_str().into() });
+                self.publish(Message::Result { term, outcome: Outcome::Rejected { tx, miner, nonce, reason } });
+            }
+        }
+    }
+
+    fn result_accepted(&mut self, from: PeerId, term: Term, block: Block) {
+        if from != self.cfg.id && !self.fence(from, term, "result") {
+            return;
+        }
+        let height = self.chain.height();
+        if block.tx < height {
+            if self.chain.get(block.tx) != Some(&block) {
+                self.drop_msg("conflicting_block", format!("block {} from {from} differs from ours", block.tx));
+            }
+            return;
+        }
+        if block.tx > height {
+            self.request_sync(from);
+            return;
+        }
+        if let Err(e) = self.chain.append(block) {
+            self.drop_msg("invalid_block", format!("from {from}: {e}"));
+            return;
+        }
+        self.accepted(block);
+        if from == self.cfg.id {
+            self.pending = None;
+            self.issue_if_leader();
+        }
+    }
+
+    /// Bookkeeping after appending `block`.
+    fn accepted(&mut self, block: Block) {
+        self.emit(Event::BlockAccepted {
+            term: block.term,
+            tx: block.tx,
+            winner: block.miner,
+            difficulty: block.difficulty,
+            nonce: block.nonce,
+            hash: block.hash.to_hex(),
+            prev: block.prev.to_hex(),
+        });
+        if self.open.is_some_and(|c| c.tx == block.tx) {
+            if !self.election.is_leader() {
+                self.out.push(Action::StopMining);
+                self.open = None;
+            }
+            self.submitted = None;
+        }
+    }
+
+    fn catch_up_with(&mut self, peer: PeerId, height: u64) {
+        if height > self.chain.height() && peer != self.cfg.id {
+            self.request_sync(peer);
+        }
+    }
+
+    fn request_sync(&mut self, peer: PeerId) {
+        if self.syncing.is_some() {
+            return;
+        }
+        self.syncing = Some(peer);
+        self.publish(Message::SyncRequest { to: peer, from: self.chain.height() });
+    }
+
+    fn sync_request(&mut self, asker: PeerId, start: TxId) {
+        let height = self.chain.height();
+        let start = start.min(height);
+        let end = start.saturating_add(MAX_SYNC_BLOCKS as u64).min(height);
+        let blocks = (start..end).filter_map(|tx| self.chain.get(tx).copied()).collect();
+        let open = if self.election.is_leader() { self.open } else { None };
+        let term = self.election.term().max(1);
+        self.publish(Message::SyncReply { to: asker, term, blocks, height, open });
+    }
+
+    fn sync_reply(&mut self, from: PeerId, term: Term, blocks: Vec<Block>, height: u64, open: Option<Challenge>) {
+        let from_leader = self.election.leader() == Some(from) && term >= self.election.term();
+        if self.syncing != Some(from) && !from_leader {
+            self.drop_msg("unsolicited_sync", format!("sync reply from {from}"));
+            return;
+        }
+        self.syncing = None;
+        let first = blocks.first().map(|b| b.tx);
+        for block in blocks {
+            if let Some(mine) = self.chain.get(block.tx) {
+                if *mine == block {
+                    continue;
+                }
+                if !from_leader {
+                    self.drop_msg("conflicting_block", format!("sync block {} from {from} differs", block.tx));
+                    break;
+                }
+                // The controller's chain wins: our suffix was never accepted by the room.
+                self.chain.truncate(block.tx);
+                self.emit(Event::ChainTruncated { height: self.chain.height() });
+            }
+            if let Err(e) = self.chain.append(block) {
+                self.drop_msg("invalid_block", format!("sync from {from}: {e}"));
+                break;
+            }
+            self.accepted(block);
+        }
+        if let Some(tx) = first {
+            self.emit(Event::Synced { from: tx, height: self.chain.height() });
+        }
+        if self.chain.height() < height && first.is_some() {
+            self.request_sync(from);
+            return;
+        }
+        if let Some(c) = open
+            && from_leader
+            && c.tx == self.chain.height()
+            && c.prev == self.chain.tip_hash(c.alg)
+        {
+            self.follow(c);
+        }
+        self.issue_if_leader();
+    }
+}
+
+fn rng_vote(rng: &mut StdRng) -> impl FnMut() -> u32 + '_ {
+    move || rng.random()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,254 @@
+//! Whole rooms of nodes in memory: a simulated broker delivers every publication to every
+//! connected node in one global order (as one MQTT broker does), each node reading at its own
+//! pace, and simulated miners solve jobs at random moments.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::miner::Found;
+
+struct SimPeer {
+    node: Node,
+    /// Index of the next publication to deliver; `None` when disconnected.
+    cursor: Option<usize>,
+    job: Option<Job>,
+    events: Vec<Event>,
+}
+
+struct Sim {
+    peers: BTreeMap<PeerId, SimPeer>,
+    log: Vec<Envelope>,
+    rng: StdRng,
+    difficulty: u8,
+}
+
+impl Sim {
+    fn new(seed: u64, difficulty: u8) -> Self {
+        Self { peers: BTreeMap::new(), log: Vec::new(), rng: StdRng::seed_from_u64(seed), difficulty }
+    }
+
+    fn add(&mut self, id: PeerId, room_size: usize) {
+        let cfg = NodeConfig {
+            id,
+            room_size,
+            min_peers: 2,
+            difficulty: self.difficulty,
+            alg: HashAlg::Sha1,
+            seed: Some(self.rng.random()),
+        };
+        let cursor = Some(self.log.len());
+        self.peers.insert(id, SimPeer { node: Node::new(cfg), cursor, job: None, events: Vec::new() });
+        self.feed(id, Input::Connected);
+    }
+
+    /// Kills a peer: the broker publishes its Last Will.
+    fn kill(&mut self, id: PeerId) {
+        self.peers.remove(&id);
+        self.log.push(Envelope::new(id, Node::farewell()));
+    }
+
+    fn feed(&mut self, id: PeerId, input: Input) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        for action in peer.node.handle(input) {
+            match action {
+                Action::Publish(msg) => self.log.push(Envelope::new(id, msg)),
+                Action::Mine(job) => peer.job = Some(job),
+                Action::StopMining => peer.job = None,
+                Action::Emit(e) => peer.events.push(e),
+            }
+        }
+    }
+
+    /// One random step: a delivery, or (sometimes) a miner finding its solution.
+    fn step(&mut self) -> bool {
+        let ready: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.cursor.is_some_and(|c| c < self.log.len()))
+            .map(|(&id, _)| id)
+            .collect();
+        let miners: Vec<PeerId> = self.peers.iter().filter(|(_, p)| p.job.is_some()).map(|(&id, _)| id).collect();
+        if ready.is_empty() && miners.is_empty() {
+            return false;
+        }
+        if !miners.is_empty() && (ready.is_empty() || self.rng.random_ratio(1, 8)) {
+            let id = miners[self.rng.random_range(0..miners.len())];
+            let job = self.peers.get_mut(&id).and_then(|p| p.job.take()).expect("job");
+            let nonce = job.template.search(u32::from(job.difficulty), 0, u64::MAX).expect("low difficulty");
+            self.feed(id, Input::Mined(Found { tx: job.tx, nonce, hashes: 1, elapsed_ms: 0 }));
+            return true;
+        }
+        let id = ready[self.rng.random_range(0..ready.len())];
+        let peer = self.peers.get_mut(&id).expect("peer");
+        let cursor = peer.cursor.as_mut().expect("connected");
+        let env = self.log[*cursor].clone();
+        *cursor += 1;
+        self.feed(id, Input::Message(env));
+        true
+    }
+
+    /// Steps until `done` holds, panicking after `limit` steps.
+    fn run_until(&mut self, limit: usize, mut done: impl FnMut(&Sim) -> bool) {
+        for _ in 0..limit {
+            if done(self) {
+                return;
+            }
+            assert!(self.step(), "room went quiet before the condition held");
+        }
+        panic!("condition not reached in {limit} steps; heights {:?}", self.heights());
+    }
+
+    fn heights(&self) -> BTreeMap<PeerId, u64> {
+        self.peers.iter().map(|(&id, p)| (id, p.node.chain().height())).collect()
+    }
+
+    fn min_height(&self) -> u64 {
+        self.peers.values().map(|p| p.node.chain().height()).min().unwrap_or(0)
+    }
+
+    fn leaders(&self) -> BTreeSet<(Term, Option<PeerId>)> {
+        self.peers.values().map(|p| (p.node.election().term(), p.node.election().leader())).collect()
+    }
+
+    /// Every peer's chain is a prefix of the longest one, and each verifies.
+    fn assert_one_chain(&self) {
+        let longest = self.peers.values().map(|p| p.node.chain().blocks()).max_by_key(|b| b.len()).unwrap();
+        for (id, p) in &self.peers {
+            let blocks = p.node.chain().blocks();
+            assert_eq!(blocks, &longest[..blocks.len()], "peer {id}'s chain forks");
+        }
+        let mut check = Chain::new();
+        for b in longest {
+            check.append(*b).expect("every block verifies");
+        }
+    }
+}
+
+#[test]
+fn a_room_of_ten_elects_one_controller_and_mines_a_shared_chain() {
+    let mut sim = Sim::new(1, 6);
+    for id in 1..=10 {
+        sim.add(id * 1000, 10);
+    }
+    sim.run_until(200_000, |s| s.min_height() >= 5);
+    let leaders = sim.leaders();
+    assert_eq!(leaders.len(), 1, "all agree: {leaders:?}");
+    let (term, leader) = leaders.into_iter().next().unwrap();
+    assert_eq!(term, 1);
+    let leader = leader.expect("elected");
+    sim.assert_one_chain();
+    let chain = sim.peers[&leader].node.chain().blocks().to_vec();
+    assert!(chain.iter().all(|b| b.miner != leader), "the controller does not mine");
+    assert!(chain.iter().enumerate().all(|(i, b)| b.tx == i as u64));
+}
+
+#[test]
+fn the_room_replaces_a_dead_controller_and_continues_the_chain() {
+    let mut sim = Sim::new(2, 6);
+    for id in 1..=5 {
+        sim.add(id, 5);
+    }
+    sim.run_until(100_000, |s| s.min_height() >= 2);
+    let (_, old) = sim.leaders().into_iter().next().unwrap();
+    sim.kill(old.unwrap());
+    sim.run_until(100_000, |s| s.min_height() >= 5);
+    let leaders = sim.leaders();
+    assert_eq!(leaders.len(), 1, "{leaders:?}");
+    let (term, leader) = leaders.into_iter().next().unwrap();
+    assert_eq!(term, 2);
+    assert_ne!(leader, old);
+    sim.assert_one_chain();
+}
+
+#[test]
+fn a_late_joiner_adopts_the_controller_and_catches_up_without_an_election() {
+    let mut sim = Sim::new(3, 6);
+    for id in 1..=4 {
+        sim.add(id, 4);
+    }
+    sim.run_until(100_000, |s| s.min_height() >= 3);
+    let before = sim.leaders();
+    sim.add(99, 4);
+    sim.run_until(100_000, |s| s.peers[&99].node.chain().height() >= 5 && s.min_height() >= 5);
+    assert_eq!(sim.leaders(), before, "no new election");
+    let late = &sim.peers[&99];
+    assert!(!late.events.iter().any(|e| matches!(e, Event::VoteCast { .. })), "the late joiner did not vote");
+    sim.assert_one_chain();
+}
+
+#[test]
+fn solutions_are_judged_once_and_forgeries_are_rejected() {
+    let mut sim = Sim::new(4, 6);
+    for id in 1..=3 {
+        sim.add(id, 3);
+    }
+    sim.run_until(100_000, |s| s.min_height() >= 1);
+    let (term, leader) = sim.leaders().into_iter().next().unwrap();
+    let leader = leader.unwrap();
+    // Find a peer mining, take its open challenge, and submit a bogus nonce plus a replay of block 0.
+    let miner = *sim.peers.keys().find(|&&id| id != leader).unwrap();
+    let node = &mut sim.peers.get_mut(&leader).unwrap().node;
+    let open = *node.open().expect("a challenge is open");
+    let block0 = node.chain().blocks()[0];
+    let bad = Template::new(&open.prev, open.tx, miner);
+    let wrong = (0..).find(|&n| bad.digest(n).leading_zeros() < u32::from(open.difficulty)).unwrap();
+    let mut out = node.handle(Input::Message(Envelope::new(miner, Message::Solution { tx: open.tx, nonce: wrong })));
+    out.extend(node.handle(Input::Message(Envelope::new(miner, Message::Solution { tx: 0, nonce: block0.nonce }))));
+    out.extend(node.handle(Input::Message(Envelope::new(miner, Message::Solution { tx: 77, nonce: 1 }))));
+    let reasons: Vec<RejectReason> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish(Message::Result { outcome: Outcome::Rejected { reason, .. }, term: t }) => {
+                assert_eq!(*t, term);
+                Some(*reason)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons, [RejectReason::InsufficientWork, RejectReason::AlreadySolved, RejectReason::UnknownTransaction]);
+}
+
+#[test]
+fn challenges_and_results_from_anyone_but_the_controller_are_ignored() {
+    let mut sim = Sim::new(5, 6);
+    for id in 1..=3 {
+        sim.add(id, 3);
+    }
+    sim.run_until(100_000, |s| s.min_height() >= 1);
+    let (term, leader) = sim.leaders().into_iter().next().unwrap();
+    let leader = leader.unwrap();
+    let other = *sim.peers.keys().find(|&&id| id != leader).unwrap();
+    let victim = *sim.peers.keys().find(|&&id| id != leader && id != other).unwrap();
+    let node = &mut sim.peers.get_mut(&victim).unwrap().node;
+    let prev = node.chain().tip_hash(HashAlg::Sha1);
+    let tx = node.chain().height();
+    let forged = Challenge { term, tx, alg: HashAlg::Sha1, difficulty: 1, prev };
+    let out = node.handle(Input::Message(Envelope::new(other, Message::Challenge(forged))));
+    assert!(out.iter().any(|a| matches!(a, Action::Emit(Event::MessageDropped { reason, .. }) if reason == "not_controller")));
+    assert!(!out.iter().any(|a| matches!(a, Action::Mine(_))));
+    assert_eq!(node.election().leader(), Some(leader));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Whatever the delivery interleaving, a room agrees on one controller and one chain, and a
+    /// controller's death never loses or forks a block.
+    #[test]
+    fn any_interleaving_keeps_one_controller_and_one_chain(seed in any::<u64>(), n in 3u32..8, kill_after in 1u64..4) {
+        let mut sim = Sim::new(seed, 4);
+        for id in 1..=n {
+            sim.add(id * 7, n as usize);
+        }
+        sim.run_until(200_000, |s| s.min_height() >= kill_after);
+        let (_, leader) = sim.leaders().into_iter().next().unwrap();
+        sim.kill(leader.unwrap());
+        sim.run_until(200_000, |s| s.min_height() >= kill_after + 3);
+        prop_assert_eq!(sim.leaders().len(), 1);
+        sim.assert_one_chain();
+    }
+}

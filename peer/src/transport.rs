@@ -1,0 +1,264 @@
+//! The MQTT glue: connects to the broker, turns packets into [`Input`]s for the [`Node`], and
+//! carries out its [`Action`]s (publish, mine, log).
+//!
+//! rumqttc's event loop runs in its own task and is polled without pause (it only reconnects while
+//! polled, and a blocked poll would stall `publish`). Subscriptions are renewed on every CONNACK
+//! because rumqttc does not restore them after a reconnect.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::PeerConfig;
+use crate::events::{Event, EventSink};
+use crate::miner::{Found, Miner};
+use crate::node::{Action, Input, Node, NodeConfig};
+use crate::protocol::{self, Envelope, Message, PeerId, Topics};
+
+/// Why a peer stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The first connection to the broker never succeeded.
+    #[error("cannot connect to the broker at {addr} within {secs} s: {reason}")]
+    Unreachable {
+        /// host:port.
+        addr: String,
+        /// The timeout.
+        secs: u64,
+        /// The last connection error.
+        reason: String,
+    },
+    /// The broker refused the login.
+    #[error("the broker at {addr} refused the connection ({code}); check the user name and password")]
+    Refused {
+        /// host:port.
+        addr: String,
+        /// The CONNACK return code.
+        code: String,
+    },
+}
+
+/// What the network task tells the protocol loop.
+enum Net {
+    Connected,
+    Publish { topic: String, payload: bytes::Bytes },
+    Lost(String),
+    Fatal(PeerError),
+}
+
+/// Runs a peer until `shutdown` is cancelled (clean exit: announces its departure) or a fatal
+/// error. Every event goes to `events`.
+pub async fn run(cfg: PeerConfig, id: PeerId, mut events: EventSink, shutdown: CancellationToken) -> Result<(), PeerError> {
+    let topics = Topics::new(&cfg.prefix);
+    let threads = cfg.mining_threads();
+    events.emit(Event::Started { pid: std::process::id(), client_id: id, room_size: cfg.room_size, threads });
+    info!(id, room_size = cfg.room_size, threads, "peer starting");
+
+    let mut options = MqttOptions::new(format!("hashvote-{id}"), cfg.host.clone(), cfg.port);
+    options
+        .set_keep_alive(Duration::from_secs(cfg.keepalive_s))
+        .set_clean_session(true)
+        // Headroom over the payload for the MQTT header and topic.
+        .set_max_packet_size(cfg.max_payload + 1024, cfg.max_payload + 1024)
+        .set_last_will(LastWill::new(
+            &topics.init,
+            protocol::encode(&Envelope::new(id, Node::farewell())),
+            QoS::AtLeastOnce,
+            false,
+        ));
+    if let Some(user) = &cfg.username {
+        options.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
+    }
+    let (client, eventloop) = AsyncClient::new(options, 1024);
+
+    let (net_tx, mut net_rx) = mpsc::channel(4096);
+    let stop_net = CancellationToken::new();
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let net = tokio::spawn(poll_network(eventloop, net_tx, stop_net.clone(), addr.clone(), cfg.connect_timeout_s));
+
+    let (found_tx, mut found_rx) = mpsc::unbounded_channel::<Found>();
+    let miner = Miner::new(threads, move |f| {
+        let _ = found_tx.send(f);
+    });
+    let mut node = Node::new(NodeConfig {
+        id,
+        room_size: cfg.room_size,
+        min_peers: cfg.min_peers,
+        difficulty: cfg.difficulty,
+        alg: cfg.hash,
+        seed: None,
+    });
+    let mut drops = DropLog::default();
+    let mut connected_once = false;
+
+    let result = loop {
+        let input = tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            Some(found) = found_rx.recv() => Input::Mined(found),
+            net = net_rx.recv() => match net {
+                None => break Ok(()),
+                Some(Net::Fatal(e)) => break Err(e),
+                Some(Net::Lost(reason)) => {
+                    events.emit(Event::Disconnected { reason });
+                    continue;
+                }
+                Some(Net::Connected) => {
+                    let subs = topics.all().map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
+                    if let Err(e) = client.subscribe_many(subs).await {
+                        warn!(error = %e, "subscribe failed");
+                        continue;
+                    }
+                    if !connected_once {
+                        info!(broker = %addr, "connected");
+                    }
+                    connected_once = true;
+                    events.emit(Event::Connected { broker: addr.clone() });
+                    Input::Connected
+                }
+                Some(Net::Publish { topic, payload }) => {
+                    let Some(channel) = topics.channel(&topic) else {
+                        drops.count("unexpected_topic", || format!("message on {topic}"));
+                        continue;
+                    };
+                    match protocol::decode(&payload, channel, cfg.max_payload) {
+                        Ok(env) => Input::Message(env),
+                        Err(e) => {
+                            drops.count(e.reason(), || format!("on {topic}: {e}"));
+                            continue;
+                        }
+                    }
+                }
+            },
+        };
+        for action in node.handle(input) {
+            match action {
+                Action::Publish(msg) => publish(&client, &topics, id, msg).await,
+                Action::Mine(job) => miner.start(job),
+                Action::StopMining => miner.stop(),
+                Action::Emit(event) => {
+                    log_event(&event);
+                    events.emit(event);
+                }
+            }
+        }
+    };
+
+    miner.stop();
+    if connected_once && result.is_ok() {
+        // A clean goodbye, so the room does not wait for the keepalive to notice.
+        publish(&client, &topics, id, Node::farewell()).await;
+        let _ = client.disconnect().await;
+        // Give the event loop a moment to flush the goodbye and the DISCONNECT.
+        let _ = tokio::time::timeout(Duration::from_secs(2), net).await;
+    }
+    stop_net.cancel();
+    events.emit(Event::Stopped);
+    info!(height = node.chain().height(), "peer stopped");
+    result
+}
+
+async fn publish(client: &AsyncClient, topics: &Topics, id: PeerId, msg: Message) {
+    let topic = topics.topic(msg.channel()).to_string();
+    let payload = protocol::encode(&Envelope::new(id, msg));
+    // QoS 1 everywhere: every message is idempotent, and QoS 0 may be dropped under load.
+    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, payload).await {
+        warn!(error = %e, "publish failed");
+    }
+}
+
+/// Polls rumqttc's event loop for ever, reconnecting with backoff after errors.
+async fn poll_network(
+    mut eventloop: rumqttc::EventLoop,
+    tx: mpsc::Sender<Net>,
+    stop: CancellationToken,
+    addr: String,
+    connect_timeout_s: u64,
+) {
+    let started = Instant::now();
+    let mut connected_once = false;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let event = tokio::select! {
+            () = stop.cancelled() => return,
+            e = eventloop.poll() => e,
+        };
+        match event {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                connected_once = true;
+                backoff = Duration::from_millis(50);
+                if tx.send(Net::Connected).await.is_err() {
+                    return;
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                let topic = p.topic;
+                if tx.send(Net::Publish { topic, payload: p.payload }).await.is_err() {
+                    return;
+                }
+            }
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(ConnectionError::ConnectionRefused(code)) => {
+                let _ = tx.send(Net::Fatal(PeerError::Refused { addr, code: format!("{code:?}") })).await;
+                return;
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                if !connected_once && started.elapsed() > Duration::from_secs(connect_timeout_s) {
+                    let _ = tx.send(Net::Fatal(PeerError::Unreachable { addr, secs: connect_timeout_s, reason })).await;
+                    return;
+                }
+                if connected_once {
+                    warn!(error = %reason, retry_ms = backoff.as_millis() as u64, "broker connection lost; reconnecting");
+                    if tx.send(Net::Lost(reason)).await.is_err() {
+                        return;
+                    }
+                } else {
+                    debug!(error = %reason, "broker not reachable yet");
+                }
+                // Backoff between reconnection attempts, capped so a restarted broker is found fast.
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Counts dropped payloads per reason and logs each reason at most once a second, so a flood of
+/// garbage does not become a flood of log lines.
+#[derive(Default)]
+struct DropLog {
+    counts: BTreeMap<&'static str, (u64, u64, Option<Instant>)>,
+}
+
+impl DropLog {
+    fn count(&mut self, reason: &'static str, detail: impl FnOnce() -> String) {
+        let entry = self.counts.entry(reason).or_insert((0, 0, None));
+        entry.0 += 1;
+        entry.1 += 1;
+        if entry.2.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            warn!(reason, total = entry.0, since_last_log = entry.1, "dropped message: {}", detail());
+            entry.1 = 0;
+            entry.2 = Some(Instant::now());
+        }
+    }
+}
+
+fn log_event(event: &Event) {
+    match event {
+        Event::MessageDropped { .. }
+        | Event::SolutionRejected { .. }
+        | Event::ChainTruncated { .. }
+        | Event::BlockAccepted { .. }
+        | Event::LeaderElected { .. }
+        | Event::ChallengeIssued { .. } => info!("{}", crate::events::describe(event)),
+        _ => debug!("{}", crate::events::describe(event)),
+    }
+}
