@@ -176,12 +176,16 @@ fn sigterm_and_sigint_exit_zero() {
 fn memory_stays_bounded_under_load() {
     const CLIENTS: usize = 10;
     const TOPICS: usize = 6;
-    const MESSAGES: usize = 200_000;
+    const MESSAGES: usize = 400_000;
     const PAYLOAD: usize = 100;
     const LIMIT_KB: u64 = 64 * 1024;
 
     let port = free_port();
-    let mut broker = BrokerProcess::spawn(&["--port", &port.to_string()]);
+    let extra = std::env::var("XARGS").unwrap_or_default();
+    let mut args = vec!["--port".to_string(), port.to_string()];
+    args.extend(extra.split_whitespace().map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut broker = BrokerProcess::spawn(&args);
     let addr = broker.wait_ready();
     let idle = memory_kb(broker.pid());
 
@@ -206,7 +210,7 @@ fn memory_stays_bounded_under_load() {
             // Every client receives every message; its event loop runs until it has them all.
             receivers.push(tokio::spawn(async move {
                 let mut received = 0;
-                let _ = tokio::time::timeout(Duration::from_secs(40), until(&mut eventloop, |p| {
+                let _ = tokio::time::timeout(Duration::from_secs(25), until(&mut eventloop, |p| {
                     received += usize::from(matches!(p, Packet::Publish(_)));
                     (received == MESSAGES).then_some(())
                 }))

@@ -162,14 +162,18 @@ impl Children {
 
     /// Starts peer number `index` with the given flags.
     pub fn start_peer(&mut self, index: usize, args: &[String]) -> anyhow::Result<()> {
-        let mut child = command(&self.exe, "peer", args).spawn().with_context(|| format!("cannot start peer #{index}"))?;
+        let mut child =
+            command(&self.exe, "peer", args).spawn().with_context(|| format!("cannot start peer #{index}"))?;
         let pid = child.id().with_context(|| format!("peer #{index} exited at once"))?;
         let out = self.out.clone();
         forward_lines(child.stdout.take().context("peer stdout")?, out.clone(), move |line| Output::Event {
             index,
             line,
         });
-        forward_lines(child.stderr.take().context("peer stderr")?, out.clone(), move |line| Output::Log { index, line });
+        forward_lines(child.stderr.take().context("peer stderr")?, out.clone(), move |line| Output::Log {
+            index,
+            line,
+        });
         let stopping = Arc::clone(&self.stopping);
         let waiter = tokio::spawn(async move {
             let status = describe(child.wait().await);

@@ -36,6 +36,7 @@ pub struct Tally {
     challenges: BTreeMap<TxId, u64>,
     blocks: BTreeMap<TxId, BlockInfo>,
     all_known: bool,
+    left: BTreeSet<PeerId>,
     late_solutions: u64,
 }
 
@@ -51,6 +52,7 @@ impl Tally {
             challenges: BTreeMap::new(),
             blocks: BTreeMap::new(),
             all_known: false,
+            left: BTreeSet::new(),
             late_solutions: 0,
         }
     }
@@ -76,24 +78,18 @@ impl Tally {
                 state.id = Some(client_id);
                 say(format!("peer #{index} started: client id {client_id}, pid {pid}"));
             }
-            Event::PeerJoined { members, .. } => {
-                if members >= self.expected && !self.all_known && self.expected > 1 {
-                    self.all_known = true;
-                    say(format!("peer #{index} knows all {members} peers: voting starts"));
-                }
+            Event::PeerJoined { members, .. } if members >= self.expected && !self.all_known => {
+                self.all_known = true;
+                say(format!("peer #{index} knows all {members} peers: voting starts"));
             }
-            Event::PeerLeft { id, members } => {
-                let name = self.name(id);
-                if self.announced_terms.insert((u64::MAX, id)) {
-                    say(format!("{name} left the room ({members} remain)"));
-                }
+            Event::PeerLeft { id, members } if self.left.insert(id) => {
+                say(format!("{} left the room ({members} remain)", self.name(id)));
             }
-            Event::LeaderElected { term, leader, votes } => {
-                if votes > 0 && self.announced_terms.insert((term, leader)) {
-                    let previous = self.leaders.insert(term, leader);
-                    let how = if previous.is_some() { "replaced by a later vote: " } else { "" };
-                    say(format!("election of term {term}: {how}controller is {} ({votes} votes)", self.name(leader)));
-                }
+            Event::LeaderElected { term, leader, votes } if self.announced_terms.insert((term, leader)) => {
+                let previous = self.leaders.insert(term, leader);
+                let how = if previous.is_some() { "replaced by a later vote: " } else { "" };
+                let by = if votes > 0 { format!("{votes} votes") } else { "announced".into() };
+                say(format!("election of term {term}: {how}controller is {} ({by})", self.name(leader)));
             }
             Event::ChallengeIssued { term, tx, difficulty } => {
                 self.challenges.entry(tx).or_insert(r.ts_ms);
@@ -112,7 +108,10 @@ impl Tally {
                         self.peers[i].wins += 1;
                     }
                     let time = solve_ms.map(|ms| format!(" in {ms} ms")).unwrap_or_default();
-                    say(format!("block {tx}: won by {}{time} (solution {nonce}, {difficulty} bits)", self.name(winner)));
+                    say(format!(
+                        "block {tx}: won by {}{time} (solution {nonce}, {difficulty} bits)",
+                        self.name(winner)
+                    ));
                 }
             }
             Event::SolutionRejected { tx, miner, reason } => {

@@ -96,7 +96,8 @@ impl Args {
 /// Runs a peer from parsed arguments; the whole of `main`.
 pub fn main(args: Args) -> ExitCode {
     let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -79,11 +79,14 @@ impl PeerConfig {
     /// Parses a TOML document; keys it lacks keep the embedded defaults.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let parse = |t: &str, o: &str| {
-            toml::from_str::<toml::Table>(t).map_err(|e| ConfigError::Parse { origin: o.into(), message: e.to_string() })
+            toml::from_str::<toml::Table>(t)
+                .map_err(|e| ConfigError::Parse { origin: o.into(), message: e.to_string() })
         };
         let mut merged = parse(DEFAULT_TOML, "(embedded defaults)")?;
         merged.extend(parse(text, origin)?);
-        merged.try_into().map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.into(), message: e.to_string() })
+        merged
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.into(), message: e.to_string() })
     }
 
     /// Loads the embedded defaults, overridden by `path` if given.
@@ -118,7 +121,10 @@ impl PeerConfig {
         }
         let max = MAX_DIFFICULTY.min(self.hash.bits() as u8);
         if self.difficulty > max {
-            return bad("difficulty", format!("{} is more than the {max} bits of {}", self.difficulty, self.hash.name()));
+            return bad(
+                "difficulty",
+                format!("{} is more than the {max} bits of {}", self.difficulty, self.hash.name()),
+            );
         }
         if self.prefix.is_empty() || self.prefix.contains(['#', '+']) || self.prefix.ends_with('/') {
             return bad("prefix", format!("'{}' must be a non-empty topic level without wildcards", self.prefix));

@@ -38,6 +38,10 @@ pub struct Election {
     term: Term,
     leader: Option<PeerId>,
     votes: BTreeMap<PeerId, u32>,
+    /// Whether this peer has ever known a controller. Until it has, it only decides an election
+    /// once it knows the whole expected room: a vote can reach a peer that has met only a few
+    /// members, and "every member I know has voted" would then be a premature verdict.
+    seen_leader: bool,
 }
 
 impl Election {
@@ -52,6 +56,7 @@ impl Election {
             term: 0,
             leader: None,
             votes: BTreeMap::new(),
+            seen_leader: false,
         }
     }
 
@@ -144,6 +149,7 @@ impl Election {
         }
         self.term = term;
         self.leader = Some(leader);
+        self.seen_leader = true;
         self.members.insert(leader);
         true
     }
@@ -167,6 +173,9 @@ impl Election {
         if self.term == 0 || self.votes.is_empty() {
             return;
         }
+        if !self.seen_leader && self.members.len() < self.expected {
+            return;
+        }
         let complete = self.members.iter().all(|m| self.votes.contains_key(m));
         let winner = self.winner();
         let decide = match self.leader {
@@ -176,6 +185,7 @@ impl Election {
         };
         if decide && let Some(leader) = winner {
             self.leader = Some(leader);
+            self.seen_leader = true;
             steps.push(Step::Elected { term: self.term, leader });
         }
     }
@@ -198,6 +208,19 @@ mod tests {
         assert_eq!(e.vote(2, 1, 70, &mut fixed(0)), vec![]);
         assert_eq!(e.vote(3, 1, 60, &mut fixed(0)), vec![Step::Elected { term: 1, leader: 2 }]);
         assert_eq!(e.leader(), Some(2));
+    }
+
+    #[test]
+    fn a_vote_reaching_a_peer_that_knows_few_members_does_not_decide_early() {
+        let mut e = Election::new(1, 4, 2);
+        // Peer 2 reached the room size first and voted; we know only it so far.
+        assert_eq!(e.vote(2, 1, 10, &mut fixed(5)), vec![Step::Vote { term: 1, vote: 5 }]);
+        assert_eq!(e.leader(), None);
+        e.join(3, &mut fixed(0));
+        e.vote(3, 1, 50, &mut fixed(0));
+        assert_eq!(e.leader(), None, "three of four known");
+        assert_eq!(e.join(4, &mut fixed(0)).1, vec![]);
+        assert_eq!(e.vote(4, 1, 1, &mut fixed(0)), vec![Step::Elected { term: 1, leader: 3 }]);
     }
 
     #[test]
@@ -225,21 +248,28 @@ mod tests {
     }
 
     #[test]
-    fn a_voter_leaving_completes_the_election() {
+    fn a_voter_leaving_completes_a_re_election_but_the_first_one_waits_for_a_full_room() {
         let mut e = Election::new(1, 3, 2);
         e.join(2, &mut fixed(1));
         e.join(3, &mut fixed(1));
         e.vote(2, 1, 0, &mut fixed(0));
-        assert_eq!(e.leave(3, &mut fixed(0)).1, vec![Step::Elected { term: 1, leader: 1 }]);
+        assert_eq!(e.leave(3, &mut fixed(0)).1, vec![], "two of three: wait for the room");
+        assert_eq!(e.join(4, &mut fixed(0)).1, vec![]);
+        assert_eq!(e.vote(4, 1, 5, &mut fixed(0)), vec![Step::Elected { term: 1, leader: 4 }]);
+        // Term 2 (the controller left): a voter leaving completes it.
+        e.join(5, &mut fixed(0));
+        e.leave(4, &mut fixed(9));
+        e.vote(2, 2, 3, &mut fixed(0));
+        assert_eq!(e.leave(5, &mut fixed(0)).1, vec![Step::Elected { term: 2, leader: 1 }]);
     }
 
     #[test]
     fn old_terms_are_ignored_and_newer_ones_joined() {
         let mut e = Election::new(1, 2, 2);
-        assert_eq!(e.vote(2, 3, 5, &mut fixed(7)), vec![Step::Vote { term: 3, vote: 7 }, Step::Elected {
-            term: 3,
-            leader: 1
-        }]);
+        assert_eq!(
+            e.vote(2, 3, 5, &mut fixed(7)),
+            vec![Step::Vote { term: 3, vote: 7 }, Step::Elected { term: 3, leader: 1 }]
+        );
         assert_eq!(e.vote(2, 2, 9, &mut fixed(0)), vec![]);
         assert!(!e.adopt(2, 2));
         assert!(e.adopt(4, 2));

@@ -217,7 +217,10 @@ pub fn describe(event: &Event) -> String {
         }
         Event::SolutionRejected { tx, miner, reason } => format!("rejected {miner}'s solution for tx {tx}: {reason}"),
         Event::BlockAccepted { tx, winner, difficulty, nonce, hash, .. } => {
-            format!("block {tx}: winner {winner}, solution {nonce}, {difficulty} bits, hash {}", &hash[..16.min(hash.len())])
+            format!(
+                "block {tx}: winner {winner}, solution {nonce}, {difficulty} bits, hash {}",
+                &hash[..16.min(hash.len())]
+            )
         }
         Event::Synced { from, height } => format!("caught up from tx {from} to height {height}"),
         Event::ChainTruncated { height } => format!("dropped blocks the room never accepted; height {height}"),

@@ -247,9 +247,7 @@ impl Message {
     /// The channel this message must travel on.
     pub fn channel(&self) -> Channel {
         match self {
-            Self::Hello { .. } | Self::Leave | Self::SyncRequest { .. } | Self::SyncReply { .. } => {
-                Channel::Init
-            }
+            Self::Hello { .. } | Self::Leave | Self::SyncRequest { .. } | Self::SyncReply { .. } => Channel::Init,
             Self::Vote { .. } => Channel::Voting,
             Self::Challenge(_) => Channel::Challenge,
             Self::Solution { .. } => Channel::Solution,

@@ -52,7 +52,12 @@ enum Net {
 
 /// Runs a peer until `shutdown` is cancelled (clean exit: announces its departure) or a fatal
 /// error. Every event goes to `events`.
-pub async fn run(cfg: PeerConfig, id: PeerId, mut events: EventSink, shutdown: CancellationToken) -> Result<(), PeerError> {
+pub async fn run(
+    cfg: PeerConfig,
+    id: PeerId,
+    mut events: EventSink,
+    shutdown: CancellationToken,
+) -> Result<(), PeerError> {
     let topics = Topics::new(&cfg.prefix);
     let threads = cfg.mining_threads();
     events.emit(Event::Started { pid: std::process::id(), client_id: id, room_size: cfg.room_size, threads });

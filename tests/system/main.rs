@@ -1,1 +1,4 @@
-fn main(){}
+//! System tests: real processes (the launcher, the broker, peers) over real TCP on free ports.
+
+mod demo;
+mod support;

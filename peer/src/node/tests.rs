@@ -209,7 +209,10 @@ fn solutions_are_judged_once_and_forgeries_are_rejected() {
             _ => None,
         })
         .collect();
-    assert_eq!(reasons, [RejectReason::InsufficientWork, RejectReason::AlreadySolved, RejectReason::UnknownTransaction]);
+    assert_eq!(
+        reasons,
+        [RejectReason::InsufficientWork, RejectReason::AlreadySolved, RejectReason::UnknownTransaction]
+    );
 }
 
 #[test]
@@ -228,7 +231,10 @@ fn challenges_and_results_from_anyone_but_the_controller_are_ignored() {
     let tx = node.chain().height();
     let forged = Challenge { term, tx, alg: HashAlg::Sha1, difficulty: 1, prev };
     let out = node.handle(Input::Message(Envelope::new(other, Message::Challenge(forged))));
-    assert!(out.iter().any(|a| matches!(a, Action::Emit(Event::MessageDropped { reason, .. }) if reason == "not_controller")));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Emit(Event::MessageDropped { reason, .. }) if reason == "not_controller"))
+    );
     assert!(!out.iter().any(|a| matches!(a, Action::Mine(_))));
     assert_eq!(node.election().leader(), Some(leader));
 }

@@ -1,0 +1,79 @@
+//! The whole lab through the launcher: ten peers, one election, three blocks, no survivors.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use peer::events::Event;
+
+use crate::support::*;
+
+#[test]
+fn launcher_runs_ten_peers_that_agree_on_a_leader_and_three_blocks_then_leaves_nothing_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let port = free_port();
+    let child = Command::new(exe())
+        .args(["--peers", "10", "--rounds", "3", "--difficulty", "12", "--threads", "1"])
+        .args(["--port", &port.to_string(), "--events"])
+        .arg(&events)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn launcher");
+    let mut launcher = Proc { child, name: "launcher".into() };
+    let status = launcher.wait_exit(Duration::from_secs(180));
+    let mut stdout = String::new();
+    use std::io::Read;
+    launcher.child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert!(status.success(), "launcher failed: {status}\n{stdout}");
+    assert!(stdout.contains("summary"), "{stdout}");
+
+    let records = read_events(&events);
+    let per_peer = by_peer(&records);
+    assert_eq!(per_peer.len(), 10, "ten peers wrote events");
+
+    // One leader, the same for all, in term 1.
+    let mut leaders = BTreeSet::new();
+    for (peer, recs) in &per_peer {
+        let elected: Vec<_> = recs
+            .iter()
+            .filter_map(|r| match r.event {
+                Event::LeaderElected { term, leader, .. } => Some((term, leader)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(elected.len(), 1, "peer {peer} elected once: {elected:?}");
+        leaders.insert(elected[0]);
+    }
+    assert_eq!(leaders.len(), 1, "{leaders:?}");
+    let (term, leader) = leaders.into_iter().next().unwrap();
+    assert_eq!(term, 1);
+
+    // The same three verified blocks everywhere; the controller won none.
+    let chain = assert_invariants(&records);
+    for (peer, c) in chains(&records) {
+        assert!(c.len() >= 3, "peer {peer} has {} blocks", c.len());
+    }
+    assert!(chain.iter().all(|b| b.winner != leader));
+
+    // Nothing survives: no peer, no broker.
+    let pids = pids(&records);
+    assert_eq!(pids.len(), 10);
+    for pid in pids {
+        assert!(!alive(pid), "peer pid {pid} is still running");
+    }
+    assert!(!port_open(port), "the broker still listens on {port}");
+}
+
+#[test]
+fn launcher_refuses_a_busy_port_with_one_line() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let out = Command::new(exe()).args(["--port", &port.to_string()]).output().expect("run launcher");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(&port.to_string()), "{err}");
+}
