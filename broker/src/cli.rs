@@ -26,8 +26,7 @@ use crate::{BrokerConfig, BrokerError};
 /// report that matter (a busy port) are detected and reported by the broker itself. The rest
 /// of rumqttd stays at ERROR, except its commit log's WARN that a slow subscriber skipped
 /// messages ("jumping to head"), which means messages were lost.
-pub const DEFAULT_LOG_FILTER: &str =
-    "warn,rumqttd=error,rumqttd::server::broker=off,rumqttd::segments=warn";
+pub const DEFAULT_LOG_FILTER: &str = "warn,rumqttd=error,rumqttd::server::broker=off,rumqttd::segments=warn";
 
 /// Command-line flags of the broker.
 #[derive(clap::Parser, Debug, Clone)]
@@ -135,17 +134,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
 
 /// Installs the stderr subscriber with `--log`, else `RUST_LOG`, else [`DEFAULT_LOG_FILTER`].
 fn init_tracing(flag: Option<&str>) -> anyhow::Result<()> {
-    let env = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|value| !value.trim().is_empty());
+    let env = std::env::var("RUST_LOG").ok().filter(|value| !value.trim().is_empty());
     let (source, filter) = match (flag, env.as_deref()) {
         (Some(flag), _) => ("--log", flag),
         (None, Some(env)) => ("RUST_LOG", env),
         (None, None) => ("default", DEFAULT_LOG_FILTER),
     };
     // Its parse error repeats its own message as its source; keep the message only.
-    let filter = EnvFilter::try_new(filter)
-        .map_err(|e| anyhow::anyhow!("invalid {source} filter `{filter}`: {e}"))?;
+    let filter = EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("invalid {source} filter `{filter}`: {e}"))?;
     // Fails only if a subscriber is already installed (an embedding process chose its own
     // logging); keep that one.
     let _ = tracing_subscriber::fmt()
@@ -162,35 +158,26 @@ fn init_tracing(flag: Option<&str>) -> anyhow::Result<()> {
 /// caller is inside an async runtime. Returns once the handlers are installed.
 fn watch_signals(stop: mpsc::Sender<Stop>) -> io::Result<()> {
     let (installed_tx, installed_rx) = mpsc::sync_channel::<io::Result<()>>(1);
-    thread::Builder::new()
-        .name("broker-signals".to_owned())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()
-            {
-                Ok(runtime) => runtime,
+    thread::Builder::new().name("broker-signals".to_owned()).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                let _ = installed_tx.send(Err(e));
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            match wait_for_signal(&installed_tx).await {
+                Ok(name) => {
+                    let _ = stop.send(Stop::Signal(name));
+                }
                 Err(e) => {
                     let _ = installed_tx.send(Err(e));
-                    return;
                 }
-            };
-            runtime.block_on(async move {
-                match wait_for_signal(&installed_tx).await {
-                    Ok(name) => {
-                        let _ = stop.send(Stop::Signal(name));
-                    }
-                    Err(e) => {
-                        let _ = installed_tx.send(Err(e));
-                    }
-                }
-            });
-        })?;
-    installed_rx.recv().unwrap_or_else(|_| {
-        Err(io::Error::other(
-            "the signal thread ended before installing handlers",
-        ))
-    })
+            }
+        });
+    })?;
+    installed_rx.recv().unwrap_or_else(|_| Err(io::Error::other("the signal thread ended before installing handlers")))
 }
 
 #[cfg(unix)]

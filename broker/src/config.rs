@@ -107,12 +107,8 @@ impl BrokerConfig {
 
         let (text, origin) = match &self.config_file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| {
-                    BrokerError::ReadConfig {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| BrokerError::ReadConfig { path: path.clone(), source })?;
                 (text, path.display().to_string())
             }
             None => (DEFAULT_CONFIG.to_owned(), EMBEDDED_ORIGIN.to_owned()),
@@ -149,26 +145,15 @@ fn parse(text: &str, origin: &str) -> Result<rumqttd::Config, BrokerError> {
         reason: format!("cannot check it for unknown keys: {e}"),
     })?;
     if let Some(key) = first_unknown_key(&written, &understood, "") {
-        return Err(BrokerError::UnknownKey {
-            origin: origin.to_owned(),
-            key,
-        });
+        return Err(BrokerError::UnknownKey { origin: origin.to_owned(), key });
     }
     Ok(config)
 }
 
 /// The dotted path of the first key in `written` that is missing from `understood`.
-fn first_unknown_key(
-    written: &toml::Table,
-    understood: &toml::Table,
-    prefix: &str,
-) -> Option<String> {
+fn first_unknown_key(written: &toml::Table, understood: &toml::Table, prefix: &str) -> Option<String> {
     written.iter().find_map(|(key, value)| {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         match (value, understood.get(key)) {
             (_, None) => Some(path),
             (toml::Value::Table(written), Some(toml::Value::Table(understood))) => {
@@ -181,13 +166,7 @@ fn first_unknown_key(
 
 /// toml's messages span several lines (a source excerpt with a caret); the CLI prints one line.
 fn one_line_toml_error(text: &str, error: &toml::de::Error) -> String {
-    let message = error
-        .message()
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
+    let message = error.message().lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join("; ");
     match error.span() {
         Some(span) => {
             let before = text.get(..span.start).unwrap_or(text);
@@ -204,10 +183,7 @@ fn single_v4_listener<'a>(
     config: &'a mut rumqttd::Config,
     origin: &str,
 ) -> Result<&'a mut rumqttd::ServerSettings, BrokerError> {
-    let invalid = |reason: String| BrokerError::InvalidConfig {
-        origin: origin.to_owned(),
-        reason,
-    };
+    let invalid = |reason: String| BrokerError::InvalidConfig { origin: origin.to_owned(), reason };
     // Each of these would start a listener or a task whose failures rumqttd swallows and that
     // the broker's startup check does not cover.
     let extra_sections = [
@@ -226,40 +202,28 @@ fn single_v4_listener<'a>(
     }
     let listeners = config.v4.get_or_insert_with(HashMap::new);
     if listeners.len() != 1 {
-        return Err(invalid(format!(
-            "expected exactly one [v4.*] listener, found {}",
-            listeners.len()
-        )));
+        return Err(invalid(format!("expected exactly one [v4.*] listener, found {}", listeners.len())));
     }
-    listeners
-        .values_mut()
-        .next()
-        .ok_or_else(|| invalid("no [v4.*] listener".to_owned()))
+    listeners.values_mut().next().ok_or_else(|| invalid("no [v4.*] listener".to_owned()))
 }
 
 /// Rejects values that rumqttd would panic on, stall on, or that cannot work.
 fn validate(config: &rumqttd::Config, origin: &str) -> Result<(), BrokerError> {
-    let invalid = |reason: String| BrokerError::InvalidConfig {
-        origin: origin.to_owned(),
-        reason,
-    };
+    let invalid = |reason: String| BrokerError::InvalidConfig { origin: origin.to_owned(), reason };
     let router = &config.router;
     if router.max_connections == 0 {
         return Err(invalid("router.max_connections must be at least 1".into()));
     }
     if router.max_outgoing_packet_count == 0 {
-        return Err(invalid(
-            "router.max_outgoing_packet_count must be at least 1 (0 never delivers QoS 0)".into(),
-        ));
+        return Err(invalid("router.max_outgoing_packet_count must be at least 1 (0 never delivers QoS 0)".into()));
     }
-    let segments = std::iter::once(("router", router.max_segment_size, router.max_segment_count))
-        .chain(router.custom_segment.iter().flatten().map(|(filter, segment)| {
-            (
-                filter.as_str(),
-                segment.max_segment_size,
-                segment.max_segment_count,
-            )
-        }));
+    let segments = std::iter::once(("router", router.max_segment_size, router.max_segment_count)).chain(
+        router
+            .custom_segment
+            .iter()
+            .flatten()
+            .map(|(filter, segment)| (filter.as_str(), segment.max_segment_size, segment.max_segment_count)),
+    );
     for (name, size, count) in segments {
         if size < MIN_SEGMENT_SIZE {
             return Err(invalid(format!(
@@ -267,16 +231,13 @@ fn validate(config: &rumqttd::Config, origin: &str) -> Result<(), BrokerError> {
             )));
         }
         if count == 0 {
-            return Err(invalid(format!(
-                "{name}: max_segment_count must be at least 1 (rumqttd panics at 0)"
-            )));
+            return Err(invalid(format!("{name}: max_segment_count must be at least 1 (rumqttd panics at 0)")));
         }
     }
 
     for (key, server) in config.v4.iter().flatten() {
         let connections = &server.connections;
-        let invalid_setting =
-            |setting: &str, rule: &str| invalid(format!("v4.{key}.{setting} {rule}"));
+        let invalid_setting = |setting: &str, rule: &str| invalid(format!("v4.{key}.{setting} {rule}"));
         if server.tls.is_some() {
             return Err(invalid_setting(
                 "tls",
@@ -284,10 +245,7 @@ fn validate(config: &rumqttd::Config, origin: &str) -> Result<(), BrokerError> {
             ));
         }
         if connections.connection_timeout_ms == 0 {
-            return Err(invalid_setting(
-                "connections.connection_timeout_ms",
-                "must be at least 1",
-            ));
+            return Err(invalid_setting("connections.connection_timeout_ms", "must be at least 1"));
         }
         if !(1..=MAX_MQTT_PACKET).contains(&connections.max_payload_size) {
             return Err(invalid_setting(
@@ -296,10 +254,7 @@ fn validate(config: &rumqttd::Config, origin: &str) -> Result<(), BrokerError> {
             ));
         }
         if connections.max_inflight_count == 0 {
-            return Err(invalid_setting(
-                "connections.max_inflight_count",
-                "must be at least 1",
-            ));
+            return Err(invalid_setting("connections.max_inflight_count", "must be at least 1"));
         }
         if connections.auth.as_ref().is_some_and(HashMap::is_empty) {
             return Err(invalid_setting(
@@ -328,10 +283,7 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join(name);
         std::fs::write(&path, text).expect("write temp config");
-        let config = BrokerConfig {
-            config_file: Some(path.clone()),
-            ..BrokerConfig::default()
-        };
+        let config = BrokerConfig { config_file: Some(path.clone()), ..BrokerConfig::default() };
         (config, path)
     }
 
@@ -344,9 +296,7 @@ mod tests {
 
     #[test]
     fn embedded_default_is_bounded_v4_on_loopback() {
-        let config = BrokerConfig::default()
-            .rumqttd_config()
-            .expect("default config");
+        let config = BrokerConfig::default().rumqttd_config().expect("default config");
         assert!(config.v5.is_none() && config.ws.is_none() && config.console.is_none());
         assert!(config.prometheus.is_none() && config.bridge.is_none());
         let server = listener(&config);
@@ -391,20 +341,11 @@ mod tests {
 
     #[test]
     fn invalid_overrides_are_rejected() {
-        let port_zero = BrokerConfig {
-            port: 0,
-            ..BrokerConfig::default()
-        };
+        let port_zero = BrokerConfig { port: 0, ..BrokerConfig::default() };
         assert!(error_of(&port_zero).contains("port 0"));
-        let payload_zero = BrokerConfig {
-            max_payload: Some(0),
-            ..BrokerConfig::default()
-        };
+        let payload_zero = BrokerConfig { max_payload: Some(0), ..BrokerConfig::default() };
         assert!(error_of(&payload_zero).contains("max payload 0"));
-        let empty_auth = BrokerConfig {
-            auth: Some(HashMap::new()),
-            ..BrokerConfig::default()
-        };
+        let empty_auth = BrokerConfig { auth: Some(HashMap::new()), ..BrokerConfig::default() };
         assert!(error_of(&empty_auth).contains("auth map is empty"));
     }
 
@@ -414,20 +355,14 @@ mod tests {
             config_file: Some(Path::new("/nonexistent/broker.toml").to_owned()),
             ..BrokerConfig::default()
         };
-        assert_eq!(
-            error_of(&config),
-            "cannot read config /nonexistent/broker.toml"
-        );
+        assert_eq!(error_of(&config), "cannot read config /nonexistent/broker.toml");
     }
 
     #[test]
     fn syntax_error_is_one_line_with_position() {
         let (config, path) = with_file("syntax.toml", "id = 0\n[router\nmax_connections = 1\n");
         let message = error_of(&config);
-        assert!(
-            message.starts_with(&format!("cannot read config {}: line 2,", path.display())),
-            "{message}"
-        );
+        assert!(message.starts_with(&format!("cannot read config {}: line 2,", path.display())), "{message}");
         assert!(!message.contains('\n'), "{message}");
         let _ = std::fs::remove_file(path);
     }
@@ -445,11 +380,7 @@ mod tests {
     fn misspelt_key_is_rejected_not_ignored() {
         let text = format!("{DEFAULT_CONFIG}\n[v4.1.connections.auht]\nuser = \"pass\"\n");
         let (config, path) = with_file("unknown.toml", &text);
-        assert!(
-            error_of(&config).ends_with("unknown key `v4.1.connections.auht`"),
-            "{}",
-            error_of(&config)
-        );
+        assert!(error_of(&config).ends_with("unknown key `v4.1.connections.auht`"), "{}", error_of(&config));
         let _ = std::fs::remove_file(path);
     }
 
@@ -459,10 +390,7 @@ mod tests {
         let (config, path) = with_file("auth.toml", &text);
         let built = config.rumqttd_config().expect("config");
         let auth = listener(&built).connections.auth.clone();
-        assert_eq!(
-            auth,
-            Some(HashMap::from([("user".into(), "pass".into())]))
-        );
+        assert_eq!(auth, Some(HashMap::from([("user".into(), "pass".into())])));
         let _ = std::fs::remove_file(path);
     }
 
@@ -487,19 +415,14 @@ mod tests {
     #[test]
     fn values_rumqttd_panics_on_are_rejected() {
         let cases = [
-            ("max_segment_size = 524288", "max_segment_size = 1000", "at least 1024"),
-            ("max_segment_count = 2", "max_segment_count = 0", "max_segment_count"),
+            ("max_segment_size = 262144", "max_segment_size = 1000", "at least 1024"),
+            ("max_segment_count = 3", "max_segment_count = 0", "max_segment_count"),
             ("max_connections = 1000", "max_connections = 0", "max_connections"),
-            (
-                "connection_timeout_ms = 5000",
-                "connection_timeout_ms = 0",
-                "connection_timeout_ms",
-            ),
+            ("connection_timeout_ms = 5000", "connection_timeout_ms = 0", "connection_timeout_ms"),
         ];
         for (i, (from, to, expected)) in cases.into_iter().enumerate() {
             assert!(DEFAULT_CONFIG.contains(from), "default lost `{from}`");
-            let (config, path) =
-                with_file(&format!("bad{i}.toml"), &DEFAULT_CONFIG.replace(from, to));
+            let (config, path) = with_file(&format!("bad{i}.toml"), &DEFAULT_CONFIG.replace(from, to));
             let message = error_of(&config);
             assert!(message.contains(expected), "{to}: {message}");
             let _ = std::fs::remove_file(path);
@@ -508,10 +431,8 @@ mod tests {
 
     #[test]
     fn debug_hides_passwords() {
-        let config = BrokerConfig {
-            auth: Some(HashMap::from([("peer".into(), "hunter2".into())])),
-            ..BrokerConfig::default()
-        };
+        let config =
+            BrokerConfig { auth: Some(HashMap::from([("peer".into(), "hunter2".into())])), ..BrokerConfig::default() };
         let debug = format!("{config:?}");
         assert!(debug.contains("peer") && !debug.contains("hunter2"), "{debug}");
     }

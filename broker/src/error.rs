@@ -50,9 +50,7 @@ pub enum BrokerError {
     },
 
     /// Port 0 was requested; rumqttd would pick a port and never say which.
-    #[error(
-        "port 0 is not supported: rumqttd never reports the port it picks (choose a free port with --port)"
-    )]
+    #[error("port 0 is not supported: rumqttd never reports the port it picks (choose a free port with --port)")]
     PortZero,
 
     /// Something else is already listening on the address.

@@ -49,11 +49,7 @@ impl fmt::Debug for Broker {
 impl Broker {
     /// Builds and validates the rumqttd config described by `config`; starts nothing.
     pub fn new(config: &BrokerConfig) -> Result<Self, BrokerError> {
-        Ok(Self {
-            config: config.rumqttd_config()?,
-            addr: config.listen_addr(),
-            ready_timeout: config.ready_timeout,
-        })
+        Ok(Self { config: config.rumqttd_config()?, addr: config.listen_addr(), ready_timeout: config.ready_timeout })
     }
 
     /// The address the broker will listen on.
@@ -91,10 +87,7 @@ impl Broker {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(BrokerError::NotListening {
-                    addr,
-                    waited: self.ready_timeout,
-                });
+                return Err(BrokerError::NotListening { addr, waited: self.ready_timeout });
             }
             // The probe connects and closes at once; rumqttd logs that as a failed CONNECT under
             // the `rumqttd::server::broker` target, which the CLI's default filter silences.
@@ -147,10 +140,9 @@ impl RunningBroker {
         let reason = match self.thread.join() {
             Ok(Err(error)) => error,
             // rumqttd ignores its listener threads' fate; a listener ends when it cannot bind.
-            Ok(Ok(())) => format!(
-                "its listener on {} ended (was the port taken? rerun with --log rumqttd=info)",
-                self.addr
-            ),
+            Ok(Ok(())) => {
+                format!("its listener on {} ended (was the port taken? rerun with --log rumqttd=info)", self.addr)
+            }
             Err(panic) => {
                 let message = panic
                     .downcast_ref::<&str>()
@@ -218,10 +210,7 @@ mod tests {
     fn busy_port_is_reported_before_starting() {
         let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = busy.local_addr().expect("addr");
-        let config = BrokerConfig {
-            port: addr.port(),
-            ..BrokerConfig::default()
-        };
+        let config = BrokerConfig { port: addr.port(), ..BrokerConfig::default() };
         let error = start(&config).expect_err("port is busy");
         assert!(matches!(error, BrokerError::PortInUse { .. }), "{error}");
         assert_eq!(
@@ -236,15 +225,8 @@ mod tests {
     #[test]
     fn foreign_address_is_reported() {
         // TEST-NET-1 (RFC 5737) is never assigned to a local interface.
-        let config = BrokerConfig {
-            bind: "192.0.2.1".parse().expect("ip"),
-            port: 1883,
-            ..BrokerConfig::default()
-        };
+        let config = BrokerConfig { bind: "192.0.2.1".parse().expect("ip"), port: 1883, ..BrokerConfig::default() };
         let error = start(&config).expect_err("address is foreign");
-        assert!(
-            matches!(error, BrokerError::AddrNotAvailable { .. }),
-            "{error}"
-        );
+        assert!(matches!(error, BrokerError::AddrNotAvailable { .. }), "{error}");
     }
 }

@@ -17,15 +17,9 @@ fn serves_mqtt_and_prints_only_the_ready_line() {
 
     block_on(async {
         let (client, mut eventloop) = connected(addr, "echo").await;
-        client
-            .subscribe("hashvote/test", QoS::AtLeastOnce)
-            .await
-            .expect("subscribe");
+        client.subscribe("hashvote/test", QoS::AtLeastOnce).await.expect("subscribe");
         until(&mut eventloop, |p| matches!(p, Packet::SubAck(_)).then_some(())).await;
-        client
-            .publish("hashvote/test", QoS::AtLeastOnce, false, "hello")
-            .await
-            .expect("publish");
+        client.publish("hashvote/test", QoS::AtLeastOnce, false, "hello").await.expect("publish");
         let payload = until(&mut eventloop, |p| match p {
             Packet::Publish(publish) => Some(publish.payload.clone()),
             _ => None,
@@ -38,10 +32,7 @@ fn serves_mqtt_and_prints_only_the_ready_line() {
         client.disconnect().await.expect("disconnect");
         while eventloop.poll().await.is_ok() {}
         let (second, mut eventloop) = connected(addr, "second").await;
-        second
-            .subscribe("hashvote/sync", QoS::AtLeastOnce)
-            .await
-            .expect("subscribe");
+        second.subscribe("hashvote/sync", QoS::AtLeastOnce).await.expect("subscribe");
         until(&mut eventloop, |p| matches!(p, Packet::SubAck(_)).then_some(())).await;
     });
 
@@ -72,35 +63,25 @@ fn busy_port_fails_fast_with_one_line_naming_the_port() {
 fn bad_config_file_fails_with_one_line() {
     let path = scratch_file("bad.toml", "id = 0\n[router\nmax_connections = 10\n");
     let path_text = path.display().to_string();
-    let mut broker =
-        BrokerProcess::spawn(&["--config", &path_text, "--port", &free_port().to_string()]);
+    let mut broker = BrokerProcess::spawn(&["--config", &path_text, "--port", &free_port().to_string()]);
     let status = broker.wait_exit();
     assert!(!status.success(), "{status}");
     let stderr = broker.stderr();
-    assert!(
-        stderr.starts_with(&format!("broker: error: cannot read config {path_text}: line 2,")),
-        "{stderr}"
-    );
+    assert!(stderr.starts_with(&format!("broker: error: cannot read config {path_text}: line 2,")), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     let _ = std::fs::remove_file(path);
 }
 
 #[test]
 fn misspelt_auth_in_config_file_is_an_error_not_an_open_broker() {
-    let text = format!(
-        "{}\n[v4.1.connections.auht]\npeer = \"secret\"\n",
-        broker::config::DEFAULT_CONFIG
-    );
+    let text = format!("{}\n[v4.1.connections.auht]\npeer = \"secret\"\n", broker::config::DEFAULT_CONFIG);
     let path = scratch_file("auht.toml", &text);
     let path_text = path.display().to_string();
-    let mut broker =
-        BrokerProcess::spawn(&["--config", &path_text, "--port", &free_port().to_string()]);
+    let mut broker = BrokerProcess::spawn(&["--config", &path_text, "--port", &free_port().to_string()]);
     assert!(!broker.wait_exit().success());
     assert_eq!(
         broker.stderr(),
-        format!(
-            "broker: error: cannot read config {path_text}: unknown key `v4.1.connections.auht`\n"
-        )
+        format!("broker: error: cannot read config {path_text}: unknown key `v4.1.connections.auht`\n")
     );
     let _ = std::fs::remove_file(path);
 }
@@ -134,15 +115,11 @@ fn auth_map_admits_only_the_right_password() {
 #[test]
 fn max_payload_flag_limits_packets() {
     let port = free_port();
-    let mut broker =
-        BrokerProcess::spawn(&["--port", &port.to_string(), "--max-payload", "1024"]);
+    let mut broker = BrokerProcess::spawn(&["--port", &port.to_string(), "--max-payload", "1024"]);
     let addr = broker.wait_ready();
     block_on(async {
         let (client, mut eventloop) = connected(addr, "big").await;
-        client
-            .publish("hashvote/big", QoS::AtLeastOnce, false, vec![7u8; 2000])
-            .await
-            .expect("queue publish");
+        client.publish("hashvote/big", QoS::AtLeastOnce, false, vec![7u8; 2000]).await.expect("queue publish");
         // rumqttd closes the connection on a packet above the limit.
         loop {
             match eventloop.poll().await {
@@ -168,86 +145,101 @@ fn sigterm_and_sigint_exit_zero() {
     }
 }
 
-/// 10 clients on 6 shared topics exchange 20,000 QoS 1 messages of 100 bytes (200,000
-/// deliveries); the broker's resident memory must stay far below rumqttd's defaults (which let it
-/// reach hundreds of MB).
+/// The load of the memory test: 10 clients, each subscribed to the same 6 topics, each publishing
+/// its share of the messages (100-byte QoS 1) round-robin over the topics, then one marker on a
+/// seventh topic.
+const CLIENTS: usize = 10;
+const TOPICS: usize = 6;
+const PAYLOAD: usize = 100;
+
+/// Runs one round of the load against `addr` with client ids prefixed by `round`. Returns once
+/// every client has seen every publisher's marker and, if `every_message`, every message.
+async fn load(addr: std::net::SocketAddr, round: &str, messages: usize, every_message: bool) {
+    let mut clients = Vec::new();
+    let mut receivers = Vec::new();
+    for i in 0..CLIENTS {
+        let (client, mut eventloop) = connected(addr, &format!("{round}-{i}")).await;
+        for topic in (0..TOPICS).map(|t| format!("load/t{t}")).chain(["load/done".into()]) {
+            client.subscribe(topic, QoS::AtLeastOnce).await.expect("subscribe");
+        }
+        let mut acked = 0;
+        until(&mut eventloop, |p| {
+            acked += usize::from(matches!(p, Packet::SubAck(_)));
+            (acked == TOPICS + 1).then_some(())
+        })
+        .await;
+        receivers.push(tokio::spawn(async move {
+            let (mut received, mut markers) = (0, 0);
+            until(&mut eventloop, |p| {
+                if let Packet::Publish(publish) = p {
+                    if publish.topic == "load/done" {
+                        markers += 1;
+                    } else {
+                        received += 1;
+                    }
+                }
+                let all = !every_message || received == messages;
+                (markers == CLIENTS && all).then_some(())
+            })
+            .await;
+            // Returned so the connection outlives the round's slower clients.
+            eventloop
+        }));
+        clients.push(client);
+    }
+    let publishers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| {
+            tokio::spawn(async move {
+                for n in 0..messages / CLIENTS {
+                    let topic = format!("load/t{}", (i + n) % TOPICS);
+                    client.publish(topic, QoS::AtLeastOnce, false, vec![b'x'; PAYLOAD]).await.expect("publish");
+                }
+                client.publish("load/done", QoS::AtLeastOnce, false, "done").await.expect("publish marker");
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.expect("publisher");
+    }
+    for receiver in receivers {
+        drop(receiver.await.expect("receiver"));
+    }
+}
+
+/// Resident memory stays bounded: first 20,000 messages that every client receives (200,000
+/// deliveries, less than the retention window per topic, so none may be lost), then 100,000
+/// more, which rotate every topic's log several times (lagging clients may lose some: rumqttd
+/// never slows publishers down). Measured: ~17 MB after the first round, ~33 MB after the second,
+/// where it levels off; with rumqttd's example segment sizes the second round leaves ~52 MB and
+/// memory keeps growing with every message.
 #[cfg(target_os = "linux")]
 #[test]
 fn memory_stays_bounded_under_load() {
-    const CLIENTS: usize = 10;
-    const TOPICS: usize = 6;
-    const MESSAGES: usize = 400_000;
-    const PAYLOAD: usize = 100;
     const LIMIT_KB: u64 = 64 * 1024;
 
     let port = free_port();
-    let extra = std::env::var("XARGS").unwrap_or_default();
-    let mut args = vec!["--port".to_string(), port.to_string()];
-    args.extend(extra.split_whitespace().map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut broker = BrokerProcess::spawn(&args);
+    let mut broker = BrokerProcess::spawn(&["--port", &port.to_string()]);
     let addr = broker.wait_ready();
     let idle = memory_kb(broker.pid());
 
     let started = std::time::Instant::now();
-    block_on(async {
-        let mut clients = Vec::new();
-        let mut receivers = Vec::new();
-        for i in 0..CLIENTS {
-            let (client, mut eventloop) = connected(addr, &format!("load-{i}")).await;
-            for t in 0..TOPICS {
-                client
-                    .subscribe(format!("load/t{t}"), QoS::AtLeastOnce)
-                    .await
-                    .expect("subscribe");
-            }
-            let mut acked = 0;
-            until(&mut eventloop, |p| {
-                acked += usize::from(matches!(p, Packet::SubAck(_)));
-                (acked == TOPICS).then_some(())
-            })
-            .await;
-            // Every client receives every message; its event loop runs until it has them all.
-            receivers.push(tokio::spawn(async move {
-                let mut received = 0;
-                let _ = tokio::time::timeout(Duration::from_secs(25), until(&mut eventloop, |p| {
-                    received += usize::from(matches!(p, Packet::Publish(_)));
-                    (received == MESSAGES).then_some(())
-                }))
-                .await;
-                eprintln!("received {received}");
-                eventloop
-            }));
-            clients.push(client);
-        }
-        let per_client = MESSAGES / CLIENTS;
-        let publishers = clients.iter().cloned().enumerate().map(|(i, client)| {
-            tokio::spawn(async move {
-                for n in 0..per_client {
-                    let topic = format!("load/t{}", (i + n) % TOPICS);
-                    client
-                        .publish(topic, QoS::AtLeastOnce, false, vec![b'x'; PAYLOAD])
-                        .await
-                        .expect("publish");
-                }
-            })
-        });
-        for publisher in publishers.collect::<Vec<_>>() {
-            publisher.await.expect("publisher");
-        }
-        for receiver in receivers {
-            receiver.await.expect("receiver");
-        }
-    });
-    let elapsed = started.elapsed();
-    let loaded = memory_kb(broker.pid());
+    block_on(load(addr, "full", 20_000, true));
+    let full = memory_kb(broker.pid());
+    let full_time = started.elapsed();
+    block_on(load(addr, "flood", 100_000, false));
+    let flood = memory_kb(broker.pid());
     eprintln!(
-        "broker memory: idle VmRSS {} kB; after {MESSAGES} messages x {CLIENTS} subscribers in \
-         {elapsed:?}: VmRSS {} kB, VmHWM (peak) {} kB",
-        idle.rss, loaded.rss, loaded.peak
+        "broker memory (kB): idle VmRSS {}; 20k messages, all delivered in {full_time:?}: \
+         VmRSS {}; 100k more in {:?}: VmRSS {}, VmHWM {}",
+        idle.rss,
+        full.rss,
+        started.elapsed() - full_time,
+        flood.rss,
+        flood.peak
     );
-    let e = broker.stderr(); eprintln!("stderr lines {}: {}", e.lines().count(), e.lines().take(3).collect::<Vec<_>>().join("\n"));
-    assert!(loaded.peak < LIMIT_KB, "peak {} kB", loaded.peak);
+    assert!(flood.peak < LIMIT_KB, "peak {} kB", flood.peak);
 }
 
 #[cfg(target_os = "linux")]
@@ -266,8 +258,5 @@ fn memory_kb(pid: u32) -> Memory {
             .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
     };
-    Memory {
-        rss: field("VmRSS:"),
-        peak: field("VmHWM:"),
-    }
+    Memory { rss: field("VmRSS:"), peak: field("VmHWM:") }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet};
 
 /// How long any single condition may take before the test fails.
-pub const DEADLINE: Duration = Duration::from_secs(120);
+pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// A port nobody listens on right now: bind port 0, read it, release it.
 pub fn free_port() -> u16 {
@@ -25,8 +25,7 @@ pub fn free_port() -> u16 {
 pub fn scratch_file(name: &str, contents: &str) -> PathBuf {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("broker-{}-{n}-{name}", std::process::id()));
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("broker-{}-{n}-{name}", std::process::id()));
     std::fs::write(&path, contents).expect("write scratch file");
     path
 }
@@ -57,11 +56,7 @@ impl BrokerProcess {
             let _ = stderr.read_to_string(&mut text);
             text
         });
-        Self {
-            child,
-            stdout: lines_of(stdout),
-            stderr: Some(stderr),
-        }
+        Self { child, stdout: lines_of(stdout), stderr: Some(stderr) }
     }
 
     /// The child's process id.
@@ -73,8 +68,9 @@ impl BrokerProcess {
     /// exits first or the deadline passes.
     pub fn wait_ready(&mut self) -> SocketAddr {
         match self.stdout.recv_timeout(DEADLINE) {
-            Ok(line) => broker::parse_ready_line(&line)
-                .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}")),
+            Ok(line) => {
+                broker::parse_ready_line(&line).unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"))
+            }
             Err(RecvTimeoutError::Timeout) => panic!("no ready line within {DEADLINE:?}"),
             Err(RecvTimeoutError::Disconnected) => {
                 let status = self.wait_exit();
@@ -97,11 +93,8 @@ impl BrokerProcess {
 
     /// Sends a signal by name (`TERM`, `INT`) with kill(1).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
+        let status =
+            Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().expect("run kill");
         assert!(status.success(), "kill -{name} failed");
     }
 
@@ -109,10 +102,7 @@ impl BrokerProcess {
     pub fn stderr(&mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.stderr
-            .take()
-            .map(|reader| reader.join().expect("stderr reader"))
-            .unwrap_or_default()
+        self.stderr.take().map(|reader| reader.join().expect("stderr reader")).unwrap_or_default()
     }
 
     /// Kills the child (if still running) and returns the stdout lines not yet read.
@@ -149,11 +139,7 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .enable_all()
         .build()
         .expect("tokio runtime")
-        .block_on(async {
-            tokio::time::timeout(DEADLINE, future)
-                .await
-                .expect("MQTT step timed out")
-        })
+        .block_on(async { tokio::time::timeout(DEADLINE, future).await.expect("MQTT step timed out") })
 }
 
 /// MQTT 3.1.1 options for a client of the broker at `addr`.
