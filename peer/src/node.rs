@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::chain::Chain;
+use crate::chain::{Chain, ChainError};
 use crate::election::{Election, Step};
 use crate::events::Event;
 use crate::miner::{Found, Job};
@@ -155,6 +155,10 @@ impl Node {
 
     fn connected(&mut self) {
         self.publish(Message::Hello { want_reply: true, view: self.view() });
+        // A sync request in flight when the connection dropped may be lost: ask again.
+        if let Some(peer) = self.syncing.take() {
+            self.request_sync(peer, self.chain.height());
+        }
         // After a broker restart anything in flight may be lost: say again what the room waits on.
         if self.election.is_leader() {
             match (self.pending, self.open) {
@@ -269,6 +273,14 @@ impl Node {
     fn stepped_into_term(&mut self) {
         self.pending = None;
         if !self.election.is_leader() {
+            // Our tip may be a block the room never accepted (a deposed controller appends its own
+            // last result when the broker echoes it): have the new controller confirm it.
+            if let (Some(leader), Some(tip)) = (self.election.leader(), self.chain.tip())
+                && tip.term < self.election.term()
+            {
+                let from = tip.tx;
+                self.request_sync(leader, from);
+            }
             return;
         }
         // The controller does not mine.
@@ -279,7 +291,7 @@ impl Node {
         if let Some((&peer, &height)) = best
             && height > self.chain.height()
         {
-            self.request_sync(peer);
+            self.request_sync(peer, self.chain.height());
             return;
         }
         self.issue_if_leader();
@@ -336,7 +348,7 @@ impl Node {
         }
         if c.tx > height || c.prev != self.chain.tip_hash(c.alg) {
             // We missed blocks (or hold a block the room does not): catch up, then mine.
-            self.request_sync(from);
+            self.request_sync(from, self.chain.height());
             return;
         }
         self.follow(c);
@@ -417,7 +429,7 @@ impl Node {
             return;
         }
         if block.tx > height {
-            self.request_sync(from);
+            self.request_sync(from, height);
             return;
         }
         if let Err(e) = self.chain.append(block) {
@@ -453,16 +465,16 @@ impl Node {
 
     fn catch_up_with(&mut self, peer: PeerId, height: u64) {
         if height > self.chain.height() && peer != self.cfg.id {
-            self.request_sync(peer);
+            self.request_sync(peer, self.chain.height());
         }
     }
 
-    fn request_sync(&mut self, peer: PeerId) {
+    fn request_sync(&mut self, peer: PeerId, from: TxId) {
         if self.syncing.is_some() {
             return;
         }
         self.syncing = Some(peer);
-        self.publish(Message::SyncRequest { to: peer, from: self.chain.height() });
+        self.publish(Message::SyncRequest { to: peer, from });
     }
 
     fn sync_request(&mut self, asker: PeerId, start: TxId) {
@@ -498,6 +510,11 @@ impl Node {
             }
             if let Err(e) = self.chain.append(block) {
                 self.drop_msg("invalid_block", format!("sync from {from}: {e}"));
+                if from_leader && matches!(e, ChainError::Link(_)) && block.tx > 0 {
+                    // We diverged from the controller before this block: compare from the start.
+                    self.request_sync(from, 0);
+                    return;
+                }
                 break;
             }
             self.accepted(block);
@@ -506,7 +523,7 @@ impl Node {
             self.emit(Event::Synced { from: tx, height: self.chain.height() });
         }
         if self.chain.height() < height && first.is_some() {
-            self.request_sync(from);
+            self.request_sync(from, self.chain.height());
             return;
         }
         if let Some(c) = open

@@ -102,16 +102,17 @@ pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_millis(200)).is_ok()
 }
 
-/// Starts a peer writing its events to `events`.
+/// Starts a peer writing its events to `events` and its log next to it (`.log`).
 pub fn start_peer(port: u16, events: &Path, extra: &[&str]) -> Proc {
+    let log = std::fs::File::create(events.with_extension("log")).expect("create peer log");
     let child = Command::new(exe())
         .args(["peer", "--host", "127.0.0.1", "--port", &port.to_string(), "--events"])
         .arg(events)
-        .args(["--log", "warn"])
+        .args(["--log", "info"])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .expect("spawn peer");
     Proc { child, name: format!("peer:{}", events.display()) }

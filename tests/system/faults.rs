@@ -1,0 +1,78 @@
+//! Faults on a real room: controller crash, a paused (zombie) controller, churn.
+
+use std::time::Duration;
+
+use peer::events::{Event, now_ms};
+
+use crate::room::Room;
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_killed_controller_is_replaced_and_the_chain_continues_without_a_gap() {
+    let mut room = Room::start(5);
+    let (term, leader) = room.wait_leader(1, T);
+    room.wait_height(2, T);
+    let killed_at = now_ms();
+    room.kill(leader);
+    let (new_term, new_leader) = room.wait_leader(term + 1, T);
+    assert_ne!(new_leader, leader);
+    let before = room.min_height();
+    room.wait_height(before + 3, T);
+    let first = room.first_challenge_after(term).expect("a challenge in the new term");
+    println!("failover: kill -9 -> first challenge of term {new_term}: {} ms", first.saturating_sub(killed_at));
+    let chain = room.check();
+    let ids: Vec<u64> = chain.iter().map(|b| b.tx).collect();
+    assert_eq!(ids, (0..chain.len() as u64).collect::<Vec<_>>(), "consecutive transaction ids");
+}
+
+#[test]
+fn a_paused_controller_is_deposed_and_steps_down_when_it_wakes() {
+    let mut room = Room::start(4);
+    let (term, leader) = room.wait_leader(1, T);
+    room.wait_height(2, T);
+    let zombie = room.peers[leader].take().expect("controller process");
+    zombie.signal(libc::SIGSTOP);
+    // The others notice after 1.5 x keepalive and elect a new controller, which keeps mining.
+    let (new_term, new_leader) = room.wait_leader(term + 1, T);
+    assert_ne!(new_leader, leader);
+    let h = room.min_height();
+    room.wait_height(h + 2, T);
+    zombie.signal(libc::SIGCONT);
+    room.peers[leader] = Some(zombie);
+    // The zombie reconnects, learns of the newer term and follows it.
+    wait_until(T, "the zombie to follow the new controller", || {
+        room.leader_seen_by(leader).is_some_and(|(t, _)| t >= new_term)
+    });
+    let h = room.min_height();
+    room.wait_height(h + 2, T);
+    room.check();
+    // Nothing the zombie said after waking was accepted: every block of a later term came from the
+    // new controller's term.
+    let chain = room.check();
+    assert!(chain.iter().filter(|b| b.term == term).count() >= 2);
+    assert!(chain.iter().any(|b| b.term >= new_term));
+}
+
+#[test]
+fn miners_leave_and_join_without_disturbing_the_room() {
+    let mut room = Room::start(4);
+    let (_, leader) = room.wait_leader(1, T);
+    room.wait_height(1, T);
+    let miner = (0..4).find(|&i| i != leader).unwrap();
+    room.kill(miner);
+    let h = room.min_height();
+    room.wait_height(h + 2, T);
+    // A late joiner adopts the controller and the chain, without an election, and mines.
+    let late = room.add_peer();
+    let h = room.min_height();
+    room.wait_height(h + 3, T);
+    let events = room.events_of(late);
+    assert!(!events.iter().any(|r| matches!(r.event, Event::VoteCast { .. })), "the late joiner did not vote");
+    assert!(events.iter().any(|r| matches!(r.event, Event::MiningStarted { .. })), "the late joiner mines");
+    for (i, terms) in room.terms() {
+        assert!(terms.iter().all(|&t| t == 1), "peer {i} saw another election: {terms:?}");
+    }
+    room.check();
+}
