@@ -13,7 +13,8 @@ use crate::support::*;
 pub struct Room {
     pub dir: tempfile::TempDir,
     pub port: u16,
-    pub broker: Option<Proc>,
+    /// Held so the broker lives as long as the room.
+    pub _broker: Proc,
     pub peers: Vec<Option<Proc>>,
     pub files: Vec<PathBuf>,
     pub size: usize,
@@ -23,13 +24,13 @@ impl Room {
     /// Starts a broker and `n` peers expecting a room of `n`.
     pub fn start(n: usize) -> Self {
         let port = free_port();
-        let broker = Some(start_broker(port));
+        let _broker = start_broker(port);
         let dir = tempfile::Builder::new()
             .prefix("hashvote-room")
             .disable_cleanup(std::env::var_os("KEEP_ROOMS").is_some())
             .tempdir()
             .unwrap();
-        let mut room = Room { dir, port, broker, peers: Vec::new(), files: Vec::new(), size: n };
+        let mut room = Room { dir, port, _broker, peers: Vec::new(), files: Vec::new(), size: n };
         for _ in 0..n {
             room.add_peer();
         }
