@@ -4,6 +4,7 @@
 //! The protocol core ([`node`], built on [`election`], [`chain`] and [`pow`]) is sans-IO;
 //! [`transport`] connects it to a broker and to the [`miner`]'s threads. See `docs/ARCHITECTURE.md`.
 
+pub mod bench;
 pub mod chain;
 pub mod cli;
 pub mod config;

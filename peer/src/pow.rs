@@ -4,10 +4,19 @@
 //! `prev || tx (u64 BE) || miner (u32 BE) || nonce (u64 BE)`: 40 bytes for SHA-1, 52 for SHA-256.
 //! Both fit one 64-byte block with its padding, so every candidate costs exactly one compression and
 //! the miner only rewrites the last 8 message bytes between candidates.
+//!
+//! [`Template::search`] runs on the fastest [`Kernel`] this CPU has: on x86-64 with the SHA
+//! extensions, several candidates interleaved with the nonce kept in registers (`kernel`);
+//! elsewhere, one candidate at a time through the sha1/sha2 crates' `compress`. Both return the
+//! same nonce for the same input.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use sha1::digest::generic_array::GenericArray;
+
+#[cfg(target_arch = "x86_64")]
+mod kernel;
 
 /// The hash function of a room's proof of work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -197,25 +206,207 @@ impl Template {
         }
     }
 
-    /// Searches nonces `start..start + count` for one meeting `difficulty`; returns the first.
+    /// Searches nonces `start..start + count` (saturating at `u64::MAX`, which is never tried)
+    /// for one meeting `difficulty`, on the fastest [`Kernel`] available.
+    ///
+    /// Returns the *first* qualifying nonce in increasing order, so the answer does not depend on
+    /// the kernel or the CPU.
     pub fn search(&self, difficulty: u32, start: u64, count: u64) -> Option<u64> {
-        let mut block = self.block;
+        self.search_with(Kernel::best(), difficulty, start, count)
+    }
+
+    /// [`search`](Self::search) on a chosen kernel. A kernel this CPU lacks
+    /// ([`Kernel::is_available`]) falls back to [`Kernel::Portable`].
+    pub fn search_with(&self, kernel: Kernel, difficulty: u32, start: u64, count: u64) -> Option<u64> {
         let end = start.saturating_add(count);
-        let at = self.nonce_at;
-        match self.alg {
-            HashAlg::Sha1 => (start..end).find(|&n| {
-                block[at..at + 8].copy_from_slice(&n.to_be_bytes());
-                let mut s = SHA1_IV;
-                sha1::compress(&mut s, &[block.into()]);
-                meets_words(&s, difficulty)
-            }),
-            HashAlg::Sha256 => (start..end).find(|&n| {
-                block[at..at + 8].copy_from_slice(&n.to_be_bytes());
-                let mut s = SHA256_IV;
-                sha2::compress256(&mut s, &[block.into()]);
-                meets_words(&s, difficulty)
-            }),
+        if difficulty == 0 {
+            return (start < end).then_some(start);
         }
+        // Segments in which the high 32 bits of the nonce are fixed: only one message word
+        // changes between candidates, and it never carries into the other.
+        let mut n = start;
+        while n < end {
+            let len = (end - n).min((1 << 32) - (n & 0xFFFF_FFFF));
+            if let Some(found) = self.search_segment(kernel, difficulty, n, len) {
+                return Some(found);
+            }
+            n += len;
+        }
+        None
+    }
+
+    /// Searches `start..start + len`, which must not cross a multiple of 2^32.
+    fn search_segment(&self, kernel: Kernel, difficulty: u32, start: u64, len: u64) -> Option<u64> {
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::ShaNi && kernel::available() {
+            return self.search_sha_ni(difficulty, start, len);
+        }
+        let _ = kernel; // only one kernel on this architecture
+        match self.alg {
+            HashAlg::Sha1 => self.search_portable(SHA1_IV, sha1::compress, difficulty, start, len),
+            HashAlg::Sha256 => self.search_portable(SHA256_IV, sha2::compress256, difficulty, start, len),
+        }
+    }
+
+    /// [`search_segment`](Self::search_segment) on the SHA extensions: the kernel finds the first
+    /// group of lanes that may hold a solution, the portable path picks the exact one.
+    #[cfg(target_arch = "x86_64")]
+    fn search_sha_ni(&self, difficulty: u32, start: u64, len: u64) -> Option<u64> {
+        let lanes = Kernel::ShaNi.lanes(self.alg) as u64;
+        let threshold = kernel::threshold(difficulty);
+        // The kernel wants groups starting at a multiple of the lanes; the few before go one by one.
+        let head = ((lanes - start % lanes) % lanes).min(len);
+        if let Some(found) = self.search_segment(Kernel::Portable, difficulty, start, head) {
+            return Some(found);
+        }
+        let mut done = head;
+        while len - done >= lanes {
+            let at = start + done;
+            let mut block = self.block;
+            block[self.nonce_at..self.nonce_at + 8].copy_from_slice(&at.to_be_bytes());
+            // At most 2^32 / lanes groups: the segment is at most 2^32 long.
+            let groups = u32::try_from((len - done) / lanes).unwrap_or(u32::MAX);
+            // SAFETY: search_segment only calls this after kernel::available() confirmed sha,
+            // sse2, ssse3 and sse4.1. (The groups start on a multiple of the lanes and stay inside
+            // the segment, so the low word does not wrap: needed for a right answer, not safety.)
+            let hit = unsafe {
+                match self.alg {
+                    HashAlg::Sha1 => kernel::sha1_scan(&block, groups, threshold),
+                    HashAlg::Sha256 => kernel::sha256_scan(&block, groups, threshold),
+                }
+            };
+            match hit {
+                Some(group) => {
+                    let first = at + u64::from(group) * lanes;
+                    if let Some(found) = self.search_segment(Kernel::Portable, difficulty, first, lanes) {
+                        return Some(found);
+                    }
+                    done += (u64::from(group) + 1) * lanes;
+                }
+                None => done += u64::from(groups) * lanes,
+            }
+        }
+        if done < len { self.search_segment(Kernel::Portable, difficulty, start + done, len - done) } else { None }
+    }
+
+    /// One candidate at a time through a crate's compression function. The changing low nonce
+    /// word is written together with the 12 bytes around it in one 16-byte store: the
+    /// compression reads the block 16 bytes at a time, and a narrower store could not be
+    /// forwarded to that read, making every candidate wait for the previous one.
+    fn search_portable<const W: usize>(
+        &self,
+        iv: [u32; W],
+        compress: impl Fn(&mut [u32; W], &[GenericArray<u8, sha1::digest::consts::U64>]),
+        difficulty: u32,
+        start: u64,
+        len: u64,
+    ) -> Option<u64> {
+        let mut block = self.block;
+        block[self.nonce_at..self.nonce_at + 8].copy_from_slice(&start.to_be_bytes());
+        let mut chunks = Chunks([[0; 16]; 4]);
+        for (chunk, bytes) in chunks.0.iter_mut().zip(block.chunks_exact(16)) {
+            chunk.copy_from_slice(bytes);
+        }
+        // The low nonce word: bytes 36..40 (SHA-1) or 48..52 (SHA-256), inside one 16-byte chunk.
+        let low_at = self.nonce_at + 4;
+        let (c, shift) = (low_at / 16, 8 * (low_at % 16));
+        let around = u128::from_le_bytes(chunks.0[c]) & !(0xFFFF_FFFF_u128 << shift);
+        let first = start as u32;
+        for i in 0..len {
+            // No wrap: the segment ends at or before the next multiple of 2^32.
+            let low = first.wrapping_add(i as u32);
+            chunks.store(c, around | u128::from(low.swap_bytes()) << shift);
+            let mut s = iv;
+            compress(&mut s, std::slice::from_ref(GenericArray::from_slice(chunks.0.as_flattened())));
+            if meets_words(&s, difficulty) {
+                return Some(start + i);
+            }
+        }
+        None
+    }
+}
+
+/// A message block as four 16-byte chunks, aligned so that each can be written with one vector
+/// store.
+#[repr(C, align(16))]
+struct Chunks([[u8; 16]; 4]);
+
+impl Chunks {
+    /// Writes `value`'s little-endian bytes to chunk `c` with a single 16-byte store (see
+    /// `search_portable`).
+    #[inline(always)]
+    fn store(&mut self, c: usize, value: u128) {
+        let dst = &mut self.0[c];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{__m128i, _mm_set_epi64x};
+            // SAFETY: `dst` is 16 writable bytes at a multiple of 16 from a 16-aligned struct, so
+            // aligned for `__m128i`; SSE2 is part of the x86-64 baseline. Volatile, because the
+            // compiler otherwise splits the store into two 8-byte ones, defeating its purpose.
+            unsafe {
+                let v = _mm_set_epi64x((value >> 64) as i64, value as i64);
+                std::ptr::write_volatile(dst.as_mut_ptr().cast::<__m128i>(), v);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            *dst = value.to_le_bytes();
+        }
+    }
+}
+
+/// An implementation of [`Template::search`]. All kernels return the same nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// One candidate at a time through the sha1/sha2 crates' `compress` (which use the SHA
+    /// extensions on their own when present). Runs everywhere.
+    Portable,
+    /// x86-64 SHA extensions (with SSSE3 and SSE4.1), several candidates interleaved.
+    ShaNi,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs; detected once.
+    pub fn best() -> Self {
+        if Self::ShaNi.is_available() { Self::ShaNi } else { Self::Portable }
+    }
+
+    /// True when this CPU can run the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::ShaNi => kernel::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Self::ShaNi => false,
+        }
+    }
+
+    /// Candidates the kernel hashes side by side for `alg`.
+    pub fn lanes(self, alg: HashAlg) -> usize {
+        match (self, alg) {
+            (Self::Portable, _) => 1,
+            #[cfg(target_arch = "x86_64")]
+            (Self::ShaNi, HashAlg::Sha1) => kernel::SHA1_LANES,
+            #[cfg(target_arch = "x86_64")]
+            (Self::ShaNi, HashAlg::Sha256) => kernel::SHA256_LANES,
+            #[cfg(not(target_arch = "x86_64"))]
+            (Self::ShaNi, _) => 1,
+        }
+    }
+
+    /// A short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::ShaNi => "sha-ni",
+        }
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -290,6 +481,148 @@ mod tests {
             assert!(d.leading_zeros() >= 12);
             // Bound to the miner: another id gets another hash.
             assert_ne!(proof(&prev, 5, 78, nonce), d);
+        }
+    }
+
+    /// The plain definition of a search, against which both kernels are checked.
+    fn first_by_definition(t: &Template, difficulty: u32, start: u64, count: u64) -> Option<u64> {
+        (start..start.saturating_add(count)).find(|&n| t.digest(n).leading_zeros() >= difficulty)
+    }
+
+    fn template(alg: HashAlg, prev: [u8; 32], tx: u64, miner: u32) -> Template {
+        let prev = match alg {
+            HashAlg::Sha1 => Digest::Sha1(prev[..20].try_into().unwrap()),
+            HashAlg::Sha256 => Digest::Sha256(prev),
+        };
+        Template::new(&prev, tx, miner)
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let kernels = vec![Kernel::Portable, Kernel::ShaNi];
+        if !Kernel::ShaNi.is_available() {
+            eprintln!("this CPU has no SHA extensions: Kernel::ShaNi runs the portable path");
+        }
+        kernels
+    }
+
+    #[test]
+    fn threshold_is_exact_up_to_64_bits() {
+        #[cfg(target_arch = "x86_64")]
+        for d in 1..=70u32 {
+            let t = kernel::threshold(d);
+            for k in [0u32, 1, 2, 31, 32, 33, 62, 63, 64] {
+                let top = if k == 64 { 0 } else { u64::MAX >> k };
+                assert_eq!(top < t, top.leading_zeros() >= d.min(64), "d={d} top={top:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn search_edges() {
+        for alg in [HashAlg::Sha1, HashAlg::Sha256] {
+            let t = Template::new(&Digest::zero(alg), 3, 4);
+            for kernel in kernels() {
+                assert_eq!(t.search_with(kernel, 0, 17, 5), Some(17), "difficulty 0 takes the first");
+                assert_eq!(t.search_with(kernel, 0, 17, 0), None, "empty range");
+                assert_eq!(t.search_with(kernel, 1, u64::MAX, 10), None, "u64::MAX is never tried");
+                // Fewer candidates than lanes, and ranges ending at the top of the nonce space.
+                for count in 0..10 {
+                    for start in [0, (1 << 32) - 3, u64::MAX - 6] {
+                        let want = first_by_definition(&t, 2, start, count);
+                        assert_eq!(t.search_with(kernel, 2, start, count), want, "{alg:?} {kernel} {start} {count}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sha_ni_lanes_match_the_crates_digest_at_the_low_word_wrap() {
+        if !kernel::available() {
+            return;
+        }
+        for alg in [HashAlg::Sha1, HashAlg::Sha256] {
+            let t = Template::new(&Digest::zero(alg), 9, 9);
+            for nonce in [0, 0xFFFF_FFFE, 0x1_FFFF_FFFF, u64::MAX - 1] {
+                check_lanes(&t, nonce);
+            }
+        }
+    }
+
+    /// Every lane of the SHA-NI kernel against the crates' ordinary `digest`. Lane `k` hashes the
+    /// nonce XOR `k` (the nonce plus `k` when the kernel is used: on a multiple of the lanes).
+    #[cfg(target_arch = "x86_64")]
+    fn check_lanes(t: &Template, nonce: u64) {
+        let mut block = t.block;
+        block[t.nonce_at..t.nonce_at + 8].copy_from_slice(&nonce.to_be_bytes());
+        // SAFETY: the callers checked kernel::available().
+        let states: Vec<Vec<u32>> = unsafe {
+            match t.alg {
+                HashAlg::Sha1 => kernel::sha1_states(&block).iter().map(|s| s.to_vec()).collect(),
+                HashAlg::Sha256 => kernel::sha256_states(&block).iter().map(|s| s.to_vec()).collect(),
+            }
+        };
+        for (k, state) in states.iter().enumerate() {
+            let lane_nonce = nonce ^ k as u64;
+            let bytes: Vec<u8> = state.iter().flat_map(|w| w.to_be_bytes()).collect();
+            assert_eq!(bytes, reference(t, lane_nonce), "{:?} nonce {nonce:#x} lane {k}", t.alg);
+        }
+    }
+
+    fn start_near_edges() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            any::<u64>(),
+            // The last few thousand nonces before a change of the high word.
+            (any::<u32>(), 0u64..5000).prop_map(|(hi, back)| ((u64::from(hi) + 1) << 32).wrapping_sub(back)),
+            (0u64..5000).prop_map(|back| u64::MAX - back),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[cfg(target_arch = "x86_64")]
+        #[test]
+        fn sha_ni_lanes_match_the_crates_digest(
+            prev in any::<[u8; 32]>(), tx in any::<u64>(), miner in any::<u32>(), nonce in any::<u64>(),
+        ) {
+            prop_assume!(kernel::available());
+            for alg in [HashAlg::Sha1, HashAlg::Sha256] {
+                check_lanes(&template(alg, prev, tx, miner), nonce);
+            }
+        }
+
+        #[test]
+        fn kernels_find_the_first_solution(
+            prev in any::<[u8; 32]>(), tx in any::<u64>(), miner in any::<u32>(),
+            difficulty in 8u32..=12, start in start_near_edges(), count in 0u64..3000,
+        ) {
+            for alg in [HashAlg::Sha1, HashAlg::Sha256] {
+                let t = template(alg, prev, tx, miner);
+                let want = first_by_definition(&t, difficulty, start, count);
+                for kernel in kernels() {
+                    let got = t.search_with(kernel, difficulty, start, count);
+                    prop_assert_eq!(got, want, "{:?} {}", alg, kernel);
+                }
+                if let Some(n) = want {
+                    prop_assert!(n >= start && n - start < count);
+                    prop_assert!(pow_ok(&t, n, difficulty));
+                }
+            }
+        }
+    }
+
+    fn pow_ok(t: &Template, nonce: u64, difficulty: u32) -> bool {
+        Digest::from_reference(t.alg, &reference(t, nonce)).leading_zeros() >= difficulty
+    }
+
+    impl Digest {
+        fn from_reference(alg: HashAlg, bytes: &[u8]) -> Self {
+            match alg {
+                HashAlg::Sha1 => Digest::Sha1(bytes.try_into().unwrap()),
+                HashAlg::Sha256 => Digest::Sha256(bytes.try_into().unwrap()),
+            }
         }
     }
 
