@@ -95,14 +95,14 @@ impl Tally {
                 self.challenges.entry(tx).or_insert(r.ts_ms);
                 say(format!("challenge {tx}: find {difficulty} leading zero bits (term {term})"));
             }
-            Event::SolutionFound { hashes, elapsed_ms, .. } => {
-                state.hashes += hashes;
-                state.mining_ms += elapsed_ms;
+            Event::MiningStopped { total_hashes, total_mining_ms, .. } => {
+                state.hashes = total_hashes;
+                state.mining_ms = total_mining_ms;
             }
-            Event::BlockAccepted { tx, winner, difficulty, nonce, .. } => {
+            Event::BlockAccepted { tx, winner, difficulty, nonce, solve_ms, .. } => {
                 state.height = state.height.max(tx + 1);
                 if !self.blocks.contains_key(&tx) {
-                    let solve_ms = self.challenges.get(&tx).map(|&at| r.ts_ms.saturating_sub(at));
+                    let solve_ms = Some(solve_ms);
                     self.blocks.insert(tx, BlockInfo { winner, difficulty, solve_ms });
                     if let Some(i) = self.index_of(winner) {
                         self.peers[i].wins += 1;
@@ -169,8 +169,21 @@ impl Tally {
             let _ = writeln!(s, "  solve time: min {min} ms, mean {mean:.0} ms, max {max} ms");
         }
         let _ = writeln!(s, "  late solutions (found after the block was decided): {}", self.late_solutions);
-        let difficulties: BTreeSet<u8> = self.blocks.values().map(|b| b.difficulty).collect();
-        let _ = write!(s, "  difficulty: {difficulties:?}");
+        let difficulties: Vec<u8> = self.blocks.values().map(|b| b.difficulty).collect();
+        let (lo, hi) = (difficulties.iter().min(), difficulties.iter().max());
+        if let (Some(lo), Some(hi), Some(last)) = (lo, hi, difficulties.last()) {
+            let _ = writeln!(s, "  difficulty: {lo}..={hi} bits, last {last}");
+        }
+        let _ = writeln!(s, "  hash rate (per peer, while mining):");
+        let mut total = 0.0;
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.mining_ms > 0 {
+                let mhs = p.hashes as f64 / p.mining_ms as f64 / 1000.0;
+                total += mhs;
+                let _ = writeln!(s, "    peer #{i}: {mhs:.1} MH/s");
+            }
+        }
+        let _ = write!(s, "  room total: {total:.1} MH/s");
         s
     }
 }

@@ -21,6 +21,14 @@ pub enum ChainError {
     /// The block's hash is not the proof of work of its fields.
     #[error("block {0} carries a hash that is not its proof of work")]
     Proof(TxId),
+    /// The block's difficulty is not what its pace allows on top of the chain.
+    #[error("block {tx} has difficulty {difficulty}, which its pace does not allow here")]
+    Difficulty {
+        /// The block.
+        tx: TxId,
+        /// Its difficulty.
+        difficulty: u8,
+    },
     /// The proof of work has fewer leading zero bits than the block's difficulty.
     #[error("block {tx} has {zeros} leading zero bits, needs {difficulty}")]
     Work {
@@ -83,6 +91,9 @@ impl Chain {
         if block.prev != self.tip_hash(block.alg) {
             return Err(ChainError::Link(block.tx));
         }
+        if !block.pace.allows(&self.blocks, block.difficulty) {
+            return Err(ChainError::Difficulty { tx: block.tx, difficulty: block.difficulty });
+        }
         verify_work(block)
     }
 
@@ -124,7 +135,9 @@ pub(crate) mod tests {
         let tx = chain.height();
         let t = Template::new(&prev, tx, miner);
         let nonce = t.search(u32::from(difficulty), 0, u64::MAX).expect("found");
-        Block { tx, term: 1, alg, difficulty, prev, miner, nonce, hash: t.digest(nonce) }
+        let pace = crate::pace::Pace::Fixed(difficulty);
+        let hash = t.digest(nonce);
+        Block { tx, term: 1, alg, difficulty, pace, issued_ms: 0, solved_ms: 1, prev, miner, nonce, hash }
     }
 
     #[test]
@@ -143,7 +156,11 @@ pub(crate) mod tests {
         assert_eq!(chain.check(&stolen), Err(ChainError::Proof(1)));
         let mut inflated = b1;
         inflated.difficulty = (b1.hash.leading_zeros() + 1) as u8;
+        inflated.pace = crate::pace::Pace::Fixed(inflated.difficulty);
         assert!(matches!(chain.check(&inflated), Err(ChainError::Work { .. })));
+        let mut off_pace = b1;
+        off_pace.difficulty = 7;
+        assert!(matches!(chain.check(&off_pace), Err(ChainError::Difficulty { .. })));
 
         chain.append(b1).unwrap();
         assert_eq!(chain.height(), 2);

@@ -41,6 +41,13 @@ pub struct Args {
     /// Leading zero bits of challenges issued as controller.
     #[arg(long, env = "HASHVOTE_DIFFICULTY")]
     pub difficulty: Option<u8>,
+    /// Retarget the difficulty towards a block every MS milliseconds (0: off).
+    #[arg(long, env = "HASHVOTE_TARGET_BLOCK_MS", value_name = "MS")]
+    pub target_block_ms: Option<u64>,
+    /// Difficulty bounds LO-HI: a random difficulty per challenge (the lab's 10-20), or the
+    /// retarget bounds with --target-block-ms.
+    #[arg(long, env = "HASHVOTE_DIFFICULTY_RANGE", value_name = "LO-HI", value_parser = parse_range)]
+    pub difficulty_range: Option<[u8; 2]>,
     /// Proof-of-work hash: sha1 or sha256.
     #[arg(long, env = "HASHVOTE_HASH")]
     pub hash: Option<HashAlg>,
@@ -77,8 +84,11 @@ impl Args {
             ($($field:ident => $key:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$key = v; } )* };
         }
         set!(host => host, port => port, room_size => room_size, min_peers => min_peers, threads => threads,
-             difficulty => difficulty, hash => hash, prefix => prefix, keepalive => keepalive_s,
+             difficulty => difficulty, hash => hash, target_block_ms => target_block_ms, prefix => prefix, keepalive => keepalive_s,
              connect_timeout => connect_timeout_s);
+        if let Some(range) = self.difficulty_range {
+            c.difficulty_range = Some(range);
+        }
         if let Some(id) = self.id {
             c.id = Some(id);
         }
@@ -91,6 +101,12 @@ impl Args {
         c.validate()?;
         Ok(c)
     }
+}
+
+fn parse_range(s: &str) -> Result<[u8; 2], String> {
+    let (lo, hi) = s.split_once('-').ok_or_else(|| format!("'{s}' is not LO-HI, e.g. 10-20"))?;
+    let num = |x: &str| x.trim().parse::<u8>().map_err(|e| format!("'{x}': {e}"));
+    Ok([num(lo)?, num(hi)?])
 }
 
 /// Runs a peer from parsed arguments; the whole of `main`.

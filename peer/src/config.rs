@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::pace::Pace;
 use crate::pow::HashAlg;
 use crate::protocol::{MAX_DIFFICULTY, PeerId};
 
@@ -25,6 +26,11 @@ pub struct PeerConfig {
     pub threads: usize,
     /// Leading zero bits of challenges issued as controller.
     pub difficulty: u8,
+    /// Retarget towards a block every this many ms (0: off).
+    pub target_block_ms: u64,
+    /// Bounds of the difficulty (random range, or retarget bounds).
+    #[serde(default)]
+    pub difficulty_range: Option<[u8; 2]>,
     /// Proof-of-work hash of a chain started as controller.
     pub hash: HashAlg,
     /// Topic prefix.
@@ -126,6 +132,17 @@ impl PeerConfig {
                 format!("{} is more than the {max} bits of {}", self.difficulty, self.hash.name()),
             );
         }
+        if let Some([lo, hi]) = self.difficulty_range
+            && (lo > hi || hi > max)
+        {
+            return bad("difficulty_range", format!("[{lo}, {hi}] must be ordered and at most {max}"));
+        }
+        if self.target_block_ms > u64::from(u32::MAX) {
+            return bad("target_block_ms", format!("{} is too large", self.target_block_ms));
+        }
+        if !self.pace().is_valid(max) {
+            return bad("difficulty", format!("{} is outside difficulty_range", self.difficulty));
+        }
         if self.prefix.is_empty() || self.prefix.contains(['#', '+']) || self.prefix.ends_with('/') {
             return bad("prefix", format!("'{}' must be a non-empty topic level without wildcards", self.prefix));
         }
@@ -142,6 +159,19 @@ impl PeerConfig {
             return bad("password", "given without a username".into());
         }
         Ok(())
+    }
+
+    /// The difficulty policy these settings describe.
+    pub fn pace(&self) -> Pace {
+        let max = MAX_DIFFICULTY.min(self.hash.bits() as u8);
+        match (self.target_block_ms, self.difficulty_range) {
+            (0, None) => Pace::Fixed(self.difficulty),
+            (0, Some([lo, hi])) => Pace::Range { lo, hi },
+            (target, range) => {
+                let [lo, hi] = range.unwrap_or([1, max.min(48)]);
+                Pace::Retarget { target_ms: target as u32, start: self.difficulty, lo, hi }
+            }
+        }
     }
 
     /// Mining threads to start: the setting, or one per available core.

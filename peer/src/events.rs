@@ -116,10 +116,22 @@ pub enum Event {
         difficulty: u8,
         /// Nonce (the solution).
         nonce: u64,
+        /// Controller-measured time from challenge to accepted solution, in ms.
+        #[serde(default)]
+        solve_ms: u64,
         /// Block hash (hex).
         hash: String,
         /// Previous block hash (hex).
         prev: String,
+    },
+    /// The miner stopped or replaced a job; cumulative totals, for hash rates.
+    MiningStopped {
+        /// The transaction that was mined.
+        tx: TxId,
+        /// Candidates tried by this peer since it started.
+        total_hashes: u64,
+        /// Milliseconds this peer spent mining since it started.
+        total_mining_ms: u64,
     },
     /// Blocks caught up from another peer's chain.
     Synced {
@@ -216,6 +228,10 @@ pub fn describe(event: &Event) -> String {
             format!("found tx {tx}: nonce {nonce} after {hashes} hashes in {elapsed_ms} ms")
         }
         Event::SolutionRejected { tx, miner, reason } => format!("rejected {miner}'s solution for tx {tx}: {reason}"),
+        Event::MiningStopped { tx, total_hashes, total_mining_ms } => {
+            let rate = *total_hashes as f64 / (*total_mining_ms).max(1) as f64 / 1000.0;
+            format!("stopped mining tx {tx}; {rate:.1} MH/s so far")
+        }
         Event::BlockAccepted { tx, winner, difficulty, nonce, hash, .. } => {
             format!(
                 "block {tx}: winner {winner}, solution {nonce}, {difficulty} bits, hash {}",

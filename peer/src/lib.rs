@@ -12,6 +12,7 @@ pub mod election;
 pub mod events;
 pub mod miner;
 pub mod node;
+pub mod pace;
 pub mod pow;
 pub mod protocol;
 pub mod transport;

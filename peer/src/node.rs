@@ -14,6 +14,7 @@ use crate::chain::{Chain, ChainError};
 use crate::election::{Election, Step};
 use crate::events::Event;
 use crate::miner::{Found, Job};
+use crate::pace::Pace;
 use crate::pow::{self, HashAlg, Template};
 use crate::protocol::{
     Block, Challenge, Envelope, MAX_SYNC_BLOCKS, Message, Outcome, PeerId, RejectReason, Term, TxId, View,
@@ -28,8 +29,8 @@ pub struct NodeConfig {
     pub room_size: usize,
     /// Fewest members for which a lost controller is replaced.
     pub min_peers: usize,
-    /// Difficulty of the challenges this peer issues as controller.
-    pub difficulty: u8,
+    /// Difficulty policy of the challenges this peer issues as controller.
+    pub pace: Pace,
     /// Hash function of the chain this peer starts as controller.
     pub alg: HashAlg,
     /// Seed of the vote generator (`None`: from the OS).
@@ -77,6 +78,8 @@ pub struct Node {
     /// Chain heights other peers announced, to catch up from the longest.
     heights: BTreeMap<PeerId, u64>,
     rng: StdRng,
+    /// The owner's clock (Unix ms) at the current input.
+    now_ms: u64,
     out: Vec<Action>,
 }
 
@@ -97,6 +100,7 @@ impl Node {
             syncing: None,
             heights: BTreeMap::new(),
             rng,
+            now_ms: 0,
             out: Vec::new(),
         }
     }
@@ -126,8 +130,9 @@ impl Node {
         View { term: self.election.term(), leader: self.election.leader(), height: self.chain.height() }
     }
 
-    /// Feeds one input and returns what to do.
-    pub fn handle(&mut self, input: Input) -> Vec<Action> {
+    /// Feeds one input, which happened at `now_ms` (Unix ms), and returns what to do.
+    pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Action> {
+        self.now_ms = now_ms;
         match input {
             Input::Connected => self.connected(),
             Input::Message(env) => self.message(env),
@@ -306,12 +311,20 @@ impl Node {
         let tx = self.chain.height();
         let prev = self.chain.tip_hash(self.cfg.alg);
         let alg = self.chain.alg(self.cfg.alg);
-        let difficulty = match self.open {
-            Some(c) if c.tx == tx && c.prev == prev => c.difficulty,
-            _ => self.cfg.difficulty,
-        };
         let term = self.election.term();
-        let c = Challenge { term, tx, alg, difficulty, prev };
+        let c = match self.open {
+            // Re-issue the undecided challenge unchanged but for the term: miners keep their job.
+            Some(c) if c.tx == tx && c.prev == prev => Challenge { term, ..c },
+            _ => {
+                let pace = self.cfg.pace;
+                let difficulty = pace.next(self.chain.blocks()).unwrap_or_else(|| {
+                    let (lo, hi) = pace.bounds();
+                    self.rng.random_range(lo..=hi)
+                });
+                Challenge { term, tx, alg, difficulty, pace, issued_ms: self.now_ms, prev }
+            }
+        };
+        let difficulty = c.difficulty;
         self.open = Some(c);
         self.emit(Event::ChallengeIssued { term, tx, difficulty });
         self.publish(Message::Challenge(c));
@@ -356,6 +369,12 @@ impl Node {
 
     /// Starts mining `c`, unless it is the job already running (a re-issued challenge).
     fn follow(&mut self, c: Challenge) {
+        if !c.pace.allows(self.chain.blocks(), c.difficulty) {
+            let detail =
+                format!("challenge {} asks for {} bits, which {:?} does not allow", c.tx, c.difficulty, c.pace);
+            self.drop_msg("bad_difficulty", detail);
+            return;
+        }
         let same_job = self.open.is_some_and(|o| (o.tx, o.prev, o.difficulty) == (c.tx, c.prev, c.difficulty));
         self.open = Some(c);
         if same_job {
@@ -397,8 +416,9 @@ impl Node {
             (Some(c), None) if c.tx == tx => {
                 let hash = pow::proof(&c.prev, tx, miner, nonce);
                 if hash.leading_zeros() >= u32::from(c.difficulty) {
-                    let (alg, difficulty, prev) = (c.alg, c.difficulty, c.prev);
-                    Ok(Block { tx, term, alg, difficulty, prev, miner, nonce, hash })
+                    let (alg, difficulty, prev, pace, issued_ms) = (c.alg, c.difficulty, c.prev, c.pace, c.issued_ms);
+                    let solved_ms = self.now_ms.max(issued_ms);
+                    Ok(Block { tx, term, alg, difficulty, pace, issued_ms, solved_ms, prev, miner, nonce, hash })
                 } else {
                     Err(RejectReason::InsufficientWork)
                 }
@@ -451,6 +471,7 @@ impl Node {
             winner: block.miner,
             difficulty: block.difficulty,
             nonce: block.nonce,
+            solve_ms: block.solved_ms.saturating_sub(block.issued_ms),
             hash: block.hash.to_hex(),
             prev: block.prev.to_hex(),
         });

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::pace::Pace;
 use crate::pow::{Digest, HashAlg};
 
 /// The protocol version this build speaks; envelopes with another version are rejected.
@@ -117,6 +118,12 @@ pub struct Block {
     pub alg: HashAlg,
     /// Leading zero bits the block's hash must have.
     pub difficulty: u8,
+    /// The difficulty policy the controller followed (see [`Pace`]).
+    pub pace: Pace,
+    /// Controller's clock (Unix ms) when the challenge was issued.
+    pub issued_ms: u64,
+    /// Controller's clock (Unix ms) when the solution was accepted.
+    pub solved_ms: u64,
     /// Hash of the previous block (all zeros for block 0).
     pub prev: Digest,
     /// Winning miner; part of the proof so a solution cannot be claimed by another peer.
@@ -221,6 +228,10 @@ pub struct Challenge {
     pub alg: HashAlg,
     /// Leading zero bits required.
     pub difficulty: u8,
+    /// The difficulty policy, so every miner can check `difficulty`.
+    pub pace: Pace,
+    /// Controller's clock (Unix ms) when the challenge was issued.
+    pub issued_ms: u64,
     /// Hash of the chain tip the block must link to.
     pub prev: Digest,
 }
@@ -369,7 +380,8 @@ fn validate(envelope: &Envelope) -> Result<(), DecodeError> {
         return Err(Invalid("sender id 0"));
     }
     let check_block = |b: &Block| -> Result<(), DecodeError> {
-        if b.difficulty > MAX_DIFFICULTY || u32::from(b.difficulty) > b.alg.bits() {
+        let max = MAX_DIFFICULTY.min(b.alg.bits() as u8);
+        if b.difficulty > max || !b.pace.is_valid(max) {
             return Err(Invalid("block difficulty"));
         }
         if b.miner == 0 {
@@ -387,7 +399,8 @@ fn validate(envelope: &Envelope) -> Result<(), DecodeError> {
         if c.term == 0 {
             return Err(Invalid("challenge term 0"));
         }
-        if c.difficulty > MAX_DIFFICULTY || u32::from(c.difficulty) > c.alg.bits() {
+        let max = MAX_DIFFICULTY.min(c.alg.bits() as u8);
+        if c.difficulty > max || !c.pace.is_valid(max) {
             return Err(Invalid("challenge difficulty"));
         }
         if c.prev.alg() != c.alg {
@@ -458,8 +471,21 @@ mod tests {
     fn samples() -> Vec<Envelope> {
         let alg = HashAlg::Sha1;
         let prev = Digest::zero(alg);
-        let block = Block { tx: 3, term: 2, alg, difficulty: 9, prev, miner: 7, nonce: 99, hash: prev };
-        let challenge = Challenge { term: 2, tx: 4, alg, difficulty: 9, prev };
+        let pace = Pace::Fixed(9);
+        let block = Block {
+            tx: 3,
+            term: 2,
+            alg,
+            difficulty: 9,
+            pace,
+            issued_ms: 5,
+            solved_ms: 9,
+            prev,
+            miner: 7,
+            nonce: 99,
+            hash: prev,
+        };
+        let challenge = Challenge { term: 2, tx: 4, alg, difficulty: 9, pace, issued_ms: 10, prev };
         [
             Message::Hello { want_reply: true, view: View { term: 2, leader: Some(5), height: 4 } },
             Message::Leave,
@@ -507,10 +533,19 @@ mod tests {
         let zero_sender = Envelope::new(0, Message::Leave);
         assert_eq!(decode(&encode(&zero_sender), Channel::Init, LIMIT).unwrap_err().reason(), "invalid_field");
         let alg = HashAlg::Sha1;
-        let hard = Challenge { term: 1, tx: 0, alg, difficulty: 161, prev: Digest::zero(alg) };
+        let pace = Pace::Fixed(1);
+        let hard = Challenge { term: 1, tx: 0, alg, difficulty: 161, pace, issued_ms: 0, prev: Digest::zero(alg) };
         let env = Envelope::new(1, Message::Challenge(hard));
         assert_eq!(decode(&encode(&env), Channel::Challenge, LIMIT).unwrap_err().reason(), "invalid_field");
-        let mixed = Challenge { term: 1, tx: 0, alg: HashAlg::Sha256, difficulty: 1, prev: Digest::zero(alg) };
+        let mixed = Challenge {
+            term: 1,
+            tx: 0,
+            alg: HashAlg::Sha256,
+            difficulty: 1,
+            pace,
+            issued_ms: 0,
+            prev: Digest::zero(alg),
+        };
         let env = Envelope::new(1, Message::Challenge(mixed));
         assert_eq!(decode(&encode(&env), Channel::Challenge, LIMIT).unwrap_err().reason(), "invalid_field");
     }

@@ -93,11 +93,12 @@ pub async fn run(
         id,
         room_size: cfg.room_size,
         min_peers: cfg.min_peers,
-        difficulty: cfg.difficulty,
+        pace: cfg.pace(),
         alg: cfg.hash,
         seed: None,
     });
     let mut drops = DropLog::default();
+    let mut mining = MiningClock::default();
     let mut connected_once = false;
 
     let result = loop {
@@ -139,11 +140,21 @@ pub async fn run(
                 }
             },
         };
-        for action in node.handle(input) {
+        for action in node.handle(crate::events::now_ms(), input) {
             match action {
                 Action::Publish(msg) => publish(&client, &topics, id, msg).await,
-                Action::Mine(job) => miner.start(job),
-                Action::StopMining => miner.stop(),
+                Action::Mine(job) => {
+                    miner.start(job);
+                    if let Some(e) = mining.switch(Some(job.tx), miner.hashes()) {
+                        events.emit(e);
+                    }
+                }
+                Action::StopMining => {
+                    miner.stop();
+                    if let Some(e) = mining.switch(None, miner.hashes()) {
+                        events.emit(e);
+                    }
+                }
                 Action::Emit(event) => {
                     log_event(&event);
                     events.emit(event);
@@ -233,6 +244,25 @@ async fn poll_network(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// Time spent mining, for the hash-rate totals of [`Event::MiningStopped`].
+#[derive(Default)]
+struct MiningClock {
+    current: Option<(u64, Instant)>,
+    total: Duration,
+}
+
+impl MiningClock {
+    /// Records that mining now works on `tx` (or nothing); returns the event for the job that ended.
+    fn switch(&mut self, tx: Option<u64>, total_hashes: u64) -> Option<Event> {
+        let ended = self.current.take().map(|(done, since)| {
+            self.total += since.elapsed();
+            Event::MiningStopped { tx: done, total_hashes, total_mining_ms: self.total.as_millis() as u64 }
+        });
+        self.current = tx.map(|t| (t, Instant::now()));
+        ended
     }
 }
 

@@ -23,12 +23,19 @@ struct Sim {
     peers: BTreeMap<PeerId, SimPeer>,
     log: Vec<Envelope>,
     rng: StdRng,
-    difficulty: u8,
+    pace: Pace,
+    /// Simulated Unix ms; advances a little with every step.
+    clock: u64,
 }
 
 impl Sim {
     fn new(seed: u64, difficulty: u8) -> Self {
-        Self { peers: BTreeMap::new(), log: Vec::new(), rng: StdRng::seed_from_u64(seed), difficulty }
+        Self::with_pace(seed, Pace::Fixed(difficulty))
+    }
+
+    fn with_pace(seed: u64, pace: Pace) -> Self {
+        let rng = StdRng::seed_from_u64(seed);
+        Self { peers: BTreeMap::new(), log: Vec::new(), rng, pace, clock: 1_000_000 }
     }
 
     fn add(&mut self, id: PeerId, room_size: usize) {
@@ -36,7 +43,7 @@ impl Sim {
             id,
             room_size,
             min_peers: 2,
-            difficulty: self.difficulty,
+            pace: self.pace,
             alg: HashAlg::Sha1,
             seed: Some(self.rng.random()),
         };
@@ -53,7 +60,7 @@ impl Sim {
 
     fn feed(&mut self, id: PeerId, input: Input) {
         let Some(peer) = self.peers.get_mut(&id) else { return };
-        for action in peer.node.handle(input) {
+        for action in peer.node.handle(self.clock, input) {
             match action {
                 Action::Publish(msg) => self.log.push(Envelope::new(id, msg)),
                 Action::Mine(job) => peer.job = Some(job),
@@ -65,6 +72,7 @@ impl Sim {
 
     /// One random step: a delivery, or (sometimes) a miner finding its solution.
     fn step(&mut self) -> bool {
+        self.clock += self.rng.random_range(0..3);
         let ready: Vec<PeerId> = self
             .peers
             .iter()
@@ -196,9 +204,9 @@ fn solutions_are_judged_once_and_forgeries_are_rejected() {
     let block0 = node.chain().blocks()[0];
     let bad = Template::new(&open.prev, open.tx, miner);
     let wrong = (0..).find(|&n| bad.digest(n).leading_zeros() < u32::from(open.difficulty)).unwrap();
-    let mut out = node.handle(Input::Message(Envelope::new(miner, Message::Solution { tx: open.tx, nonce: wrong })));
-    out.extend(node.handle(Input::Message(Envelope::new(miner, Message::Solution { tx: 0, nonce: block0.nonce }))));
-    out.extend(node.handle(Input::Message(Envelope::new(miner, Message::Solution { tx: 77, nonce: 1 }))));
+    let mut out = node.handle(0, Input::Message(Envelope::new(miner, Message::Solution { tx: open.tx, nonce: wrong })));
+    out.extend(node.handle(0, Input::Message(Envelope::new(miner, Message::Solution { tx: 0, nonce: block0.nonce }))));
+    out.extend(node.handle(0, Input::Message(Envelope::new(miner, Message::Solution { tx: 77, nonce: 1 }))));
     let reasons: Vec<RejectReason> = out
         .iter()
         .filter_map(|a| match a {
@@ -229,14 +237,30 @@ fn challenges_and_results_from_anyone_but_the_controller_are_ignored() {
     let node = &mut sim.peers.get_mut(&victim).unwrap().node;
     let prev = node.chain().tip_hash(HashAlg::Sha1);
     let tx = node.chain().height();
-    let forged = Challenge { term, tx, alg: HashAlg::Sha1, difficulty: 1, prev };
-    let out = node.handle(Input::Message(Envelope::new(other, Message::Challenge(forged))));
+    let forged = Challenge { term, tx, alg: HashAlg::Sha1, difficulty: 1, pace: Pace::Fixed(1), issued_ms: 0, prev };
+    let out = node.handle(0, Input::Message(Envelope::new(other, Message::Challenge(forged))));
     assert!(
         out.iter()
             .any(|a| matches!(a, Action::Emit(Event::MessageDropped { reason, .. }) if reason == "not_controller"))
     );
     assert!(!out.iter().any(|a| matches!(a, Action::Mine(_))));
     assert_eq!(node.election().leader(), Some(leader));
+}
+
+#[test]
+fn retargeting_controllers_set_difficulties_every_peer_verifies() {
+    // Blocks come every few simulated ms; a 1 s target pushes the difficulty up a bit per block.
+    let pace = Pace::Retarget { target_ms: 1000, start: 3, lo: 2, hi: 7 };
+    let mut sim = Sim::with_pace(6, pace);
+    for id in 1..=4 {
+        sim.add(id, 4);
+    }
+    sim.run_until(200_000, |s| s.min_height() >= 8);
+    sim.assert_one_chain();
+    let chain = sim.peers[&1].node.chain().blocks().to_vec();
+    let difficulties: Vec<u8> = chain.iter().map(|b| b.difficulty).collect();
+    assert_eq!(&difficulties[..5], &[3, 4, 5, 6, 7], "one bit per block up to the bound");
+    assert!(difficulties[5..].iter().all(|&d| d == 7));
 }
 
 proptest! {
@@ -253,7 +277,9 @@ proptest! {
         sim.run_until(200_000, |s| s.min_height() >= kill_after);
         let (_, leader) = sim.leaders().into_iter().next().unwrap();
         sim.kill(leader.unwrap());
-        sim.run_until(200_000, |s| s.min_height() >= kill_after + 3);
+        // Blocks beyond what the dead controller may already have published need the new one.
+        let published = sim.peers.values().map(|p| p.node.chain().height()).max().unwrap_or(0) + 1;
+        sim.run_until(200_000, |s| s.min_height() >= published + 2);
         prop_assert_eq!(sim.leaders().len(), 1);
         sim.assert_one_chain();
     }

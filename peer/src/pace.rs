@@ -1,0 +1,146 @@
+//! The pace of the chain: how a controller sets each challenge's difficulty, by a rule that
+//! every peer can recompute from the chain it holds.
+//!
+//! Three policies: a fixed difficulty; the lab's random range (any difficulty within bounds); and
+//! retargeting, which (like Bitcoin's) moves the difficulty towards a target block interval using
+//! the solve times recorded in the last blocks, by at most one bit (a factor of two) per block.
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::Block;
+
+/// Blocks whose solve times the retarget rule averages.
+pub const WINDOW: usize = 4;
+
+/// A difficulty policy, carried by every challenge and block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pace {
+    /// Always this difficulty.
+    Fixed(u8),
+    /// Any difficulty in `lo..=hi`, picked at random by the controller (the lab's way).
+    Range {
+        /// Lowest difficulty.
+        lo: u8,
+        /// Highest difficulty.
+        hi: u8,
+    },
+    /// Move towards blocks every `target_ms`, starting at `start`, staying within `lo..=hi`.
+    Retarget {
+        /// Target block interval in milliseconds.
+        target_ms: u32,
+        /// Difficulty of the first block.
+        start: u8,
+        /// Lowest difficulty.
+        lo: u8,
+        /// Highest difficulty.
+        hi: u8,
+    },
+}
+
+impl Pace {
+    /// The bounds any difficulty of this policy lies in.
+    pub fn bounds(&self) -> (u8, u8) {
+        match *self {
+            Self::Fixed(d) => (d, d),
+            Self::Range { lo, hi } | Self::Retarget { lo, hi, .. } => (lo, hi),
+        }
+    }
+
+    /// True when the policy is well formed (bounds ordered and at most `max`).
+    pub fn is_valid(&self, max: u8) -> bool {
+        let (lo, hi) = self.bounds();
+        let start_ok = match *self {
+            Self::Retarget { start, target_ms, .. } => (lo..=hi).contains(&start) && target_ms > 0,
+            _ => true,
+        };
+        lo <= hi && hi <= max && start_ok
+    }
+
+    /// The difficulty the next block on top of `chain` must have, or `None` when the policy
+    /// leaves the choice to the controller (a range).
+    pub fn next(&self, chain: &[Block]) -> Option<u8> {
+        match *self {
+            Self::Fixed(d) => Some(d),
+            Self::Range { .. } => None,
+            Self::Retarget { target_ms, start, lo, hi } => {
+                let Some(last) = chain.last() else { return Some(start) };
+                let recent = &chain[chain.len().saturating_sub(WINDOW)..];
+                let total: u64 = recent.iter().map(|b| b.solved_ms.saturating_sub(b.issued_ms).max(1)).sum();
+                let mean = total as f64 / recent.len() as f64;
+                // One bit doubles the expected work: step by the rounded log2 of the ratio, capped
+                // at one bit per block so the difficulty moves smoothly.
+                let step = (f64::from(target_ms) / mean).log2().round().clamp(-1.0, 1.0) as i16;
+                Some((i16::from(last.difficulty) + step).clamp(i16::from(lo), i16::from(hi)) as u8)
+            }
+        }
+    }
+
+    /// Checks that `difficulty` is what this policy allows on top of `chain`.
+    pub fn allows(&self, chain: &[Block], difficulty: u8) -> bool {
+        let (lo, hi) = self.bounds();
+        match self.next(chain) {
+            Some(d) => d == difficulty,
+            None => (lo..=hi).contains(&difficulty),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pow::{Digest, HashAlg};
+
+    fn block(tx: u64, difficulty: u8, solve_ms: u64) -> Block {
+        let zero = Digest::zero(HashAlg::Sha1);
+        Block {
+            tx,
+            term: 1,
+            alg: HashAlg::Sha1,
+            difficulty,
+            pace: Pace::Fixed(difficulty),
+            issued_ms: 1000 * tx,
+            solved_ms: 1000 * tx + solve_ms,
+            prev: zero,
+            miner: 1,
+            nonce: 0,
+            hash: zero,
+        }
+    }
+
+    #[test]
+    fn fixed_and_range_policies() {
+        assert_eq!(Pace::Fixed(12).next(&[]), Some(12));
+        assert!(Pace::Fixed(12).allows(&[], 12) && !Pace::Fixed(12).allows(&[], 13));
+        let range = Pace::Range { lo: 10, hi: 20 };
+        assert_eq!(range.next(&[]), None);
+        assert!(range.allows(&[], 10) && range.allows(&[], 20) && !range.allows(&[], 21) && !range.allows(&[], 9));
+    }
+
+    #[test]
+    fn retarget_moves_one_bit_at_most_towards_the_target_and_stays_in_bounds() {
+        let pace = Pace::Retarget { target_ms: 1000, start: 20, lo: 8, hi: 22 };
+        assert_eq!(pace.next(&[]), Some(20));
+        // Far too fast: one bit up, not more.
+        assert_eq!(pace.next(&[block(0, 20, 10)]), Some(21));
+        // Far too slow: one bit down.
+        assert_eq!(pace.next(&[block(0, 20, 60_000)]), Some(19));
+        // On target (within a factor of sqrt 2): unchanged.
+        assert_eq!(pace.next(&[block(0, 20, 1200), block(1, 20, 800)]), Some(20));
+        // Bounds hold.
+        assert_eq!(pace.next(&[block(0, 22, 1)]), Some(22));
+        assert_eq!(pace.next(&[block(0, 8, 100_000)]), Some(8));
+        // Only the last WINDOW blocks count.
+        let mut chain: Vec<Block> = (0..10).map(|i| block(i, 20, 100_000)).collect();
+        chain.extend((10..10 + WINDOW as u64).map(|i| block(i, 20, 1000)));
+        assert_eq!(pace.next(&chain), Some(20));
+    }
+
+    #[test]
+    fn validity() {
+        assert!(Pace::Range { lo: 10, hi: 20 }.is_valid(160));
+        assert!(!Pace::Range { lo: 21, hi: 20 }.is_valid(160));
+        assert!(!Pace::Fixed(200).is_valid(160));
+        assert!(!Pace::Retarget { target_ms: 0, start: 10, lo: 1, hi: 20 }.is_valid(160));
+        assert!(!Pace::Retarget { target_ms: 5, start: 30, lo: 1, hi: 20 }.is_valid(160));
+    }
+}
