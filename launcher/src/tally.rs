@@ -22,7 +22,7 @@ struct PeerState {
 struct BlockInfo {
     winner: PeerId,
     difficulty: u8,
-    solve_ms: Option<u64>,
+    solve_ms: u64,
 }
 
 /// The room as seen through its events.
@@ -33,7 +33,6 @@ pub struct Tally {
     peers: Vec<PeerState>,
     leaders: BTreeMap<Term, PeerId>,
     announced_terms: BTreeSet<(Term, PeerId)>,
-    challenges: BTreeMap<TxId, u64>,
     blocks: BTreeMap<TxId, BlockInfo>,
     all_known: bool,
     left: BTreeSet<PeerId>,
@@ -49,7 +48,6 @@ impl Tally {
             peers: vec![PeerState { alive: true, ..PeerState::default() }; expected],
             leaders: BTreeMap::new(),
             announced_terms: BTreeSet::new(),
-            challenges: BTreeMap::new(),
             blocks: BTreeMap::new(),
             all_known: false,
             left: BTreeSet::new(),
@@ -92,7 +90,6 @@ impl Tally {
                 say(format!("election of term {term}: {how}controller is {} ({by})", self.name(leader)));
             }
             Event::ChallengeIssued { term, tx, difficulty } => {
-                self.challenges.entry(tx).or_insert(r.ts_ms);
                 say(format!("challenge {tx}: find {difficulty} leading zero bits (term {term})"));
             }
             Event::MiningStopped { total_hashes, total_mining_ms, .. } => {
@@ -101,17 +98,13 @@ impl Tally {
             }
             Event::BlockAccepted { tx, winner, difficulty, nonce, solve_ms, .. } => {
                 state.height = state.height.max(tx + 1);
-                if !self.blocks.contains_key(&tx) {
-                    let solve_ms = Some(solve_ms);
-                    self.blocks.insert(tx, BlockInfo { winner, difficulty, solve_ms });
+                if let std::collections::btree_map::Entry::Vacant(slot) = self.blocks.entry(tx) {
+                    slot.insert(BlockInfo { winner, difficulty, solve_ms });
                     if let Some(i) = self.index_of(winner) {
                         self.peers[i].wins += 1;
                     }
-                    let time = solve_ms.map(|ms| format!(" in {ms} ms")).unwrap_or_default();
-                    say(format!(
-                        "block {tx}: won by {}{time} (solution {nonce}, {difficulty} bits)",
-                        self.name(winner)
-                    ));
+                    let name = self.name(winner);
+                    say(format!("block {tx}: won by {name} in {solve_ms} ms (solution {nonce}, {difficulty} bits)"));
                 }
             }
             Event::SolutionRejected { tx, miner, reason } => {
@@ -162,7 +155,7 @@ impl Tally {
         for (id, n) in &wins {
             let _ = writeln!(s, "    {}: {n} won", self.name(*id));
         }
-        let times: Vec<u64> = self.blocks.values().filter_map(|b| b.solve_ms).collect();
+        let times: Vec<u64> = self.blocks.values().map(|b| b.solve_ms).collect();
         if !times.is_empty() {
             let mean = times.iter().sum::<u64>() as f64 / times.len() as f64;
             let (min, max) = (times.iter().min().copied().unwrap_or(0), times.iter().max().copied().unwrap_or(0));

@@ -156,7 +156,7 @@ pub fn chains(records: &[Record]) -> BTreeMap<PeerId, Vec<SeenBlock>> {
     for r in records {
         let chain = out.entry(r.peer).or_default();
         match &r.event {
-            Event::BlockAccepted { term, tx, winner, difficulty, nonce, hash, prev } => {
+            Event::BlockAccepted { term, tx, winner, difficulty, nonce, hash, prev, .. } => {
                 assert_eq!(*tx, chain.len() as u64, "peer {} appended tx {tx} at height {}", r.peer, chain.len());
                 chain.push(SeenBlock {
                     tx: *tx,
