@@ -73,8 +73,10 @@ pub struct Node {
     submitted: Option<u64>,
     /// Controller: a block published as accepted and not yet seen back from the broker.
     pending: Option<Block>,
-    /// The peer a sync request is outstanding with.
-    syncing: Option<PeerId>,
+    /// The peer a sync request is outstanding with, and when it was sent.
+    syncing: Option<(PeerId, u64)>,
+    /// The highest height the controller's messages showed us (to sync again if still behind).
+    seen_height: u64,
     /// Chain heights other peers announced, to catch up from the longest.
     heights: BTreeMap<PeerId, u64>,
     rng: StdRng,
@@ -98,6 +100,7 @@ impl Node {
             submitted: None,
             pending: None,
             syncing: None,
+            seen_height: 0,
             heights: BTreeMap::new(),
             rng,
             now_ms: 0,
@@ -161,21 +164,26 @@ impl Node {
     fn connected(&mut self) {
         self.publish(Message::Hello { want_reply: true, view: self.view() });
         // A sync request in flight when the connection dropped may be lost: ask again.
-        if let Some(peer) = self.syncing.take() {
+        if let Some((peer, _)) = self.syncing.take() {
             self.request_sync(peer, self.chain.height());
         }
         // After a broker restart anything in flight may be lost: say again what the room waits on.
         if self.election.is_leader() {
-            match (self.pending, self.open) {
-                (Some(block), _) => {
-                    let term = self.election.term();
-                    self.publish(Message::Result { term, outcome: Outcome::Accepted(block) });
-                }
-                (None, Some(c)) => self.publish(Message::Challenge(c)),
-                (None, None) => {}
-            }
+            self.repeat_open();
         } else if let (Some(c), Some(nonce)) = (self.open, self.submitted) {
             self.publish(Message::Solution { tx: c.tx, nonce });
+        }
+    }
+
+    /// As controller, publishes again the pending result, or else the open challenge.
+    fn repeat_open(&mut self) {
+        match (self.pending, self.open) {
+            (Some(block), _) => {
+                let term = self.election.term();
+                self.publish(Message::Result { term, outcome: Outcome::Accepted(block) });
+            }
+            (None, Some(c)) => self.publish(Message::Challenge(c)),
+            (None, None) => {}
         }
     }
 
@@ -237,6 +245,18 @@ impl Node {
         }
         if want_reply {
             self.publish(Message::Hello { want_reply: false, view: self.view() });
+            // The peer has just (re)subscribed: whatever it was waiting for may have been lost
+            // with its connection (after a broker restart, the controller can reconnect and
+            // re-issue its challenge before the miners are back). Say it again.
+            if self.election.is_leader() {
+                self.repeat_open();
+            }
+            if let Some((peer, _)) = self.syncing
+                && peer == from
+            {
+                self.syncing = None;
+                self.request_sync(peer, self.chain.height());
+            }
         }
         self.apply(steps);
         if view.leader == Some(from) || self.election.leader() == Some(from) {
@@ -251,7 +271,7 @@ impl Node {
             let members = self.election.members().len();
             self.emit(Event::PeerLeft { id: from, members });
         }
-        if self.syncing == Some(from) {
+        if self.syncing.is_some_and(|(p, _)| p == from) {
             self.syncing = None;
             self.issue_if_leader();
         }
@@ -359,6 +379,7 @@ impl Node {
             self.drop_msg("stale_transaction", format!("challenge for transaction {} at height {height}", c.tx));
             return;
         }
+        self.seen_height = self.seen_height.max(c.tx);
         if c.tx > height || c.prev != self.chain.tip_hash(c.alg) {
             // We missed blocks (or hold a block the room does not): catch up, then mine.
             self.request_sync(from, self.chain.height());
@@ -448,6 +469,7 @@ impl Node {
             }
             return;
         }
+        self.seen_height = self.seen_height.max(block.tx + 1);
         if block.tx > height {
             self.request_sync(from, height);
             return;
@@ -491,10 +513,14 @@ impl Node {
     }
 
     fn request_sync(&mut self, peer: PeerId, from: TxId) {
-        if self.syncing.is_some() {
+        // One request at a time, but a request unanswered for long (lost, or asked of a peer that
+        // had not yet reconnected) is sent again rather than waited on for ever.
+        if let Some((_, at)) = self.syncing
+            && self.now_ms.saturating_sub(at) < SYNC_RETRY_MS
+        {
             return;
         }
-        self.syncing = Some(peer);
+        self.syncing = Some((peer, self.now_ms));
         self.publish(Message::SyncRequest { to: peer, from });
     }
 
@@ -510,7 +536,7 @@ impl Node {
 
     fn sync_reply(&mut self, from: PeerId, term: Term, blocks: Vec<Block>, height: u64, open: Option<Challenge>) {
         let from_leader = self.election.leader() == Some(from) && term >= self.election.term();
-        if self.syncing != Some(from) && !from_leader {
+        if self.syncing.is_none_or(|(p, _)| p != from) && !from_leader {
             self.drop_msg("unsolicited_sync", format!("sync reply from {from}"));
             return;
         }
@@ -543,7 +569,9 @@ impl Node {
         if let Some(tx) = first {
             self.emit(Event::Synced { from: tx, height: self.chain.height() });
         }
-        if self.chain.height() < height && first.is_some() {
+        // Behind the reply's height, or behind what the controller showed us meanwhile: ask again.
+        // Only while replies bring blocks, so two peers cannot ping-pong empty replies.
+        if first.is_some() && (self.chain.height() < height || self.chain.height() < self.seen_height) {
             self.request_sync(from, self.chain.height());
             return;
         }
@@ -557,6 +585,9 @@ impl Node {
         self.issue_if_leader();
     }
 }
+
+/// How long a sync request may go unanswered before it is sent again.
+const SYNC_RETRY_MS: u64 = 500;
 
 fn rng_vote(rng: &mut StdRng) -> impl FnMut() -> u32 + '_ {
     move || rng.random()

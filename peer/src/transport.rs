@@ -78,7 +78,12 @@ pub async fn run(
     if let Some(user) = &cfg.username {
         options.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
     }
-    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    // rumqttc leaves Nagle's algorithm on: every small publish would wait for the broker's delayed
+    // ACK (~40 ms), which alone capped the room at ~20 blocks/s.
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
 
     let (net_tx, mut net_rx) = mpsc::channel(4096);
     let stop_net = CancellationToken::new();
