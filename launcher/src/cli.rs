@@ -1,6 +1,8 @@
 //! The launcher's command line. Besides running a room, the launcher can act as the broker or as
 //! a peer (`launcher broker ...`, `launcher peer ...`): it starts its children by re-executing
-//! itself that way, so `cargo run -p launcher` needs nothing else built or installed.
+//! itself that way, so `cargo run -p launcher` needs nothing else built or installed. It can also
+//! put a room under faults (`launcher chaos`) and time controller failover
+//! (`launcher failover-bench`).
 
 use std::path::PathBuf;
 
@@ -11,7 +13,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "launcher", version, args_conflicts_with_subcommands = true)]
 pub struct Args {
-    /// Act as the broker or a peer instead of launching a room.
+    /// Act as the broker or a peer, or run a fault test, instead of launching a room.
     #[command(subcommand)]
     pub role: Option<Role>,
     /// Options of the room.
@@ -28,6 +30,12 @@ pub enum Role {
     /// Run one peer (same flags as the `peer` binary).
     #[command(hide = true)]
     Peer(peer::cli::Args),
+    /// Put a room under random faults (kill -9, SIGSTOP, broker restarts, clean leaves) and check
+    /// that it keeps its invariants and keeps mining; prints PASS or FAIL.
+    Chaos(ChaosArgs),
+    /// Kill the controller again and again and time each failover (kill to the next term's first
+    /// challenge); prints p50, p95, max and every sample.
+    FailoverBench(FailoverBenchArgs),
 }
 
 /// How to run a room.
@@ -40,9 +48,16 @@ pub struct RoomArgs {
     /// until Ctrl-C.
     #[arg(long, default_value_t = 0)]
     pub rounds: u64,
-    /// Leading zero bits of each challenge.
+    /// Leading zero bits of each challenge (of the first, when retargeting).
     #[arg(long, default_value_t = 22)]
     pub difficulty: u8,
+    /// Retarget the difficulty towards a block every MS milliseconds; 0 keeps it fixed (or random
+    /// within --difficulty-range).
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub target_block_ms: u64,
+    /// Difficulty bounds LO-HI (e.g. the lab's 10-20).
+    #[arg(long, value_name = "LO-HI")]
+    pub difficulty_range: Option<String>,
     /// Mining threads per peer (0: one per core).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -59,6 +74,67 @@ pub struct RoomArgs {
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
     /// Also show each peer's warnings and errors (their stderr).
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// `launcher chaos`: how many peers and fault cycles.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChaosArgs {
+    /// Peers in the room (replacements keep it this size).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(3..=100))]
+    pub peers: u16,
+    /// Faults to inject, one per cycle.
+    #[arg(long, default_value_t = 20)]
+    pub cycles: u32,
+    /// Kinds of fault to choose from at random, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "kill,pause,broker,leave")]
+    pub faults: Vec<crate::chaos::Fault>,
+    /// The room.
+    #[command(flatten)]
+    pub room: FaultRoomArgs,
+}
+
+/// `launcher failover-bench`: how many peers and trials.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FailoverBenchArgs {
+    /// Peers in the room (a replacement follows each killed controller).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(3..=100))]
+    pub peers: u16,
+    /// Controllers to kill.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub trials: u32,
+    /// The room.
+    #[command(flatten)]
+    pub room: FaultRoomArgs,
+}
+
+/// The room a fault test starts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FaultRoomArgs {
+    /// Leading zero bits of each challenge (low: many blocks, so progress shows fast).
+    #[arg(long, default_value_t = 16)]
+    pub difficulty: u8,
+    /// Mining threads per peer.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Proof-of-work hash: sha1 or sha256.
+    #[arg(long, default_value = "sha1")]
+    pub hash: String,
+    /// MQTT keepalive of the peers, in seconds (a hung peer is noticed after 1.5 times this).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub keepalive: u64,
+    /// Longest wait, in seconds, for the room to recover after a fault (a controller everyone
+    /// follows, a new block everyone holds); a longer wait fails the run.
+    #[arg(long, default_value_t = 30, value_name = "S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub deadline: u64,
+    /// Seed of the random choices (default: random, printed so the fault sequence can be replayed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write every peer's events, merged, as JSON lines to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// Also show the peers' and the broker's warnings (their stderr).
     #[arg(long)]
     pub verbose: bool,
 }

@@ -1,8 +1,11 @@
 //! The launcher: starts a broker and a room of peers as child processes, shows what the room does
 //! from the peers' event streams, and stops every child when it stops, whatever the reason.
 
+pub mod chaos;
 pub mod children;
 pub mod cli;
+pub mod failover;
+pub mod invariants;
 pub mod tally;
 
 use std::io::Write;
@@ -131,7 +134,9 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
 }
 
 fn peer_args(args: &RoomArgs, addr: SocketAddr) -> Vec<String> {
-    vec![
+    let mut out = vec![
+        "--target-block-ms".into(),
+        args.target_block_ms.to_string(),
         "--host".into(),
         addr.ip().to_string(),
         "--port".into(),
@@ -150,7 +155,11 @@ fn peer_args(args: &RoomArgs, addr: SocketAddr) -> Vec<String> {
         "-".into(),
         "--log".into(),
         "warn".into(),
-    ]
+    ];
+    if let Some(range) = &args.difficulty_range {
+        out.extend(["--difficulty-range".into(), range.clone()]);
+    }
+    out
 }
 
 fn print_line(line: &str) {

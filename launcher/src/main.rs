@@ -1,4 +1,5 @@
-//! The `launcher` binary: `cargo run -p launcher` starts a broker and a room of peers.
+//! The `launcher` binary: `cargo run -p launcher` starts a broker and a room of peers;
+//! `launcher chaos` and `launcher failover-bench` put one under faults.
 
 use std::process::ExitCode;
 
@@ -10,6 +11,8 @@ fn main() -> ExitCode {
     match args.role {
         Some(Role::Broker(a)) => broker::cli::main(a),
         Some(Role::Peer(a)) => peer::cli::main(a),
+        Some(Role::Chaos(a)) => launcher::chaos::main(a),
+        Some(Role::FailoverBench(a)) => launcher::failover::main(a),
         None => launcher::main(args.room),
     }
 }

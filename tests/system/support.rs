@@ -3,7 +3,7 @@
 
 #![allow(dead_code)] // each test module uses its own part
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -11,8 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use peer::events::{Event, Record};
-use peer::pow::{self, Digest};
-use peer::protocol::{PeerId, Term};
+use peer::protocol::PeerId;
 
 /// The launcher binary, which is also the broker and the peer (`launcher broker|peer ...`).
 pub fn exe() -> &'static str {
@@ -20,9 +19,22 @@ pub fn exe() -> &'static str {
 }
 
 /// A port nobody listens on right now.
+///
+/// Chosen below the kernel's ephemeral range (32768 and up here), so that no outgoing connection
+/// and no other test's ephemeral bind can take it while a broker restarts on it.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((seed.wrapping_add(n.wrapping_mul(7919))) % 12_000) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
@@ -138,84 +150,23 @@ pub fn by_peer(records: &[Record]) -> BTreeMap<PeerId, Vec<Record>> {
     map
 }
 
-/// A block as the events describe it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeenBlock {
-    pub tx: u64,
-    pub term: Term,
-    pub winner: PeerId,
-    pub difficulty: u8,
-    pub nonce: u64,
-    pub hash: String,
-    pub prev: String,
-}
+/// A block as the events describe it (defined with the invariants, in the launcher library).
+pub use launcher::invariants::SeenBlock;
 
-/// Each peer's chain as its events tell it (truncations applied).
+/// Each peer's chain as its events tell it (truncations applied); panics if a peer appended a
+/// block that does not extend its chain or lacks its work.
 pub fn chains(records: &[Record]) -> BTreeMap<PeerId, Vec<SeenBlock>> {
-    let mut out: BTreeMap<PeerId, Vec<SeenBlock>> = BTreeMap::new();
-    for r in records {
-        let chain = out.entry(r.peer).or_default();
-        match &r.event {
-            Event::BlockAccepted { term, tx, winner, difficulty, nonce, hash, prev, .. } => {
-                assert_eq!(*tx, chain.len() as u64, "peer {} appended tx {tx} at height {}", r.peer, chain.len());
-                chain.push(SeenBlock {
-                    tx: *tx,
-                    term: *term,
-                    winner: *winner,
-                    difficulty: *difficulty,
-                    nonce: *nonce,
-                    hash: hash.clone(),
-                    prev: prev.clone(),
-                });
-            }
-            Event::ChainTruncated { height } => chain.truncate(*height as usize),
-            _ => {}
-        }
-    }
-    out
+    launcher::invariants::chains(records).unwrap_or_else(|v| panic!("invariant violated: {v}"))
 }
 
-fn digest(hex_str: &str) -> Digest {
-    let bytes = hex::decode(hex_str).expect("hex digest");
-    match bytes.len() {
-        20 => Digest::Sha1(bytes.try_into().expect("20")),
-        32 => Digest::Sha256(bytes.try_into().expect("32")),
-        n => panic!("digest of {n} bytes"),
-    }
-}
-
-/// The invariants every run must keep, checked over all events: at most one controller per
-/// term (as decided by election), every chain a prefix of one chain whose blocks link and verify,
-/// and transaction ids consecutive. Returns the longest chain.
+/// The invariants every run must keep (`launcher::invariants::check`: one controller per term,
+/// every chain a prefix of one chain whose blocks link and verify, transaction ids consecutive);
+/// panics with the violation. Returns the longest chain.
 pub fn assert_invariants(records: &[Record]) -> Vec<SeenBlock> {
-    let mut leaders: BTreeMap<Term, BTreeSet<PeerId>> = BTreeMap::new();
-    for r in records {
-        if let Event::LeaderElected { term, leader, .. } = r.event {
-            leaders.entry(term).or_default().insert(leader);
-        }
+    match launcher::invariants::check(records) {
+        Ok(summary) => summary.chain,
+        Err(v) => panic!("invariant violated: {v}"),
     }
-    for (term, set) in &leaders {
-        assert_eq!(set.len(), 1, "term {term} had several controllers: {set:?}");
-    }
-    let chains = chains(records);
-    let longest = chains.values().max_by_key(|c| c.len()).cloned().unwrap_or_default();
-    for (peer, chain) in &chains {
-        assert_eq!(chain[..], longest[..chain.len()], "peer {peer}'s chain is not a prefix of the room's");
-    }
-    let mut prev = None;
-    for b in &longest {
-        let p = digest(&b.prev);
-        if let Some(expected) = &prev {
-            assert_eq!(&b.prev, expected, "block {} does not link", b.tx);
-        } else {
-            assert!(p.as_bytes().iter().all(|&x| x == 0), "block 0 links to the zero hash");
-        }
-        let proof = pow::proof(&p, b.tx, b.winner, b.nonce);
-        assert_eq!(proof.to_hex(), b.hash, "block {} hash is its proof of work", b.tx);
-        assert!(proof.leading_zeros() >= u32::from(b.difficulty), "block {} has its work", b.tx);
-        prev = Some(b.hash.clone());
-    }
-    longest
 }
 
 /// The pids the peers reported in their `started` events.

@@ -1,0 +1,301 @@
+//! `launcher chaos`: a room under random faults, checked for safety and progress.
+//!
+//! It starts a broker and a room, waits for the election and the first block, then runs cycles of
+//! one random fault each: a peer killed with SIGKILL (and a replacement started), a peer paused
+//! with SIGSTOP until the room has noticed (then SIGCONT), the broker killed and restarted on the
+//! same port, or a peer leaving cleanly (SIGTERM) and a new one joining. Peer faults sometimes
+//! target the controller. After each fault it waits, under a deadline, for the room to make
+//! progress: every live peer follows one controller and holds a block no live peer held before.
+//! At the end it stops everything and reports the faults, the re-elections, the failover times
+//! (controller lost → first challenge of a newer term, from the peers' event clocks), the blocks
+//! and the invariants ([`crate::invariants`]) over every event of the run.
+
+pub mod room;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use peer::events::now_ms;
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+
+use crate::cli::{ChaosArgs, FaultRoomArgs};
+use crate::failover::percentile;
+use crate::invariants::{Summary, Violation};
+use room::{Failure, Room, RoomConfig};
+
+/// Exit code when interrupted by Ctrl-C (128 + SIGINT).
+const INTERRUPTED: u8 = 130;
+
+/// One kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Fault {
+    /// SIGKILL a peer, start a replacement.
+    Kill,
+    /// SIGSTOP a peer until the room notices, then SIGCONT.
+    Pause,
+    /// SIGKILL the broker, start a new one on the same port.
+    #[value(name = "broker")]
+    BrokerRestart,
+    /// SIGTERM a peer (it leaves cleanly), start a new one.
+    #[value(name = "leave")]
+    LeaveJoin,
+}
+
+impl Fault {
+    /// Every kind, in report order.
+    pub const ALL: [Fault; 4] = [Fault::Kill, Fault::Pause, Fault::BrokerRestart, Fault::LeaveJoin];
+
+    /// Short name for the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill -9 + replacement",
+            Fault::Pause => "SIGSTOP/SIGCONT",
+            Fault::BrokerRestart => "broker restart",
+            Fault::LeaveJoin => "clean leave + join",
+        }
+    }
+}
+
+/// What the faults did, for the report.
+#[derive(Debug, Default)]
+struct Tally {
+    cycles: u32,
+    injected: BTreeMap<Fault, u32>,
+    on_controller: BTreeMap<Fault, u32>,
+    /// Controller lost → first challenge of a newer term, ms, by fault.
+    failovers: BTreeMap<Fault, Vec<u64>>,
+    /// Fault → every live peer holds a new block, ms.
+    recoveries: Vec<u64>,
+}
+
+/// Runs `launcher chaos`; the whole of `main` for that subcommand.
+pub fn main(args: ChaosArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("launcher: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+/// The room a fault run starts, from its flags.
+pub(crate) fn room_config(peers: u16, args: &FaultRoomArgs) -> anyhow::Result<RoomConfig> {
+    args.hash.parse::<peer::pow::HashAlg>().map_err(anyhow::Error::msg)?;
+    Ok(RoomConfig {
+        peers: usize::from(peers),
+        difficulty: args.difficulty,
+        threads: args.threads,
+        hash: args.hash.clone(),
+        keepalive: args.keepalive,
+        deadline: Duration::from_secs(args.deadline),
+        events: args.events.clone(),
+        verbose: args.verbose,
+    })
+}
+
+async fn run(args: ChaosArgs) -> ExitCode {
+    let cfg = match room_config(args.peers, &args.room) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("launcher: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let seed = args.room.seed.unwrap_or_else(rand::random);
+    let mut rng = StdRng::seed_from_u64(seed);
+    println!(
+        "chaos: {} peers, difficulty {}, keepalive {} s, {} cycles, seed {seed}",
+        cfg.peers, cfg.difficulty, cfg.keepalive, args.cycles
+    );
+    let started = Instant::now();
+    let mut room = match Room::start(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("launcher: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("broker listening on {}", room.addr());
+    let mut tally = Tally::default();
+    let outcome = cycles(&mut room, args.cycles, &args.faults, &mut rng, &mut tally).await;
+    let checked = room.stop().await;
+    let report = report(&tally, args.cycles, started.elapsed(), seed, &checked);
+    print!("{report}");
+    match (outcome, checked) {
+        (Ok(()), Ok(_)) => {
+            println!("PASS");
+            ExitCode::SUCCESS
+        }
+        (Err(Failure::Interrupted), Ok(_)) => {
+            println!("INTERRUPTED after {} of {} cycles (no violation so far)", tally.cycles, args.cycles);
+            ExitCode::from(INTERRUPTED)
+        }
+        (Err(e), _) => {
+            println!("FAIL: {e}");
+            ExitCode::FAILURE
+        }
+        (Ok(()), Err(v)) => {
+            println!("FAIL: invariant violated: {v}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn say(room: &Room, line: &str) {
+    println!("[{:8.3}s] {line}", room.elapsed().as_secs_f64());
+}
+
+async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tally: &mut Tally) -> Result<(), Failure> {
+    let (term, leader, height) = room.wait_progress().await?;
+    say(room, &format!("room ready: controller peer #{leader} (term {term}), height {height}"));
+    let (mut term, mut controller) = (term, leader);
+    for cycle in 1..=n {
+        let fault = *kinds.choose(rng).unwrap_or(&Fault::Kill);
+        let on_controller = fault != Fault::BrokerRestart && rng.random_bool(0.4);
+        let target = if on_controller {
+            controller
+        } else {
+            let miners: Vec<usize> = room.running().into_iter().filter(|&i| i != controller).collect();
+            *miners.choose(rng).expect("a room of three or more has miners")
+        };
+        let role = if on_controller { format!(" (controller of term {term})") } else { String::new() };
+        // Counted before it happens, so a fault the room does not recover from is in the report.
+        *tally.injected.entry(fault).or_default() += 1;
+        if on_controller {
+            *tally.on_controller.entry(fault).or_default() += 1;
+        }
+        let began = Instant::now();
+        let t0 = now_ms();
+        let mut line = String::new();
+        match fault {
+            Fault::Kill => {
+                room.kill(target).await;
+                let _ = write!(line, "kill -9 peer #{target}{role}");
+                // Half the time the replacement joins during the election.
+                let early = if rng.random_bool(0.5) { Some(room.add_peer()?) } else { None };
+                if on_controller {
+                    let ms = room.wait_challenge_after(term).await?.saturating_sub(t0);
+                    tally.failovers.entry(fault).or_default().push(ms);
+                    let _ = write!(line, "; term {} challenged after {ms} ms", room.latest_term());
+                }
+                match early {
+                    Some(r) => {
+                        let _ = write!(line, "; replacement peer #{r} started at once");
+                    }
+                    None => {
+                        let r = room.add_peer()?;
+                        let _ = write!(line, "; replacement peer #{r}");
+                    }
+                }
+            }
+            Fault::Pause => {
+                room.pause(target);
+                if on_controller {
+                    let ms = room.wait_challenge_after(term).await?.saturating_sub(t0);
+                    tally.failovers.entry(fault).or_default().push(ms);
+                    let _ = write!(
+                        line,
+                        "SIGSTOP peer #{target}{role}; term {} challenged after {ms} ms",
+                        room.latest_term()
+                    );
+                } else {
+                    room.wait_left(target, t0).await?;
+                    let _ = write!(line, "SIGSTOP peer #{target}; the room saw it leave");
+                }
+                room.resume(target);
+                let _ = write!(line, "; SIGCONT after {} ms", now_ms().saturating_sub(t0));
+            }
+            Fault::BrokerRestart => {
+                room.restart_broker().await?;
+                let _ = write!(
+                    line,
+                    "broker killed and restarted on port {} ({} ms)",
+                    room.addr().port(),
+                    now_ms().saturating_sub(t0)
+                );
+            }
+            Fault::LeaveJoin => {
+                room.terminate(target).await?;
+                let _ = write!(line, "SIGTERM peer #{target}{role}: left cleanly");
+                if on_controller {
+                    let ms = room.wait_challenge_after(term).await?.saturating_sub(t0);
+                    tally.failovers.entry(fault).or_default().push(ms);
+                    let _ = write!(line, "; term {} challenged after {ms} ms", room.latest_term());
+                }
+                let r = room.add_peer()?;
+                let _ = write!(line, "; peer #{r} joins");
+            }
+        }
+        let (t, c, h) = room.wait_progress().await?;
+        (term, controller) = (t, c);
+        let recovered = began.elapsed().as_millis() as u64;
+        tally.recoveries.push(recovered);
+        tally.cycles = cycle;
+        say(
+            room,
+            &format!("cycle {cycle}/{n}: {line}; recovered in {recovered} ms: height {h}, controller #{c} (term {t})"),
+        );
+        // Part of the workload (faults at irregular moments), not a wait for anything.
+        room.idle(Duration::from_millis(rng.random_range(0..300))).await?;
+    }
+    Ok(())
+}
+
+fn stats(samples: &[u64]) -> String {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    match (percentile(&sorted, 50.0), sorted.last()) {
+        (Some(p50), Some(max)) => format!("n={}, p50 {p50} ms, max {max} ms", sorted.len()),
+        _ => "none".into(),
+    }
+}
+
+fn report(tally: &Tally, planned: u32, elapsed: Duration, seed: u64, checked: &Result<Summary, Violation>) -> String {
+    let mut out = String::new();
+    let total: u32 = tally.injected.values().sum();
+    let _ = writeln!(
+        out,
+        "chaos summary: {} of {planned} cycles in {:.1} s (seed {seed})",
+        tally.cycles,
+        elapsed.as_secs_f64()
+    );
+    let kinds: Vec<String> = Fault::ALL
+        .iter()
+        .map(|f| {
+            let n = tally.injected.get(f).copied().unwrap_or(0);
+            match tally.on_controller.get(f) {
+                Some(c) => format!("{}: {n} ({c} on the controller)", f.name()),
+                None => format!("{}: {n}", f.name()),
+            }
+        })
+        .collect();
+    let _ = writeln!(out, "  faults injected: {total} ({})", kinds.join(", "));
+    let all: Vec<u64> = tally.failovers.values().flatten().copied().collect();
+    let _ = writeln!(out, "  failover (controller lost -> first challenge of a newer term): {}", stats(&all));
+    for (fault, samples) in &tally.failovers {
+        let _ = writeln!(out, "    {}: {}", fault.name(), stats(samples));
+    }
+    let _ = writeln!(out, "  recovery (fault -> a new block held by every live peer): {}", stats(&tally.recoveries));
+    match checked {
+        Ok(s) => {
+            let _ = writeln!(out, "  re-elections: {} ({} terms)", s.terms.saturating_sub(1), s.terms);
+            let _ = writeln!(out, "  blocks mined: {} (suffixes dropped by peers: {})", s.blocks, s.truncations);
+            let _ = writeln!(
+                out,
+                "  invariants: hold (one controller in each of {} terms; {} peers' chains are prefixes of one \
+                 verified chain of {} blocks)",
+                s.terms, s.peers, s.blocks
+            );
+        }
+        Err(v) => {
+            let _ = writeln!(out, "  invariants: VIOLATED: {v}");
+        }
+    }
+    out
+}

@@ -1,0 +1,749 @@
+//! A live room for fault injection: a broker and peers as child processes that can be killed,
+//! paused, resumed, stopped and replaced one at a time, and a view of the room built from the
+//! peers' event streams (read from their stdout), with waits on conditions of that view under
+//! deadlines.
+//!
+//! Every record is fed to an [`invariants::Checker`] as it arrives, so a long run keeps the
+//! distinct blocks and each peer's chain, not every record. No child outlives the room: each runs
+//! in its own process group, is killed by the kernel if this process dies (`PR_SET_PDEATHSIG`),
+//! and is killed when its handle is dropped, whatever error path drops it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use peer::events::{Event, Record};
+use peer::protocol::{PeerId, Term};
+use rand::Rng;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::invariants::{Checker, Summary, Violation};
+
+/// How long a peer or the broker gets to exit after SIGTERM (or to be reaped after SIGKILL).
+const GRACE: Duration = Duration::from_secs(5);
+/// How long the broker gets to print its ready line.
+const BROKER_READY: Duration = Duration::from_secs(15);
+/// How long a restarted broker keeps trying to get its old port back.
+const BROKER_REBIND: Duration = Duration::from_secs(10);
+
+/// The room to start.
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    /// Peers in the room (`--room-size` of every peer, replacements included).
+    pub peers: usize,
+    /// Leading zero bits of each challenge.
+    pub difficulty: u8,
+    /// Mining threads per peer.
+    pub threads: usize,
+    /// Proof-of-work hash (`sha1` or `sha256`).
+    pub hash: String,
+    /// MQTT keepalive of the peers, in seconds.
+    pub keepalive: u64,
+    /// Longest wait for any condition; waiting longer means the room stopped making progress.
+    pub deadline: Duration,
+    /// Write every record, merged, to this file.
+    pub events: Option<PathBuf>,
+    /// Print the peers' and the broker's stderr.
+    pub verbose: bool,
+}
+
+/// Why a room run ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// A condition did not hold before its deadline.
+    #[error("the room stopped making progress: no {what} within {} s; {state}", timeout.as_secs())]
+    Stalled {
+        /// What was awaited.
+        what: String,
+        /// The deadline it missed.
+        timeout: Duration,
+        /// Every live peer's height and controller at that moment.
+        state: String,
+    },
+    /// The events show a broken invariant.
+    #[error("invariant violated: {0}")]
+    Violation(#[from] Violation),
+    /// A peer exited without being told to.
+    #[error("peer #{index} exited on its own ({status})")]
+    PeerExited {
+        /// The peer.
+        index: usize,
+        /// Its exit status, if known yet.
+        status: String,
+    },
+    /// A peer did not exit within the grace period after SIGTERM.
+    #[error("peer #{index} did not exit within {} s of SIGTERM", GRACE.as_secs())]
+    Unstoppable {
+        /// The peer.
+        index: usize,
+    },
+    /// The broker exited without being told to.
+    #[error("the broker exited on its own")]
+    BrokerExited,
+    /// Ctrl-C or SIGTERM.
+    #[error("interrupted")]
+    Interrupted,
+    /// The room could not be set up (a process did not start, the port was taken).
+    #[error("{0:#}")]
+    Setup(anyhow::Error),
+}
+
+/// Where a peer process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Running and expected to take part.
+    Running,
+    /// Stopped with SIGSTOP.
+    Paused,
+    /// Killed or stopped for good.
+    Gone,
+}
+
+/// A child process: its own process group, killed by the kernel when this process dies, killed
+/// when dropped.
+#[derive(Debug)]
+struct Proc {
+    child: Child,
+    pid: u32,
+}
+
+impl Proc {
+    fn spawn(exe: &Path, role: &str, args: &[String]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(exe);
+        cmd.arg(role)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe and touches only the child's own process state.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("cannot start a {role}"))?;
+        let pid = child.id().with_context(|| format!("the {role} exited at once"))?;
+        Ok(Self { child, pid })
+    }
+
+    /// Sends `sig`, unless the process has exited and been reaped (only then could its pid have
+    /// been given to another process). Returns whether it was sent.
+    fn signal(&mut self, sig: libc::c_int) -> bool {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return false;
+        }
+        let Ok(pid) = libc::pid_t::try_from(self.pid) else { return false };
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our unreaped child.
+        unsafe { libc::kill(pid, sig) == 0 }
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    async fn exited(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait()).await.ok().and_then(Result::ok)
+    }
+
+    /// SIGKILL, then reap.
+    async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.exited(GRACE).await;
+    }
+}
+
+/// What the reader tasks report.
+#[derive(Debug)]
+enum Msg {
+    /// A line of a peer's stdout (an event record).
+    Line { index: usize, line: String },
+    /// A line of a peer's (`Some`) or the broker's (`None`) stderr.
+    Log { index: Option<usize>, line: String },
+    /// A peer's stdout closed: it exited.
+    Eof { index: usize },
+    /// The broker of this generation closed its stdout: it exited.
+    BrokerEof { generation: u64 },
+    /// Ctrl-C or SIGTERM.
+    Interrupt,
+}
+
+#[derive(Debug)]
+struct Slot {
+    proc: Option<Proc>,
+    state: State,
+    id: Option<PeerId>,
+    /// The latest `leader_elected` of this peer.
+    leader: Option<(Term, PeerId)>,
+    /// Its stdout has closed.
+    eof: bool,
+}
+
+/// A broker and a room of peers, and what their events say.
+#[derive(Debug)]
+pub struct Room {
+    exe: PathBuf,
+    cfg: RoomConfig,
+    port: u16,
+    broker: Option<Proc>,
+    generation: u64,
+    slots: Vec<Slot>,
+    tx: mpsc::UnboundedSender<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    ids: HashMap<PeerId, usize>,
+    /// The first challenge of each term: its time and issuer.
+    challenges: BTreeMap<Term, (u64, PeerId)>,
+    /// The latest time any peer reported each peer leaving.
+    left: HashMap<PeerId, u64>,
+    checker: Checker,
+    violation: Option<Violation>,
+    interrupted: bool,
+    events: Option<std::io::BufWriter<std::fs::File>>,
+    started: Instant,
+}
+
+impl Room {
+    /// Starts a broker on a free port and `cfg.peers` peers; returns as soon as they are spawned.
+    pub async fn start(cfg: RoomConfig) -> Result<Self, Failure> {
+        let exe =
+            std::env::current_exe().context("cannot find the launcher's own executable").map_err(Failure::Setup)?;
+        let events = match &cfg.events {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("cannot create {}", path.display()))
+                    .map_err(Failure::Setup)?,
+            )),
+            None => None,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let interrupt = tx.clone();
+        tokio::spawn(async move {
+            interrupted().await;
+            let _ = interrupt.send(Msg::Interrupt);
+        });
+        let mut room = Self {
+            exe,
+            cfg,
+            port: 0,
+            broker: None,
+            generation: 0,
+            slots: Vec::new(),
+            tx,
+            rx,
+            ids: HashMap::new(),
+            challenges: BTreeMap::new(),
+            left: HashMap::new(),
+            checker: Checker::new(),
+            violation: None,
+            interrupted: false,
+            events,
+            started: Instant::now(),
+        };
+        // Another process may take the port between the check and the broker's bind: try others.
+        let mut last = None;
+        for _ in 0..5 {
+            room.port = pick_port().context("cannot find a free port").map_err(Failure::Setup)?;
+            match room.spawn_broker().await {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(Failure::Setup(e));
+        }
+        for _ in 0..room.cfg.peers {
+            room.add_peer()?;
+        }
+        Ok(room)
+    }
+
+    /// The broker's address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// Time since the room started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Starts one more peer (a replacement keeps the room's size); returns its index.
+    pub fn add_peer(&mut self) -> Result<usize, Failure> {
+        let index = self.slots.len();
+        let args = vec![
+            "--host".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            self.port.to_string(),
+            "--room-size".into(),
+            self.cfg.peers.to_string(),
+            "--difficulty".into(),
+            self.cfg.difficulty.to_string(),
+            "--threads".into(),
+            self.cfg.threads.to_string(),
+            "--hash".into(),
+            self.cfg.hash.clone(),
+            "--keepalive".into(),
+            self.cfg.keepalive.to_string(),
+            "--events".into(),
+            "-".into(),
+            "--log".into(),
+            "warn".into(),
+        ];
+        let mut proc =
+            Proc::spawn(&self.exe, "peer", &args).with_context(|| format!("peer #{index}")).map_err(Failure::Setup)?;
+        let stdout = proc.child.stdout.take().context("peer stdout").map_err(Failure::Setup)?;
+        let stderr = proc.child.stderr.take().context("peer stderr").map_err(Failure::Setup)?;
+        let tx = self.tx.clone();
+        forward(
+            stdout,
+            self.tx.clone(),
+            move |line| Msg::Line { index, line },
+            move || {
+                let _ = tx.send(Msg::Eof { index });
+            },
+        );
+        forward(stderr, self.tx.clone(), move |line| Msg::Log { index: Some(index), line }, || {});
+        self.slots.push(Slot { proc: Some(proc), state: State::Running, id: None, leader: None, eof: false });
+        Ok(index)
+    }
+
+    async fn spawn_broker(&mut self) -> anyhow::Result<()> {
+        let args = ["--bind".to_string(), "127.0.0.1".into(), "--port".into(), self.port.to_string()];
+        let mut proc = Proc::spawn(&self.exe, "broker", &args)?;
+        let mut stdout = BufReader::new(proc.child.stdout.take().context("broker stdout")?).lines();
+        let mut stderr = BufReader::new(proc.child.stderr.take().context("broker stderr")?).lines();
+        let ready = tokio::time::timeout(BROKER_READY, async {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                if broker::server::parse_ready_line(&line).is_some() {
+                    return Ok(());
+                }
+            }
+            // stdout closed: the broker died; its last stderr line says why.
+            let mut last = String::from("no message");
+            while let Ok(Some(line)) = stderr.next_line().await {
+                last = line;
+            }
+            Err(anyhow::anyhow!("the broker did not start on port {}: {last}", self.port))
+        })
+        .await;
+        match ready {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => anyhow::bail!("the broker did not report listening within {} s", BROKER_READY.as_secs()),
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(_)) = stdout.next_line().await {}
+            let _ = tx.send(Msg::BrokerEof { generation });
+        });
+        forward(stderr.into_inner(), self.tx.clone(), |line| Msg::Log { index: None, line }, || {});
+        self.broker = Some(proc);
+        Ok(())
+    }
+
+    /// Kills the broker (SIGKILL) and starts a new one on the same port. Another process can take
+    /// the port while it is free; the restart is retried for a while, then fails saying so.
+    pub async fn restart_broker(&mut self) -> Result<(), Failure> {
+        if let Some(mut old) = self.broker.take() {
+            old.kill().await;
+        }
+        let deadline = Instant::now() + BROKER_REBIND;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.spawn_broker().await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    let owner = if TcpListener::bind((Ipv4Addr::LOCALHOST, self.port)).is_err() {
+                        "; the port is in use, so another process took it while the broker was down"
+                    } else {
+                        ""
+                    };
+                    return Err(Failure::Setup(e.context(format!(
+                        "cannot restart the broker on port {} for {} s{owner}",
+                        self.port,
+                        BROKER_REBIND.as_secs()
+                    ))));
+                }
+                // A retry after a failed start, not a wait for the room: nothing to wait on.
+                Err(_) => tokio::time::sleep(pause).await,
+            }
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Indices of the peers running now (not paused, not gone).
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.slots.len()).filter(|&i| self.slots[i].state == State::Running).collect()
+    }
+
+    /// Where peer `index` is.
+    pub fn state(&self, index: usize) -> State {
+        self.slots.get(index).map_or(State::Gone, |s| s.state)
+    }
+
+    /// The client id peer `index` reported, once it has.
+    pub fn id(&self, index: usize) -> Option<PeerId> {
+        self.slots.get(index).and_then(|s| s.id)
+    }
+
+    /// Height of peer `index`'s chain according to its events.
+    pub fn height(&self, index: usize) -> u64 {
+        self.id(index).map_or(0, |id| self.checker.height(id))
+    }
+
+    /// The controller every running peer follows, if they agree, it is running, and it has
+    /// issued a challenge in its term: `(term, index)`.
+    pub fn agreed(&self) -> Option<(Term, usize)> {
+        let running = self.running();
+        let first = self.slots.get(*running.first()?)?.leader?;
+        if !running.iter().all(|&i| self.slots[i].leader == Some(first)) {
+            return None;
+        }
+        let (term, leader) = first;
+        let index = *self.ids.get(&leader)?;
+        let issued = self.challenges.get(&term).is_some_and(|&(_, by)| by == leader);
+        (self.slots[index].state == State::Running && issued).then_some((term, index))
+    }
+
+    /// Time (event clock, Unix ms) of the first challenge of a term above `term`, if any yet.
+    pub fn first_challenge_after(&self, term: Term) -> Option<u64> {
+        self.challenges.range(term + 1..).map(|(_, &(ts, _))| ts).min()
+    }
+
+    /// Highest term any peer has issued a challenge in.
+    pub fn latest_term(&self) -> Term {
+        self.challenges.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// Waits until every running peer agrees on a running controller that has issued a challenge,
+    /// and every running peer holds a block that no running peer held when the wait began: the
+    /// room works. Returns the controller `(term, index)` and the height reached.
+    pub async fn wait_progress(&mut self) -> Result<(Term, usize, u64), Failure> {
+        let target = self.running().iter().map(|&i| self.height(i)).max().unwrap_or(0) + 1;
+        let what = format!("controller agreed by every live peer and block {} held by all", target - 1);
+        self.wait_for(&what, |room| {
+            room.agreed().is_some() && room.running().iter().all(|&i| room.height(i) >= target)
+        })
+        .await?;
+        let (term, leader) = self.agreed().expect("checked by the wait");
+        Ok((term, leader, target))
+    }
+
+    /// Waits for the first challenge of a term above `term`; returns its time (Unix ms).
+    pub async fn wait_challenge_after(&mut self, term: Term) -> Result<u64, Failure> {
+        self.wait_for(&format!("challenge of a term above {term}"), |room| room.first_challenge_after(term).is_some())
+            .await?;
+        Ok(self.first_challenge_after(term).expect("checked by the wait"))
+    }
+
+    /// Waits until some peer reports that peer `index` left, at or after `since_ms`.
+    pub async fn wait_left(&mut self, index: usize, since_ms: u64) -> Result<(), Failure> {
+        let Some(id) = self.id(index) else { return Ok(()) };
+        self.wait_for(&format!("peer_left of peer #{index}"), |room| room.left.get(&id).is_some_and(|&t| t >= since_ms))
+            .await
+    }
+
+    /// Processes events for `pause`, as part of a workload (not to wait for anything).
+    pub async fn idle(&mut self, pause: Duration) -> Result<(), Failure> {
+        let until = Instant::now() + pause;
+        match self.wait_until(until, &mut |_| false).await {
+            Ok(()) | Err(Failure::Stalled { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits, processing events, until `cond` holds, for at most the room's deadline.
+    pub async fn wait_for(&mut self, what: &str, mut cond: impl FnMut(&Self) -> bool) -> Result<(), Failure> {
+        let timeout = self.cfg.deadline;
+        match self.wait_until(Instant::now() + timeout, &mut cond).await {
+            Err(Failure::Stalled { state, .. }) => Err(Failure::Stalled { what: what.into(), timeout, state }),
+            other => other,
+        }
+    }
+
+    async fn wait_until(&mut self, until: Instant, cond: &mut dyn FnMut(&Self) -> bool) -> Result<(), Failure> {
+        loop {
+            if self.interrupted {
+                return Err(Failure::Interrupted);
+            }
+            if let Some(v) = &self.violation {
+                return Err(Failure::Violation(v.clone()));
+            }
+            if cond(self) {
+                return Ok(());
+            }
+            // About to block: make the events file current, so a stalled room can be inspected.
+            if self.rx.is_empty()
+                && let Some(file) = self.events.as_mut()
+            {
+                let _ = file.flush();
+            }
+            match tokio::time::timeout_at(until.into(), self.rx.recv()).await {
+                Ok(Some(msg)) => {
+                    self.apply(msg)?;
+                    // Take whatever else is queued before looking at the condition again.
+                    while let Ok(msg) = self.rx.try_recv() {
+                        self.apply(msg)?;
+                    }
+                }
+                Ok(None) => return Err(Failure::Setup(anyhow::anyhow!("the room's event channel closed"))),
+                Err(_) => {
+                    return Err(Failure::Stalled {
+                        what: String::new(),
+                        timeout: Duration::ZERO,
+                        state: self.describe(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, msg: Msg) -> Result<(), Failure> {
+        match msg {
+            Msg::Line { index, line } => {
+                let Ok(record) = serde_json::from_str::<Record>(&line) else {
+                    // A peer killed mid-write leaves half a line.
+                    if self.cfg.verbose {
+                        eprintln!("peer #{index}: {line}");
+                    }
+                    return Ok(());
+                };
+                if let Some(file) = self.events.as_mut()
+                    && let Err(e) = writeln!(file, "{line}")
+                {
+                    eprintln!("chaos: cannot write the events file ({e}); no more events are written");
+                    self.events = None;
+                }
+                self.record(index, &record);
+                if self.violation.is_none()
+                    && let Err(v) = self.checker.push(&record)
+                {
+                    self.violation = Some(v.clone());
+                    return Err(Failure::Violation(v));
+                }
+            }
+            Msg::Log { index, line } => {
+                if self.cfg.verbose {
+                    match index {
+                        Some(i) => eprintln!("peer #{i}: {line}"),
+                        None => eprintln!("broker: {line}"),
+                    }
+                }
+            }
+            Msg::Eof { index } => {
+                let slot = &mut self.slots[index];
+                slot.eof = true;
+                if slot.state != State::Gone {
+                    slot.state = State::Gone;
+                    let status = match slot.proc.as_mut().map(|p| p.child.try_wait()) {
+                        Some(Ok(Some(status))) => status.to_string(),
+                        _ => "closed its event stream".into(),
+                    };
+                    return Err(Failure::PeerExited { index, status });
+                }
+            }
+            Msg::BrokerEof { generation } => {
+                if generation == self.generation && self.broker.is_some() {
+                    return Err(Failure::BrokerExited);
+                }
+            }
+            Msg::Interrupt => {
+                self.interrupted = true;
+                return Err(Failure::Interrupted);
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, index: usize, r: &Record) {
+        match &r.event {
+            Event::Started { client_id, .. } => {
+                self.slots[index].id = Some(*client_id);
+                self.ids.insert(*client_id, index);
+            }
+            Event::LeaderElected { term, leader, .. } => self.slots[index].leader = Some((*term, *leader)),
+            Event::ChallengeIssued { term, .. } => {
+                let first = self.challenges.entry(*term).or_insert((r.ts_ms, r.peer));
+                first.0 = first.0.min(r.ts_ms);
+            }
+            Event::PeerLeft { id, .. } => {
+                let t = self.left.entry(*id).or_insert(r.ts_ms);
+                *t = (*t).max(r.ts_ms);
+            }
+            _ => {}
+        }
+    }
+
+    /// One line per running or paused peer: index, id, height, controller.
+    pub fn describe(&self) -> String {
+        let mut out = String::from("peers (index id state height term:controller):");
+        for (i, s) in self.slots.iter().enumerate().filter(|(_, s)| s.state != State::Gone) {
+            let leader = match s.leader {
+                Some((t, l)) => format!("{t}:{}", self.ids.get(&l).map_or(l.to_string(), |i| format!("#{i}"))),
+                None => "-".into(),
+            };
+            let id = s.id.map_or("?".into(), |id| id.to_string());
+            let _ = write!(out, " [#{i} {id} {:?} {} {leader}]", s.state, self.height(i));
+        }
+        out
+    }
+
+    /// Kills peer `index` with SIGKILL and reaps it.
+    pub async fn kill(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        slot.state = State::Gone;
+        if let Some(mut p) = slot.proc.take() {
+            p.kill().await;
+        }
+    }
+
+    /// Pauses peer `index` with SIGSTOP.
+    pub fn pause(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        if let Some(p) = slot.proc.as_mut()
+            && p.signal(libc::SIGSTOP)
+        {
+            slot.state = State::Paused;
+        }
+    }
+
+    /// Resumes a paused peer with SIGCONT.
+    pub fn resume(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        if let Some(p) = slot.proc.as_mut()
+            && slot.state == State::Paused
+        {
+            p.signal(libc::SIGCONT);
+            slot.state = State::Running;
+        }
+    }
+
+    /// Stops peer `index` cleanly (SIGTERM) and waits for it to exit.
+    pub async fn terminate(&mut self, index: usize) -> Result<(), Failure> {
+        let slot = &mut self.slots[index];
+        slot.state = State::Gone;
+        let Some(mut p) = slot.proc.take() else { return Ok(()) };
+        p.signal(libc::SIGTERM);
+        if p.exited(GRACE).await.is_none() {
+            p.kill().await;
+            return Err(Failure::Unstoppable { index });
+        }
+        Ok(())
+    }
+
+    /// Stops everything: the peers with SIGTERM (miners first, then the controller, so the room
+    /// does not hold an election while it closes), then the broker; takes the last events and
+    /// returns the invariant check over the whole run.
+    pub async fn stop(mut self) -> Result<Summary, Violation> {
+        let leader = self.agreed().map(|(_, i)| i);
+        let miners: Vec<usize> = (0..self.slots.len()).filter(|&i| Some(i) != leader).collect();
+        for group in [miners, leader.into_iter().collect()] {
+            for &i in &group {
+                let slot = &mut self.slots[i];
+                slot.state = State::Gone;
+                if let Some(p) = slot.proc.as_mut() {
+                    // A stopped process only acts on SIGTERM once it runs again.
+                    p.signal(libc::SIGCONT);
+                    p.signal(libc::SIGTERM);
+                }
+            }
+            for i in group {
+                if let Some(mut p) = self.slots[i].proc.take()
+                    && p.exited(GRACE).await.is_none()
+                {
+                    p.kill().await;
+                }
+            }
+        }
+        // Every peer has exited, so every reader reaches the end of its pipe: take what is left.
+        let until = Instant::now() + GRACE;
+        while self.slots.iter().any(|s| !s.eof) {
+            match tokio::time::timeout_at(until.into(), self.rx.recv()).await {
+                Ok(Some(msg)) => {
+                    // Violations are kept in `self.violation`; nothing else matters now.
+                    let _ = self.apply(msg);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if let Some(mut broker) = self.broker.take() {
+            broker.signal(libc::SIGTERM);
+            if broker.exited(GRACE).await.is_none() {
+                broker.kill().await;
+            }
+        }
+        if let Some(file) = self.events.as_mut() {
+            let _ = file.flush();
+        }
+        match self.violation.take() {
+            Some(v) => Err(v),
+            None => self.checker.finish(),
+        }
+    }
+}
+
+/// Forwards each line of `reader` as `wrap(line)`, then calls `done`.
+fn forward<R: AsyncRead + Unpin + Send + 'static>(
+    reader: R,
+    out: mpsc::UnboundedSender<Msg>,
+    wrap: impl Fn(String) -> Msg + Send + 'static,
+    done: impl FnOnce() + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if out.send(wrap(line)).is_err() {
+                return;
+            }
+        }
+        done();
+    });
+}
+
+/// A free port below the kernel's ephemeral range, so that no outgoing connection (a peer
+/// reconnecting, say) can be given it while the broker is down for a restart; an ephemeral port
+/// if none is found.
+fn pick_port() -> std::io::Result<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let mut rng = rand::rng();
+    if low > 10_001 {
+        for _ in 0..100 {
+            let port = rng.random_range(10_000..low);
+            if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr().map(|a| a.port())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}

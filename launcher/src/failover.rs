@@ -1,0 +1,120 @@
+//! `launcher failover-bench`: how long a room goes without a controller when its controller dies.
+//!
+//! Each trial waits until the room works (every live peer follows one controller and holds a new
+//! block), kills the controller with SIGKILL, and measures from the kill (this process's wall
+//! clock, in ms) to the first `challenge_issued` of a newer term (the new controller's event
+//! clock: the same machine's wall clock). A replacement peer then keeps the room's size.
+
+use std::process::ExitCode;
+
+use peer::events::now_ms;
+
+use crate::chaos::room::{Failure, Room};
+use crate::cli::FailoverBenchArgs;
+
+/// The nearest-rank `p`th percentile (0 < p ≤ 100) of `sorted` (ascending); `None` if empty.
+pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Runs `launcher failover-bench`; the whole of `main` for that subcommand.
+pub fn main(args: FailoverBenchArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("launcher: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: FailoverBenchArgs) -> ExitCode {
+    let cfg = match crate::chaos::room_config(args.peers, &args.room) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("launcher: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "failover-bench: {} peers, difficulty {}, keepalive {} s, {} trials",
+        cfg.peers, cfg.difficulty, cfg.keepalive, args.trials
+    );
+    let mut room = match Room::start(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("launcher: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("broker listening on {}", room.addr());
+    let mut samples = Vec::new();
+    let outcome = trials(&mut room, args.trials, &mut samples).await;
+    let checked = room.stop().await;
+
+    let mut sorted = samples.clone();
+    sorted.sort_unstable();
+    let list: Vec<String> = samples.iter().map(u64::to_string).collect();
+    println!("samples (ms, in trial order): {}", list.join(" "));
+    if let (Some(p50), Some(p95), Some(max)) = (percentile(&sorted, 50.0), percentile(&sorted, 95.0), sorted.last()) {
+        println!(
+            "failover (kill -9 of the controller -> first challenge of the next term), {} trials: \
+             p50 {p50} ms, p95 {p95} ms, max {max} ms",
+            sorted.len()
+        );
+    }
+    match (&outcome, &checked) {
+        (Ok(()), Ok(s)) => {
+            println!("invariants: hold ({} terms, {} blocks)", s.terms, s.blocks);
+            ExitCode::SUCCESS
+        }
+        (Err(e), _) => {
+            println!("FAIL: {e}");
+            ExitCode::FAILURE
+        }
+        (Ok(()), Err(v)) => {
+            println!("FAIL: invariant violated: {v}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn trials(room: &mut Room, n: u32, samples: &mut Vec<u64>) -> Result<(), Failure> {
+    for trial in 1..=n {
+        let (term, leader, height) = room.wait_progress().await?;
+        let killed_at = now_ms();
+        room.kill(leader).await;
+        let first = room.wait_challenge_after(term).await?;
+        let ms = first.saturating_sub(killed_at);
+        samples.push(ms);
+        println!(
+            "trial {trial}/{n}: killed controller peer #{leader} of term {term} at height {height}; \
+             term {} challenged after {ms} ms",
+            room.latest_term()
+        );
+        room.add_peer()?;
+    }
+    // The room still works after the last failover.
+    room.wait_progress().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=20).collect();
+        assert_eq!(percentile(&v, 50.0), Some(10));
+        assert_eq!(percentile(&v, 95.0), Some(19));
+        assert_eq!(percentile(&v, 100.0), Some(20));
+        assert_eq!(percentile(&[7], 50.0), Some(7));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+}

@@ -1,0 +1,453 @@
+//! The invariants every run of a room must keep, checked over the peers' event streams.
+//!
+//! - **One controller per term**: every `leader_elected` of a term names the same peer, and only
+//!   that term's controller issues its challenges.
+//! - **One chain**: each peer's chain (its `block_accepted` events, with its `chain_truncated`
+//!   applied) grows one transaction at a time, every block links to the one before it (block 0 to
+//!   the zero hash), its hash is the proof of work of `(prev, tx, winner, nonce)` and has the
+//!   block's difficulty in leading zero bits; and every peer's final chain is a prefix of one chain,
+//!   the room's.
+//!
+//! [`check`] takes the records of a finished run; [`Checker`] takes them one at a time, so a long
+//! run (the `chaos` command) can check as it goes without keeping every record. Blocks are stored
+//! once however many peers hold them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use peer::events::{Event, Record};
+use peer::pow::{self, Digest};
+use peer::protocol::{PeerId, Term, TxId};
+
+/// A block as the events describe it (`block_accepted`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeenBlock {
+    /// Transaction id (the block's height).
+    pub tx: TxId,
+    /// Term of the controller that accepted it.
+    pub term: Term,
+    /// Winning miner.
+    pub winner: PeerId,
+    /// Leading zero bits the challenge asked for.
+    pub difficulty: u8,
+    /// The winning nonce.
+    pub nonce: u64,
+    /// The block's hash (hex).
+    pub hash: String,
+    /// The previous block's hash (hex).
+    pub prev: String,
+}
+
+/// An invariant the events show was broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// Two peers named different controllers for the same term.
+    #[error("term {term} had several controllers: {first} and {second} (named by peer {named_by})")]
+    SeveralControllers {
+        /// The term.
+        term: Term,
+        /// The controller named first.
+        first: PeerId,
+        /// Another controller named later.
+        second: PeerId,
+        /// The peer whose `leader_elected` named `second`.
+        named_by: PeerId,
+    },
+    /// Two peers issued challenges in the same term.
+    #[error("term {term} had several peers issuing challenges: {first} and {second}")]
+    SeveralIssuers {
+        /// The term.
+        term: Term,
+        /// The first issuer.
+        first: PeerId,
+        /// Another issuer.
+        second: PeerId,
+    },
+    /// A peer appended a block at a height other than its chain's.
+    #[error("peer {peer} appended tx {tx} at height {height}")]
+    Gap {
+        /// The peer.
+        peer: PeerId,
+        /// The block's transaction id.
+        tx: TxId,
+        /// The peer's chain height before it.
+        height: u64,
+    },
+    /// A peer appended a block that does not link to its chain's tip.
+    #[error("peer {peer} appended tx {tx} with prev {prev}, but its tip is {tip}")]
+    BrokenLink {
+        /// The peer.
+        peer: PeerId,
+        /// The block's transaction id.
+        tx: TxId,
+        /// The block's `prev`.
+        prev: String,
+        /// The hash of the peer's block `tx - 1` (zeros for block 0).
+        tip: String,
+    },
+    /// A hash or prev field is not a hex SHA-1 or SHA-256 digest.
+    #[error("block {tx}: {field} is not a hex SHA-1 or SHA-256 digest: {value:?}")]
+    BadDigest {
+        /// The block's transaction id.
+        tx: TxId,
+        /// `hash` or `prev`.
+        field: &'static str,
+        /// The field as written.
+        value: String,
+    },
+    /// A block's hash is not the proof of work of its contents.
+    #[error("block {tx} (term {term}, winner {winner}, nonce {nonce}): hash {hash} is not its proof of work {proof}")]
+    WrongHash {
+        /// The block's transaction id.
+        tx: TxId,
+        /// Its term.
+        term: Term,
+        /// Its winner.
+        winner: PeerId,
+        /// Its nonce.
+        nonce: u64,
+        /// The hash it claims.
+        hash: String,
+        /// The hash recomputed from `(prev, tx, winner, nonce)`.
+        proof: String,
+    },
+    /// A block's hash has fewer leading zero bits than its difficulty.
+    #[error("block {tx}: its hash has {zeros} leading zero bits, below its difficulty {difficulty}")]
+    InsufficientWork {
+        /// The block's transaction id.
+        tx: TxId,
+        /// Leading zero bits of its hash.
+        zeros: u32,
+        /// The difficulty it claims.
+        difficulty: u8,
+    },
+    /// A peer's final chain is not a prefix of the room's chain.
+    #[error("peer {peer}'s chain is not a prefix of the room's: at tx {tx} it holds {theirs}, the room {room}")]
+    Diverged {
+        /// The peer.
+        peer: PeerId,
+        /// The first transaction where the chains differ.
+        tx: TxId,
+        /// The peer's block there (term and hash).
+        theirs: String,
+        /// The room's block there (term and hash).
+        room: String,
+    },
+}
+
+/// What a run that kept the invariants did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Blocks in the room's chain (every peer's chain is a prefix of it).
+    pub blocks: usize,
+    /// Distinct terms that had a controller.
+    pub terms: usize,
+    /// The controller of each term, as the peers' `leader_elected` events name it.
+    pub controllers_per_term: BTreeMap<Term, PeerId>,
+    /// Peers that wrote events.
+    pub peers: usize,
+    /// `chain_truncated` events: a peer dropped blocks the room did not keep.
+    pub truncations: usize,
+    /// The room's chain: the longest one.
+    pub chain: Vec<SeenBlock>,
+}
+
+/// Checks the invariants over every record of a run (any interleaving of the peers' streams, as
+/// long as each peer's own records keep their order).
+pub fn check(records: &[Record]) -> Result<Summary, Violation> {
+    let mut checker = Checker::new();
+    for r in records {
+        checker.push(r)?;
+    }
+    checker.finish()
+}
+
+/// Each peer's chain as its events tell it (truncations applied); every peer that wrote a record
+/// has an entry. Fails on the first block that does not extend its peer's chain or lacks its work.
+pub fn chains(records: &[Record]) -> Result<BTreeMap<PeerId, Vec<SeenBlock>>, Violation> {
+    let mut checker = Checker::new();
+    for r in records {
+        checker.push(r)?;
+    }
+    Ok(checker.chains())
+}
+
+/// Checks the invariants one record at a time.
+#[derive(Debug, Default)]
+pub struct Checker {
+    controllers: BTreeMap<Term, PeerId>,
+    issuers: BTreeMap<Term, PeerId>,
+    /// Every distinct block any peer appended, verified once.
+    blocks: Vec<SeenBlock>,
+    known: HashMap<SeenBlock, u32>,
+    /// Each peer's chain, as indices into `blocks`.
+    chains: BTreeMap<PeerId, Vec<u32>>,
+    truncations: usize,
+}
+
+impl Checker {
+    /// A checker that has seen nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes the next record of one peer's stream; fails if it breaks an invariant that can be
+    /// decided at once (everything but the common prefix, which only [`finish`](Self::finish)
+    /// can judge: a peer may hold an unconfirmed block for a while and drop it later).
+    pub fn push(&mut self, r: &Record) -> Result<(), Violation> {
+        let chain = self.chains.entry(r.peer).or_default();
+        match &r.event {
+            Event::LeaderElected { term, leader, .. } => {
+                let first = *self.controllers.entry(*term).or_insert(*leader);
+                if first != *leader {
+                    return Err(Violation::SeveralControllers {
+                        term: *term,
+                        first,
+                        second: *leader,
+                        named_by: r.peer,
+                    });
+                }
+            }
+            Event::ChallengeIssued { term, .. } => {
+                let first = *self.issuers.entry(*term).or_insert(r.peer);
+                if first != r.peer {
+                    return Err(Violation::SeveralIssuers { term: *term, first, second: r.peer });
+                }
+            }
+            Event::BlockAccepted { term, tx, winner, difficulty, nonce, hash, prev, .. } => {
+                let height = chain.len() as u64;
+                if *tx != height {
+                    return Err(Violation::Gap { peer: r.peer, tx: *tx, height });
+                }
+                let tip = match chain.last() {
+                    Some(&i) => self.blocks[i as usize].hash.clone(),
+                    None => zero_like(prev),
+                };
+                if *prev != tip {
+                    return Err(Violation::BrokenLink { peer: r.peer, tx: *tx, prev: prev.clone(), tip });
+                }
+                let block = SeenBlock {
+                    tx: *tx,
+                    term: *term,
+                    winner: *winner,
+                    difficulty: *difficulty,
+                    nonce: *nonce,
+                    hash: hash.clone(),
+                    prev: prev.clone(),
+                };
+                let index = match self.known.get(&block) {
+                    Some(&i) => i,
+                    None => {
+                        verify(&block)?;
+                        let i = u32::try_from(self.blocks.len()).expect("fewer than 2^32 distinct blocks");
+                        self.known.insert(block.clone(), i);
+                        self.blocks.push(block);
+                        i
+                    }
+                };
+                chain.push(index);
+            }
+            Event::ChainTruncated { height } => {
+                chain.truncate(usize::try_from(*height).unwrap_or(usize::MAX));
+                self.truncations += 1;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Each peer's chain so far.
+    pub fn chains(&self) -> BTreeMap<PeerId, Vec<SeenBlock>> {
+        self.chains.iter().map(|(&peer, chain)| (peer, self.resolve(chain))).collect()
+    }
+
+    /// Height of one peer's chain so far (0 for a peer not seen).
+    pub fn height(&self, peer: PeerId) -> u64 {
+        self.chains.get(&peer).map_or(0, |c| c.len() as u64)
+    }
+
+    /// Checks that every peer's chain is a prefix of the longest, and sums up the run.
+    pub fn finish(&self) -> Result<Summary, Violation> {
+        let room: &[u32] = self.chains.values().max_by_key(|c| c.len()).map_or(&[], |c| c.as_slice());
+        for (&peer, chain) in &self.chains {
+            if let Some(at) = chain.iter().zip(room).position(|(a, b)| a != b) {
+                let describe = |i: u32| {
+                    let b = &self.blocks[i as usize];
+                    format!("term {} winner {} hash {}", b.term, b.winner, b.hash)
+                };
+                return Err(Violation::Diverged {
+                    peer,
+                    tx: at as u64,
+                    theirs: describe(chain[at]),
+                    room: describe(room[at]),
+                });
+            }
+        }
+        Ok(Summary {
+            blocks: room.len(),
+            terms: self.controllers.len(),
+            controllers_per_term: self.controllers.clone(),
+            peers: self.chains.len(),
+            truncations: self.truncations,
+            chain: self.resolve(room),
+        })
+    }
+
+    fn resolve(&self, chain: &[u32]) -> Vec<SeenBlock> {
+        chain.iter().map(|&i| self.blocks[i as usize].clone()).collect()
+    }
+}
+
+/// The zero hash as long as `like` (block 0's `prev`); SHA-1's length if `like` is odd.
+fn zero_like(like: &str) -> String {
+    let len = if like.len() == 64 { 64 } else { 40 };
+    "0".repeat(len)
+}
+
+fn digest(tx: TxId, field: &'static str, value: &str) -> Result<Digest, Violation> {
+    let bad = || Violation::BadDigest { tx, field, value: value.to_string() };
+    let bytes = hex::decode(value).map_err(|_| bad())?;
+    match bytes.len() {
+        20 => Ok(Digest::Sha1(bytes.try_into().map_err(|_| bad())?)),
+        32 => Ok(Digest::Sha256(bytes.try_into().map_err(|_| bad())?)),
+        _ => Err(bad()),
+    }
+}
+
+/// The block's hash is its proof of work, with enough leading zeros.
+fn verify(b: &SeenBlock) -> Result<(), Violation> {
+    let prev = digest(b.tx, "prev", &b.prev)?;
+    let hash = digest(b.tx, "hash", &b.hash)?;
+    let proof = pow::proof(&prev, b.tx, b.winner, b.nonce);
+    if proof != hash {
+        return Err(Violation::WrongHash {
+            tx: b.tx,
+            term: b.term,
+            winner: b.winner,
+            nonce: b.nonce,
+            hash: b.hash.clone(),
+            proof: proof.to_hex(),
+        });
+    }
+    if proof.leading_zeros() < u32::from(b.difficulty) {
+        return Err(Violation::InsufficientWork { tx: b.tx, zeros: proof.leading_zeros(), difficulty: b.difficulty });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peer::pow::{HashAlg, Template};
+
+    const DIFFICULTY: u8 = 6;
+
+    fn record(peer: PeerId, event: Event) -> Record {
+        Record { ts_ms: 0, peer, event }
+    }
+
+    /// A `block_accepted` event, built from JSON so fields added later (with serde defaults) need no
+    /// change here.
+    fn accepted(term: Term, tx: TxId, winner: PeerId, difficulty: u8, nonce: u64, hash: &str, prev: &str) -> Event {
+        let v = serde_json::json!({
+            "event": "block_accepted", "term": term, "tx": tx, "winner": winner, "difficulty": difficulty,
+            "nonce": nonce, "hash": hash, "prev": prev,
+        });
+        serde_json::from_value(v).expect("a block_accepted event")
+    }
+
+    /// The same event with one field changed.
+    fn with(event: &Event, field: &str, value: serde_json::Value) -> Event {
+        let mut v = serde_json::to_value(event).expect("serialize");
+        v[field] = value;
+        serde_json::from_value(v).expect("deserialize")
+    }
+
+    /// A valid chain of `n` blocks in `term`, mined for real at a low difficulty.
+    fn mine(n: u64, term: Term, winner: PeerId) -> Vec<Event> {
+        let mut prev = Digest::zero(HashAlg::Sha1);
+        (0..n)
+            .map(|tx| {
+                let nonce = Template::new(&prev, tx, winner)
+                    .search(u32::from(DIFFICULTY), 0, u64::MAX)
+                    .expect("a nonce at a low difficulty");
+                let hash = pow::proof(&prev, tx, winner, nonce);
+                let event = accepted(term, tx, winner, DIFFICULTY, nonce, &hash.to_hex(), &prev.to_hex());
+                prev = hash;
+                event
+            })
+            .collect()
+    }
+
+    fn elected(term: Term, leader: PeerId) -> Event {
+        Event::LeaderElected { term, leader, votes: 3 }
+    }
+
+    #[test]
+    fn a_clean_run_sums_up() {
+        let blocks = mine(3, 1, 7);
+        let mut records = vec![record(1, elected(1, 9)), record(2, elected(1, 9))];
+        records.extend(blocks.iter().map(|e| record(1, e.clone())));
+        records.extend(blocks[..2].iter().map(|e| record(2, e.clone())));
+        records.push(record(9, Event::ChallengeIssued { term: 1, tx: 0, difficulty: DIFFICULTY }));
+        let summary = check(&records).expect("valid");
+        assert_eq!(summary.blocks, 3);
+        assert_eq!(summary.terms, 1);
+        assert_eq!(summary.controllers_per_term, BTreeMap::from([(1, 9)]));
+        assert_eq!(summary.peers, 3);
+        assert_eq!(summary.chain.iter().map(|b| b.tx).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(chains(&records).expect("valid")[&2].len(), 2);
+    }
+
+    #[test]
+    fn two_controllers_in_one_term_are_a_violation() {
+        let records = [record(1, elected(2, 9)), record(2, elected(2, 8))];
+        let v = check(&records).unwrap_err();
+        assert_eq!(v, Violation::SeveralControllers { term: 2, first: 9, second: 8, named_by: 2 });
+        assert!(v.to_string().contains("term 2 had several controllers"), "{v}");
+    }
+
+    #[test]
+    fn two_issuers_in_one_term_are_a_violation() {
+        let challenge = Event::ChallengeIssued { term: 1, tx: 0, difficulty: 1 };
+        let records = [record(1, challenge.clone()), record(2, challenge)];
+        assert!(matches!(check(&records), Err(Violation::SeveralIssuers { term: 1, .. })));
+    }
+
+    #[test]
+    fn gaps_broken_links_and_forged_work_are_violations() {
+        let blocks = mine(2, 1, 7);
+        assert!(matches!(check(&[record(1, blocks[1].clone())]), Err(Violation::Gap { tx: 1, height: 0, .. })));
+
+        let other = mine(2, 1, 8);
+        let records = [record(1, blocks[0].clone()), record(1, other[1].clone())];
+        assert!(matches!(check(&records), Err(Violation::BrokenLink { tx: 1, .. })));
+
+        let nonce = serde_json::to_value(&blocks[0]).expect("json")["nonce"].as_u64().expect("nonce");
+        let forged = with(&blocks[0], "nonce", (nonce + 1).into());
+        assert!(matches!(check(&[record(1, forged)]), Err(Violation::WrongHash { tx: 0, .. })));
+
+        let greedy = with(&blocks[0], "difficulty", 100.into());
+        assert!(matches!(check(&[record(1, greedy)]), Err(Violation::InsufficientWork { tx: 0, .. })));
+
+        let garbled = with(&blocks[0], "hash", "xyz".into());
+        assert!(matches!(check(&[record(1, garbled)]), Err(Violation::BadDigest { field: "hash", .. })));
+    }
+
+    #[test]
+    fn a_dropped_suffix_is_fine_but_a_kept_fork_is_not() {
+        let ours = mine(2, 1, 7);
+        let theirs = mine(2, 2, 8);
+        // Peer 1 held block 1 of the old term, then dropped it for the new controller's chain.
+        let mut records: Vec<Record> = ours.iter().map(|e| record(1, e.clone())).collect();
+        records.push(record(1, Event::ChainTruncated { height: 0 }));
+        records.extend(theirs.iter().map(|e| record(1, e.clone())));
+        records.extend(theirs.iter().map(|e| record(2, e.clone())));
+        let summary = check(&records).expect("the suffix was dropped");
+        assert_eq!(summary.truncations, 1);
+        assert_eq!(summary.chain[0].winner, 8);
+
+        // Peer 3 kept its fork.
+        records.extend(ours.iter().map(|e| record(3, e.clone())));
+        assert!(matches!(check(&records), Err(Violation::Diverged { tx: 0, .. })));
+    }
+}
