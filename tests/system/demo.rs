@@ -14,7 +14,7 @@ fn launcher_runs_ten_peers_that_agree_on_a_leader_and_three_blocks_then_leaves_n
     let events = dir.path().join("events.jsonl");
     let port = free_port();
     let child = Command::new(exe())
-        .args(["--peers", "10", "--rounds", "3", "--difficulty", "12", "--threads", "1"])
+        .args(["--peers", "10", "--rounds", "3", "--difficulty", "12", "--threads", "1", "--target-block-ms", "0"])
         .args(["--port", &port.to_string(), "--events"])
         .arg(&events)
         .stdin(Stdio::null())

@@ -1,4 +1,4 @@
-//! Faults on a real room: controller crash, a paused (zombie) controller, churn.
+//! Faults on a real room: controller crash, a paused (zombie) controller, churn, broker restart.
 
 use std::time::Duration;
 
@@ -73,6 +73,25 @@ fn miners_leave_and_join_without_disturbing_the_room() {
     assert!(events.iter().any(|r| matches!(r.event, Event::MiningStarted { .. })), "the late joiner mines");
     for (i, terms) in room.terms() {
         assert!(terms.iter().all(|&t| t == 1), "peer {i} saw another election: {terms:?}");
+    }
+    room.check();
+}
+
+#[test]
+fn the_room_resumes_after_a_broker_restart() {
+    let mut room = Room::start(4);
+    room.wait_leader(1, T);
+    room.wait_height(2, T);
+    room.broker.signal(libc::SIGKILL);
+    room.broker.wait_exit(T);
+    let h = room.min_height();
+    room.broker = start_broker(room.port);
+    // Peers reconnect with backoff, re-subscribe, re-announce; the controller re-issues its
+    // challenge (or its last result), and mining goes on from the chains the peers hold.
+    room.wait_height(h + 3, T);
+    for i in room.alive() {
+        let connects = room.events_of(i).iter().filter(|r| matches!(r.event, Event::Connected { .. })).count();
+        assert!(connects >= 2, "peer {i} reconnected");
     }
     room.check();
 }

@@ -1,6 +1,8 @@
 //! System tests: real processes (the launcher, the broker, peers) over real TCP on free ports.
 
+mod chaos;
 mod demo;
 mod faults;
+mod partition;
 mod room;
 mod support;

@@ -13,8 +13,8 @@ use crate::support::*;
 pub struct Room {
     pub dir: tempfile::TempDir,
     pub port: u16,
-    /// Held so the broker lives as long as the room.
-    pub _broker: Proc,
+    /// The broker; replaced when a test restarts it.
+    pub broker: Proc,
     pub peers: Vec<Option<Proc>>,
     pub files: Vec<PathBuf>,
     pub size: usize,
@@ -24,13 +24,13 @@ impl Room {
     /// Starts a broker and `n` peers expecting a room of `n`.
     pub fn start(n: usize) -> Self {
         let port = free_port();
-        let _broker = start_broker(port);
+        let broker = start_broker(port);
         let dir = tempfile::Builder::new()
             .prefix("hashvote-room")
             .disable_cleanup(std::env::var_os("KEEP_ROOMS").is_some())
             .tempdir()
             .unwrap();
-        let mut room = Room { dir, port, _broker, peers: Vec::new(), files: Vec::new(), size: n };
+        let mut room = Room { dir, port, broker, peers: Vec::new(), files: Vec::new(), size: n };
         for _ in 0..n {
             room.add_peer();
         }
@@ -42,7 +42,11 @@ impl Room {
         let index = self.files.len();
         let file = self.dir.path().join(format!("peer{index}.jsonl"));
         let size = self.size.to_string();
-        let args = ["--room-size", &size, "--difficulty", "13", "--threads", "1", "--keepalive", "1"];
+        // A room of its own on the broker: even a peer that reached another test's broker would
+        // not mix with that room.
+        let prefix = format!("hv{}r{}", std::process::id(), self.port);
+        let args =
+            ["--room-size", &size, "--difficulty", "18", "--threads", "1", "--keepalive", "1", "--prefix", &prefix];
         self.peers.push(Some(start_peer(self.port, &file, &args)));
         self.files.push(file);
         index
