@@ -4,7 +4,12 @@
 //! whoever spawns it: exactly one line on stdout, `broker listening on ADDR`, once the broker
 //! accepts connections; on failure one line on stderr, `broker: error: ...`, and a non-zero exit.
 //! SIGTERM or SIGINT exits 0: process exit is the only way to stop rumqttd.
+//!
+//! Logins (username → password) come from `--auth-file FILE` or the environment variable
+//! [`AUTH_ENV`], never from a flag's value: the command line of every process is readable by
+//! every local user.
 
+use std::collections::HashMap;
 use std::io::{self, IsTerminal, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -15,7 +20,7 @@ use std::thread;
 use anyhow::{Context, bail};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{DEFAULT_BIND, DEFAULT_PORT};
+use crate::config::{AUTH_ENV, DEFAULT_BIND, DEFAULT_PORT};
 use crate::{BrokerConfig, BrokerError};
 
 /// The log filter used when neither `--log` nor `RUST_LOG` is given.
@@ -57,6 +62,12 @@ pub struct Args {
     #[arg(long, value_name = "BYTES")]
     pub max_payload: Option<usize>,
 
+    /// Require a login: users and passwords, as TOML (`[users]` then `name = "password"`) or one
+    /// `user:password` per line. Keep it private (mode 0600). Replaces the config's `auth`.
+    /// Alternatively set HASHVOTE_BROKER_AUTH="user:password[,user2:password2]" (not both).
+    #[arg(long, value_name = "FILE")]
+    pub auth_file: Option<PathBuf>,
+
     /// tracing filter, e.g. `info` or `warn,rumqttd=info` [default: RUST_LOG, else a filter
     /// that keeps rumqttd's disconnect noise out].
     #[arg(long, value_name = "LEVEL_FILTER")]
@@ -72,6 +83,38 @@ impl Args {
             port: self.port,
             max_payload: self.max_payload,
             ..BrokerConfig::default()
+        }
+    }
+}
+
+impl Args {
+    /// The logins these flags and the environment ask for: from `--auth-file`, else from
+    /// [`AUTH_ENV`] (set but empty is an error: it would otherwise leave the broker open), else
+    /// `None` (the config file's `auth`, if any, applies).
+    pub fn auth(&self) -> Result<Option<HashMap<String, String>>, BrokerError> {
+        let env = std::env::var_os(AUTH_ENV).map(|value| value.to_string_lossy().into_owned());
+        match (&self.auth_file, env) {
+            (Some(_), Some(_)) => Err(BrokerError::InvalidConfig {
+                origin: AUTH_ENV.to_owned(),
+                reason: "give the logins either with --auth-file or in the environment, not both".to_owned(),
+            }),
+            (Some(path), None) => {
+                warn_if_others_can_read(path);
+                crate::config::read_auth_file(path).map(Some)
+            }
+            (None, Some(list)) => crate::config::parse_auth_list(&list, AUTH_ENV).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// Logs a warning if the auth file is readable by its group or by others.
+fn warn_if_others_can_read(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), mode = format!("{:o}", mode & 0o777), "the auth file is readable by other users; chmod 600 it");
         }
     }
 }
@@ -108,7 +151,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
     // SIGTERM would kill the process instead of exiting 0.
     watch_signals(stop_tx.clone()).context("cannot install signal handlers")?;
 
-    let running = crate::start(&args.broker_config())?;
+    let mut config = args.broker_config();
+    if let Some(auth) = args.auth()? {
+        tracing::info!(users = auth.len(), "clients must log in");
+        config.auth = Some(auth);
+    }
+    let running = crate::start(&config)?;
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "{}", running.ready_line())
         .and_then(|()| stdout.flush())
@@ -236,6 +284,23 @@ mod tests {
         assert_eq!(config.max_payload, Some(1234));
         assert_eq!(config.config_file, Some(PathBuf::from("x.toml")));
         assert_eq!(args.log.as_deref(), Some("debug"));
+    }
+
+    #[test]
+    fn auth_file_flag_is_read() {
+        let dir = std::env::temp_dir().join(format!("broker-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("auth");
+        std::fs::write(&path, "alice:pw\n").expect("write");
+        let args = Args::try_parse_from(["broker", "--auth-file"]).err();
+        assert!(args.is_some(), "--auth-file needs a value");
+        let args = Args::try_parse_from(["broker".as_ref(), "--auth-file".as_ref(), path.as_os_str()]).expect("parse");
+        // The environment variable is not set in unit tests (the system tests cover it).
+        if std::env::var_os(AUTH_ENV).is_none() {
+            let auth = args.auth().expect("auth");
+            assert_eq!(auth, Some(HashMap::from([("alice".to_owned(), "pw".to_owned())])));
+        }
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

@@ -128,6 +128,94 @@ impl BrokerConfig {
     }
 }
 
+/// The environment variable a broker reads its logins from: `user:password[,user2:password2]`.
+///
+/// Logins come from the environment or a file, never from the command line, where every local
+/// user can read them (`/proc/PID/cmdline`).
+pub const AUTH_ENV: &str = "HASHVOTE_BROKER_AUTH";
+
+/// Parses the logins of an auth file: TOML with a `[users]` table (`name = "password"`), or one
+/// `user:password` per line (blank lines and lines starting with `#` are skipped). The format is
+/// TOML when the first line that is neither blank nor a comment starts with `[`.
+///
+/// Errors name the file and the line, never a password.
+pub fn parse_auth_file(text: &str, origin: &str) -> Result<HashMap<String, String>, BrokerError> {
+    let invalid = |reason: String| BrokerError::InvalidConfig { origin: origin.to_owned(), reason };
+    let meaningful = |line: &&str| {
+        let line = line.trim();
+        !line.is_empty() && !line.starts_with('#')
+    };
+    let mut logins = HashMap::new();
+    if text.lines().find(meaningful).is_some_and(|line| line.trim_start().starts_with('[')) {
+        let table: toml::Table = toml::from_str(text).map_err(|e| BrokerError::ParseConfig {
+            origin: origin.to_owned(),
+            reason: one_line_toml_error(text, &e),
+        })?;
+        if let Some(key) = table.keys().find(|key| *key != "users") {
+            return Err(BrokerError::UnknownKey { origin: origin.to_owned(), key: key.clone() });
+        }
+        let Some(toml::Value::Table(users)) = table.get("users") else {
+            return Err(invalid("expected a [users] table of name = \"password\"".to_owned()));
+        };
+        for (user, password) in users {
+            let toml::Value::String(password) = password else {
+                return Err(invalid(format!("users.{user}: the password must be a string")));
+            };
+            add_login(&mut logins, user, password).map_err(|reason| invalid(format!("users.{user}: {reason}")))?;
+        }
+    } else {
+        for (number, line) in text.lines().enumerate().filter(|(_, line)| meaningful(line)) {
+            let (user, password) = line
+                .trim()
+                .split_once(':')
+                .ok_or_else(|| invalid(format!("line {}: expected user:password", number + 1)))?;
+            add_login(&mut logins, user, password)
+                .map_err(|reason| invalid(format!("line {}: {reason}", number + 1)))?;
+        }
+    }
+    if logins.is_empty() {
+        return Err(invalid("no logins in it: no client could connect".to_owned()));
+    }
+    Ok(logins)
+}
+
+/// Parses logins written as `user:password[,user2:password2]`, the form of [`AUTH_ENV`]. A
+/// password can contain `:` (the first one separates it from the user) but not `,`.
+pub fn parse_auth_list(text: &str, origin: &str) -> Result<HashMap<String, String>, BrokerError> {
+    let invalid = |reason: String| BrokerError::InvalidConfig { origin: origin.to_owned(), reason };
+    let mut logins = HashMap::new();
+    for (number, entry) in text.split(',').enumerate() {
+        let (user, password) = entry
+            .trim()
+            .split_once(':')
+            .ok_or_else(|| invalid(format!("login {}: expected user:password", number + 1)))?;
+        add_login(&mut logins, user, password).map_err(|reason| invalid(format!("login {}: {reason}", number + 1)))?;
+    }
+    Ok(logins)
+}
+
+/// Reads and parses an auth file (see [`parse_auth_file`]).
+pub fn read_auth_file(path: &std::path::Path) -> Result<HashMap<String, String>, BrokerError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| BrokerError::ReadConfig { path: path.to_owned(), source })?;
+    parse_auth_file(&text, &path.display().to_string())
+}
+
+/// Adds one login, refusing an empty name or password and a user given twice.
+fn add_login(logins: &mut HashMap<String, String>, user: &str, password: &str) -> Result<(), String> {
+    let user = user.trim();
+    if user.is_empty() {
+        return Err("empty user name".to_owned());
+    }
+    if password.is_empty() {
+        return Err(format!("empty password for user {user}"));
+    }
+    if logins.insert(user.to_owned(), password.to_owned()).is_some() {
+        return Err(format!("user {user} is given twice"));
+    }
+    Ok(())
+}
+
 /// Parses rumqttd's TOML config, rejecting keys it would silently ignore.
 fn parse(text: &str, origin: &str) -> Result<rumqttd::Config, BrokerError> {
     let parse_error = |e: toml::de::Error| BrokerError::ParseConfig {
@@ -427,6 +515,46 @@ mod tests {
             assert!(message.contains(expected), "{to}: {message}");
             let _ = std::fs::remove_file(path);
         }
+    }
+
+    #[test]
+    fn auth_file_in_both_formats() {
+        let expected = HashMap::from([("alice".to_owned(), "a:b c".to_owned()), ("bob".to_owned(), "pw".to_owned())]);
+        let lines = "# logins\n\nalice:a:b c\n  bob:pw  \n";
+        assert_eq!(parse_auth_file(lines, "f").expect("lines"), expected);
+        let toml = "# logins\n[users]\nalice = \"a:b c\"\nbob = \"pw\"\n";
+        assert_eq!(parse_auth_file(toml, "f").expect("toml"), expected);
+    }
+
+    #[test]
+    fn bad_auth_files_are_rejected_without_showing_passwords() {
+        let cases = [
+            ("alice:secret1\nbob\n", "f: line 2: expected user:password"),
+            ("alice:secret1\nalice:secret2\n", "user alice is given twice"),
+            (":secret1\n", "empty user name"),
+            ("alice:\n", "empty password for user alice"),
+            ("# nothing\n", "no logins"),
+            ("[users]\nalice = 1\n", "users.alice: the password must be a string"),
+            ("[users]\nalice = \"secret1\"\n[other]\n", "unknown key `other`"),
+            ("[userz]\nalice = \"secret1\"\n", "unknown key `userz`"),
+        ];
+        for (text, expected) in cases {
+            let message = match parse_auth_file(text, "f") {
+                Ok(_) => panic!("accepted {text:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(message.contains(expected), "{text:?}: {message}");
+            assert!(!message.contains("secret"), "{message}");
+        }
+    }
+
+    #[test]
+    fn auth_list_from_the_environment() {
+        let logins = parse_auth_list("alice:pw1, bob:p:w2", AUTH_ENV).expect("list");
+        assert_eq!(logins, HashMap::from([("alice".into(), "pw1".into()), ("bob".into(), "p:w2".into())]));
+        let message = parse_auth_list("alice:secret,bob", AUTH_ENV).expect_err("no password").to_string();
+        assert!(message.contains("login 2: expected user:password") && !message.contains("secret"), "{message}");
+        assert!(parse_auth_list("", AUTH_ENV).is_err());
     }
 
     #[test]

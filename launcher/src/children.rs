@@ -4,6 +4,10 @@
 //! Ctrl-C reaches only the launcher, which then stops the room in order), asks the kernel to kill
 //! it when the launcher dies (`PR_SET_PDEATHSIG`, for a launcher killed with SIGKILL), and is
 //! killed when its handle is dropped (for any error path of the launcher itself).
+//!
+//! A room can require a [`Login`]: the broker and the peers then get it through their
+//! environment (`HASHVOTE_BROKER_AUTH`, `HASHVOTE_USERNAME`/`HASHVOTE_PASSWORD`), which only
+//! their user can read, never through their command line, which every local user can read.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +53,39 @@ pub enum Output {
     },
 }
 
+/// The user name and password a room's broker requires and its peers log in with.
+#[derive(Clone)]
+pub struct Login {
+    /// The user name.
+    pub user: String,
+    password: String,
+}
+
+// By hand, so the password never reaches a log line.
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+impl Login {
+    /// Characters of a generated password: 24 alphanumerics carry about 143 bits.
+    pub const GENERATED_LEN: usize = 24;
+
+    /// A login for `user` with a fresh random password (from the thread-local CSPRNG).
+    pub fn generate(user: &str) -> Self {
+        use rand::Rng;
+        let password =
+            rand::rng().sample_iter(rand::distr::Alphanumeric).take(Self::GENERATED_LEN).map(char::from).collect();
+        Self { user: user.to_owned(), password }
+    }
+
+    /// The password.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+}
+
 struct Running {
     pid: u32,
     /// Resolves when the child has exited (the task owns the child, which kills it on drop).
@@ -62,6 +99,7 @@ pub struct Children {
     stopping: Arc<AtomicBool>,
     broker: Option<Running>,
     peers: Vec<Running>,
+    login: Option<Login>,
 }
 
 impl std::fmt::Debug for Children {
@@ -116,13 +154,24 @@ fn forward_lines<R: AsyncRead + Unpin + Send + 'static>(
 impl Children {
     /// No children yet; `exe` is the launcher's own executable.
     pub fn new(exe: PathBuf, out: mpsc::UnboundedSender<Output>) -> Self {
-        Self { exe, out, stopping: Arc::new(AtomicBool::new(false)), broker: None, peers: Vec::new() }
+        Self { exe, out, stopping: Arc::new(AtomicBool::new(false)), broker: None, peers: Vec::new(), login: None }
+    }
+
+    /// Makes the broker started next require `login`, and every peer log in with it (`None`: no
+    /// login; any inherited credentials are removed from the children's environment).
+    pub fn set_login(&mut self, login: Option<Login>) {
+        self.login = login;
     }
 
     /// Starts the broker on 127.0.0.1:`port` and waits until it says it is listening.
     pub async fn start_broker(&mut self, port: u16) -> anyhow::Result<SocketAddr> {
         let args = ["--bind".to_string(), "127.0.0.1".into(), "--port".into(), port.to_string()];
-        let mut child = command(&self.exe, "broker", &args).spawn().context("cannot start the broker")?;
+        let mut cmd = command(&self.exe, "broker", &args);
+        match &self.login {
+            Some(login) => cmd.env(broker::config::AUTH_ENV, format!("{}:{}", login.user, login.password)),
+            None => cmd.env_remove(broker::config::AUTH_ENV),
+        };
+        let mut child = cmd.spawn().context("cannot start the broker")?;
         let pid = child.id().context("the broker exited at once")?;
         let mut stdout = BufReader::new(child.stdout.take().context("broker stdout")?).lines();
         let mut stderr = BufReader::new(child.stderr.take().context("broker stderr")?).lines();
@@ -162,8 +211,12 @@ impl Children {
 
     /// Starts peer number `index` with the given flags.
     pub fn start_peer(&mut self, index: usize, args: &[String]) -> anyhow::Result<()> {
-        let mut child =
-            command(&self.exe, "peer", args).spawn().with_context(|| format!("cannot start peer #{index}"))?;
+        let mut cmd = command(&self.exe, "peer", args);
+        match &self.login {
+            Some(login) => cmd.env("HASHVOTE_USERNAME", &login.user).env("HASHVOTE_PASSWORD", &login.password),
+            None => cmd.env_remove("HASHVOTE_USERNAME").env_remove("HASHVOTE_PASSWORD"),
+        };
+        let mut child = cmd.spawn().with_context(|| format!("cannot start peer #{index}"))?;
         let pid = child.id().with_context(|| format!("peer #{index} exited at once"))?;
         let out = self.out.clone();
         forward_lines(child.stdout.take().context("peer stdout")?, out.clone(), move |line| Output::Event {

@@ -76,6 +76,11 @@ pub struct RoomArgs {
     /// Also show each peer's warnings and errors (their stderr).
     #[arg(long)]
     pub verbose: bool,
+    /// Let anyone who reaches the broker connect. By default the broker requires a login: user
+    /// `hashvote` with a random password, passed to the children in their environment and
+    /// written to a file only you can read (its path is printed).
+    #[arg(long)]
+    pub no_auth: bool,
 }
 
 /// `launcher chaos`: how many peers and fault cycles.

@@ -1,5 +1,8 @@
 //! The launcher: starts a broker and a room of peers as child processes, shows what the room does
 //! from the peers' event streams, and stops every child when it stops, whatever the reason.
+//!
+//! Unless told `--no-auth`, the room's broker requires a login generated for the run (see
+//! [`children::Login`]); the password is written to a [`PasswordFile`] for outside clients.
 
 pub mod chaos;
 pub mod children;
@@ -10,18 +13,57 @@ pub mod tally;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::sync::mpsc;
 
-use crate::children::{Children, Output};
+use crate::children::{Children, Login, Output};
 use crate::cli::RoomArgs;
 use crate::tally::Tally;
 
 /// The port a demo uses unless told otherwise (MQTT's standard port).
 pub const DEFAULT_PORT: u16 = 1883;
+
+/// The user name of the login a demo generates.
+pub const DEMO_USER: &str = "hashvote";
+
+/// A password written for outside clients: `password` in a fresh directory under the system's
+/// temporary directory, the directory mode 0700 and the file 0600 (both created new, so nothing
+/// planted there beforehand is used). Both are removed when this is dropped.
+#[derive(Debug)]
+pub struct PasswordFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl PasswordFile {
+    /// Writes `password` (and a newline) to a new private file.
+    pub fn create(password: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let suffix: u64 = rand::random();
+        let dir = std::env::temp_dir().join(format!("hashvote-{}-{suffix:016x}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let created = Self { path: dir.join("password"), dir };
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&created.path)?;
+        writeln!(file, "{password}")?;
+        Ok(created)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PasswordFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
 
 /// Runs a room from parsed arguments; the whole of `main` for the launcher role.
 pub fn main(args: RoomArgs) -> ExitCode {
@@ -69,8 +111,24 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
     let (out_tx, mut out_rx) = mpsc::unbounded_channel();
     let mut children = Children::new(exe, out_tx);
 
+    let login = (!args.no_auth).then(|| Login::generate(DEMO_USER));
+    // Kept until the room stops: the password is useless once the broker is gone.
+    let password_file = match &login {
+        Some(login) => Some(PasswordFile::create(login.password()).context("cannot write the password file")?),
+        None => None,
+    };
+    children.set_login(login.clone());
+
     let addr = children.start_broker(port).await?;
     println!("broker listening on {addr}");
+    match (&login, &password_file) {
+        (Some(login), Some(file)) => println!(
+            "auth: on; user {}, password in {} (only you can read it; removed on exit); --no-auth turns it off",
+            login.user,
+            file.path().display()
+        ),
+        _ => println!("auth: off (--no-auth): anyone who reaches {addr} can connect and publish"),
+    }
     let mut tally = Tally::new(args.peers as usize);
     for index in 0..args.peers as usize {
         children.start_peer(index, &peer_args(&args, addr))?;
@@ -127,6 +185,7 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
     // Miners first, the controller last: the room should not hold an election while it closes.
     let leader = tally.leader_index();
     children.stop_all(leader, Duration::from_secs(5)).await;
+    drop(password_file);
     if args.rounds > 0 && outcome.is_ok() {
         println!("{}", tally.summary());
     }

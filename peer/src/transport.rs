@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS, StateError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -32,7 +32,20 @@ pub enum PeerError {
         /// The last connection error.
         reason: String,
     },
-    /// The broker refused the login.
+    /// The broker closed the first connections after accepting TCP but before any CONNACK.
+    /// rumqttd refuses a bad or missing login this way, without a return code.
+    #[error(
+        "the broker at {addr} closed the connection before accepting the login ({})",
+        if *credentials { "wrong user name or password?" } else { "does it require a login? set --username and HASHVOTE_PASSWORD" }
+    )]
+    LoginRejected {
+        /// host:port.
+        addr: String,
+        /// Whether a user name (and password) was sent.
+        credentials: bool,
+    },
+    /// The broker refused the login with a CONNACK return code (e.g. Mosquitto's
+    /// BadUserNamePassword or NotAuthorized).
     #[error("the broker at {addr} refused the connection ({code}); check the user name and password")]
     Refused {
         /// host:port.
@@ -88,7 +101,9 @@ pub async fn run(
     let (net_tx, mut net_rx) = mpsc::channel(4096);
     let stop_net = CancellationToken::new();
     let addr = format!("{}:{}", cfg.host, cfg.port);
-    let net = tokio::spawn(poll_network(eventloop, net_tx, stop_net.clone(), addr.clone(), cfg.connect_timeout_s));
+    let first =
+        FirstConnect { addr: addr.clone(), timeout_s: cfg.connect_timeout_s, credentials: cfg.username.is_some() };
+    let net = tokio::spawn(poll_network(eventloop, net_tx, stop_net.clone(), first));
 
     let (found_tx, mut found_rx) = mpsc::unbounded_channel::<Found>();
     let miner = Miner::new(threads, move |f| {
@@ -191,16 +206,51 @@ async fn publish(client: &AsyncClient, topics: &Topics, id: PeerId, msg: Message
     }
 }
 
+/// Consecutive first-connection attempts closed before a CONNACK after which the login is taken
+/// as refused. More than one, so a broker that drops one connection while it restarts is not
+/// mistaken for a refusal; few, so a refused peer says so in well under a second.
+const CLOSED_BEFORE_CONNACK_LIMIT: u32 = 3;
+
+/// What [`poll_network`] needs to judge the first connection.
+struct FirstConnect {
+    /// host:port, for messages.
+    addr: String,
+    /// Seconds to keep trying.
+    timeout_s: u64,
+    /// Whether a user name (and password) is sent.
+    credentials: bool,
+}
+
+/// True if the error means the TCP connection was made and then closed before the broker's
+/// CONNACK: what rumqttd does to a bad or missing login. A broker that is not listening yet
+/// gives `ConnectionRefused` on the TCP connect instead.
+fn closed_before_connack(error: &ConnectionError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let closed =
+        |e: &std::io::Error| matches!(e.kind(), ConnectionReset | BrokenPipe | UnexpectedEof | ConnectionAborted);
+    match error {
+        ConnectionError::MqttState(StateError::ConnectionAborted) => true,
+        ConnectionError::MqttState(StateError::Io(e) | StateError::Deserialization(rumqttc::Error::Io(e))) => closed(e),
+        ConnectionError::Io(e) => closed(e),
+        _ => false,
+    }
+}
+
 /// Polls rumqttc's event loop for ever, reconnecting with backoff after errors.
+///
+/// Until the first CONNACK it gives up with a fatal error: at once on a refusing CONNACK code,
+/// after [`CLOSED_BEFORE_CONNACK_LIMIT`] attempts in a row closed before any CONNACK (a refused
+/// login at rumqttd), or when the connect timeout passes.
 async fn poll_network(
     mut eventloop: rumqttc::EventLoop,
     tx: mpsc::Sender<Net>,
     stop: CancellationToken,
-    addr: String,
-    connect_timeout_s: u64,
+    first: FirstConnect,
 ) {
+    let FirstConnect { addr, timeout_s: connect_timeout_s, credentials } = first;
     let started = Instant::now();
     let mut connected_once = false;
+    let mut closed_early = 0;
     let mut backoff = Duration::from_millis(50);
     loop {
         let event = tokio::select! {
@@ -229,9 +279,18 @@ async fn poll_network(
             }
             Err(e) => {
                 let reason = e.to_string();
-                if !connected_once && started.elapsed() > Duration::from_secs(connect_timeout_s) {
-                    let _ = tx.send(Net::Fatal(PeerError::Unreachable { addr, secs: connect_timeout_s, reason })).await;
-                    return;
+                if !connected_once {
+                    closed_early = if closed_before_connack(&e) { closed_early + 1 } else { 0 };
+                    let timed_out = started.elapsed() > Duration::from_secs(connect_timeout_s);
+                    if closed_early >= CLOSED_BEFORE_CONNACK_LIMIT || (timed_out && closed_early > 0) {
+                        let _ = tx.send(Net::Fatal(PeerError::LoginRejected { addr, credentials })).await;
+                        return;
+                    }
+                    if timed_out {
+                        let fatal = PeerError::Unreachable { addr, secs: connect_timeout_s, reason };
+                        let _ = tx.send(Net::Fatal(fatal)).await;
+                        return;
+                    }
                 }
                 if connected_once {
                     warn!(error = %reason, retry_ms = backoff.as_millis() as u64, "broker connection lost; reconnecting");
@@ -300,5 +359,40 @@ fn log_event(event: &Event) {
         | Event::LeaderElected { .. }
         | Event::ChallengeIssued { .. } => info!("{}", crate::events::describe(event)),
         _ => debug!("{}", crate::events::describe(event)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_connection_closed_before_connack_is_told_apart_from_no_broker() {
+        let closed = [
+            ConnectionError::MqttState(StateError::ConnectionAborted),
+            ConnectionError::MqttState(StateError::Deserialization(rumqttc::Error::Io(Error::from(
+                ErrorKind::ConnectionReset,
+            )))),
+            ConnectionError::Io(Error::from(ErrorKind::BrokenPipe)),
+        ];
+        assert!(closed.iter().all(closed_before_connack));
+        let other = [
+            ConnectionError::Io(Error::from(ErrorKind::ConnectionRefused)),
+            ConnectionError::NetworkTimeout,
+            ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::BadUserNamePassword),
+        ];
+        assert!(!other.iter().any(closed_before_connack));
+    }
+
+    #[test]
+    fn login_rejection_is_one_line_with_a_hint() {
+        let with = PeerError::LoginRejected { addr: "h:1".into(), credentials: true }.to_string();
+        assert_eq!(
+            with,
+            "the broker at h:1 closed the connection before accepting the login (wrong user name or password?)"
+        );
+        let without = PeerError::LoginRejected { addr: "h:1".into(), credentials: false }.to_string();
+        assert!(without.contains("--username and HASHVOTE_PASSWORD") && !without.contains('\n'), "{without}");
     }
 }

@@ -1,5 +1,6 @@
 //! System tests: real processes (the launcher, the broker, peers) over real TCP on free ports.
 
+mod auth;
 mod chaos;
 mod demo;
 mod faults;
