@@ -2,7 +2,7 @@
 //! over the embedded defaults. Shared by the `peer` binary and the launcher, which re-executes
 //! itself as `launcher peer ...`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -112,8 +112,12 @@ fn parse_range(s: &str) -> Result<[u8; 2], String> {
 /// Runs a peer from parsed arguments; the whole of `main`.
 pub fn main(args: Args) -> ExitCode {
     let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::pace::Pace;
 use crate::pow::HashAlg;
-use crate::protocol::{MAX_DIFFICULTY, PeerId};
+use crate::protocol::{PeerId, max_difficulty};
 
 /// The embedded default configuration.
 pub const DEFAULT_TOML: &str = include_str!("../../config/peer.toml");
@@ -125,7 +125,7 @@ impl PeerConfig {
         if self.threads > 1024 {
             return bad("threads", format!("{} is more than 1024", self.threads));
         }
-        let max = MAX_DIFFICULTY.min(self.hash.bits() as u8);
+        let max = max_difficulty(self.hash);
         if self.difficulty > max {
             return bad(
                 "difficulty",
@@ -163,7 +163,7 @@ impl PeerConfig {
 
     /// The difficulty policy these settings describe.
     pub fn pace(&self) -> Pace {
-        let max = MAX_DIFFICULTY.min(self.hash.bits() as u8);
+        let max = max_difficulty(self.hash);
         match (self.target_block_ms, self.difficulty_range) {
             (0, None) => Pace::Fixed(self.difficulty),
             (0, Some([lo, hi])) => Pace::Range { lo, hi },

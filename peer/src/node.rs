@@ -211,6 +211,11 @@ impl Node {
                 }
             }
             Message::Vote { term, vote, height } => {
+                if term < self.election.term() {
+                    let current = self.election.term();
+                    self.drop_msg("stale_term", format!("vote from {from} for term {term}, current term is {current}"));
+                    return;
+                }
                 self.heights.insert(from, height);
                 let steps = self.election.vote(from, term, vote, &mut rng_vote(&mut self.rng));
                 self.apply(steps);
@@ -469,6 +474,10 @@ impl Node {
             }
             return;
         }
+        if from == self.cfg.id && block.tx > height {
+            self.drop_msg("forged_own_result", format!("an accepted result in our name for transaction {}", block.tx));
+            return;
+        }
         self.seen_height = self.seen_height.max(block.tx + 1);
         if block.tx > height {
             self.request_sync(from, height);
@@ -513,6 +522,10 @@ impl Node {
     }
 
     fn request_sync(&mut self, peer: PeerId, from: TxId) {
+        if peer == self.cfg.id {
+            // Only a forgery in our name can point us at ourselves.
+            return;
+        }
         // One request at a time, but a request unanswered for long (lost, or asked of a peer that
         // had not yet reconnected) is sent again rather than waited on for ever.
         if let Some((_, at)) = self.syncing

@@ -16,6 +16,13 @@ pub const VERSION: u8 = 1;
 /// bounded so that a forged challenge cannot ask for more bits than a digest has.
 pub const MAX_DIFFICULTY: u8 = 160;
 
+/// The largest difficulty a message may carry for `alg`: [`MAX_DIFFICULTY`], or fewer if the
+/// digest has fewer bits.
+pub fn max_difficulty(alg: HashAlg) -> u8 {
+    // 256 bits does not fit a u8: saturate instead of wrapping to 0.
+    MAX_DIFFICULTY.min(u8::try_from(alg.bits()).unwrap_or(u8::MAX))
+}
+
 /// Most blocks one [`Message::SyncReply`] carries; a peer further behind asks again.
 pub const MAX_SYNC_BLOCKS: usize = 256;
 
@@ -380,7 +387,7 @@ fn validate(envelope: &Envelope) -> Result<(), DecodeError> {
         return Err(Invalid("sender id 0"));
     }
     let check_block = |b: &Block| -> Result<(), DecodeError> {
-        let max = MAX_DIFFICULTY.min(b.alg.bits() as u8);
+        let max = max_difficulty(b.alg);
         if b.difficulty > max || !b.pace.is_valid(max) {
             return Err(Invalid("block difficulty"));
         }
@@ -399,7 +406,7 @@ fn validate(envelope: &Envelope) -> Result<(), DecodeError> {
         if c.term == 0 {
             return Err(Invalid("challenge term 0"));
         }
-        let max = MAX_DIFFICULTY.min(c.alg.bits() as u8);
+        let max = max_difficulty(c.alg);
         if c.difficulty > max || !c.pace.is_valid(max) {
             return Err(Invalid("challenge difficulty"));
         }
@@ -548,6 +555,17 @@ mod tests {
         };
         let env = Envelope::new(1, Message::Challenge(mixed));
         assert_eq!(decode(&encode(&env), Channel::Challenge, LIMIT).unwrap_err().reason(), "invalid_field");
+    }
+
+    #[test]
+    fn sha256_messages_with_real_difficulties_decode() {
+        let alg = HashAlg::Sha256;
+        assert_eq!(max_difficulty(alg), MAX_DIFFICULTY);
+        assert_eq!(max_difficulty(HashAlg::Sha1), 160);
+        let pace = Pace::Retarget { target_ms: 1000, start: 20, lo: 1, hi: 40 };
+        let c = Challenge { term: 1, tx: 0, alg, difficulty: 20, pace, issued_ms: 0, prev: Digest::zero(alg) };
+        let env = Envelope::new(1, Message::Challenge(c));
+        assert_eq!(decode(&encode(&env), Channel::Challenge, LIMIT), Ok(env));
     }
 
     #[test]

@@ -175,6 +175,13 @@ pub async fn run(
                         events.emit(e);
                     }
                 }
+                Action::Emit(Event::MessageDropped { reason, detail }) => {
+                    // Forgeries can come by the thousand: log and record each reason at most once
+                    // a second, with the running count.
+                    if let Some(total) = drops.count(&reason, || detail.clone()) {
+                        events.emit(Event::MessageDropped { reason, detail: format!("{detail} ({total} so far)") });
+                    }
+                }
                 Action::Emit(event) => {
                     log_event(&event);
                     events.emit(event);
@@ -334,26 +341,28 @@ impl MiningClock {
 /// garbage does not become a flood of log lines.
 #[derive(Default)]
 struct DropLog {
-    counts: BTreeMap<&'static str, (u64, u64, Option<Instant>)>,
+    counts: BTreeMap<String, (u64, u64, Option<Instant>)>,
 }
 
 impl DropLog {
-    fn count(&mut self, reason: &'static str, detail: impl FnOnce() -> String) {
-        let entry = self.counts.entry(reason).or_insert((0, 0, None));
+    /// Counts one drop; returns the running total when this one is logged.
+    fn count(&mut self, reason: &str, detail: impl FnOnce() -> String) -> Option<u64> {
+        let entry = self.counts.entry(reason.to_string()).or_insert((0, 0, None));
         entry.0 += 1;
         entry.1 += 1;
         if entry.2.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             warn!(reason, total = entry.0, since_last_log = entry.1, "dropped message: {}", detail());
             entry.1 = 0;
             entry.2 = Some(Instant::now());
+            return Some(entry.0);
         }
+        None
     }
 }
 
 fn log_event(event: &Event) {
     match event {
-        Event::MessageDropped { .. }
-        | Event::SolutionRejected { .. }
+        Event::SolutionRejected { .. }
         | Event::ChainTruncated { .. }
         | Event::BlockAccepted { .. }
         | Event::LeaderElected { .. }
