@@ -4,6 +4,7 @@ mod auth;
 mod chaos;
 mod demo;
 mod faults;
+mod flood;
 mod partition;
 mod room;
 mod support;

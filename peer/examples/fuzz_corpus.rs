@@ -1,0 +1,84 @@
+//! Writes the seed corpus of the `decode` fuzz target: one real, encoded message of each kind
+//! (and each outcome, pace and hash function), as the peers put them on the wire.
+//!
+//! ```sh
+//! cargo run -p peer --example fuzz_corpus            # into fuzz/corpus/decode/
+//! cargo run -p peer --example fuzz_corpus -- DIR     # elsewhere
+//! ```
+//!
+//! File names are `<kind>.bin`, so regenerating overwrites the same files.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use peer::pace::Pace;
+use peer::pow::{self, Digest, HashAlg, Template};
+use peer::protocol::{Block, Challenge, Envelope, Message, Outcome, RejectReason, View, encode};
+
+/// A block of `alg` at `tx` on top of `prev`, with real proof of work at a low difficulty.
+fn block(alg: HashAlg, tx: u64, prev: Digest, pace: Pace) -> Block {
+    let (difficulty, miner, term) = (8, 0x5EED_0001, 2);
+    let nonce = Template::new(&prev, tx, miner).search(u32::from(difficulty), 0, 1 << 24).expect("8 bits within 2^24");
+    let hash = pow::proof(&prev, tx, miner, nonce);
+    let (issued_ms, solved_ms) = (1_700_000_000_000 + tx * 1000, 1_700_000_000_000 + tx * 1000 + 420);
+    Block { tx, term, alg, difficulty, pace, issued_ms, solved_ms, prev, miner, nonce, hash }
+}
+
+fn samples() -> Vec<(&'static str, Envelope)> {
+    let from = 0x0C0F_FEE0;
+    let fixed = Pace::Fixed(8);
+    let range = Pace::Range { lo: 4, hi: 12 };
+    let retarget = Pace::Retarget { target_ms: 1000, start: 8, lo: 4, hi: 30 };
+    let b0 = block(HashAlg::Sha1, 0, Digest::zero(HashAlg::Sha1), fixed);
+    let b1 = block(HashAlg::Sha1, 1, b0.hash, fixed);
+    let s0 = block(HashAlg::Sha256, 0, Digest::zero(HashAlg::Sha256), retarget);
+    let challenge =
+        |alg, pace, prev| Challenge { term: 2, tx: 2, alg, difficulty: 8, pace, issued_ms: 1_700_000_002_000, prev };
+    let c = challenge(HashAlg::Sha1, fixed, b1.hash);
+    let rejected = |reason| Outcome::Rejected { tx: 1, miner: 0x5EED_0002, nonce: 77, reason };
+    let samples = [
+        ("hello", Message::Hello { want_reply: true, view: View { term: 2, leader: Some(from), height: 2 } }),
+        ("hello_no_leader", Message::Hello { want_reply: false, view: View { term: 0, leader: None, height: 0 } }),
+        ("leave", Message::Leave),
+        ("sync_request", Message::SyncRequest { to: 0x5EED_0001, from: 0 }),
+        ("sync_reply", Message::SyncReply { to: 0x5EED_0001, term: 2, blocks: vec![b0, b1], height: 2, open: Some(c) }),
+        ("sync_reply_empty", Message::SyncReply { to: 0x5EED_0001, term: 2, blocks: vec![], height: 2, open: None }),
+        ("vote", Message::Vote { term: 2, vote: 0xDEAD_BEEF, height: 2 }),
+        ("challenge", Message::Challenge(c)),
+        ("challenge_range", Message::Challenge(challenge(HashAlg::Sha1, range, b1.hash))),
+        ("challenge_sha256_retarget", Message::Challenge(challenge(HashAlg::Sha256, retarget, s0.hash))),
+        ("solution", Message::Solution { tx: 2, nonce: 1 << 40 }),
+        ("result_accepted", Message::Result { term: 2, outcome: Outcome::Accepted(b1) }),
+        ("result_accepted_sha256", Message::Result { term: 2, outcome: Outcome::Accepted(s0) }),
+        ("result_already_solved", Message::Result { term: 2, outcome: rejected(RejectReason::AlreadySolved) }),
+        ("result_unknown_tx", Message::Result { term: 2, outcome: rejected(RejectReason::UnknownTransaction) }),
+        ("result_insufficient_work", Message::Result { term: 2, outcome: rejected(RejectReason::InsufficientWork) }),
+    ];
+    samples.into_iter().map(|(name, msg)| (name, Envelope::new(from, msg))).collect()
+}
+
+fn main() -> ExitCode {
+    let dir = std::env::args_os()
+        .nth(1)
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/decode"), PathBuf::from);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("cannot create {}: {e}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    for (name, envelope) in samples() {
+        let path = dir.join(format!("{name}.bin"));
+        let bytes = encode(&envelope);
+        // Every seed is a message a peer really sends, so it should decode; one that does not is
+        // still written (it exercises the rejection path) but reported, as it points at a bug.
+        let channel = envelope.msg.channel();
+        if let Err(e) = peer::protocol::decode(&bytes, channel, 64 * 1024) {
+            eprintln!("warning: the real message {name} does not decode: {e}");
+        }
+        if let Err(e) = std::fs::write(&path, &bytes) {
+            eprintln!("cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("{} ({} bytes)", path.display(), bytes.len());
+    }
+    ExitCode::SUCCESS
+}
