@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::miner::Found;
+use crate::pow::Digest;
 
 struct SimPeer {
     node: Node,
@@ -282,5 +283,86 @@ proptest! {
         sim.run_until(200_000, |s| s.min_height() >= published + 2);
         prop_assert_eq!(sim.leaders().len(), 1);
         sim.assert_one_chain();
+    }
+}
+
+/// A forgery the protocol must shrug off, aimed at the room as one peer currently sees it.
+fn forgery(sim: &mut Sim, kind: u8) -> Option<Envelope> {
+    let (term, leader) = sim.leaders().into_iter().next_back()?;
+    let leader = leader?;
+    let ids: Vec<PeerId> = sim.peers.keys().copied().collect();
+    let outsider = ids.iter().copied().find(|&id| id != leader)?;
+    let view = &sim.peers.get(&outsider)?.node;
+    let tx = view.chain().height();
+    let prev = view.chain().tip_hash(HashAlg::Sha1);
+    let r: u64 = sim.rng.random();
+    let challenge = Challenge { term, tx, alg: HashAlg::Sha1, difficulty: 1, pace: Pace::Fixed(1), issued_ms: 0, prev };
+    let env = match kind % 5 {
+        // A challenge for the current term from someone who is not its controller.
+        0 => Envelope::new(outsider, Message::Challenge(challenge)),
+        // A challenge of an older term (if there is one), in the controller's name.
+        1 if term > 1 => Envelope::new(leader, Message::Challenge(Challenge { term: term - 1, ..challenge })),
+        1 => return None,
+        // An accepted block whose hash is not its proof of work, in the controller's name.
+        2 => {
+            let block = Block {
+                tx,
+                term,
+                alg: HashAlg::Sha1,
+                difficulty: 1,
+                pace: Pace::Fixed(1),
+                issued_ms: 0,
+                solved_ms: 1,
+                prev,
+                miner: outsider,
+                nonce: r,
+                hash: Digest::Sha1([0; 20]),
+            };
+            Envelope::new(leader, Message::Result { term, outcome: Outcome::Accepted(block) })
+        }
+        // A solution that does not do the work, or names a transaction far ahead.
+        3 => Envelope::new(outsider, Message::Solution { tx, nonce: r }),
+        _ => Envelope::new(outsider, Message::Solution { tx: tx + 1000, nonce: r }),
+    };
+    Some(env)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// Random forgeries mixed into a running room (and a controller's death) never break the
+    /// invariants: one controller per term, one chain of consecutive, verified blocks.
+    #[test]
+    fn forgeries_mixed_into_a_running_room_never_break_the_invariants(
+        seed in any::<u64>(), kinds in proptest::collection::vec(any::<u8>(), 20..60),
+    ) {
+        let mut sim = Sim::new(seed, 4);
+        for id in 1..=4 {
+            sim.add(id * 11, 4);
+        }
+        sim.run_until(200_000, |s| s.min_height() >= 1);
+        for (i, kind) in kinds.iter().enumerate() {
+            if let Some(env) = forgery(&mut sim, *kind) {
+                sim.log.push(env);
+            }
+            if i == kinds.len() / 2 {
+                let (_, leader) = sim.leaders().into_iter().next_back().unwrap();
+                sim.kill(leader.unwrap());
+            }
+            for _ in 0..50 {
+                if !sim.step() {
+                    break;
+                }
+            }
+        }
+        let published = sim.peers.values().map(|p| p.node.chain().height()).max().unwrap_or(0) + 1;
+        sim.run_until(400_000, |s| s.min_height() >= published + 2);
+        prop_assert_eq!(sim.leaders().len(), 1);
+        sim.assert_one_chain();
+        for p in sim.peers.values() {
+            prop_assert!(p.node.chain().blocks().iter().all(|b| b.hash != Digest::Sha1([0; 20])));
+        }
+        let dropped = sim.peers.values().flat_map(|p| &p.events).filter(|e| matches!(e, Event::MessageDropped { .. }));
+        prop_assert!(dropped.count() > 0, "the forgeries reached the peers and were dropped");
     }
 }
