@@ -10,7 +10,7 @@
 //! their user can read, never through their command line, which every local user can read.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,7 +108,9 @@ impl std::fmt::Debug for Children {
     }
 }
 
-fn command(exe: &PathBuf, role: &str, args: &[String]) -> Command {
+/// The command for a child in `role` (`broker` or `peer`): piped output, its own process group,
+/// killed when the launcher dies or drops it.
+pub(crate) fn command(exe: &Path, role: &str, args: &[String]) -> Command {
     let mut cmd = Command::new(exe);
     cmd.arg(role)
         .args(args)

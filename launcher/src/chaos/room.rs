@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -21,7 +21,7 @@ use peer::events::{Event, Record};
 use peer::protocol::{PeerId, Term};
 use rand::Rng;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 
 use crate::invariants::{Checker, Summary, Violation};
@@ -116,23 +116,7 @@ struct Proc {
 
 impl Proc {
     fn spawn(exe: &Path, role: &str, args: &[String]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(exe);
-        cmd.arg(role)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches only the child's own process state.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let mut cmd = crate::children::command(exe, role, args);
         let child = cmd.spawn().with_context(|| format!("cannot start a {role}"))?;
         let pid = child.id().with_context(|| format!("the {role} exited at once"))?;
         Ok(Self { child, pid })
@@ -226,7 +210,7 @@ impl Room {
         let (tx, rx) = mpsc::unbounded_channel();
         let interrupt = tx.clone();
         tokio::spawn(async move {
-            interrupted().await;
+            crate::shutdown_signal().await;
             let _ = interrupt.send(Msg::Interrupt);
         });
         let mut room = Self {
@@ -732,18 +716,4 @@ fn pick_port() -> std::io::Result<u16> {
         }
     }
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr().map(|a| a.port())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn interrupted() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
 }
