@@ -37,6 +37,8 @@ pub(super) const SHA1_LANES: usize = 8;
 pub(super) const SHA256_LANES: usize = 4;
 
 const _: () = assert!(SHA1_LANES.is_power_of_two() && SHA256_LANES.is_power_of_two());
+// `in_step!` names the lanes one by one.
+const _: () = assert!(SHA1_LANES == 8 && SHA256_LANES == 4);
 
 /// True when this CPU has everything the kernels use. Detected once, then a single load.
 pub(super) fn available() -> bool {
@@ -161,6 +163,31 @@ macro_rules! sha1_step {
             let w = if l == 0 { $m4 } else { _mm_xor_si128($m4, $mid.delta[l][$j]) };
             $hb[l] = _mm_sha1rnds4_epu32($ha[l], _mm_sha1nexte_epu32($hb[l], w), $f);
         }
+        in_step!($hb);
+    };
+}
+
+/// Keeps the lanes in step: every lane's rounds so far come before any lane's next ones. Without
+/// it the compiler ran each SHA-1 lane from its first round to its last before starting the next
+/// (the lanes' state does not fit in the 16 registers, and that order needs the fewest), which
+/// left too few independent rounds in the out-of-order window to cover `sha1rnds4`'s latency: 8
+/// lanes ran ~15% slower than with this (SHA-256: ~3%). An `asm!` with no instructions that takes
+/// and returns the lanes' new states is a point no round before or after it can be moved across;
+/// it costs nothing but register moves. Written for 8 SHA-1 lanes and 4 SHA-256 lanes.
+macro_rules! in_step {
+    ($h:ident) => {
+        in_step!($h[0], $h[1], $h[2], $h[3], $h[4], $h[5], $h[6], $h[7])
+    };
+    ($a:ident, $b:ident) => {
+        in_step!($a[0], $a[1], $a[2], $a[3], $b[0], $b[1], $b[2], $b[3])
+    };
+    ($x0:expr, $x1:expr, $x2:expr, $x3:expr, $x4:expr, $x5:expr, $x6:expr, $x7:expr) => {
+        std::arch::asm!(
+            "/* {0} {1} {2} {3} {4} {5} {6} {7} */",
+            inout(xmm_reg) $x0, inout(xmm_reg) $x1, inout(xmm_reg) $x2, inout(xmm_reg) $x3,
+            inout(xmm_reg) $x4, inout(xmm_reg) $x5, inout(xmm_reg) $x6, inout(xmm_reg) $x7,
+            options(pure, nomem, nostack, preserves_flags),
+        )
     };
 }
 
@@ -176,8 +203,12 @@ macro_rules! sha1_lanes {
         for l in 0..SHA1_LANES {
             let w2 = _mm_xor_si128(m2, _mm_set_epi32(0, l as i32, 0, 0));
             h1[l] = _mm_sha1rnds4_epu32(h0[l], _mm_add_epi32(w2, mid.e8), 0);
+        }
+        in_step!(h1);
+        for l in 0..SHA1_LANES {
             h0[l] = _mm_sha1rnds4_epu32(h1[l], mid.wk12, 0);
         }
+        in_step!(h0);
         // The first step's msg1(w0, w1) is precomputed: only its result is needed in place of w0.
         let (mut m0, mut m1, mut m2, mut m3) = (mid.m01, mid.w1, m2, mid.w3);
         let mut m4 = _mm_sha1msg2_epu32(_mm_xor_si128(m0, m2), m3);
@@ -185,6 +216,7 @@ macro_rules! sha1_lanes {
             let w = if l == 0 { m4 } else { _mm_xor_si128(m4, mid.delta[l][0]) };
             h1[l] = _mm_sha1rnds4_epu32(h0[l], _mm_sha1nexte_epu32(h1[l], w), 0);
         }
+        in_step!(h1);
         sha1_step!(mid, h1, h0, m1, m2, m3, m4, m0, 1, 1);
         sha1_step!(mid, h0, h1, m2, m3, m4, m0, m1, 2, 1);
         sha1_step!(mid, h1, h0, m3, m4, m0, m1, m2, 3, 1);
@@ -314,6 +346,7 @@ macro_rules! sha256_step {
             );
             sha256_rounds4!($abef[l], $cdgh[l], $w4[l], $i);
         }
+        in_step!($abef, $cdgh);
     };
 }
 
