@@ -37,8 +37,24 @@ fn samples() -> Vec<(&'static str, Envelope)> {
     let c = challenge(HashAlg::Sha1, fixed, b1.hash);
     let rejected = |reason| Outcome::Rejected { tx: 1, miner: 0x5EED_0002, nonce: 77, reason };
     let samples = [
-        ("hello", Message::Hello { want_reply: true, view: View { term: 2, leader: Some(from), height: 2 } }),
-        ("hello_no_leader", Message::Hello { want_reply: false, view: View { term: 0, leader: None, height: 0 } }),
+        (
+            "hello",
+            Message::Hello {
+                want_reply: true,
+                view: View { term: 2, leader: Some(from), height: 2 },
+                incarnation: 0x1234_5678_9abc_def0,
+                since_ms: 1_795_000_000_000,
+            },
+        ),
+        (
+            "hello_no_leader",
+            Message::Hello {
+                want_reply: false,
+                view: View { term: 0, leader: None, height: 0 },
+                incarnation: 1,
+                since_ms: 0,
+            },
+        ),
         ("leave", Message::Leave),
         ("sync_request", Message::SyncRequest { to: 0x5EED_0001, from: 0 }),
         ("sync_reply", Message::SyncReply { to: 0x5EED_0001, term: 2, blocks: vec![b0, b1], height: 2, open: Some(c) }),

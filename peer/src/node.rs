@@ -35,6 +35,10 @@ pub struct NodeConfig {
     pub alg: HashAlg,
     /// Seed of the vote generator (`None`: from the OS).
     pub seed: Option<u64>,
+    /// This process's incarnation (random), to tell it from another claiming the same id.
+    pub incarnation: u64,
+    /// When this process started (Unix ms).
+    pub since_ms: u64,
 }
 
 /// Something that happened to the node.
@@ -59,6 +63,8 @@ pub enum Action {
     StopMining,
     /// Write this event to the event stream.
     Emit(Event),
+    /// Stop the peer with this error: it cannot take part in the room.
+    Fatal(String),
 }
 
 /// One peer's protocol state.
@@ -79,6 +85,9 @@ pub struct Node {
     seen_height: u64,
     /// Chain heights other peers announced, to catch up from the longest.
     heights: BTreeMap<PeerId, u64>,
+    /// Votes from peers not (yet) known: counted once the voter announces itself (a vote can
+    /// overtake its sender's hello, as brokers keep order per topic only), else never.
+    held_votes: BTreeMap<PeerId, (Term, u32, u64)>,
     rng: StdRng,
     /// The owner's clock (Unix ms) at the current input.
     now_ms: u64,
@@ -102,6 +111,7 @@ impl Node {
             syncing: None,
             seen_height: 0,
             heights: BTreeMap::new(),
+            held_votes: BTreeMap::new(),
             rng,
             now_ms: 0,
             out: Vec::new(),
@@ -162,7 +172,7 @@ impl Node {
     }
 
     fn connected(&mut self) {
-        self.publish(Message::Hello { want_reply: true, view: self.view() });
+        self.publish(self.hello_msg(true));
         // A sync request in flight when the connection dropped may be lost: ask again.
         if let Some((peer, _)) = self.syncing.take() {
             self.request_sync(peer, self.chain.height());
@@ -172,6 +182,28 @@ impl Node {
             self.repeat_open();
         } else if let (Some(c), Some(nonce)) = (self.open, self.submitted) {
             self.publish(Message::Solution { tx: c.tx, nonce });
+        }
+    }
+
+    fn hello_msg(&self, want_reply: bool) -> Message {
+        let (incarnation, since_ms) = (self.cfg.incarnation, self.cfg.since_ms);
+        Message::Hello { want_reply, view: self.view(), incarnation, since_ms }
+    }
+
+    /// Another process announced itself under our client id.
+    fn impostor(&mut self, incarnation: u64, since_ms: u64) {
+        let id = self.cfg.id;
+        if (since_ms, incarnation) < (self.cfg.since_ms, self.cfg.incarnation) {
+            // It was there first: we are the duplicate.
+            let msg = format!("client id {id} is already used by another peer in this room; pick another with --id");
+            self.out.push(Action::Fatal(msg));
+        } else {
+            self.drop_msg(
+                "duplicate_id",
+                format!("another process claims our client id {id}; it started later and gives way"),
+            );
+            // Let it hear us (it may be new and waiting for replies).
+            self.publish(self.hello_msg(false));
         }
     }
 
@@ -192,13 +224,17 @@ impl Node {
         if from == self.cfg.id {
             // Our own messages come back from the broker; only an accepted result matters, as it
             // is how the controller knows the room has the block (see `result`).
-            if let Message::Result { term, outcome: Outcome::Accepted(block) } = env.msg {
-                self.result_accepted(from, term, block);
+            match env.msg {
+                Message::Result { term, outcome: Outcome::Accepted(block) } => self.result_accepted(from, term, block),
+                Message::Hello { incarnation, since_ms, .. } if incarnation != self.cfg.incarnation => {
+                    self.impostor(incarnation, since_ms);
+                }
+                _ => {}
             }
             return;
         }
         match env.msg {
-            Message::Hello { want_reply, view } => self.hello(from, want_reply, view),
+            Message::Hello { want_reply, view, .. } => self.hello(from, want_reply, view),
             Message::Leave => self.leave(from),
             Message::SyncRequest { to, from: start } => {
                 if to == self.cfg.id {
@@ -216,9 +252,14 @@ impl Node {
                     self.drop_msg("stale_term", format!("vote from {from} for term {term}, current term is {current}"));
                     return;
                 }
-                self.heights.insert(from, height);
-                let steps = self.election.vote(from, term, vote, &mut rng_vote(&mut self.rng));
-                self.apply(steps);
+                if !self.election.members().contains(&from) {
+                    if self.held_votes.len() < MAX_HELD_VOTES || self.held_votes.contains_key(&from) {
+                        self.held_votes.insert(from, (term, vote, height));
+                    }
+                    self.drop_msg("unknown_voter", format!("vote from {from}, who has not announced itself; held"));
+                    return;
+                }
+                self.count_vote(from, term, vote, height);
             }
             Message::Challenge(c) => self.challenge(from, c),
             Message::Solution { tx, nonce } => self.solution(from, tx, nonce),
@@ -230,6 +271,12 @@ impl Node {
                 }
             },
         }
+    }
+
+    fn count_vote(&mut self, from: PeerId, term: Term, vote: u32, height: u64) {
+        self.heights.insert(from, height);
+        let steps = self.election.vote(from, term, vote, &mut rng_vote(&mut self.rng));
+        self.apply(steps);
     }
 
     fn hello(&mut self, from: PeerId, want_reply: bool, view: View) {
@@ -249,7 +296,7 @@ impl Node {
             self.emit(Event::PeerJoined { id: from, members });
         }
         if want_reply {
-            self.publish(Message::Hello { want_reply: false, view: self.view() });
+            self.publish(self.hello_msg(false));
             // The peer has just (re)subscribed: whatever it was waiting for may have been lost
             // with its connection (after a broker restart, the controller can reconnect and
             // re-issue its challenge before the miners are back). Say it again.
@@ -264,6 +311,11 @@ impl Node {
             }
         }
         self.apply(steps);
+        if let Some((term, vote, height)) = self.held_votes.remove(&from)
+            && term >= self.election.term()
+        {
+            self.count_vote(from, term, vote, height);
+        }
         if view.leader == Some(from) || self.election.leader() == Some(from) {
             self.catch_up_with(from, view.height);
         }
@@ -271,6 +323,7 @@ impl Node {
 
     fn leave(&mut self, from: PeerId) {
         self.heights.remove(&from);
+        self.held_votes.remove(&from);
         let (known, steps) = self.election.leave(from, &mut rng_vote(&mut self.rng));
         if known {
             let members = self.election.members().len();
@@ -598,6 +651,9 @@ impl Node {
         self.issue_if_leader();
     }
 }
+
+/// Most votes held from peers not yet known (forgeries under random ids cannot grow it further).
+const MAX_HELD_VOTES: usize = 256;
 
 /// How long a sync request may go unanswered before it is sent again.
 const SYNC_RETRY_MS: u64 = 500;

@@ -173,6 +173,11 @@ pub enum Message {
         want_reply: bool,
         /// What the sender knows of the room.
         view: View,
+        /// Which process speaks: a random number drawn at start, so two processes claiming the
+        /// same client id can tell each other apart.
+        incarnation: u64,
+        /// When that process started (Unix ms): of two claiming one id, the later one gives way.
+        since_ms: u64,
     },
     /// `init`: the sender leaves the room. Also registered as the sender's Last Will, so the
     /// broker publishes it when the sender crashes or is cut off.
@@ -494,7 +499,12 @@ mod tests {
         };
         let challenge = Challenge { term: 2, tx: 4, alg, difficulty: 9, pace, issued_ms: 10, prev };
         [
-            Message::Hello { want_reply: true, view: View { term: 2, leader: Some(5), height: 4 } },
+            Message::Hello {
+                want_reply: true,
+                view: View { term: 2, leader: Some(5), height: 4 },
+                incarnation: 7,
+                since_ms: 1000,
+            },
             Message::Leave,
             Message::SyncRequest { to: 4, from: 0 },
             Message::SyncReply { to: 3, term: 2, blocks: vec![block], height: 4, open: Some(challenge) },

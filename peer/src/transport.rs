@@ -22,6 +22,9 @@ use crate::protocol::{self, Envelope, Message, PeerId, Topics};
 /// Why a peer stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
+    /// The protocol core found it cannot take part (e.g. its client id is taken).
+    #[error("{0}")]
+    Protocol(String),
     /// The first connection to the broker never succeeded.
     #[error("cannot connect to the broker at {addr} within {secs} s: {reason}")]
     Unreachable {
@@ -76,7 +79,10 @@ pub async fn run(
     events.emit(Event::Started { pid: std::process::id(), client_id: id, room_size: cfg.room_size, threads });
     info!(id, room_size = cfg.room_size, threads, "peer starting");
 
-    let mut options = MqttOptions::new(format!("hashvote-{id}"), cfg.host.clone(), cfg.port);
+    // The MQTT client id includes the incarnation: two processes started with one peer id must not
+    // take over each other's session at the broker; the protocol tells them apart instead.
+    let incarnation: u64 = rand::random();
+    let mut options = MqttOptions::new(format!("hashvote-{id}-{incarnation:016x}"), cfg.host.clone(), cfg.port);
     options
         .set_keep_alive(Duration::from_secs(cfg.keepalive_s))
         .set_clean_session(true)
@@ -116,6 +122,8 @@ pub async fn run(
         pace: cfg.pace(),
         alg: cfg.hash,
         seed: None,
+        incarnation,
+        since_ms: crate::events::now_ms(),
     });
     let mut drops = DropLog::default();
     let mut mining = MiningClock::default();
@@ -160,6 +168,7 @@ pub async fn run(
                 }
             },
         };
+        let mut fatal = None;
         for action in node.handle(crate::events::now_ms(), input) {
             match action {
                 Action::Publish(msg) => publish(&client, &topics, id, msg).await,
@@ -186,14 +195,22 @@ pub async fn run(
                     log_event(&event);
                     events.emit(event);
                 }
+                Action::Fatal(reason) => fatal = Some(reason),
             }
+        }
+        if let Some(reason) = fatal {
+            break Err(PeerError::Protocol(reason));
         }
     };
 
     miner.stop();
-    if connected_once && result.is_ok() {
-        // A clean goodbye, so the room does not wait for the keepalive to notice.
-        publish(&client, &topics, id, Node::farewell()).await;
+    if connected_once {
+        if result.is_ok() {
+            // A clean goodbye, so the room does not wait for the keepalive to notice.
+            publish(&client, &topics, id, Node::farewell()).await;
+        }
+        // A DISCONNECT also discards our Last Will: a duplicate giving way must not announce
+        // the departure of the peer whose id it shares.
         let _ = client.disconnect().await;
         // Give the event loop a moment to flush the goodbye and the DISCONNECT.
         let _ = tokio::time::timeout(Duration::from_secs(2), net).await;

@@ -95,3 +95,23 @@ fn the_room_resumes_after_a_broker_restart() {
     }
     room.check();
 }
+
+#[test]
+fn a_second_process_claiming_a_taken_client_id_exits_with_one_line() {
+    let room = Room::start(3);
+    room.wait_leader(1, T);
+    let taken = room.id_of(0).expect("peer 0's id").to_string();
+    let events = room.dir.path().join("duplicate.jsonl");
+    let prefix = format!("hv{}r{}", std::process::id(), room.port);
+    let mut dup = start_peer(room.port, &events, &["--id", &taken, "--room-size", "3", "--prefix", &prefix]);
+    let status = dup.wait_exit(T);
+    assert!(!status.success());
+    let log = std::fs::read_to_string(events.with_extension("log")).unwrap_or_default();
+    let line = log.lines().find(|l| l.contains("peer: error:")).unwrap_or_default();
+    assert!(line.contains(&format!("client id {taken} is already used")), "{log}");
+    // The room keeps its peer, and goes on mining.
+    let h = room.min_height();
+    room.wait_height(h + 2, T);
+    assert!(!room.records().iter().any(|r| matches!(r.event, Event::PeerLeft { .. })), "nobody left the room");
+    room.check();
+}

@@ -547,7 +547,12 @@ fn real_message(snap: &Snapshot, rng: &mut StdRng) -> Vec<u8> {
     };
     let block = snap.block_template(rng);
     let msg = match rng.random_range(0..9) {
-        0 => Message::Hello { want_reply: rng.random(), view: View { term, leader: Some(snap.leader), height: tx } },
+        0 => Message::Hello {
+            want_reply: rng.random(),
+            view: View { term, leader: Some(snap.leader), height: tx },
+            incarnation: rng.random(),
+            since_ms: rng.random(),
+        },
         1 => Message::Leave,
         2 => Message::SyncRequest { to: snap.leader, from: tx.saturating_sub(3) },
         3 => Message::SyncReply { to: from, term, blocks: vec![block], height: tx + 1, open: Some(challenge) },

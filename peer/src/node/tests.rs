@@ -47,6 +47,8 @@ impl Sim {
             pace: self.pace,
             alg: HashAlg::Sha1,
             seed: Some(self.rng.random()),
+            incarnation: self.rng.random(),
+            since_ms: self.clock,
         };
         let cursor = Some(self.log.len());
         self.peers.insert(id, SimPeer { node: Node::new(cfg), cursor, job: None, events: Vec::new() });
@@ -67,6 +69,7 @@ impl Sim {
                 Action::Mine(job) => peer.job = Some(job),
                 Action::StopMining => peer.job = None,
                 Action::Emit(e) => peer.events.push(e),
+                Action::Fatal(e) => panic!("peer {id} stopped: {e}"),
             }
         }
     }
@@ -365,4 +368,53 @@ proptest! {
         let dropped = sim.peers.values().flat_map(|p| &p.events).filter(|e| matches!(e, Event::MessageDropped { .. }));
         prop_assert!(dropped.count() > 0, "the forgeries reached the peers and were dropped");
     }
+}
+
+fn bare_node(id: PeerId, room_size: usize, incarnation: u64, since_ms: u64) -> Node {
+    Node::new(NodeConfig {
+        id,
+        room_size,
+        min_peers: 2,
+        pace: Pace::Fixed(4),
+        alg: HashAlg::Sha1,
+        seed: Some(u64::from(id)),
+        incarnation,
+        since_ms,
+    })
+}
+
+fn hello(from: PeerId, incarnation: u64, since_ms: u64) -> Input {
+    let view = View { term: 0, leader: None, height: 0 };
+    Input::Message(Envelope::new(from, Message::Hello { want_reply: false, view, incarnation, since_ms }))
+}
+
+#[test]
+fn a_vote_that_overtakes_its_voters_hello_is_held_until_the_hello_arrives() {
+    let mut node = bare_node(1, 2, 1, 0);
+    let vote = Input::Message(Envelope::new(2, Message::Vote { term: 1, vote: u32::MAX, height: 0 }));
+    let out = node.handle(0, vote);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Emit(Event::MessageDropped { reason, .. }) if reason == "unknown_voter"))
+    );
+    assert_eq!(node.election().members().len(), 1, "an unknown voter is not a member");
+    node.handle(0, hello(2, 9, 0));
+    assert_eq!(node.election().leader(), Some(2), "the held vote counted once 2 announced itself");
+}
+
+#[test]
+fn of_two_processes_claiming_one_id_the_later_one_gives_way() {
+    let mut first = bare_node(5, 3, 111, 1000);
+    let mut second = bare_node(5, 3, 222, 2000);
+    // Each hears the other's hello under its own id.
+    let out = second.handle(0, hello(5, 111, 1000));
+    assert!(out.iter().any(|a| matches!(a, Action::Fatal(m) if m.contains("client id 5"))), "{out:?}");
+    let out = first.handle(0, hello(5, 222, 2000));
+    assert!(!out.iter().any(|a| matches!(a, Action::Fatal(_))));
+    assert!(
+        out.iter().any(|a| matches!(a, Action::Emit(Event::MessageDropped { reason, .. }) if reason == "duplicate_id"))
+    );
+    assert!(out.iter().any(|a| matches!(a, Action::Publish(Message::Hello { incarnation: 111, .. }))), "answers");
+    // Its own echo is not a duplicate.
+    assert!(first.handle(0, hello(5, 111, 1000)).is_empty());
 }
