@@ -280,6 +280,13 @@ impl Node {
     }
 
     fn hello(&mut self, from: PeerId, want_reply: bool, view: View) {
+        let members = self.election.members();
+        if !members.contains(&from) && members.len() >= MAX_MEMBERS.max(self.cfg.room_size * 4) {
+            // Hellos under made-up ids must not grow the member set (and this peer's memory)
+            // without bound.
+            self.drop_msg("too_many_members", format!("hello from {from}: {} members known already", members.len()));
+            return;
+        }
         self.heights.insert(from, view.height);
         // Adopt the room's controller before counting the member, so a newcomer joins the running
         // term instead of starting an election of its own.
@@ -651,6 +658,9 @@ impl Node {
         self.issue_if_leader();
     }
 }
+
+/// Most members a peer keeps track of (or four times the room size, if larger).
+const MAX_MEMBERS: usize = 1024;
 
 /// Most votes held from peers not yet known (forgeries under random ids cannot grow it further).
 const MAX_HELD_VOTES: usize = 256;

@@ -418,3 +418,12 @@ fn of_two_processes_claiming_one_id_the_later_one_gives_way() {
     // Its own echo is not a duplicate.
     assert!(first.handle(0, hello(5, 111, 1000)).is_empty());
 }
+
+#[test]
+fn hellos_under_made_up_ids_cannot_grow_the_member_set_without_bound() {
+    let mut node = bare_node(1, 10, 1, 0);
+    for id in 2..5000 {
+        node.handle(0, hello(id, 1, 0));
+    }
+    assert_eq!(node.election().members().len(), MAX_MEMBERS);
+}
