@@ -15,4 +15,5 @@ pub mod node;
 pub mod pace;
 pub mod pow;
 pub mod protocol;
+pub mod status;
 pub mod transport;
