@@ -7,9 +7,11 @@
 pub mod chaos;
 pub mod children;
 pub mod cli;
+pub mod dashboard;
 pub mod failover;
 pub mod invariants;
 pub mod tally;
+pub mod view;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};

@@ -1,0 +1,1127 @@
+//! The room as an MQTT subscriber to `<prefix>/#` sees it: peers, the open challenge, recent
+//! results, elections and failovers, and the chain, built only from decoded messages and statuses.
+//!
+//! [`RoomView`] is sans-IO: the observer's loop feeds it what it receives ([`RoomView::observe`])
+//! and the passing of time ([`RoomView::tick`]), both stamped with the observer's own clock, and
+//! gets back the [`Happening`]s worth a line. Every collection it keeps is bounded, so a hostile
+//! client publishing made-up ids, terms or transactions cannot make it grow without end.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+use peer::protocol::{Block, Challenge, Envelope, Message, Outcome, PeerId, RejectReason, Term, TxId};
+use peer::status::{Role, Status};
+
+/// Most peers kept; past it the peer heard from least recently (offline ones first) is forgotten.
+pub const MAX_PEERS: usize = 1024;
+/// Most results kept in [`RoomView::results`].
+pub const MAX_RESULTS: usize = 64;
+/// Most elections kept in [`RoomView::elections`] (the lowest terms go first).
+pub const MAX_ELECTIONS: usize = 256;
+/// Most blocks kept in the chain (the lowest transactions go first).
+pub const MAX_BLOCKS: usize = 65_536;
+/// Most hash-rate samples kept per peer (ten minutes of one status a second).
+pub const MAX_SAMPLES: usize = 600;
+/// A peer not heard from for this long is shown silent.
+pub const SILENT_MS: u64 = 5_000;
+/// Most terms whose controller is remembered.
+const MAX_LEADERS: usize = 1024;
+
+/// One thing the observer received, already decoded and validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// A protocol message from one of the room's topics.
+    Message(Envelope),
+    /// A peer's status from `<prefix>/status/<id>`.
+    Status(Status),
+}
+
+/// Whether a peer is there, as far as the observer can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Presence {
+    /// Heard from within [`SILENT_MS`].
+    Online,
+    /// Not heard from for [`SILENT_MS`], but it never said it left.
+    Silent,
+    /// Left, or its status (or Last Will) says offline.
+    Offline,
+}
+
+impl Presence {
+    /// A short lowercase name for tables and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Silent => "silent",
+            Self::Offline => "offline",
+        }
+    }
+}
+
+/// What the observer knows of one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerView {
+    /// The peer's client id.
+    pub id: PeerId,
+    /// Its latest status, if it published one.
+    pub status: Option<Status>,
+    /// Observer's clock when it was first heard of.
+    pub first_seen_ms: u64,
+    /// Observer's clock when it was last heard from (any message or status).
+    pub last_heard_ms: u64,
+    /// It left, or its latest status says offline; cleared by anything it sends later.
+    pub offline: bool,
+    /// The term it last spoke of (status, hello or vote).
+    pub term: Option<Term>,
+    /// The chain height it last spoke of (status, hello or vote).
+    pub height: Option<u64>,
+    /// `(observer ms, hashes per second)` from its statuses, oldest first, at most [`MAX_SAMPLES`].
+    pub samples: VecDeque<(u64, u64)>,
+    silent_told: bool,
+}
+
+impl PeerView {
+    fn new(id: PeerId, now_ms: u64) -> Self {
+        Self {
+            id,
+            status: None,
+            first_seen_ms: now_ms,
+            last_heard_ms: now_ms,
+            offline: false,
+            term: None,
+            height: None,
+            samples: VecDeque::new(),
+            silent_told: false,
+        }
+    }
+
+    /// Whether the peer is online, silent or offline at `now_ms`.
+    pub fn presence(&self, now_ms: u64) -> Presence {
+        if self.offline {
+            Presence::Offline
+        } else if now_ms.saturating_sub(self.last_heard_ms) > SILENT_MS {
+            Presence::Silent
+        } else {
+            Presence::Online
+        }
+    }
+
+    /// Its role: from its latest status, or offline if it left; `None` if it never published one.
+    pub fn role(&self) -> Option<Role> {
+        if self.offline {
+            return Some(Role::Offline);
+        }
+        self.status.as_ref().map(|s| s.role)
+    }
+
+    /// Its hash rate (H/s) from its latest status.
+    pub fn hash_rate(&self) -> Option<u64> {
+        self.status.as_ref().map(|s| s.hash_rate)
+    }
+}
+
+/// The challenge the room is mining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenChallenge {
+    /// The challenge as last issued.
+    pub challenge: Challenge,
+    /// The controller that issued it.
+    pub from: PeerId,
+    /// Observer's clock when this transaction was first seen challenged.
+    pub seen_ms: u64,
+}
+
+impl OpenChallenge {
+    /// How long it has been open at `now_ms`, by the observer's clock.
+    pub fn elapsed_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.seen_ms)
+    }
+}
+
+/// A result published by a controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResultEntry {
+    /// Observer's clock when it arrived.
+    pub seen_ms: u64,
+    /// The controller's term.
+    pub term: Term,
+    /// The verdict.
+    pub outcome: Outcome,
+}
+
+impl ResultEntry {
+    /// The transaction the result is about.
+    pub fn tx(&self) -> TxId {
+        match self.outcome {
+            Outcome::Accepted(b) => b.tx,
+            Outcome::Rejected { tx, .. } => tx,
+        }
+    }
+}
+
+/// How long a block took to mine, by its controller's clock: `solved_ms - issued_ms`.
+pub fn solve_ms(block: &Block) -> u64 {
+    block.solved_ms.saturating_sub(block.issued_ms)
+}
+
+/// The loss of a controller, and how long the room took to get challenges again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failover {
+    /// The controller that went offline or left.
+    pub previous: PeerId,
+    /// Its term.
+    pub previous_term: Term,
+    /// Observer's clock when it went.
+    pub offline_ms: u64,
+    /// Observer's clock at the first challenge of a later term.
+    pub done_ms: Option<u64>,
+}
+
+/// One election, by its term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Election {
+    /// The term elected.
+    pub term: Term,
+    /// Observer's clock at its first vote, or when the previous controller went if that came
+    /// first; `None` if it was over before the observer saw it begin.
+    pub started_ms: Option<u64>,
+    /// Observer's clock at its first challenge or first status naming its controller.
+    pub ended_ms: Option<u64>,
+    /// The controller elected.
+    pub winner: Option<PeerId>,
+    /// Set if the election followed the loss of the previous controller.
+    pub failover: Option<Failover>,
+}
+
+impl Election {
+    /// From start to end, if both were seen.
+    pub fn duration_ms(&self) -> Option<u64> {
+        Some(self.ended_ms?.saturating_sub(self.started_ms?))
+    }
+
+    /// From the previous controller's loss to this term's first challenge, if this was a failover.
+    pub fn failover_ms(&self) -> Option<u64> {
+        let f = self.failover?;
+        Some(f.done_ms?.saturating_sub(f.offline_ms))
+    }
+}
+
+/// A notable change, worth one line in plain mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Happening {
+    /// A peer was heard of for the first time.
+    Joined {
+        /// The peer.
+        id: PeerId,
+        /// Peers known and not offline, this one included.
+        known: usize,
+    },
+    /// A peer that was offline or silent is heard from again.
+    Back {
+        /// The peer.
+        id: PeerId,
+    },
+    /// A peer's status comes from a new process (another incarnation).
+    Restarted {
+        /// The peer.
+        id: PeerId,
+    },
+    /// A peer said it leaves.
+    Left {
+        /// The peer.
+        id: PeerId,
+    },
+    /// A peer's status (or Last Will) says it is offline.
+    Offline {
+        /// The peer.
+        id: PeerId,
+    },
+    /// A peer has not been heard from for [`SILENT_MS`].
+    Silent {
+        /// The peer.
+        id: PeerId,
+        /// How long since it was last heard.
+        for_ms: u64,
+    },
+    /// The first vote of a new term.
+    ElectionStarted {
+        /// The term.
+        term: Term,
+    },
+    /// A term's controller is known.
+    Elected {
+        /// The term.
+        term: Term,
+        /// Its controller.
+        leader: PeerId,
+        /// How long the election took, if its start was seen.
+        election_ms: Option<u64>,
+    },
+    /// The controller went offline or left.
+    ControllerLost {
+        /// The controller.
+        id: PeerId,
+        /// Its term.
+        term: Term,
+    },
+    /// The first challenge of a later term after a controller was lost.
+    FailoverDone {
+        /// The new term.
+        term: Term,
+        /// From the loss to that challenge.
+        failover_ms: u64,
+    },
+    /// A new challenge (or one reissued by a new controller).
+    Challenge {
+        /// The transaction.
+        tx: TxId,
+        /// Leading zero bits asked.
+        difficulty: u8,
+        /// The controller's term.
+        term: Term,
+    },
+    /// A block was accepted.
+    Block {
+        /// The transaction.
+        tx: TxId,
+        /// The miner.
+        winner: PeerId,
+        /// Solve time by the controller's clock.
+        solve_ms: u64,
+        /// Its difficulty.
+        difficulty: u8,
+    },
+    /// A transaction already decided was decided again with another block.
+    Replaced {
+        /// The transaction.
+        tx: TxId,
+        /// The new block's miner.
+        winner: PeerId,
+        /// The replaced block's miner.
+        previous: PeerId,
+    },
+    /// A solution was rejected.
+    Rejected {
+        /// The transaction.
+        tx: TxId,
+        /// The miner.
+        miner: PeerId,
+        /// Why.
+        reason: RejectReason,
+    },
+}
+
+impl fmt::Display for Happening {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Joined { id, known } => write!(f, "peer {id} joined ({known} known)"),
+            Self::Back { id } => write!(f, "peer {id} is back"),
+            Self::Restarted { id } => write!(f, "peer {id} restarted"),
+            Self::Left { id } => write!(f, "peer {id} left"),
+            Self::Offline { id } => write!(f, "peer {id} offline"),
+            Self::Silent { id, for_ms } => write!(f, "peer {id} silent for {:.1} s", for_ms as f64 / 1000.0),
+            Self::ElectionStarted { term } => write!(f, "election for term {term} started"),
+            Self::Elected { term, leader, election_ms: Some(ms) } => {
+                write!(f, "term {term}: controller {leader} elected in {ms} ms")
+            }
+            Self::Elected { term, leader, election_ms: None } => write!(f, "term {term}: controller {leader}"),
+            Self::ControllerLost { id, term } => write!(f, "controller {id} (term {term}) offline: failover"),
+            Self::FailoverDone { term, failover_ms } => {
+                write!(f, "term {term}: failover done in {failover_ms} ms (controller lost to first challenge)")
+            }
+            Self::Challenge { tx, difficulty, term } => {
+                write!(f, "challenge tx {tx} at difficulty {difficulty} (term {term})")
+            }
+            Self::Block { tx, winner, solve_ms, difficulty } => {
+                write!(f, "block {tx} won by {winner} in {solve_ms} ms (difficulty {difficulty})")
+            }
+            Self::Replaced { tx, winner, previous } => {
+                write!(f, "block {tx} replaced: now won by {winner} (was {previous})")
+            }
+            Self::Rejected { tx, miner, reason } => {
+                write!(f, "tx {tx}: solution from {miner} rejected ({})", reason.as_str())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lost {
+    id: PeerId,
+    term: Term,
+    at_ms: u64,
+}
+
+/// The whole room, as seen by one subscriber. See the module docs.
+#[derive(Debug, Clone, Default)]
+pub struct RoomView {
+    now_ms: u64,
+    peers: BTreeMap<PeerId, PeerView>,
+    leaders: BTreeMap<Term, PeerId>,
+    open: Option<OpenChallenge>,
+    results: VecDeque<ResultEntry>,
+    elections: BTreeMap<Term, Election>,
+    lost: Option<Lost>,
+    chain: BTreeMap<TxId, Block>,
+    wins: BTreeMap<PeerId, u64>,
+    replaced: u64,
+    ignored: u64,
+}
+
+impl RoomView {
+    /// An empty room.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes one thing received at `now_ms` (observer's clock); returns what it changed that is
+    /// worth telling.
+    pub fn observe(&mut self, now_ms: u64, seen: Observed) -> Vec<Happening> {
+        self.now_ms = self.now_ms.max(now_ms);
+        let mut out = Vec::new();
+        match seen {
+            Observed::Status(s) => self.status(now_ms, s, &mut out),
+            Observed::Message(env) => self.message(now_ms, env, &mut out),
+        }
+        out
+    }
+
+    /// Lets time pass: tells of peers that fell silent.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Happening> {
+        self.now_ms = self.now_ms.max(now_ms);
+        let mut out = Vec::new();
+        for p in self.peers.values_mut() {
+            if !p.silent_told && p.presence(now_ms) == Presence::Silent {
+                p.silent_told = true;
+                out.push(Happening::Silent { id: p.id, for_ms: now_ms.saturating_sub(p.last_heard_ms) });
+            }
+        }
+        out
+    }
+
+    /// The latest observer time given to [`observe`](Self::observe) or [`tick`](Self::tick).
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// Every known peer, by id.
+    pub fn peers(&self) -> impl DoubleEndedIterator<Item = &PeerView> + ExactSizeIterator {
+        self.peers.values()
+    }
+
+    /// One peer.
+    pub fn peer(&self, id: PeerId) -> Option<&PeerView> {
+        self.peers.get(&id)
+    }
+
+    /// How many known peers are online (not silent, not offline) at `now_ms`.
+    pub fn online(&self, now_ms: u64) -> usize {
+        self.peers.values().filter(|p| p.presence(now_ms) == Presence::Online).count()
+    }
+
+    /// The controller of the highest term whose controller is known.
+    pub fn controller(&self) -> Option<(Term, PeerId)> {
+        self.leaders.last_key_value().map(|(&t, &id)| (t, id))
+    }
+
+    /// The controller of `term`, if known.
+    pub fn leader_of(&self, term: Term) -> Option<PeerId> {
+        self.leaders.get(&term).copied()
+    }
+
+    /// The highest term seen in an election or with a controller (0 if none).
+    pub fn term(&self) -> Term {
+        let elected = self.leaders.last_key_value().map_or(0, |(&t, _)| t);
+        let voted = self.elections.last_key_value().map_or(0, |(&t, _)| t);
+        elected.max(voted)
+    }
+
+    /// The term being elected, if the highest term seen has no controller yet.
+    pub fn electing(&self) -> Option<Term> {
+        let (&term, e) = self.elections.last_key_value()?;
+        (e.ended_ms.is_none() && self.controller().is_none_or(|(t, _)| t < term)).then_some(term)
+    }
+
+    /// The open challenge, if any.
+    pub fn open_challenge(&self) -> Option<&OpenChallenge> {
+        self.open.as_ref()
+    }
+
+    /// The latest results, oldest first (at most [`MAX_RESULTS`]).
+    pub fn results(&self) -> impl DoubleEndedIterator<Item = &ResultEntry> + ExactSizeIterator {
+        self.results.iter()
+    }
+
+    /// Elections by term (at most [`MAX_ELECTIONS`]).
+    pub fn elections(&self) -> impl DoubleEndedIterator<Item = &Election> + ExactSizeIterator {
+        self.elections.values()
+    }
+
+    /// The election of `term`, if seen.
+    pub fn election(&self, term: Term) -> Option<&Election> {
+        self.elections.get(&term)
+    }
+
+    /// Accepted blocks by transaction (at most [`MAX_BLOCKS`], the latest ones).
+    pub fn chain(&self) -> impl DoubleEndedIterator<Item = &Block> + ExactSizeIterator {
+        self.chain.values()
+    }
+
+    /// The accepted block of `tx`, if seen.
+    pub fn block(&self, tx: TxId) -> Option<&Block> {
+        self.chain.get(&tx)
+    }
+
+    /// The block of the highest transaction.
+    pub fn tip(&self) -> Option<&Block> {
+        self.chain.last_key_value().map(|(_, b)| b)
+    }
+
+    /// The chain's height: one past the tip's transaction (0 if no block was seen).
+    pub fn height(&self) -> u64 {
+        self.tip().map_or(0, |b| b.tx.saturating_add(1))
+    }
+
+    /// Blocks of the chain mined by `id`.
+    pub fn blocks_won(&self, id: PeerId) -> u64 {
+        self.wins.get(&id).copied().unwrap_or(0)
+    }
+
+    /// How many times a decided transaction was decided again with another block.
+    pub fn replaced(&self) -> u64 {
+        self.replaced
+    }
+
+    /// Challenges and results ignored because their sender is not the controller of their term.
+    pub fn ignored(&self) -> u64 {
+        self.ignored
+    }
+
+    fn not_offline(&self) -> usize {
+        self.peers.values().filter(|p| !p.offline).count()
+    }
+
+    /// Notes that `id` was heard from (`alive`) or said it is gone (`!alive`), telling of joins,
+    /// returns and departures. Returns whether it was online before (false if new or offline).
+    fn heard(&mut self, now_ms: u64, id: PeerId, alive: bool, out: &mut Vec<Happening>) -> bool {
+        let was_online = match self.peers.get_mut(&id) {
+            Some(p) => {
+                let was_online = !p.offline;
+                if alive && (p.offline || p.silent_told) {
+                    out.push(Happening::Back { id });
+                }
+                p.last_heard_ms = now_ms;
+                p.silent_told = false;
+                p.offline = !alive;
+                was_online
+            }
+            None => {
+                if self.peers.len() >= MAX_PEERS {
+                    // Made-up ids must not push real peers out for long: real ones publish a
+                    // status every second and come back, so forget the least recently heard.
+                    let victim = self.peers.values().min_by_key(|p| (!p.offline, p.last_heard_ms)).map(|p| p.id);
+                    if let Some(victim) = victim {
+                        self.peers.remove(&victim);
+                    }
+                }
+                let mut p = PeerView::new(id, now_ms);
+                p.offline = !alive;
+                self.peers.insert(id, p);
+                if alive {
+                    out.push(Happening::Joined { id, known: self.not_offline() });
+                }
+                false
+            }
+        };
+        if !alive && was_online {
+            // Told once, by whoever calls with the reason (a Leave or an offline status).
+            if let Some((term, leader)) = self.controller()
+                && leader == id
+                && self.lost.is_none_or(|l| l.term < term)
+            {
+                self.lost = Some(Lost { id, term, at_ms: now_ms });
+                out.push(Happening::ControllerLost { id, term });
+            }
+        }
+        was_online
+    }
+
+    fn peer_mut(&mut self, id: PeerId) -> Option<&mut PeerView> {
+        self.peers.get_mut(&id)
+    }
+
+    fn status(&mut self, now_ms: u64, s: Status, out: &mut Vec<Happening>) {
+        let alive = s.role != Role::Offline;
+        let id = s.id;
+        let before = self.peers.get(&id).and_then(|p| p.status.as_ref().map(|st| st.incarnation));
+        let mut said = Vec::new();
+        let was_online = self.heard(now_ms, id, alive, &mut said);
+        if !alive && was_online {
+            out.push(Happening::Offline { id });
+        }
+        out.append(&mut said);
+        if alive && before.is_some_and(|inc| inc != s.incarnation) {
+            out.push(Happening::Restarted { id });
+        }
+        let (term, leader, role) = (s.term, s.leader, s.role);
+        if let Some(p) = self.peer_mut(id) {
+            p.term = Some(s.term);
+            p.height = Some(s.height);
+            if alive {
+                if p.samples.len() >= MAX_SAMPLES {
+                    p.samples.pop_front();
+                }
+                p.samples.push_back((now_ms, s.hash_rate));
+            }
+            p.status = Some(s);
+        }
+        if alive {
+            let claimed = if role == Role::Controller { Some(id) } else { leader };
+            if let Some(leader) = claimed {
+                self.leader_known(now_ms, term, leader, out);
+            }
+        }
+    }
+
+    fn message(&mut self, now_ms: u64, env: Envelope, out: &mut Vec<Happening>) {
+        let from = env.from;
+        match env.msg {
+            Message::Leave => {
+                let mut said = Vec::new();
+                if self.heard(now_ms, from, false, &mut said) {
+                    out.push(Happening::Left { id: from });
+                }
+                out.append(&mut said);
+            }
+            Message::Hello { view, .. } => {
+                self.heard(now_ms, from, true, out);
+                if let Some(p) = self.peer_mut(from) {
+                    p.term = Some(view.term);
+                    p.height = Some(view.height);
+                }
+                if let Some(leader) = view.leader {
+                    self.leader_known(now_ms, view.term, leader, out);
+                }
+            }
+            Message::Vote { term, height, .. } => {
+                self.heard(now_ms, from, true, out);
+                if let Some(p) = self.peer_mut(from) {
+                    p.term = Some(term);
+                    p.height = Some(height);
+                }
+                self.vote(now_ms, term, out);
+            }
+            Message::SyncRequest { .. } | Message::Solution { .. } => {
+                self.heard(now_ms, from, true, out);
+            }
+            Message::SyncReply { term, blocks, .. } => {
+                self.heard(now_ms, from, true, out);
+                // Fills gaps for a late observer; what results said is not overridden.
+                if self.leader_of(term) == Some(from) {
+                    for b in blocks {
+                        if !self.chain.contains_key(&b.tx) {
+                            self.insert_block(b);
+                        }
+                    }
+                }
+            }
+            Message::Challenge(c) => {
+                self.heard(now_ms, from, true, out);
+                self.challenge(now_ms, from, c, out);
+            }
+            Message::Result { term, outcome } => {
+                self.heard(now_ms, from, true, out);
+                if self.leader_of(term) != Some(from) {
+                    self.ignored += 1;
+                    return;
+                }
+                self.result(now_ms, term, outcome, out);
+            }
+        }
+    }
+
+    fn vote(&mut self, now_ms: u64, term: Term, out: &mut Vec<Happening>) {
+        if self.controller().is_some_and(|(t, _)| t >= term) || self.elections.contains_key(&term) {
+            return;
+        }
+        let lost = self.lost.filter(|l| l.term < term);
+        let election = Election {
+            term,
+            started_ms: Some(lost.map_or(now_ms, |l| l.at_ms.min(now_ms))),
+            ended_ms: None,
+            winner: None,
+            failover: lost.map(|l| Failover {
+                previous: l.id,
+                previous_term: l.term,
+                offline_ms: l.at_ms,
+                done_ms: None,
+            }),
+        };
+        self.insert_election(election);
+        out.push(Happening::ElectionStarted { term });
+    }
+
+    fn insert_election(&mut self, e: Election) {
+        self.elections.insert(e.term, e);
+        while self.elections.len() > MAX_ELECTIONS {
+            self.elections.pop_first();
+        }
+    }
+
+    /// Evidence that `leader` controls `term`: the first one for a term is believed, later
+    /// contradicting ones are not. Returns false if it contradicts what is known.
+    fn leader_known(&mut self, now_ms: u64, term: Term, leader: PeerId, out: &mut Vec<Happening>) -> bool {
+        match self.leaders.get(&term) {
+            Some(&known) => return known == leader,
+            None => {
+                self.leaders.insert(term, leader);
+                while self.leaders.len() > MAX_LEADERS {
+                    self.leaders.pop_first();
+                }
+            }
+        }
+        let newest = self.controller().is_some_and(|(t, _)| t == term);
+        if !newest && !self.elections.contains_key(&term) {
+            // A peer lagging behind speaks of an old term: nothing was elected just now.
+            return true;
+        }
+        if !self.elections.contains_key(&term) {
+            let lost = self.lost.filter(|l| l.term < term);
+            self.insert_election(Election {
+                term,
+                started_ms: lost.map(|l| l.at_ms.min(now_ms)),
+                ended_ms: None,
+                winner: None,
+                failover: lost.map(|l| Failover {
+                    previous: l.id,
+                    previous_term: l.term,
+                    offline_ms: l.at_ms,
+                    done_ms: None,
+                }),
+            });
+        }
+        if let Some(e) = self.elections.get_mut(&term)
+            && e.ended_ms.is_none()
+        {
+            e.ended_ms = Some(now_ms);
+            e.winner = Some(leader);
+            out.push(Happening::Elected { term, leader, election_ms: e.duration_ms() });
+        }
+        true
+    }
+
+    fn challenge(&mut self, now_ms: u64, from: PeerId, c: Challenge, out: &mut Vec<Happening>) {
+        if !self.leader_known(now_ms, c.term, from, out) {
+            self.ignored += 1;
+            return;
+        }
+        if let Some(lost) = self.lost
+            && c.term > lost.term
+        {
+            self.lost = None;
+            let failover_ms = now_ms.saturating_sub(lost.at_ms);
+            if let Some(e) = self.elections.get_mut(&c.term) {
+                let f = e.failover.get_or_insert(Failover {
+                    previous: lost.id,
+                    previous_term: lost.term,
+                    offline_ms: lost.at_ms,
+                    done_ms: None,
+                });
+                f.done_ms = Some(now_ms);
+            }
+            out.push(Happening::FailoverDone { term: c.term, failover_ms });
+        }
+        // Repeated after its result, or overtaken by it: already decided at this term or later.
+        if self.chain.get(&c.tx).is_some_and(|b| b.term >= c.term) {
+            return;
+        }
+        let seen_ms = match &self.open {
+            Some(open) if (c.term, c.tx) < (open.challenge.term, open.challenge.tx) => return,
+            Some(open) if open.challenge == c => return,
+            Some(open) if open.challenge.tx == c.tx && open.challenge.prev == c.prev => open.seen_ms,
+            _ => now_ms,
+        };
+        self.open = Some(OpenChallenge { challenge: c, from, seen_ms });
+        out.push(Happening::Challenge { tx: c.tx, difficulty: c.difficulty, term: c.term });
+    }
+
+    fn result(&mut self, now_ms: u64, term: Term, outcome: Outcome, out: &mut Vec<Happening>) {
+        match outcome {
+            Outcome::Accepted(block) => {
+                if self.open.is_some_and(|o| o.challenge.tx == block.tx) {
+                    self.open = None;
+                }
+                match self.chain.get(&block.tx) {
+                    // A controller repeats its result until the room has it.
+                    Some(old) if old.hash == block.hash => return,
+                    Some(old) => {
+                        self.replaced += 1;
+                        out.push(Happening::Replaced { tx: block.tx, winner: block.miner, previous: old.miner });
+                    }
+                    None => out.push(Happening::Block {
+                        tx: block.tx,
+                        winner: block.miner,
+                        solve_ms: solve_ms(&block),
+                        difficulty: block.difficulty,
+                    }),
+                }
+                self.insert_block(block);
+            }
+            Outcome::Rejected { tx, miner, reason, .. } => {
+                if self.results.iter().any(|r| r.outcome == outcome) {
+                    return;
+                }
+                out.push(Happening::Rejected { tx, miner, reason });
+            }
+        }
+        if self.results.len() >= MAX_RESULTS {
+            self.results.pop_front();
+        }
+        self.results.push_back(ResultEntry { seen_ms: now_ms, term, outcome });
+    }
+
+    fn insert_block(&mut self, block: Block) {
+        if let Some(old) = self.chain.insert(block.tx, block) {
+            self.unwin(old.miner);
+        }
+        *self.wins.entry(block.miner).or_insert(0) += 1;
+        while self.chain.len() > MAX_BLOCKS {
+            if let Some((_, old)) = self.chain.pop_first() {
+                self.unwin(old.miner);
+            }
+        }
+    }
+
+    fn unwin(&mut self, miner: PeerId) {
+        if let Some(n) = self.wins.get_mut(&miner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.wins.remove(&miner);
+            }
+        }
+    }
+}
+
+/// Scripted rooms for the tests of this crate's views, dashboard and report.
+#[cfg(test)]
+pub(crate) mod script {
+    use peer::pace::Pace;
+    use peer::pow::{Digest, HashAlg};
+    use peer::protocol::{Block, Challenge, Envelope, Message, Outcome, PeerId, Term, TxId, VERSION, View};
+    use peer::status::{Role, Status};
+
+    use super::Observed;
+
+    /// A status of `id` in `role`.
+    pub fn status(id: PeerId, role: Role, term: Term, leader: Option<PeerId>, hash_rate: u64) -> Observed {
+        Observed::Status(Status {
+            version: VERSION,
+            id,
+            incarnation: u64::from(id) * 7,
+            role,
+            term,
+            leader,
+            height: 0,
+            tx: None,
+            difficulty: None,
+            hash_rate,
+            hashes: 0,
+            blocks_won: 0,
+            threads: 1,
+            started_ms: 0,
+            at_ms: 0,
+        })
+    }
+
+    /// A message from `from`.
+    pub fn msg(from: PeerId, msg: Message) -> Observed {
+        Observed::Message(Envelope::new(from, msg))
+    }
+
+    /// A hello from `from` knowing nothing.
+    pub fn hello(from: PeerId) -> Observed {
+        msg(
+            from,
+            Message::Hello {
+                want_reply: true,
+                view: View { term: 0, leader: None, height: 0 },
+                incarnation: 1,
+                since_ms: 0,
+            },
+        )
+    }
+
+    /// A vote of `from` for `term`.
+    pub fn vote(from: PeerId, term: Term) -> Observed {
+        msg(from, Message::Vote { term, vote: from, height: 0 })
+    }
+
+    /// A challenge of `from` for `tx`, issued at `issued_ms`.
+    pub fn challenge(from: PeerId, term: Term, tx: TxId, difficulty: u8, issued_ms: u64) -> Observed {
+        let alg = HashAlg::Sha1;
+        msg(
+            from,
+            Message::Challenge(Challenge {
+                term,
+                tx,
+                alg,
+                difficulty,
+                pace: Pace::Fixed(difficulty),
+                issued_ms,
+                prev: Digest::zero(alg),
+            }),
+        )
+    }
+
+    /// A block of `tx` mined by `miner` in `solve` ms.
+    pub fn block(term: Term, tx: TxId, miner: PeerId, difficulty: u8, issued_ms: u64, solve: u64) -> Block {
+        let alg = HashAlg::Sha1;
+        let prev = Digest::zero(alg);
+        let hash = peer::pow::proof(&prev, tx, miner, tx);
+        Block {
+            tx,
+            term,
+            alg,
+            difficulty,
+            pace: Pace::Fixed(difficulty),
+            issued_ms,
+            solved_ms: issued_ms + solve,
+            prev,
+            miner,
+            nonce: tx,
+            hash,
+        }
+    }
+
+    /// An accepted result from `from`.
+    pub fn accepted(from: PeerId, block: Block) -> Observed {
+        msg(from, Message::Result { term: block.term, outcome: Outcome::Accepted(block) })
+    }
+
+    /// Peers of the scripted room.
+    pub const A: PeerId = 1111;
+    /// Peers of the scripted room.
+    pub const B: PeerId = 2222;
+    /// Peers of the scripted room.
+    pub const C: PeerId = 3333;
+
+    /// Three peers meet and elect B (term 1) in 30 ms; two blocks; B dies and C takes over (term
+    /// 2) after a 400 ms failover; a third block. Returns the `(observer ms, thing)` script.
+    pub fn room() -> Vec<(u64, Observed)> {
+        vec![
+            (1_000, hello(A)),
+            (1_010, hello(B)),
+            (1_020, hello(C)),
+            (1_100, vote(A, 1)),
+            (1_105, vote(B, 1)),
+            (1_110, vote(C, 1)),
+            (1_130, challenge(B, 1, 0, 20, 50_000)),
+            (1_200, status(A, Role::Miner, 1, Some(B), 12_300_000)),
+            (1_200, status(B, Role::Controller, 1, Some(B), 0)),
+            (1_200, status(C, Role::Miner, 1, Some(B), 9_000_000)),
+            (1_900, accepted(B, block(1, 0, A, 20, 50_000, 800))),
+            (1_910, challenge(B, 1, 1, 21, 50_810)),
+            (2_200, status(A, Role::Miner, 1, Some(B), 12_300_000)),
+            (2_200, status(B, Role::Controller, 1, Some(B), 0)),
+            (2_200, status(C, Role::Miner, 1, Some(B), 9_500_000)),
+            (2_500, accepted(B, block(1, 1, C, 21, 50_810, 600))),
+            (2_510, challenge(B, 1, 2, 21, 51_420)),
+            (3_000, status(B, Role::Offline, 1, Some(B), 0)),
+            (3_100, vote(A, 2)),
+            (3_120, vote(C, 2)),
+            (3_150, status(C, Role::Controller, 2, Some(C), 0)),
+            (3_400, challenge(C, 2, 2, 21, 52_000)),
+            (3_500, status(A, Role::Miner, 2, Some(C), 12_500_000)),
+            (4_000, accepted(C, block(2, 2, A, 21, 52_000, 1_000))),
+        ]
+    }
+
+    /// A view fed the whole of [`room`].
+    pub fn room_view() -> super::RoomView {
+        let mut view = super::RoomView::new();
+        for (at, seen) in room() {
+            view.observe(at, seen);
+        }
+        view
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use peer::protocol::{Message, Outcome, RejectReason};
+    use peer::status::Role;
+
+    use super::script::*;
+    use super::*;
+
+    fn lines(view: &mut RoomView, script: Vec<(u64, Observed)>) -> Vec<String> {
+        script.into_iter().flat_map(|(at, seen)| view.observe(at, seen)).map(|h| h.to_string()).collect()
+    }
+
+    #[test]
+    fn the_scripted_room_tells_its_story_once() {
+        let mut view = RoomView::new();
+        let said = lines(&mut view, room());
+        let expected = [
+            "peer 1111 joined (1 known)",
+            "peer 2222 joined (2 known)",
+            "peer 3333 joined (3 known)",
+            "election for term 1 started",
+            "term 1: controller 2222 elected in 30 ms",
+            "challenge tx 0 at difficulty 20 (term 1)",
+            "block 0 won by 1111 in 800 ms (difficulty 20)",
+            "challenge tx 1 at difficulty 21 (term 1)",
+            "block 1 won by 3333 in 600 ms (difficulty 21)",
+            "challenge tx 2 at difficulty 21 (term 1)",
+            "peer 2222 offline",
+            "controller 2222 (term 1) offline: failover",
+            "election for term 2 started",
+            "term 2: controller 3333 elected in 150 ms",
+            "term 2: failover done in 400 ms (controller lost to first challenge)",
+            "challenge tx 2 at difficulty 21 (term 2)",
+            "block 2 won by 1111 in 1000 ms (difficulty 21)",
+        ];
+        assert_eq!(said, expected);
+
+        assert_eq!(view.controller(), Some((2, C)));
+        assert_eq!(view.term(), 2);
+        assert_eq!(view.electing(), None);
+        assert_eq!(view.height(), 3);
+        assert_eq!(view.tip().map(|b| b.miner), Some(A));
+        assert_eq!((view.blocks_won(A), view.blocks_won(B), view.blocks_won(C)), (2, 0, 1));
+        assert!(view.open_challenge().is_none());
+        assert_eq!(view.results().len(), 3);
+        let e1 = view.election(1).unwrap();
+        assert_eq!((e1.duration_ms(), e1.winner, e1.failover_ms()), (Some(30), Some(B), None));
+        let e2 = view.election(2).unwrap();
+        // Started when B went (3000), ended by C's status (3150); failover to C's challenge (3400).
+        assert_eq!((e2.started_ms, e2.duration_ms(), e2.winner), (Some(3_000), Some(150), Some(C)));
+        assert_eq!(e2.failover_ms(), Some(400));
+        assert_eq!(e2.failover.map(|f| f.previous), Some(B));
+        assert_eq!(view.peer(B).unwrap().presence(4_000), Presence::Offline);
+        assert_eq!(view.peer(A).unwrap().samples.len(), 3);
+        assert_eq!(view.online(4_000), 2);
+    }
+
+    #[test]
+    fn repeated_challenges_and_results_are_told_once() {
+        let mut view = RoomView::new();
+        let b0 = block(1, 0, A, 20, 0, 10);
+        let said = lines(
+            &mut view,
+            vec![
+                (0, challenge(B, 1, 0, 20, 0)),
+                (5, challenge(B, 1, 0, 20, 0)),
+                (10, accepted(B, b0)),
+                (15, accepted(B, b0)),
+                (20, challenge(B, 1, 0, 20, 0)),
+            ],
+        );
+        assert_eq!(said.iter().filter(|l| l.starts_with("challenge")).count(), 1, "{said:?}");
+        assert_eq!(said.iter().filter(|l| l.starts_with("block")).count(), 1, "{said:?}");
+        assert!(view.open_challenge().is_none());
+        assert_eq!(view.results().len(), 1);
+    }
+
+    #[test]
+    fn a_reissued_challenge_keeps_its_first_sighting() {
+        let mut view = RoomView::new();
+        view.observe(100, challenge(B, 1, 4, 20, 0));
+        view.observe(900, challenge(C, 2, 4, 20, 0));
+        let open = view.open_challenge().unwrap();
+        assert_eq!((open.challenge.term, open.from, open.elapsed_ms(1_100)), (2, C, 1_000));
+    }
+
+    #[test]
+    fn results_and_challenges_from_a_non_controller_are_ignored() {
+        let mut view = RoomView::new();
+        view.observe(0, status(B, Role::Controller, 1, Some(B), 0));
+        let said =
+            lines(&mut view, vec![(1, accepted(A, block(1, 0, A, 20, 0, 5))), (2, challenge(A, 1, u64::MAX, 1, 0))]);
+        assert!(said.iter().all(|l| l.starts_with("peer")), "{said:?}");
+        assert_eq!(view.height(), 0);
+        assert!(view.open_challenge().is_none());
+        assert_eq!(view.ignored(), 2);
+    }
+
+    #[test]
+    fn a_replaced_block_is_counted_and_wins_move() {
+        let mut view = RoomView::new();
+        view.observe(0, status(B, Role::Controller, 1, Some(B), 0));
+        view.observe(1, accepted(B, block(1, 5, A, 20, 0, 5)));
+        let said = lines(&mut view, vec![(2, accepted(B, block(1, 5, C, 20, 0, 7)))]);
+        assert_eq!(said, ["block 5 replaced: now won by 3333 (was 1111)"]);
+        assert_eq!((view.replaced(), view.blocks_won(A), view.blocks_won(C)), (1, 0, 1));
+        assert_eq!(view.height(), 6);
+    }
+
+    #[test]
+    fn rejections_are_kept_once() {
+        let mut view = RoomView::new();
+        view.observe(0, status(B, Role::Controller, 1, Some(B), 0));
+        let rejected = msg(
+            B,
+            Message::Result {
+                term: 1,
+                outcome: Outcome::Rejected { tx: 3, miner: A, nonce: 9, reason: RejectReason::AlreadySolved },
+            },
+        );
+        let said = lines(&mut view, vec![(1, rejected.clone()), (2, rejected)]);
+        assert_eq!(said, ["tx 3: solution from 1111 rejected (already_solved)"]);
+        assert_eq!(view.results().len(), 1);
+    }
+
+    #[test]
+    fn silence_leave_and_return_are_told() {
+        let mut view = RoomView::new();
+        view.observe(0, hello(A));
+        assert!(view.tick(SILENT_MS).is_empty());
+        let silent = view.tick(SILENT_MS + 1);
+        assert_eq!(silent.len(), 1);
+        assert_eq!(silent[0].to_string(), "peer 1111 silent for 5.0 s");
+        assert!(view.tick(SILENT_MS + 2).is_empty());
+        assert_eq!(view.peer(A).unwrap().presence(SILENT_MS + 2), Presence::Silent);
+        let back = lines(&mut view, vec![(6_000, hello(A)), (6_001, msg(A, Message::Leave))]);
+        assert_eq!(back, ["peer 1111 is back", "peer 1111 left"]);
+        assert_eq!(view.peer(A).unwrap().role(), Some(Role::Offline));
+        // An offline status retained from an earlier run is no news.
+        assert!(view.observe(7_000, status(C, Role::Offline, 1, None, 0)).is_empty());
+    }
+
+    #[test]
+    fn a_late_observer_learns_the_controller_without_an_election_time() {
+        let mut view = RoomView::new();
+        let said = lines(&mut view, vec![(0, status(A, Role::Miner, 4, Some(B), 5))]);
+        assert_eq!(said, ["peer 1111 joined (1 known)", "term 4: controller 2222"]);
+        assert_eq!(view.election(4).unwrap().duration_ms(), None);
+        // An older term spoken of afterwards is remembered but is no election.
+        view.observe(1, status(C, Role::Miner, 3, Some(A), 5));
+        assert_eq!(view.leader_of(3), Some(A));
+        assert!(view.election(3).is_none());
+        assert_eq!(view.controller(), Some((4, B)));
+    }
+
+    #[test]
+    fn hostile_inputs_stay_bounded() {
+        let mut view = RoomView::new();
+        view.observe(0, status(B, Role::Controller, 1, Some(B), 0));
+        for i in 0..(MAX_PEERS as u32 + 500) {
+            view.observe(u64::from(i), vote(10_000 + i, u64::MAX - u64::from(i)));
+        }
+        for i in 0..(MAX_BLOCKS as u64 + 10) {
+            view.observe(i, accepted(B, block(1, u64::MAX - i, A, 1, u64::MAX, 0)));
+        }
+        for i in 0..(MAX_SAMPLES + 10) {
+            view.observe(i as u64, status(A, Role::Miner, 1, Some(B), i as u64));
+        }
+        assert_eq!(view.peers().len(), MAX_PEERS);
+        assert!(view.elections().len() <= MAX_ELECTIONS);
+        assert_eq!(view.chain().len(), MAX_BLOCKS);
+        assert_eq!(view.blocks_won(A), MAX_BLOCKS as u64);
+        assert_eq!(view.results().len(), MAX_RESULTS);
+        assert_eq!(view.peer(A).unwrap().samples.len(), MAX_SAMPLES);
+        assert_eq!(view.height(), u64::MAX);
+        assert_eq!(view.term(), u64::MAX);
+        assert_eq!(view.electing(), Some(u64::MAX));
+    }
+}
