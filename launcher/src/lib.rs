@@ -10,6 +10,7 @@ pub mod cli;
 pub mod dashboard;
 pub mod failover;
 pub mod invariants;
+pub mod report;
 pub mod tally;
 pub mod view;
 
