@@ -362,6 +362,23 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_room_draws_at_any_size(
+            script in proptest::collection::vec(script::any_observed(), 0..60),
+            width in 0u16..100, height in 0u16..30, selected in 0usize..10,
+        ) {
+            let mut view = RoomView::new();
+            for (at, seen) in script {
+                view.observe(at, seen);
+            }
+            let mut ui = ui();
+            ui.selected = selected;
+            ui.paused.extend([1, 2]);
+            render(&view, &ui, width, height, view.now_ms());
+        }
+    }
+
     #[test]
     fn rates_and_durations_are_readable() {
         assert_eq!(format_rate(950), "950 H/s");
