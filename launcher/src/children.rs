@@ -80,6 +80,18 @@ impl Login {
         Self { user: user.to_owned(), password }
     }
 
+    /// The login in `HASHVOTE_USERNAME` and `HASHVOTE_PASSWORD` (an empty password if only the
+    /// user name is set), for a room on someone else's broker; `None` without a user name.
+    pub fn from_env() -> Option<Self> {
+        let user = std::env::var("HASHVOTE_USERNAME").ok().filter(|u| !u.is_empty())?;
+        Some(Self { user, password: std::env::var("HASHVOTE_PASSWORD").unwrap_or_default() })
+    }
+
+    /// A login with a known password (e.g. read from a file).
+    pub fn new(user: String, password: String) -> Self {
+        Self { user, password }
+    }
+
     /// The password.
     pub fn password(&self) -> &str {
         &self.password
@@ -243,6 +255,17 @@ impl Children {
     /// Process ids of the peers, by index.
     pub fn peer_pids(&self) -> Vec<u32> {
         self.peers.iter().map(|p| p.pid).collect()
+    }
+
+    /// Sends `sig` to peer `index` if it is still running; false if it is not.
+    pub fn signal_peer(&self, index: usize, sig: libc::c_int) -> bool {
+        match self.peers.get(index) {
+            Some(r) if !r.waiter.is_finished() => {
+                signal(r.pid, sig);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Stops the room: every peer but `last` (the controller), then `last`, then the broker. Each

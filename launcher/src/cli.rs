@@ -36,6 +36,12 @@ pub enum Role {
     /// Kill the controller again and again and time each failover (kill to the next term's first
     /// challenge); prints p50, p95, max and every sample.
     FailoverBench(FailoverBenchArgs),
+    /// Show the dashboard of a room started elsewhere (any broker, peers on any machines), built
+    /// only from the room's MQTT traffic.
+    Watch(WatchArgs),
+    /// Decode a room's raw traffic: reads `TOPIC HEX` lines (`mosquitto_sub -t 'sd/#' -F '%t %x'`)
+    /// and prints each message or status as a JSON line.
+    Decode(crate::decode::DecodeArgs),
 }
 
 /// How to run a room.
@@ -65,8 +71,23 @@ pub struct RoomArgs {
     #[arg(long, default_value = "sha1")]
     pub hash: String,
     /// Broker port. If not given, 1883, or a free port when 1883 is busy.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "broker")]
     pub port: Option<u16>,
+    /// Run the peers against this MQTT broker (any MQTT 3.1.1 broker) instead of starting one.
+    /// A login is taken from HASHVOTE_USERNAME and HASHVOTE_PASSWORD if set.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub broker: Option<(String, u16)>,
+    /// Topic prefix of the room.
+    #[arg(long, default_value = "sd", value_parser = parse_prefix)]
+    pub prefix: String,
+    /// Print plain, timestamped lines even on a terminal (the default when the output is not a
+    /// terminal).
+    #[arg(long)]
+    pub plain: bool,
+    /// At exit, write a report (HTML page and SVG plots: solve times, hash rates, elections, the
+    /// chain) to DIR.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
     /// MQTT keepalive of the peers, in seconds.
     #[arg(long, default_value_t = 2)]
     pub keepalive: u64,
@@ -79,8 +100,74 @@ pub struct RoomArgs {
     /// Let anyone who reaches the broker connect. By default the broker requires a login: user
     /// `hashvote` with a random password, passed to the children in their environment and
     /// written to a file only you can read (its path is printed).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "broker")]
     pub no_auth: bool,
+}
+
+/// `launcher watch`: where the room is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// Broker host.
+    #[arg(long, env = "HASHVOTE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker port.
+    #[arg(long, env = "HASHVOTE_PORT", default_value_t = 1883)]
+    pub port: u16,
+    /// Topic prefix of the room.
+    #[arg(long, env = "HASHVOTE_PREFIX", default_value = "sd", value_parser = parse_prefix)]
+    pub prefix: String,
+    /// Broker user name; the password comes from HASHVOTE_PASSWORD or --password-file.
+    #[arg(long, env = "HASHVOTE_USERNAME")]
+    pub username: Option<String>,
+    /// Read the password from FILE (e.g. the one a launcher prints).
+    #[arg(long, value_name = "FILE", requires = "username")]
+    pub password_file: Option<PathBuf>,
+    /// Print plain, timestamped lines even on a terminal.
+    #[arg(long)]
+    pub plain: bool,
+    /// Stop after this many blocks have been accepted (0: until q or Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    pub rounds: u64,
+    /// At exit, write a report (HTML page and SVG plots) to DIR.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+}
+
+/// Parses `HOST:PORT` (the host may be a name, an IPv4 address or a bracketed IPv6 address).
+fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("'{s}' is not HOST:PORT"))?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() {
+        return Err(format!("'{s}' has no host"));
+    }
+    let port =
+        port.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| format!("'{port}' is not a port (1-65535)"))?;
+    Ok((host.to_string(), port))
+}
+
+/// A topic prefix: one or more topic levels without wildcards.
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains(['#', '+']) || s.ends_with('/') || s.starts_with('/') {
+        return Err(format!("'{s}' must be non-empty topic levels without wildcards"));
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_parse_or_say_why() {
+        assert_eq!(parse_host_port("10.0.0.1:1883"), Ok(("10.0.0.1".into(), 1883)));
+        assert_eq!(parse_host_port("mqtt.example.org:8883"), Ok(("mqtt.example.org".into(), 8883)));
+        assert_eq!(parse_host_port("[::1]:1883"), Ok(("::1".into(), 1883)));
+        for bad in ["localhost", ":1883", "h:0", "h:99999", "h:x"] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+        assert!(parse_prefix("sd").is_ok() && parse_prefix("a/b").is_ok());
+        assert!(parse_prefix("sd/#").is_err() && parse_prefix("").is_err());
+    }
 }
 
 /// `launcher chaos`: how many peers and fault cycles.

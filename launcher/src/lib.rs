@@ -8,24 +8,35 @@ pub mod chaos;
 pub mod children;
 pub mod cli;
 pub mod dashboard;
+pub mod decode;
 pub mod failover;
 pub mod invariants;
+pub mod observe;
 pub mod report;
+pub mod screen;
 pub mod tally;
 pub mod view;
+pub mod watch;
 
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::collections::BTreeSet;
+use std::io::{IsTerminal, Write};
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use ratatui::crossterm::event::KeyEvent;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::children::{Children, Login, Output};
 use crate::cli::RoomArgs;
+use crate::dashboard::{Command, Ui};
+use crate::observe::{Seen, Target};
+use crate::screen::Screen;
 use crate::tally::Tally;
+use crate::view::RoomView;
 
 /// The port a demo uses unless told otherwise (MQTT's standard port).
 pub const DEFAULT_PORT: u16 = 1883;
@@ -106,35 +117,50 @@ fn pick_port(asked: Option<u16>) -> anyhow::Result<(u16, Option<String>)> {
 
 async fn run(args: RoomArgs) -> anyhow::Result<()> {
     args.hash.parse::<peer::pow::HashAlg>().map_err(anyhow::Error::msg)?;
-    let (port, note) = pick_port(args.port)?;
-    if let Some(note) = note {
-        println!("{note}");
-    }
+    let dashboard = !args.plain && std::io::stdout().is_terminal();
     let exe = std::env::current_exe().context("cannot find the launcher's own executable")?;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel();
     let mut children = Children::new(exe, out_tx);
 
-    let login = (!args.no_auth).then(|| Login::generate(DEMO_USER));
-    // Kept until the room stops: the password is useless once the broker is gone.
-    let password_file = match &login {
-        Some(login) => Some(PasswordFile::create(login.password()).context("cannot write the password file")?),
-        None => None,
+    // Our own broker with a generated login, or someone else's with the login in our environment.
+    let (host, port, login, password_file) = match &args.broker {
+        Some((host, port)) => {
+            let login = Login::from_env();
+            println!(
+                "using the broker at {host}:{port} ({})",
+                if login.is_some() { "with a login" } else { "no login" }
+            );
+            (host.clone(), *port, login, None)
+        }
+        None => {
+            let (port, note) = pick_port(args.port)?;
+            if let Some(note) = note {
+                println!("{note}");
+            }
+            let login = (!args.no_auth).then(|| Login::generate(DEMO_USER));
+            // Kept until the room stops: the password is useless once the broker is gone.
+            let password_file = match &login {
+                Some(login) => Some(PasswordFile::create(login.password()).context("cannot write the password file")?),
+                None => None,
+            };
+            children.set_login(login.clone());
+            let addr = children.start_broker(port).await?;
+            println!("broker listening on {addr}");
+            match (&login, &password_file) {
+                (Some(login), Some(file)) => println!(
+                    "auth: on; user {}, password in {} (only you can read it; removed on exit); --no-auth turns it off",
+                    login.user,
+                    file.path().display()
+                ),
+                _ => println!("auth: off (--no-auth): anyone who reaches {addr} can connect and publish"),
+            }
+            (addr.ip().to_string(), addr.port(), login, password_file)
+        }
     };
     children.set_login(login.clone());
-
-    let addr = children.start_broker(port).await?;
-    println!("broker listening on {addr}");
-    match (&login, &password_file) {
-        (Some(login), Some(file)) => println!(
-            "auth: on; user {}, password in {} (only you can read it; removed on exit); --no-auth turns it off",
-            login.user,
-            file.path().display()
-        ),
-        _ => println!("auth: off (--no-auth): anyone who reaches {addr} can connect and publish"),
-    }
     let mut tally = Tally::new(args.peers as usize);
     for index in 0..args.peers as usize {
-        children.start_peer(index, &peer_args(&args, addr))?;
+        children.start_peer(index, &peer_args(&args, &host, port))?;
     }
     println!("started {} peers; waiting for them to meet and elect a controller", args.peers);
 
@@ -145,12 +171,87 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    // The dashboard and the report are built from the room's MQTT traffic, as `launcher watch`
+    // builds them from afar; the plain lines and the summary come from the peers' events.
+    let stop_observer = CancellationToken::new();
+    let _stop_observer = stop_observer.clone().drop_guard();
+    let mut observer = (dashboard || args.report.is_some()).then(|| {
+        let target = Target {
+            host: host.clone(),
+            port,
+            prefix: args.prefix.clone(),
+            login: login.as_ref().map(|l| (l.user.clone(), l.password().to_string())),
+        };
+        observe::spawn(target, stop_observer.clone())
+    });
+    let mut view = RoomView::new();
+    let mut ui = Ui::new("hashvote room".to_string(), format!("{host}:{port}"), Some(args.peers as usize));
+    let mut screen = None;
+    let mut keys = None;
+    if dashboard {
+        let (s, k) = Screen::start().context("cannot take over the terminal (try --plain)")?;
+        screen = Some(s);
+        keys = Some(k);
+    }
+    let mut paused: BTreeSet<usize> = BTreeSet::new();
+    let mut redraw = tokio::time::interval(REDRAW);
+    redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+
     let mut shutdown = Box::pin(shutdown_signal());
     let outcome: anyhow::Result<()> = loop {
         tokio::select! {
             () = &mut shutdown => {
-                println!("stopping the room");
+                if !dashboard {
+                    println!("stopping the room");
+                }
                 break Ok(());
+            }
+            Some(seen) = next(&mut observer) => {
+                if let Some(e) = observed(&mut view, seen) {
+                    break Err(e);
+                }
+            }
+            Some(key) = next_key(&mut keys) => {
+                match dashboard::command(key, &view, &ui) {
+                    _ if screen::is_interrupt(&key) => break Ok(()),
+                    Command::Quit => break Ok(()),
+                    Command::KillController => {
+                        let target = view.controller().and_then(|(_, id)| tally.index_of(id).map(|i| (id, i)));
+                        ui.message = Some(match target {
+                            Some((id, index)) if children.signal_peer(index, libc::SIGKILL) => {
+                                paused.remove(&index);
+                                format!("killed the controller, peer #{index} ({id}), with SIGKILL")
+                            }
+                            _ => "no running controller to kill".to_string(),
+                        });
+                    }
+                    Command::TogglePause(id) => {
+                        ui.message = Some(match tally.index_of(id) {
+                            Some(index) if paused.contains(&index) => {
+                                children.signal_peer(index, libc::SIGCONT);
+                                paused.remove(&index);
+                                ui.paused.remove(&id);
+                                format!("resumed peer #{index} ({id})")
+                            }
+                            Some(index) if children.signal_peer(index, libc::SIGSTOP) => {
+                                paused.insert(index);
+                                ui.paused.insert(id);
+                                format!("paused peer #{index} ({id}) with SIGSTOP; p again resumes it")
+                            }
+                            _ => format!("peer {id} is not one of this launcher's running peers"),
+                        });
+                    }
+                    Command::Up => ui.up(&view),
+                    Command::Down => ui.down(&view),
+                    Command::None => {}
+                }
+            }
+            _ = redraw.tick(), if screen.is_some() => {
+                let now = peer::events::now_ms();
+                view.tick(now);
+                if let Some(s) = screen.as_mut() {
+                    s.draw(&view, &ui, now).context("cannot draw the dashboard")?;
+                }
             }
             out = out_rx.recv() => match out {
                 None => break Ok(()),
@@ -158,22 +259,24 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
                     if let Some(file) = events_file.as_mut() {
                         writeln!(file, "{line}").context("cannot write the events file")?;
                     }
+                    let mut say = |l: String| if !dashboard { print_line(&l) };
                     match serde_json::from_str(&line) {
-                        Ok(record) => tally.record(index, record, &mut |l| print_line(&l)),
-                        Err(_) => print_line(&format!("peer #{index}: {line}")),
+                        Ok(record) => tally.record(index, record, &mut say),
+                        Err(_) => say(format!("peer #{index}: {line}")),
                     }
                     if args.rounds > 0 && tally.all_have(args.rounds) {
                         break Ok(());
                     }
                 }
                 Some(Output::Log { index, line }) => {
-                    if args.verbose {
+                    if args.verbose && !dashboard {
                         print_line(&format!("peer #{index}: {line}"));
                     }
                 }
                 Some(Output::Exited { index, status }) => {
                     tally.exited(index);
-                    print_line(&format!("peer #{index} exited unexpectedly ({status})"));
+                    let line = format!("peer #{index} exited ({status})");
+                    if dashboard { ui.message = Some(line) } else { print_line(&line) }
                     if tally.live() == 0 {
                         break Err(anyhow::anyhow!("every peer exited"));
                     }
@@ -182,8 +285,16 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
             }
         }
     };
+    drop(screen);
+    if dashboard {
+        println!("stopping the room");
+    }
     if let Some(mut file) = events_file {
         file.flush().context("cannot write the events file")?;
+    }
+    // A stopped peer would only die at the SIGKILL after the grace period.
+    for &index in &paused {
+        children.signal_peer(index, libc::SIGCONT);
     }
     // Miners first, the controller last: the room should not hold an election while it closes.
     let leader = tally.leader_index();
@@ -192,17 +303,60 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
     if args.rounds > 0 && outcome.is_ok() {
         println!("{}", tally.summary());
     }
+    if let Some(dir) = &args.report {
+        write_report(dir, &view, &format!("hashvote room of {} peers", args.peers))?;
+    }
     outcome
 }
 
-fn peer_args(args: &RoomArgs, addr: SocketAddr) -> Vec<String> {
+/// How often the dashboard is redrawn.
+const REDRAW: Duration = Duration::from_millis(100);
+
+/// The next item of an optional channel; pending for ever without one.
+async fn next<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) async fn next_key(rx: &mut Option<mpsc::UnboundedReceiver<KeyEvent>>) -> Option<KeyEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Feeds what the observer saw into the view; an error if the observer cannot go on.
+fn observed(view: &mut RoomView, seen: Seen) -> Option<anyhow::Error> {
+    match seen {
+        Seen::Observed(o) => {
+            view.observe(peer::events::now_ms(), o);
+            None
+        }
+        Seen::Refused(reason) => Some(anyhow::anyhow!("the dashboard's MQTT client: {reason}")),
+        Seen::Connected | Seen::Lost(_) | Seen::Dropped { .. } => None,
+    }
+}
+
+/// Writes the report and says where it is.
+pub(crate) fn write_report(dir: &Path, view: &RoomView, title: &str) -> anyhow::Result<()> {
+    let summary =
+        report::write(dir, view, title).with_context(|| format!("cannot write the report to {}", dir.display()))?;
+    println!("report: {} ({} blocks, {} plots)", dir.join("index.html").display(), summary.blocks, summary.plots);
+    Ok(())
+}
+
+fn peer_args(args: &RoomArgs, host: &str, port: u16) -> Vec<String> {
     let mut out = vec![
         "--target-block-ms".into(),
         args.target_block_ms.to_string(),
         "--host".into(),
-        addr.ip().to_string(),
+        host.to_string(),
         "--port".into(),
-        addr.port().to_string(),
+        port.to_string(),
+        "--prefix".into(),
+        args.prefix.clone(),
         "--room-size".into(),
         args.peers.to_string(),
         "--difficulty".into(),

@@ -13,6 +13,8 @@ fn main() -> ExitCode {
         Some(Role::Peer(a)) => peer::cli::main(a),
         Some(Role::Chaos(a)) => launcher::chaos::main(a),
         Some(Role::FailoverBench(a)) => launcher::failover::main(a),
+        Some(Role::Watch(a)) => launcher::watch::main(a),
+        Some(Role::Decode(a)) => launcher::decode::main(a),
         None => launcher::main(args.room),
     }
 }

@@ -55,7 +55,8 @@ impl Tally {
         }
     }
 
-    fn index_of(&self, id: PeerId) -> Option<usize> {
+    /// The index of the peer whose client id is `id`, once it has said so.
+    pub fn index_of(&self, id: PeerId) -> Option<usize> {
         self.peers.iter().position(|p| p.id == Some(id))
     }
 

@@ -2,6 +2,7 @@
 
 mod auth;
 mod chaos;
+mod dashboard;
 mod demo;
 mod faults;
 mod flood;

@@ -1,0 +1,154 @@
+//! A silent MQTT client that follows a room: it subscribes to everything under the room's prefix
+//! and turns each payload into an [`Observed`] for the [`RoomView`](crate::view::RoomView). It
+//! publishes nothing, so it works against any broker and from any machine that can reach it;
+//! the dashboard of `launcher` and `launcher watch` are both built on it.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use peer::protocol::{self, Topics};
+use peer::status::{self, Status};
+
+use crate::view::Observed;
+
+/// Payloads larger than this are dropped unread (the peers' own limit, see config/peer.toml).
+const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// Where the room is and how to log in.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Broker host name or address.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// The room's topic prefix (`sd` by default).
+    pub prefix: String,
+    /// User name and password, if the broker wants a login.
+    pub login: Option<(String, String)>,
+}
+
+/// What the observer reports.
+#[derive(Debug)]
+pub enum Seen {
+    /// Connected (again) and subscribed.
+    Connected,
+    /// The connection broke; the observer keeps reconnecting.
+    Lost(String),
+    /// A decoded, valid payload.
+    Observed(Observed),
+    /// A payload that did not decode (garbage, another version, a stranger's topic).
+    Dropped {
+        /// The topic it came on.
+        topic: String,
+        /// Why (a stable short reason, as the peers count them).
+        reason: &'static str,
+    },
+    /// The broker refused the login; the observer has stopped.
+    Refused(String),
+}
+
+/// Decodes one payload seen on `topic` under `topics`/`prefix`.
+pub fn decode(topics: &Topics, prefix: &str, topic: &str, payload: &[u8]) -> Result<Observed, &'static str> {
+    if let Some(channel) = topics.channel(topic) {
+        return protocol::decode(payload, channel, MAX_PAYLOAD).map(Observed::Message).map_err(|e| e.reason());
+    }
+    if let Some(id) = status::topic_peer(prefix, topic) {
+        if payload.is_empty() {
+            // A cleared retained status: nothing to show.
+            return Err("cleared_status");
+        }
+        return Status::decode(payload, id).map(Observed::Status).map_err(|e| e.reason());
+    }
+    Err("unexpected_topic")
+}
+
+/// Starts the observer; it runs until `stop` is cancelled or the login is refused.
+pub fn spawn(target: Target, stop: CancellationToken) -> mpsc::Receiver<Seen> {
+    let (tx, rx) = mpsc::channel(4096);
+    tokio::spawn(run(target, tx, stop));
+    rx
+}
+
+async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
+    let client_id = format!("hashvote-watch-{:016x}", rand::random::<u64>());
+    let mut options = MqttOptions::new(client_id, target.host.clone(), target.port);
+    options
+        .set_keep_alive(Duration::from_secs(5))
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PAYLOAD + 1024, MAX_PAYLOAD + 1024);
+    if let Some((user, password)) = &target.login {
+        options.set_credentials(user.clone(), password.clone());
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    let topics = Topics::new(&target.prefix);
+    let filter = format!("{}/#", target.prefix);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let event = tokio::select! {
+            () = stop.cancelled() => break,
+            e = eventloop.poll() => e,
+        };
+        let seen = match event {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(50);
+                // rumqttc does not renew subscriptions after a reconnect: subscribe on every CONNACK.
+                if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                    Seen::Lost(format!("cannot subscribe: {e}"))
+                } else {
+                    Seen::Connected
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                match decode(&topics, &target.prefix, &p.topic, &p.payload) {
+                    Ok(observed) => Seen::Observed(observed),
+                    Err(reason) => Seen::Dropped { topic: p.topic, reason },
+                }
+            }
+            Ok(_) => continue,
+            Err(ConnectionError::ConnectionRefused(code)) => {
+                let _ = tx.send(Seen::Refused(format!("the broker refused the login ({code:?})"))).await;
+                break;
+            }
+            Err(e) => {
+                let lost = Seen::Lost(format!("{}:{}: {e}", target.host, target.port));
+                if tx.send(lost).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if tx.send(seen).await.is_err() {
+            break;
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peer::protocol::{Envelope, Message};
+
+    #[test]
+    fn payloads_are_decoded_by_topic_and_garbage_is_named() {
+        let topics = Topics::new("sd");
+        let leave = protocol::encode(&Envelope::new(7, Message::Leave));
+        assert!(matches!(decode(&topics, "sd", "sd/init", &leave), Ok(Observed::Message(e)) if e.from == 7));
+        assert_eq!(decode(&topics, "sd", "sd/voting", &leave).unwrap_err(), "wrong_topic");
+        assert_eq!(decode(&topics, "sd", "sd/init", b"\x01\xff\xff").unwrap_err(), "malformed");
+        assert_eq!(decode(&topics, "sd", "sd/status/7", &leave).unwrap_err(), "malformed");
+        assert_eq!(decode(&topics, "sd", "sd/status/7", b"").unwrap_err(), "cleared_status");
+        assert_eq!(decode(&topics, "sd", "sd/other", &leave).unwrap_err(), "unexpected_topic");
+    }
+}
