@@ -1,8 +1,10 @@
 //! The chain: every peer's copy of the accepted blocks, which is also the lab's transaction table
 //! (TransactionID, Challenge, Solution, Winner). Nothing enters it without being verified here.
 
+use std::collections::BTreeMap;
+
 use crate::pow::{self, Digest, HashAlg};
-use crate::protocol::{Block, TxId};
+use crate::protocol::{Block, PeerId, TxId};
 
 /// Why a block cannot be appended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +47,8 @@ pub enum ChainError {
 #[derive(Debug, Clone, Default)]
 pub struct Chain {
     blocks: Vec<Block>,
+    /// Blocks per winning miner, kept with the blocks so a status can say it cheaply.
+    wins: BTreeMap<PeerId, u64>,
 }
 
 impl Chain {
@@ -100,14 +104,28 @@ impl Chain {
     /// Verifies and appends `block`.
     pub fn append(&mut self, block: Block) -> Result<(), ChainError> {
         self.check(&block)?;
+        *self.wins.entry(block.miner).or_default() += 1;
         self.blocks.push(block);
         Ok(())
+    }
+
+    /// How many blocks of the chain `miner` won.
+    pub fn won_by(&self, miner: PeerId) -> u64 {
+        self.wins.get(&miner).copied().unwrap_or(0)
     }
 
     /// Drops every block from transaction `tx` on. Used only when the controller of a newer term
     /// shows that this peer's suffix was never accepted by the room (see `docs/PROTOCOL.md`).
     pub fn truncate(&mut self, tx: TxId) {
-        self.blocks.truncate(usize::try_from(tx).unwrap_or(usize::MAX));
+        let keep = usize::try_from(tx).unwrap_or(usize::MAX).min(self.blocks.len());
+        for block in self.blocks.drain(keep..) {
+            if let Some(n) = self.wins.get_mut(&block.miner) {
+                *n -= 1;
+                if *n == 0 {
+                    self.wins.remove(&block.miner);
+                }
+            }
+        }
     }
 }
 
@@ -165,7 +183,11 @@ pub(crate) mod tests {
         chain.append(b1).unwrap();
         assert_eq!(chain.height(), 2);
         assert_eq!(chain.get(1), Some(&b1));
+        assert_eq!((chain.won_by(7), chain.won_by(9), chain.won_by(10)), (1, 1, 0));
         chain.truncate(1);
+        assert_eq!(chain.height(), 1);
+        assert_eq!((chain.won_by(7), chain.won_by(9)), (1, 0), "truncated blocks are no longer won");
+        chain.truncate(5);
         assert_eq!(chain.height(), 1);
     }
 

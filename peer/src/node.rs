@@ -4,6 +4,10 @@
 //! Feed it an [`Input`] (a connection, a decoded message, a solution found by the local miner) and
 //! it returns the [`Action`]s to carry out: messages to publish, jobs for the miner, events to log.
 //! No clocks, sockets or threads live here, so tests drive whole rooms of nodes in memory.
+//!
+//! It also judges the peers' statuses (see [`crate::status`]): an offline status is a departure,
+//! but only for the incarnation the peer announced last, and a status that shows this peer wrongly
+//! (its own will, or another run's status) makes it republish its own.
 
 use std::collections::BTreeMap;
 
@@ -17,8 +21,9 @@ use crate::miner::{Found, Job};
 use crate::pace::Pace;
 use crate::pow::{self, HashAlg, Template};
 use crate::protocol::{
-    Block, Challenge, Envelope, MAX_SYNC_BLOCKS, Message, Outcome, PeerId, RejectReason, Term, TxId, View,
+    Block, Challenge, Envelope, MAX_SYNC_BLOCKS, Message, Outcome, PeerId, RejectReason, Term, TxId, VERSION, View,
 };
+use crate::status::{Role, Status};
 
 /// The settings the protocol core needs.
 #[derive(Debug, Clone)]
@@ -50,6 +55,8 @@ pub enum Input {
     Message(Envelope),
     /// The local miner found a solution.
     Mined(Found),
+    /// A decoded, validated status from `<prefix>/status/<id>` (any peer's, this one's included).
+    Status(Status),
 }
 
 /// Something the node asks its owner to do.
@@ -65,6 +72,9 @@ pub enum Action {
     Emit(Event),
     /// Stop the peer with this error: it cannot take part in the room.
     Fatal(String),
+    /// Publish this peer's status (retained) now, whether or not it changed: the broker holds one
+    /// that shows this peer wrongly.
+    PublishStatus,
 }
 
 /// One peer's protocol state.
@@ -88,6 +98,9 @@ pub struct Node {
     /// Votes from peers not (yet) known: counted once the voter announces itself (a vote can
     /// overtake its sender's hello, as brokers keep order per topic only), else never.
     held_votes: BTreeMap<PeerId, (Term, u32, u64)>,
+    /// The incarnation each member announced in its latest hello: an offline status counts as a
+    /// departure only for that one. Kept for members only, so bounded like the member set.
+    incarnations: BTreeMap<PeerId, u64>,
     rng: StdRng,
     /// The owner's clock (Unix ms) at the current input.
     now_ms: u64,
@@ -112,6 +125,7 @@ impl Node {
             seen_height: 0,
             heights: BTreeMap::new(),
             held_votes: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
             rng,
             now_ms: 0,
             out: Vec::new(),
@@ -143,6 +157,50 @@ impl Node {
         View { term: self.election.term(), leader: self.election.leader(), height: self.chain.height() }
     }
 
+    /// What this peer is doing, as its status shows it.
+    pub fn role(&self) -> Role {
+        let e = &self.election;
+        match e.leader() {
+            Some(leader) if leader == self.cfg.id => Role::Controller,
+            Some(_) => Role::Miner,
+            // A term without a controller is being elected, if enough members remain to elect one.
+            None if e.term() > 0 && e.members().len() >= self.cfg.min_peers => Role::Electing,
+            None => Role::Joining,
+        }
+    }
+
+    /// The incarnation `id` announced in its latest hello, while it is a member.
+    pub fn incarnation_of(&self, id: PeerId) -> Option<u64> {
+        self.incarnations.get(&id).copied()
+    }
+
+    /// This peer's status at `at_ms` (Unix ms). The mining figures (`hash_rate`, `hashes`,
+    /// `threads`) are the owner's to fill in; they are 0 here.
+    pub fn status(&self, at_ms: u64) -> Status {
+        Status {
+            version: VERSION,
+            id: self.cfg.id,
+            incarnation: self.cfg.incarnation,
+            role: self.role(),
+            term: self.election.term(),
+            leader: self.election.leader(),
+            height: self.chain.height(),
+            tx: self.open.map(|c| c.tx),
+            difficulty: self.open.map(|c| c.difficulty),
+            hash_rate: 0,
+            hashes: 0,
+            blocks_won: self.chain.won_by(self.cfg.id),
+            threads: 0,
+            started_ms: self.cfg.since_ms,
+            at_ms,
+        }
+    }
+
+    /// This peer's status marked [`Role::Offline`]: its Last Will, and its last word on a clean exit.
+    pub fn offline_status(&self, at_ms: u64) -> Status {
+        Status { role: Role::Offline, tx: None, difficulty: None, ..self.status(at_ms) }
+    }
+
     /// Feeds one input, which happened at `now_ms` (Unix ms), and returns what to do.
     pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Action> {
         self.now_ms = now_ms;
@@ -150,11 +208,13 @@ impl Node {
             Input::Connected => self.connected(),
             Input::Message(env) => self.message(env),
             Input::Mined(found) => self.mined(found),
+            Input::Status(status) => self.status_of(status),
         }
         std::mem::take(&mut self.out)
     }
 
-    /// The message to register as Last Will, and to publish on a clean exit.
+    /// The message to publish on a clean exit (with [`Node::offline_status`], which is also the
+    /// Last Will: MQTT allows one will, and the status reaches watchers too).
     pub fn farewell() -> Message {
         Message::Leave
     }
@@ -234,7 +294,7 @@ impl Node {
             return;
         }
         match env.msg {
-            Message::Hello { want_reply, view, .. } => self.hello(from, want_reply, view),
+            Message::Hello { want_reply, view, incarnation, .. } => self.hello(from, want_reply, view, incarnation),
             Message::Leave => self.leave(from),
             Message::SyncRequest { to, from: start } => {
                 if to == self.cfg.id {
@@ -279,7 +339,7 @@ impl Node {
         self.apply(steps);
     }
 
-    fn hello(&mut self, from: PeerId, want_reply: bool, view: View) {
+    fn hello(&mut self, from: PeerId, want_reply: bool, view: View, incarnation: u64) {
         let members = self.election.members();
         if !members.contains(&from) && members.len() >= MAX_MEMBERS.max(self.cfg.room_size * 4) {
             // Hellos under made-up ids must not grow the member set (and this peer's memory)
@@ -288,6 +348,7 @@ impl Node {
             return;
         }
         self.heights.insert(from, view.height);
+        self.incarnations.insert(from, incarnation);
         // Adopt the room's controller before counting the member, so a newcomer joins the running
         // term instead of starting an election of its own.
         if let Some(leader) = view.leader
@@ -331,6 +392,7 @@ impl Node {
     fn leave(&mut self, from: PeerId) {
         self.heights.remove(&from);
         self.held_votes.remove(&from);
+        self.incarnations.remove(&from);
         let (known, steps) = self.election.leave(from, &mut rng_vote(&mut self.rng));
         if known {
             let members = self.election.members().len();
@@ -341,6 +403,51 @@ impl Node {
             self.issue_if_leader();
         }
         self.apply(steps);
+    }
+
+    fn status_of(&mut self, status: Status) {
+        let (id, incarnation) = (status.id, status.incarnation);
+        if id == self.cfg.id {
+            self.own_status(&status);
+            return;
+        }
+        if status.role != Role::Offline {
+            return;
+        }
+        match self.incarnations.get(&id) {
+            Some(&live) if live == incarnation => self.leave(id),
+            // A retained status from the peer's earlier run, or the will of that run firing after
+            // the peer came back: the live process must stay.
+            Some(&live) => self.drop_msg(
+                "stale_offline",
+                format!("offline status of {id} for incarnation {incarnation:016x}; it announced {live:016x}"),
+            ),
+            // Not a member (or never announced): nothing to remove. Every newcomer hears the
+            // retained statuses of all the peers that ever left, so this is not worth a log line.
+            None => {}
+        }
+    }
+
+    /// A status under our own id: our echo, our will, or another process's.
+    fn own_status(&mut self, status: &Status) {
+        let ours = status.incarnation == self.cfg.incarnation;
+        if ours {
+            if status.role == Role::Offline {
+                // Our will fired while we were cut off, and may have reached the others after we
+                // were back: they took it as our departure. Show us online and announce again.
+                self.out.push(Action::PublishStatus);
+                self.publish(self.hello_msg(false));
+            }
+            return;
+        }
+        // The will of our previous run, or the status of a later process claiming our id (it will
+        // give way, see `impostor`). A status from an *earlier* process is not answered: ours
+        // follows it anyway on every connection, and two processes answering each other would
+        // republish without end.
+        let later = (status.started_ms, status.incarnation) > (self.cfg.since_ms, self.cfg.incarnation);
+        if status.role == Role::Offline || later {
+            self.out.push(Action::PublishStatus);
+        }
     }
 
     fn apply(&mut self, steps: Vec<Step>) {

@@ -48,6 +48,9 @@ pub struct Topics {
     pub solution: String,
     /// Accepted and rejected results published by the controller.
     pub result: String,
+    /// The filter of every peer's status topic, `<prefix>/status/+` (see [`crate::status`]).
+    pub status: String,
+    prefix: String,
 }
 
 /// Which of the room's topics a message belongs on.
@@ -75,12 +78,29 @@ impl Topics {
             challenge: t("challenge"),
             solution: t("solution"),
             result: t("result"),
+            status: t("status/+"),
+            prefix: prefix.to_string(),
         }
     }
 
-    /// All topics a peer subscribes to.
+    /// The five protocol topics, one per [`Channel`].
     pub fn all(&self) -> [&str; 5] {
         [&self.init, &self.voting, &self.challenge, &self.solution, &self.result]
+    }
+
+    /// Every filter a peer subscribes to: the five protocol topics and the status filter.
+    pub fn subscriptions(&self) -> [&str; 6] {
+        [&self.init, &self.voting, &self.challenge, &self.solution, &self.result, &self.status]
+    }
+
+    /// The status topic of peer `id`, `<prefix>/status/<id>`.
+    pub fn status_topic(&self, id: PeerId) -> String {
+        format!("{}/status/{id}", self.prefix)
+    }
+
+    /// The peer whose status topic `topic` is, if it is one (see [`crate::status::topic_peer`]).
+    pub fn status_peer(&self, topic: &str) -> Option<PeerId> {
+        crate::status::topic_peer(&self.prefix, topic)
     }
 
     /// The topic of a channel.
@@ -587,6 +607,13 @@ mod tests {
             assert_eq!(topics.topic(c), t);
         }
         assert_eq!(topics.channel("room7/other"), None);
+        // Status topics are not protocol channels; they name their peer instead.
+        assert_eq!(topics.status, "room7/status/+");
+        assert_eq!(topics.status_topic(42), "room7/status/42");
+        assert_eq!(topics.channel(&topics.status_topic(42)), None);
+        assert_eq!(topics.status_peer(&topics.status_topic(42)), Some(42));
+        assert_eq!(topics.status_peer("room7/init"), None);
+        assert_eq!(topics.subscriptions()[..5], topics.all());
     }
 
     proptest! {

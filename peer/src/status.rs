@@ -2,14 +2,16 @@
 //! follow (the launcher's dashboard, `launcher watch` on another machine, `mosquitto_sub` piped
 //! into `launcher decode`).
 //!
-//! Each peer republishes its status when its role, term or open transaction changes and once a
-//! second otherwise (with its hash rate), always retained, so a watcher that subscribes late gets
-//! the latest status of every peer at once. The peer's Last Will is its status with
+//! Each peer republishes its status on every connection, when its role, term, controller or open
+//! transaction changes (see [`Schedule`]) and once a second otherwise (with its hash rate), always
+//! retained, so a watcher that subscribes late gets the latest status of every peer at once. The peer's Last Will is its status with
 //! [`Role::Offline`], also retained: a peer that dies is shown offline, and the other peers treat
 //! that will as the peer's departure.
 //!
 //! The payload is postcard, like the protocol's messages, and decoded the same careful way: size
 //! limit first, then the version, then validation.
+
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +19,14 @@ use crate::protocol::{DecodeError, PeerId, Term, TxId, VERSION};
 
 /// Largest encoded status accepted; a real one is well under 100 bytes.
 pub const MAX_STATUS_BYTES: usize = 256;
+
+/// A status goes out at least this often, with the hash rate measured over the interval.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Least time between two statuses for a change of open transaction alone. Blocks can come every
+/// few ms, and every peer hears every status: one status per block and peer would cost more than
+/// the mining protocol itself. Role, term and controller changes go out at once.
+pub const STATUS_MIN_GAP: Duration = Duration::from_millis(100);
 
 /// What a peer is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -125,6 +135,59 @@ impl Status {
     }
 }
 
+/// When a peer publishes its status, and its hash rate between publications. Pure logic: the
+/// owner passes the time and the miner's counter.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    /// What the last published status showed, and when it went out.
+    last: Option<(Shown, Instant)>,
+    /// The miner's counter at the start of the current hash-rate interval.
+    sample: Option<(u64, Instant)>,
+    hash_rate: u64,
+}
+
+/// The fields whose change is worth a status of its own.
+type Shown = (Role, Term, Option<PeerId>, Option<TxId>);
+
+fn shown(s: &Status) -> Shown {
+    (s.role, s.term, s.leader, s.tx)
+}
+
+impl Schedule {
+    /// Whether `status` is due at `now`: nothing published yet, the role, term or controller
+    /// changed, the open transaction changed and [`STATUS_MIN_GAP`] passed, or
+    /// [`STATUS_INTERVAL`] passed.
+    pub fn due(&self, status: &Status, now: Instant) -> bool {
+        let Some(((role, term, leader, tx), at)) = self.last else { return true };
+        let since = now.saturating_duration_since(at);
+        (status.role, status.term, status.leader) != (role, term, leader)
+            || (status.tx != tx && since >= STATUS_MIN_GAP)
+            || since >= STATUS_INTERVAL
+    }
+
+    /// Records that `status` went out at `now`.
+    pub fn published(&mut self, status: &Status, now: Instant) {
+        self.last = Some((shown(status), now));
+    }
+
+    /// Feeds the miner's running count of hashes at `now`; returns the hashes per second over the
+    /// last complete interval of at least [`STATUS_INTERVAL`] (0 until there is one).
+    pub fn hash_rate(&mut self, total_hashes: u64, now: Instant) -> u64 {
+        match self.sample {
+            None => self.sample = Some((total_hashes, now)),
+            Some((hashes, at)) => {
+                let elapsed = now.saturating_duration_since(at);
+                if elapsed >= STATUS_INTERVAL {
+                    let done = u128::from(total_hashes.saturating_sub(hashes));
+                    self.hash_rate = u64::try_from(done * 1000 / elapsed.as_millis().max(1)).unwrap_or(u64::MAX);
+                    self.sample = Some((total_hashes, now));
+                }
+            }
+        }
+        self.hash_rate
+    }
+}
+
 /// The peer id named by a status topic `<prefix>/status/<id>`, if `topic` is one.
 pub fn topic_peer(prefix: &str, topic: &str) -> Option<PeerId> {
     let id = topic.strip_prefix(prefix)?.strip_prefix("/status/")?;
@@ -183,6 +246,36 @@ mod tests {
         for bad in ["sd/status/", "sd/status/042", "sd/status/+4", "sd/status/x", "sd/init", "sx/status/4"] {
             assert_eq!(topic_peer("sd", bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn changes_go_out_at_once_a_new_transaction_at_most_every_gap_and_anything_every_interval() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut sched = Schedule::default();
+        let s = sample();
+        assert!(sched.due(&s, t0), "the first status");
+        sched.published(&s, t0);
+        assert!(!sched.due(&s, ms(10)));
+        assert!(sched.due(&Status { term: 4, ..s.clone() }, ms(10)), "a new term");
+        assert!(sched.due(&Status { role: Role::Electing, leader: None, ..s.clone() }, ms(10)), "an election");
+        let next = Status { tx: Some(13), ..s.clone() };
+        assert!(!sched.due(&next, ms(50)), "a new transaction waits for the gap");
+        assert!(sched.due(&next, ms(100)));
+        assert!(!sched.due(&s, ms(999)));
+        assert!(sched.due(&s, ms(1000)), "once a second");
+    }
+
+    #[test]
+    fn the_hash_rate_is_measured_over_whole_intervals() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut sched = Schedule::default();
+        assert_eq!(sched.hash_rate(1_000, t0), 0);
+        assert_eq!(sched.hash_rate(5_000, ms(500)), 0, "no whole interval yet");
+        assert_eq!(sched.hash_rate(3_001_000, ms(2000)), 1_500_000);
+        assert_eq!(sched.hash_rate(3_001_000, ms(2500)), 1_500_000, "kept until the next interval");
+        assert_eq!(sched.hash_rate(3_001_000, ms(3000)), 0, "idle");
     }
 
     proptest! {

@@ -4,6 +4,9 @@
 //! rumqttc's event loop runs in its own task and is polled without pause (it only reconnects while
 //! polled, and a blocked poll would stall `publish`). Subscriptions are renewed on every CONNACK
 //! because rumqttc does not restore them after a reconnect.
+//!
+//! It also publishes the peer's retained status (see [`crate::status`]) and registers the offline
+//! status as the Last Will.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -18,6 +21,7 @@ use crate::events::{Event, EventSink};
 use crate::miner::{Found, Miner};
 use crate::node::{Action, Input, Node, NodeConfig};
 use crate::protocol::{self, Envelope, Message, PeerId, Topics};
+use crate::status::{STATUS_MIN_GAP, Schedule, Status};
 
 /// Why a peer stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -82,17 +86,35 @@ pub async fn run(
     // The MQTT client id includes the incarnation: two processes started with one peer id must not
     // take over each other's session at the broker; the protocol tells them apart instead.
     let incarnation: u64 = rand::random();
+    let mut node = Node::new(NodeConfig {
+        id,
+        room_size: cfg.room_size,
+        min_peers: cfg.min_peers,
+        pace: cfg.pace(),
+        alg: cfg.hash,
+        seed: None,
+        incarnation,
+        since_ms: crate::events::now_ms(),
+    });
+    let mut status = StatusPublisher {
+        topic: topics.status_topic(id),
+        threads: u16::try_from(threads).unwrap_or(u16::MAX),
+        schedule: Schedule::default(),
+    };
     let mut options = MqttOptions::new(format!("hashvote-{id}-{incarnation:016x}"), cfg.host.clone(), cfg.port);
     options
         .set_keep_alive(Duration::from_secs(cfg.keepalive_s))
         .set_clean_session(true)
         // Headroom over the payload for the MQTT header and topic.
         .set_max_packet_size(cfg.max_payload + 1024, cfg.max_payload + 1024)
+        // Our status marked offline, retained: watchers see that we are gone, and the other peers
+        // take it as our departure (the incarnation in it keeps a late will from removing a later
+        // run of this peer). MQTT fixes a will at CONNECT, so its figures are those at start.
         .set_last_will(LastWill::new(
-            &topics.init,
-            protocol::encode(&Envelope::new(id, Node::farewell())),
+            &status.topic,
+            Status { threads: status.threads, ..node.offline_status(crate::events::now_ms()) }.encode(),
             QoS::AtLeastOnce,
-            false,
+            true,
         ));
     if let Some(user) = &cfg.username {
         options.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
@@ -115,33 +137,38 @@ pub async fn run(
     let miner = Miner::new(threads, move |f| {
         let _ = found_tx.send(f);
     });
-    let mut node = Node::new(NodeConfig {
-        id,
-        room_size: cfg.room_size,
-        min_peers: cfg.min_peers,
-        pace: cfg.pace(),
-        alg: cfg.hash,
-        seed: None,
-        incarnation,
-        since_ms: crate::events::now_ms(),
-    });
     let mut drops = DropLog::default();
     let mut mining = MiningClock::default();
     let mut connected_once = false;
+    // Whether the broker connection is up: statuses are not queued while it is down (rumqttc's
+    // request channel would fill, and block us, during a long outage); the next CONNACK sends one.
+    let mut online = false;
+    // Catches up with statuses that changed within STATUS_MIN_GAP of the last one, and sends the
+    // once-a-second status.
+    let mut status_tick = tokio::time::interval(STATUS_MIN_GAP);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
     let result = loop {
         let input = tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
             Some(found) = found_rx.recv() => Input::Mined(found),
+            _ = status_tick.tick() => {
+                if online {
+                    status.send(&client, &node, &miner, false).await;
+                }
+                continue;
+            }
             net = net_rx.recv() => match net {
                 None => break Ok(()),
                 Some(Net::Fatal(e)) => break Err(e),
                 Some(Net::Lost(reason)) => {
+                    online = false;
                     events.emit(Event::Disconnected { reason });
                     continue;
                 }
                 Some(Net::Connected) => {
-                    let subs = topics.all().map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
+                    let subs =
+                        topics.subscriptions().map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
                     if let Err(e) = client.subscribe_many(subs).await {
                         warn!(error = %e, "subscribe failed");
                         continue;
@@ -150,24 +177,20 @@ pub async fn run(
                         info!(broker = %addr, "connected");
                     }
                     connected_once = true;
+                    online = true;
                     events.emit(Event::Connected { broker: addr.clone() });
                     Input::Connected
                 }
                 Some(Net::Publish { topic, payload }) => {
-                    let Some(channel) = topics.channel(&topic) else {
-                        drops.count("unexpected_topic", || format!("message on {topic}"));
+                    let Some(input) = decode_input(&topics, &topic, &payload, cfg.max_payload, &mut drops) else {
                         continue;
                     };
-                    match protocol::decode(&payload, channel, cfg.max_payload) {
-                        Ok(env) => Input::Message(env),
-                        Err(e) => {
-                            drops.count(e.reason(), || format!("on {topic}: {e}"));
-                            continue;
-                        }
-                    }
+                    input
                 }
             },
         };
+        // Retained statuses are lost when rumqttd restarts: every connection sends ours again.
+        let mut force_status = matches!(input, Input::Connected);
         let mut fatal = None;
         for action in node.handle(crate::events::now_ms(), input) {
             match action {
@@ -196,18 +219,27 @@ pub async fn run(
                     events.emit(event);
                 }
                 Action::Fatal(reason) => fatal = Some(reason),
+                Action::PublishStatus => force_status = true,
             }
         }
         if let Some(reason) = fatal {
             break Err(PeerError::Protocol(reason));
+        }
+        if online {
+            status.send(&client, &node, &miner, force_status).await;
         }
     };
 
     miner.stop();
     if connected_once {
         if result.is_ok() {
-            // A clean goodbye, so the room does not wait for the keepalive to notice.
+            // A clean goodbye, so the room does not wait for the keepalive to notice, and our
+            // status marked offline (the DISCONNECT below discards the will that would say so).
             publish(&client, &topics, id, Node::farewell()).await;
+            let offline = status.fill(node.offline_status(crate::events::now_ms()), &miner, Instant::now());
+            if let Err(e) = client.publish(&status.topic, QoS::AtLeastOnce, true, offline.encode()).await {
+                warn!(error = %e, "publishing the offline status failed");
+            }
         }
         // A DISCONNECT also discards our Last Will: a duplicate giving way must not announce
         // the departure of the peer whose id it shares.
@@ -227,6 +259,55 @@ async fn publish(client: &AsyncClient, topics: &Topics, id: PeerId, msg: Message
     // QoS 1 everywhere: every message is idempotent, and QoS 0 may be dropped under load.
     if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, payload).await {
         warn!(error = %e, "publish failed");
+    }
+}
+
+/// Decodes a delivery on `topic` (a protocol topic or a status topic) into an input for the node;
+/// anything else, or anything that does not decode, is counted in `drops` and gives `None`.
+fn decode_input(topics: &Topics, topic: &str, payload: &[u8], limit: usize, drops: &mut DropLog) -> Option<Input> {
+    let decoded = if let Some(peer) = topics.status_peer(topic) {
+        Status::decode(payload, peer).map(Input::Status)
+    } else if let Some(channel) = topics.channel(topic) {
+        protocol::decode(payload, channel, limit).map(Input::Message)
+    } else {
+        drops.count("unexpected_topic", || format!("message on {topic}"));
+        return None;
+    };
+    decoded.map_err(|e| drops.count(e.reason(), || format!("on {topic}: {e}"))).ok()
+}
+
+/// Publishes this peer's retained status when its [`Schedule`] says so.
+struct StatusPublisher {
+    /// `<prefix>/status/<id>`.
+    topic: String,
+    threads: u16,
+    schedule: Schedule,
+}
+
+impl StatusPublisher {
+    /// Publishes the node's status if it is due, or at once if `force`.
+    async fn send(&mut self, client: &AsyncClient, node: &Node, miner: &Miner, force: bool) {
+        let now = Instant::now();
+        // Cheap enough to build after every input: no field takes more than a map lookup.
+        let status = node.status(crate::events::now_ms());
+        if !force && !self.schedule.due(&status, now) {
+            return;
+        }
+        let status = self.fill(status, miner, now);
+        // Retained, so a watcher that subscribes later gets it; QoS 1 like everything else.
+        if let Err(e) = client.publish(&self.topic, QoS::AtLeastOnce, true, status.encode()).await {
+            warn!(error = %e, "status publish failed");
+        }
+        self.schedule.published(&status, now);
+    }
+
+    /// Adds the mining figures the node does not know.
+    fn fill(&mut self, mut status: Status, miner: &Miner, now: Instant) -> Status {
+        let hashes = miner.hashes();
+        status.hash_rate = self.schedule.hash_rate(hashes, now);
+        status.hashes = hashes;
+        status.threads = self.threads;
+        status
     }
 }
 

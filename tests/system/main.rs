@@ -8,4 +8,5 @@ mod faults;
 mod flood;
 mod partition;
 mod room;
+mod status;
 mod support;

@@ -25,6 +25,12 @@ impl Room {
     pub fn start(n: usize) -> Self {
         let port = free_port();
         let broker = start_broker(port);
+        Self::start_on(n, port, broker)
+    }
+
+    /// Starts `n` peers expecting a room of `n` on a broker already listening on `port` (which
+    /// the room keeps, and kills when dropped).
+    pub fn start_on(n: usize, port: u16, broker: Proc) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("hashvote-room")
             .disable_cleanup(std::env::var_os("KEEP_ROOMS").is_some())
@@ -44,12 +50,17 @@ impl Room {
         let size = self.size.to_string();
         // A room of its own on the broker: even a peer that reached another test's broker would
         // not mix with that room.
-        let prefix = format!("hv{}r{}", std::process::id(), self.port);
+        let prefix = self.prefix();
         let args =
             ["--room-size", &size, "--difficulty", "18", "--threads", "1", "--keepalive", "1", "--prefix", &prefix];
         self.peers.push(Some(start_peer(self.port, &file, &args)));
         self.files.push(file);
         index
+    }
+
+    /// The room's topic prefix (its peers' `--prefix`).
+    pub fn prefix(&self) -> String {
+        format!("hv{}r{}", std::process::id(), self.port)
     }
 
     pub fn records(&self) -> Vec<Record> {

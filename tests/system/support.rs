@@ -109,6 +109,73 @@ pub fn start_broker(port: u16) -> Proc {
     proc
 }
 
+/// A Mosquitto broker on a free port of 127.0.0.1, with anonymous access, for checking the peers
+/// against a second MQTT implementation. Its config and log live in a temporary directory; it is
+/// killed when dropped (by its [`Proc`]).
+#[derive(Debug)]
+pub struct Mosquitto {
+    pub port: u16,
+    pub proc: Proc,
+    /// Holds `mosquitto.conf` and `mosquitto.log` (kept with `KEEP_ROOMS`).
+    pub dir: tempfile::TempDir,
+}
+
+/// Where Mosquitto is installed on Debian and Ubuntu (`apt-get install mosquitto`).
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+impl Mosquitto {
+    /// Starts `mosquitto -c <conf>` listening on a free port and waits until it accepts
+    /// connections. Fails (does not skip) if the binary is missing or it does not come up.
+    pub fn start() -> Result<Mosquitto, String> {
+        let bin = std::env::var("MOSQUITTO").unwrap_or_else(|_| MOSQUITTO.to_string());
+        if !Path::new(&bin).is_file() {
+            return Err(format!(
+                "mosquitto not found at {bin}: install it (apt-get install mosquitto) or set MOSQUITTO=/path/to/mosquitto"
+            ));
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("hashvote-mosquitto")
+            .disable_cleanup(std::env::var_os("KEEP_ROOMS").is_some())
+            .tempdir()
+            .map_err(|e| format!("temporary directory for mosquitto: {e}"))?;
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        let log = dir.path().join("mosquitto.log");
+        let stderr = dir.path().join("mosquitto.stderr");
+        let text = format!(
+            // `user root`: run as root (as in CI containers), mosquitto would otherwise switch to the
+            // `mosquitto` user, which cannot write the log into our private directory. Ignored
+            // when not started as root.
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\nlog_dest file {}\n",
+            log.display()
+        );
+        std::fs::write(&conf, text).map_err(|e| format!("writing {}: {e}", conf.display()))?;
+        // Its stderr (a warning about running as root, or why it cannot start) goes to a file.
+        let err_file = std::fs::File::create(&stderr).map_err(|e| format!("creating {}: {e}", stderr.display()))?;
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err_file)
+            .spawn()
+            .map_err(|e| format!("starting {bin}: {e}"))?;
+        let mut proc = Proc { child, name: format!("mosquitto:{port}") };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !port_open(port) {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                let said = [&stderr, &log].map(|f| std::fs::read_to_string(f).unwrap_or_default()).concat();
+                return Err(format!("mosquitto exited ({status}) before listening on {port}:\n{said}"));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("mosquitto did not listen on {port} within 20 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Mosquitto { port, proc, dir })
+    }
+}
+
 /// True if something accepts connections on the port.
 pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_millis(200)).is_ok()

@@ -1,6 +1,7 @@
 //! Whole rooms of nodes in memory: a simulated broker delivers every publication to every
 //! connected node in one global order (as one MQTT broker does), each node reading at its own
-//! pace, and simulated miners solve jobs at random moments.
+//! pace, and simulated miners solve jobs at random moments. Statuses travel in the same order
+//! (one broker orders per topic; one global order is a special case of that).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -22,7 +23,8 @@ struct SimPeer {
 
 struct Sim {
     peers: BTreeMap<PeerId, SimPeer>,
-    log: Vec<Envelope>,
+    /// Every publication: messages and statuses.
+    log: Vec<Input>,
     rng: StdRng,
     pace: Pace,
     /// Simulated Unix ms; advances a little with every step.
@@ -55,17 +57,18 @@ impl Sim {
         self.feed(id, Input::Connected);
     }
 
-    /// Kills a peer: the broker publishes its Last Will.
+    /// Kills a peer: the broker publishes its Last Will, its status marked offline.
     fn kill(&mut self, id: PeerId) {
-        self.peers.remove(&id);
-        self.log.push(Envelope::new(id, Node::farewell()));
+        let peer = self.peers.remove(&id).expect("a live peer");
+        self.log.push(Input::Status(peer.node.offline_status(self.clock)));
     }
 
     fn feed(&mut self, id: PeerId, input: Input) {
         let Some(peer) = self.peers.get_mut(&id) else { return };
         for action in peer.node.handle(self.clock, input) {
             match action {
-                Action::Publish(msg) => self.log.push(Envelope::new(id, msg)),
+                Action::Publish(msg) => self.log.push(Input::Message(Envelope::new(id, msg))),
+                Action::PublishStatus => self.log.push(Input::Status(peer.node.status(self.clock))),
                 Action::Mine(job) => peer.job = Some(job),
                 Action::StopMining => peer.job = None,
                 Action::Emit(e) => peer.events.push(e),
@@ -97,9 +100,9 @@ impl Sim {
         let id = ready[self.rng.random_range(0..ready.len())];
         let peer = self.peers.get_mut(&id).expect("peer");
         let cursor = peer.cursor.as_mut().expect("connected");
-        let env = self.log[*cursor].clone();
+        let input = self.log[*cursor].clone();
         *cursor += 1;
-        self.feed(id, Input::Message(env));
+        self.feed(id, input);
         true
     }
 
@@ -346,7 +349,7 @@ proptest! {
         sim.run_until(200_000, |s| s.min_height() >= 1);
         for (i, kind) in kinds.iter().enumerate() {
             if let Some(env) = forgery(&mut sim, *kind) {
-                sim.log.push(env);
+                sim.log.push(Input::Message(env));
             }
             if i == kinds.len() / 2 {
                 let (_, leader) = sim.leaders().into_iter().next_back().unwrap();
@@ -426,4 +429,102 @@ fn hellos_under_made_up_ids_cannot_grow_the_member_set_without_bound() {
         node.handle(0, hello(id, 1, 0));
     }
     assert_eq!(node.election().members().len(), MAX_MEMBERS);
+}
+
+fn status_of(node: &Node, incarnation: u64, since_ms: u64, role: Role) -> Input {
+    let status = node.status(since_ms + 5);
+    Input::Status(Status { incarnation, started_ms: since_ms, role, ..status })
+}
+
+fn left(out: &[Action]) -> Vec<PeerId> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Emit(Event::PeerLeft { id, .. }) => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_offline_status_is_a_departure_only_for_the_incarnation_of_the_latest_hello() {
+    let mut node = bare_node(1, 3, 1, 0);
+    node.handle(0, hello(2, 20, 100));
+    node.handle(0, hello(3, 30, 100));
+    let peer2 = bare_node(2, 3, 20, 100);
+    assert_eq!(node.incarnation_of(2), Some(20));
+
+    // A retained offline status of 2's earlier run.
+    let out = node.handle(0, status_of(&peer2, 19, 50, Role::Offline));
+    assert!(left(&out).is_empty());
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Emit(Event::MessageDropped { reason, .. }) if reason == "stale_offline"))
+    );
+    // Any other role of the live incarnation is not a departure either.
+    assert!(left(&node.handle(0, status_of(&peer2, 20, 100, Role::Miner))).is_empty());
+
+    // 2 restarts; the will of its previous run fires after its new hello.
+    node.handle(0, hello(2, 21, 200));
+    assert!(left(&node.handle(0, status_of(&peer2, 20, 100, Role::Offline))).is_empty());
+    assert!(node.election().members().contains(&2));
+
+    // The will of the live run removes it, once.
+    assert_eq!(left(&node.handle(0, status_of(&peer2, 21, 200, Role::Offline))), [2]);
+    assert!(!node.election().members().contains(&2));
+    assert_eq!(node.incarnation_of(2), None);
+    assert!(node.handle(0, status_of(&peer2, 21, 200, Role::Offline)).is_empty(), "no longer a member");
+    // Peers never announced (retained statuses of long-gone peers) are ignored silently.
+    let stranger = bare_node(9, 3, 90, 0);
+    assert!(node.handle(0, status_of(&stranger, 90, 0, Role::Offline)).is_empty());
+    assert_eq!(node.election().members().len(), 2);
+}
+
+#[test]
+fn a_peer_shown_wrongly_under_its_own_id_republishes_its_status() {
+    let mut node = bare_node(5, 3, 500, 1000);
+    let me = bare_node(5, 3, 500, 1000);
+    let republishes = |out: &[Action]| out.iter().filter(|a| matches!(a, Action::PublishStatus)).count();
+    // Our own echo.
+    assert!(node.handle(0, status_of(&me, 500, 1000, Role::Joining)).is_empty());
+    // The will of our previous run, retained or late.
+    assert_eq!(republishes(&node.handle(0, status_of(&me, 499, 10, Role::Offline))), 1);
+    // Our own will, fired while we were cut off: the room took it as our departure.
+    let out = node.handle(0, status_of(&me, 500, 1000, Role::Offline));
+    assert_eq!(republishes(&out), 1);
+    assert!(out.iter().any(|a| matches!(a, Action::Publish(Message::Hello { incarnation: 500, .. }))), "{out:?}");
+    // A later process claiming our id overwrote our status: answer it (it will give way).
+    assert_eq!(republishes(&node.handle(0, status_of(&me, 600, 2000, Role::Joining))), 1);
+    // An earlier one: we are the later process, and do not answer (no republishing back and forth).
+    assert!(node.handle(0, status_of(&me, 400, 900, Role::Miner)).is_empty());
+}
+
+#[test]
+fn statuses_show_roles_terms_open_transactions_and_blocks_won() {
+    let mut sim = Sim::new(7, 5);
+    for id in 1..=4 {
+        sim.add(id, 4);
+    }
+    assert!(sim.peers.values().all(|p| p.node.role() == Role::Joining), "no election before all are known");
+    sim.run_until(200_000, |s| s.min_height() >= 6);
+    let statuses: Vec<Status> = sim.peers.values().map(|p| p.node.status(7)).collect();
+    let (_, leader) = sim.leaders().into_iter().next().unwrap();
+    for s in &statuses {
+        let expected = if Some(s.id) == leader { Role::Controller } else { Role::Miner };
+        assert_eq!((s.role, s.term, s.leader), (expected, 1, leader));
+        assert_eq!(Status::decode(&s.encode(), s.id).as_ref(), Ok(s), "a node's status is valid on the wire");
+        assert_eq!(
+            s.blocks_won,
+            sim.peers[&s.id].node.chain().blocks().iter().filter(|b| b.miner == s.id).count() as u64
+        );
+    }
+    let controller = statuses.iter().find(|s| s.role == Role::Controller).unwrap();
+    assert_eq!(controller.blocks_won, 0, "the controller does not mine");
+    assert_eq!(controller.tx, sim.peers[&controller.id].node.open().map(|c| c.tx));
+    assert_eq!(sim.peers[&1].node.offline_status(9).role, Role::Offline);
+
+    // Killing the controller: the others see its will, and elect again.
+    sim.kill(leader.unwrap());
+    sim.run_until(200_000, |s| s.peers.values().all(|p| p.node.role() != Role::Miner));
+    assert!(sim.peers.values().all(|p| p.node.role() == Role::Electing || p.node.role() == Role::Controller));
+    sim.run_until(200_000, |s| s.leaders().len() == 1 && s.leaders().iter().all(|(t, l)| *t == 2 && l.is_some()));
 }
