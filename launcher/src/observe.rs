@@ -1,11 +1,11 @@
-//! A silent MQTT client that follows a room: it subscribes to everything under the room's prefix
+//! A silent MQTT client that follows a room: it subscribes to the room's topics and statuses
 //! and turns each payload into an [`Observed`] for the [`RoomView`](crate::view::RoomView). It
 //! publishes nothing, so it works against any broker and from any machine that can reach it;
 //! the dashboard of `launcher` and `launcher watch` are both built on it.
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions, Packet, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -87,7 +87,6 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
     let topics = Topics::new(&target.prefix);
-    let filter = format!("{}/#", target.prefix);
     let mut backoff = Duration::from_millis(50);
     loop {
         let event = tokio::select! {
@@ -97,8 +96,17 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
         let seen = match event {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(50);
-                // rumqttc does not renew subscriptions after a reconnect: subscribe on every CONNACK.
-                if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                // Clean sessions, and rumqttc does not renew subscriptions after a reconnect:
+                // subscribe on every CONNACK. The statuses at QoS 0: rumqttd hands a QoS 1
+                // subscriber at most `max_inflight_count` (100) retained messages and drops the
+                // rest, and a room's prefix keeps the retained offline status of every peer that
+                // ever ran there. A lost status is replaced within a second anyway.
+                let filters = topics
+                    .all()
+                    .into_iter()
+                    .map(|t| SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce))
+                    .chain([SubscribeFilter::new(topics.status.clone(), QoS::AtMostOnce)]);
+                if let Err(e) = client.try_subscribe_many(filters) {
                     Seen::Lost(format!("cannot subscribe: {e}"))
                 } else {
                     Seen::Connected

@@ -553,7 +553,16 @@ impl RoomView {
     fn status(&mut self, now_ms: u64, s: Status, out: &mut Vec<Happening>) {
         let alive = s.role != Role::Offline;
         let id = s.id;
-        let before = self.peers.get(&id).and_then(|p| p.status.as_ref().map(|st| st.incarnation));
+        let previous = self.peers.get(&id).and_then(|p| p.status.clone());
+        let before = previous.as_ref().map(|st| st.incarnation);
+        // A Last Will is fixed when the peer connects, so its figures are zeros: keep the last
+        // figures this incarnation published and only mark it offline.
+        let s = match previous {
+            Some(last) if !alive && last.incarnation == s.incarnation => {
+                Status { role: Role::Offline, hash_rate: 0, at_ms: s.at_ms.max(last.at_ms), ..last }
+            }
+            _ => s,
+        };
         let mut said = Vec::new();
         let was_online = self.heard(now_ms, id, alive, &mut said);
         if !alive && was_online {

@@ -10,3 +10,4 @@ mod partition;
 mod room;
 mod status;
 mod support;
+mod watch;
