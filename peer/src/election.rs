@@ -122,7 +122,7 @@ impl Election {
         (known, steps)
     }
 
-    /// Records a vote cast by `from` for `term`.
+    /// Records a vote cast by `from` for `term` (the first, if it votes twice).
     pub fn vote(&mut self, from: PeerId, term: Term, ballot: u32, vote: &mut impl FnMut() -> u32) -> Vec<Step> {
         let mut steps = Vec::new();
         if term < self.term || from == self.me {
@@ -133,7 +133,10 @@ impl Election {
             // Someone saw a reason to elect that we missed (or we arrived late): take part.
             self.enter(term, vote, &mut steps);
         }
-        self.votes.insert(from, ballot);
+        // A member votes once per term: the first ballot stands. A second, different one under
+        // the same id comes from another process claiming that id (it is told apart, and
+        // exits, only when it hears the owner's hello), and must not change the outcome.
+        self.votes.entry(from).or_insert(ballot);
         self.decide(&mut steps);
         steps
     }
@@ -221,6 +224,18 @@ mod tests {
         assert_eq!(e.leader(), None, "three of four known");
         assert_eq!(e.join(4, &mut fixed(0)).1, vec![]);
         assert_eq!(e.vote(4, 1, 1, &mut fixed(0)), vec![Step::Elected { term: 1, leader: 3 }]);
+    }
+
+    #[test]
+    fn a_second_ballot_from_one_member_in_one_term_changes_nothing() {
+        let mut e = Election::new(1, 3, 2);
+        e.join(2, &mut fixed(5));
+        e.join(3, &mut fixed(5));
+        e.vote(2, 1, 1, &mut fixed(0));
+        assert_eq!(e.vote(3, 1, 9, &mut fixed(0)), vec![Step::Elected { term: 1, leader: 3 }]);
+        // Another process under id 2 votes higher in the same term: ignored.
+        assert_eq!(e.vote(2, 1, 99, &mut fixed(0)), vec![]);
+        assert_eq!(e.leader(), Some(3));
     }
 
     #[test]
