@@ -296,9 +296,16 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
     for &index in &paused {
         children.signal_peer(index, libc::SIGCONT);
     }
+    // The observer trails the peers' own events by a message or two: let the report catch up
+    // with the blocks the summary counts.
+    if args.rounds > 0 && outcome.is_ok() {
+        catch_up(&mut observer, &mut view, |v| v.height() >= args.rounds).await;
+    }
     // Miners first, the controller last: the room should not hold an election while it closes.
     let leader = tally.leader_index();
     children.stop_all(leader, Duration::from_secs(5)).await;
+    // And the peers' last statuses (offline, with their final figures).
+    catch_up(&mut observer, &mut view, |_| false).await;
     drop(password_file);
     if args.rounds > 0 && outcome.is_ok() {
         println!("{}", tally.summary());
@@ -324,6 +331,21 @@ pub(crate) async fn next_key(rx: &mut Option<mpsc::UnboundedReceiver<KeyEvent>>)
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Feeds the view until `done` holds, the observer is quiet for 200 ms, or 2 s have passed.
+async fn catch_up(observer: &mut Option<mpsc::Receiver<Seen>>, view: &mut RoomView, done: impl Fn(&RoomView) -> bool) {
+    let Some(rx) = observer.as_mut() else { return };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !done(view) {
+        let quiet = (tokio::time::Instant::now() + Duration::from_millis(200)).min(deadline);
+        match tokio::time::timeout_at(quiet, rx.recv()).await {
+            Ok(Some(seen)) => {
+                let _ = observed(view, seen);
+            }
+            Ok(None) | Err(_) => break,
+        }
     }
 }
 

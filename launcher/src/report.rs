@@ -189,6 +189,9 @@ fn elections(view: &RoomView) -> anyhow::Result<String> {
             return no_data(root, CAPTION);
         }
         let ys = span(bars.iter().flat_map(|b| [b.1, b.2]).flatten().map(|v| v as f64), true);
+        // Elections on one machine take a few ms or less: at least 10 ms of axis, so the
+        // labels stay distinct and a 0 ms bar reads as one.
+        let ys = ys.start..ys.end.max(10.0);
         let xs = -0.5..(bars.len() as f64 - 0.5);
         let terms: Vec<u64> = bars.iter().map(|b| b.0).collect();
         let label = |x: &f64| {
