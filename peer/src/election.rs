@@ -2,7 +2,8 @@
 //!
 //! Sans-IO: the owner feeds what it hears and gets back what to do. A term's controller is the
 //! member with the highest `(vote, id)` among the votes cast for that term. A peer decides once it
-//! holds a vote from every member it knows; a vote that arrives later and beats the decided winner
+//! holds a vote from every member it knows (in a re-election: every member it knew when the term
+//! began and that is still there); a vote that arrives later and beats the decided winner
 //! replaces it, so every peer that eventually hears every vote ends on the same controller.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,6 +43,11 @@ pub struct Election {
     /// once it knows the whole expected room: a vote can reach a peer that has met only a few
     /// members, and "every member I know has voted" would then be a premature verdict.
     seen_leader: bool,
+    /// The members a re-election waits for: those known when this peer entered the term. A
+    /// peer that joins later may never see the votes cast before it subscribed (and adopts the
+    /// controller from the others' replies instead), so waiting for its vote could stall the
+    /// term for good. `None` in the first election, which waits for every member it knows.
+    electorate: Option<BTreeSet<PeerId>>,
 }
 
 impl Election {
@@ -57,6 +63,7 @@ impl Election {
             leader: None,
             votes: BTreeMap::new(),
             seen_leader: false,
+            electorate: None,
         }
     }
 
@@ -162,6 +169,7 @@ impl Election {
         self.term = term;
         self.leader = None;
         self.votes.clear();
+        self.electorate = self.seen_leader.then(|| self.members.clone());
         let v = vote();
         self.votes.insert(self.me, v);
         steps.push(Step::Vote { term, vote: v });
@@ -179,7 +187,11 @@ impl Election {
         if !self.seen_leader && self.members.len() < self.expected {
             return;
         }
-        let complete = self.members.iter().all(|m| self.votes.contains_key(m));
+        let complete = self
+            .members
+            .iter()
+            .filter(|m| self.electorate.as_ref().is_none_or(|e| e.contains(m)))
+            .all(|m| self.votes.contains_key(m));
         let winner = self.winner();
         let decide = match self.leader {
             None => complete,
