@@ -17,18 +17,8 @@ on_both_brokers!(
     a_paused_controller_is_deposed_and_steps_down_when_it_wakes,
     miners_leave_and_join_without_disturbing_the_room,
     the_room_resumes_after_a_broker_restart,
+    a_second_process_claiming_a_taken_client_id_exits_with_one_line,
 );
-
-/// On rumqttd only for now. On Mosquitto (and, more rarely, on rumqttd under load) it exposes a
-/// race that breaks the invariants: the duplicate hears the others' hellos, whose views name its
-/// own id as controller (which it ignores as a forgery), counts a full room and votes in term 1
-/// under the taken id before its own hello echo tells it to give way; the others take that as the
-/// controller changing its vote and elect a second controller of term 1. Seen in 1 of ~12 runs
-/// beside a flood.
-#[test]
-fn a_second_process_claiming_a_taken_client_id_exits_with_one_line_on_rumqttd() {
-    a_second_process_claiming_a_taken_client_id_exits_with_one_line(Broker::Embedded);
-}
 
 fn a_killed_controller_is_replaced_and_the_chain_continues_without_a_gap(broker: Broker) {
     let mut room = Room::start_with(broker, 5);
@@ -118,6 +108,12 @@ fn the_room_resumes_after_a_broker_restart(broker: Broker) {
     room.check();
 }
 
+/// Fails about one run in ten, on either broker (seen serially and beside a flood): the duplicate
+/// hears the others' hellos, whose views name its own id as controller (which it ignores, as only
+/// a forgery could point it at itself), counts a full room and votes in term 1 under the taken id
+/// before its own hello's echo tells it to give way; the others take that as a changed vote of
+/// term 1 and switch to a second controller of that term, which the invariant check reports. A
+/// protocol race, not a broker's: left failing until the election refuses such a vote.
 fn a_second_process_claiming_a_taken_client_id_exits_with_one_line(broker: Broker) {
     let room = Room::start_with(broker, 3);
     room.wait_leader(1, T);
