@@ -1,7 +1,9 @@
 //! A silent MQTT client that follows a room: it subscribes to the room's topics and statuses
 //! and turns each payload into an [`Observed`] for the [`RoomView`](crate::view::RoomView). It
 //! publishes nothing, so it works against any broker and from any machine that can reach it;
-//! the dashboard of `launcher` and `launcher watch` are both built on it.
+//! the dashboard of `launcher` and `launcher watch` are both built on it. Like the peers, it relies
+//! on nothing that only the embedded broker (rumqttd) does (see "Broker independence" in
+//! docs/PROTOCOL.md).
 
 use std::time::Duration;
 
@@ -57,7 +59,8 @@ pub fn decode(topics: &Topics, prefix: &str, topic: &str, payload: &[u8]) -> Res
     }
     if let Some(id) = status::topic_peer(prefix, topic) {
         if payload.is_empty() {
-            // A cleared retained status: nothing to show.
+            // A cleared retained status: nothing to show. Peers never clear theirs; only a
+            // retained empty publish does so in MQTT (rumqttd also takes a non-retained one).
             return Err("cleared_status");
         }
         return Status::decode(payload, id).map(Observed::Status).map_err(|e| e.reason());
@@ -73,10 +76,14 @@ pub fn spawn(target: Target, stop: CancellationToken) -> mpsc::Receiver<Seen> {
 }
 
 async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
-    let client_id = format!("hashvote-watch-{:016x}", rand::random::<u64>());
+    // 23 characters from 0-9a-z, what MQTT 3.1.1 obliges every broker to accept.
+    let client_id = format!("hvwatch{:016x}", rand::random::<u64>());
     let mut options = MqttOptions::new(client_id, target.host.clone(), target.port);
     options
+        // Not 0: rumqttd refuses a keepalive of 0, which MQTT allows.
         .set_keep_alive(Duration::from_secs(5))
+        // Clean: no session to count on after a reconnect or broker restart (rumqttd keeps them in
+        // memory only); we subscribe again on every CONNACK.
         .set_clean_session(true)
         .set_max_packet_size(MAX_PAYLOAD + 1024, MAX_PAYLOAD + 1024);
     if let Some((user, password)) = &target.login {
@@ -97,7 +104,8 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(50);
                 // Clean sessions, and rumqttc does not renew subscriptions after a reconnect:
-                // subscribe on every CONNACK. The statuses at QoS 0: rumqttd hands a QoS 1
+                // subscribe on every CONNACK. Protocol topics at QoS 1, as the peers publish (without
+                // counting on rumqttd's upgrade of QoS 0 publishes). The statuses at QoS 0: rumqttd hands a QoS 1
                 // subscriber at most `max_inflight_count` (100) retained messages and drops the
                 // rest, and a room's prefix keeps the retained offline status of every peer that
                 // ever ran there. A lost status is replaced within a second anyway.

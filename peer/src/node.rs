@@ -232,6 +232,8 @@ impl Node {
     }
 
     fn connected(&mut self) {
+        // Every connection is a clean session (see transport): whatever the broker held for us,
+        // subscriptions, queued messages, retained state, may be gone, so we say again who we are.
         self.publish(self.hello_msg(true));
         // A sync request in flight when the connection dropped may be lost: ask again.
         if let Some((peer, _)) = self.syncing.take() {
@@ -406,6 +408,8 @@ impl Node {
     }
 
     fn status_of(&mut self, status: Status) {
+        // Judged by its incarnation alone, never by the RETAIN flag of the delivery (brokers differ
+        // on it for a will delivered live) or by whether the broker still holds it.
         let (id, incarnation) = (status.id, status.incarnation);
         if id == self.cfg.id {
             self.own_status(&status);

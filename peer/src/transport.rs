@@ -5,6 +5,10 @@
 //! polled, and a blocked poll would stall `publish`). Subscriptions are renewed on every CONNACK
 //! because rumqttc does not restore them after a reconnect.
 //!
+//! Nothing here depends on the embedded broker's (rumqttd's) departures from MQTT 3.1.1; each place
+//! that is careful about one says so ("Broker independence" in docs/PROTOCOL.md lists them), and
+//! the fault and flood system tests run on rumqttd and on Mosquitto.
+//!
 //! It also publishes the peer's retained status (see [`crate::status`]) and registers the offline
 //! status as the Last Will.
 
@@ -101,11 +105,21 @@ pub async fn run(
         threads: u16::try_from(threads).unwrap_or(u16::MAX),
         schedule: Schedule::default(),
     };
-    let mut options = MqttOptions::new(format!("hashvote-{id}-{incarnation:016x}"), cfg.host.clone(), cfg.port);
+    let mut options = MqttOptions::new(mqtt_client_id(id, incarnation), cfg.host.clone(), cfg.port);
     options
+        // Never 0 (the config allows 1..=3600): rumqttd refuses a keepalive of 0, which MQTT allows
+        // (and rumqttc panics below 1 s). Any broker then sends our will 1.5 x keepalive after we
+        // fall silent.
         .set_keep_alive(Duration::from_secs(cfg.keepalive_s))
+        // A clean session on every connection: nothing is expected to outlive a reconnect or a
+        // broker restart (rumqttd keeps sessions in memory only, Mosquitto may persist them). On
+        // every CONNACK we subscribe again, the node announces itself and repeats what the room
+        // waits on, and our retained status is sent again.
         .set_clean_session(true)
-        // Headroom over the payload for the MQTT header and topic.
+        // Headroom over the payload for the MQTT header and topic. A larger packet would make
+        // rumqttc drop our connection, so the broker must refuse such packets itself (rumqttd's
+        // max_payload_size, Mosquitto's message_size_limit or max_packet_size): a deployment
+        // requirement on any broker, not a rumqttd habit.
         .set_max_packet_size(cfg.max_payload + 1024, cfg.max_payload + 1024)
         // Our status marked offline, retained: watchers see that we are gone, and the other peers
         // take it as our departure (the incarnation in it keeps a late will from removing a later
@@ -167,6 +181,8 @@ pub async fn run(
                     continue;
                 }
                 Some(Net::Connected) => {
+                    // Every CONNACK, first or not: with a clean session the broker kept no
+                    // subscription, whatever rumqttc or the broker would otherwise do.
                     let subs =
                         topics.subscriptions().map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
                     if let Err(e) = client.subscribe_many(subs).await {
@@ -189,7 +205,8 @@ pub async fn run(
                 }
             },
         };
-        // Retained statuses are lost when rumqttd restarts: every connection sends ours again.
+        // Retained statuses are lost when a broker without persistence restarts (rumqttd keeps them
+        // in memory only): every connection sends ours again.
         let mut force_status = matches!(input, Input::Connected);
         let mut fatal = None;
         for action in node.handle(crate::events::now_ms(), input) {
@@ -236,6 +253,9 @@ pub async fn run(
             // A clean goodbye, so the room does not wait for the keepalive to notice, and our
             // status marked offline (the DISCONNECT below discards the will that would say so).
             publish(&client, &topics, id, Node::farewell()).await;
+            // A retained status marked offline replaces the online one. Never an empty publish to
+            // clear it: rumqttd deletes a retained message on an empty publish *without* RETAIN,
+            // which MQTT says must not touch it.
             let offline = status.fill(node.offline_status(crate::events::now_ms()), &miner, Instant::now());
             if let Err(e) = client.publish(&status.topic, QoS::AtLeastOnce, true, offline.encode()).await {
                 warn!(error = %e, "publishing the offline status failed");
@@ -256,7 +276,9 @@ pub async fn run(
 async fn publish(client: &AsyncClient, topics: &Topics, id: PeerId, msg: Message) {
     let topic = topics.topic(msg.channel()).to_string();
     let payload = protocol::encode(&Envelope::new(id, msg));
-    // QoS 1 everywhere: every message is idempotent, and QoS 0 may be dropped under load.
+    // QoS 1 everywhere: every message is idempotent, and QoS 0 may be dropped under load. Published
+    // at QoS 1 to QoS 1 subscriptions, so delivered at QoS 1 by any broker: we never count on
+    // rumqttd delivering a QoS 0 publish at QoS 1 to a QoS 1 subscriber (MQTT says the lower wins).
     if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, payload).await {
         warn!(error = %e, "publish failed");
     }
@@ -274,6 +296,15 @@ fn decode_input(topics: &Topics, topic: &str, payload: &[u8], limit: usize, drop
         return None;
     };
     decoded.map_err(|e| drops.count(e.reason(), || format!("on {topic}: {e}"))).ok()
+}
+
+/// The MQTT client id of process `incarnation` of peer `id`: unique per process (two processes
+/// started with one peer id must not take over each other's session at the broker; the protocol
+/// tells them apart instead), and within what MQTT 3.1.1 obliges every broker to accept — 1 to 23
+/// characters from 0-9a-zA-Z — rather than what rumqttd and Mosquitto also allow. 52 random bits
+/// of the incarnation keep it unique.
+pub fn mqtt_client_id(id: PeerId, incarnation: u64) -> String {
+    format!("h{id:08x}{:014x}", incarnation & ((1 << 52) - 1))
 }
 
 /// Publishes this peer's retained status when its [`Schedule`] says so.
@@ -490,6 +521,17 @@ mod tests {
             ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::BadUserNamePassword),
         ];
         assert!(!other.iter().any(closed_before_connack));
+    }
+
+    #[test]
+    fn client_ids_are_what_every_mqtt_broker_must_accept_and_differ_per_process() {
+        for (id, incarnation) in [(1, 0), (u32::MAX, u64::MAX), (7, 1 << 63), (123_456, 0xdead_beef_f00d)] {
+            let cid = mqtt_client_id(id, incarnation);
+            assert_eq!(cid.len(), 23, "{cid}");
+            assert!(cid.bytes().all(|b| b.is_ascii_alphanumeric()), "{cid}");
+        }
+        assert_ne!(mqtt_client_id(7, 1), mqtt_client_id(7, 2));
+        assert_ne!(mqtt_client_id(7, 1), mqtt_client_id(8, 1));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The whole lab through the launcher: ten peers, one election, three blocks, no survivors.
+//! The whole lab through the launcher: ten peers, one election, three blocks, no survivors; and a
+//! room of the launcher's peers on an outside broker.
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
@@ -76,4 +77,52 @@ fn launcher_refuses_a_busy_port_with_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains(&port.to_string()), "{err}");
+}
+
+/// `launcher --broker`: a room of local peers on a broker the launcher did not start (Mosquitto
+/// here) completes its rounds, keeps the invariants, stops its peers, and leaves the broker alone.
+#[test]
+fn launcher_runs_a_room_on_an_outside_mosquitto_and_leaves_it_running() {
+    let mut mosquitto = Broker::Mosquitto.start(free_port());
+    let port = match &mosquitto {
+        RunningBroker::Mosquitto(m) => m.port,
+        RunningBroker::Embedded(_) => unreachable!(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let prefix = format!("hv{}launcher", std::process::id());
+    let child = Command::new(exe())
+        .args(["--broker", &format!("127.0.0.1:{port}"), "--peers", "4", "--rounds", "3", "--plain"])
+        .args(["--prefix", &prefix, "--difficulty", "12", "--target-block-ms", "0", "--events"])
+        .arg(&events)
+        // Mosquitto here admits anyone: no login, whatever the caller's environment says.
+        .env_remove("HASHVOTE_USERNAME")
+        .env_remove("HASHVOTE_PASSWORD")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn launcher");
+    let mut launcher = Proc { child, name: "launcher --broker".into() };
+    let status = launcher.wait_exit(Duration::from_secs(120));
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    use std::io::Read;
+    launcher.child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    launcher.child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "launcher failed: {status}\n{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("127.0.0.1:{port}")), "it says which broker it uses:\n{stdout}");
+
+    let records = read_events(&events);
+    assert_eq!(by_peer(&records).len(), 4, "four peers wrote events");
+    let chain = assert_invariants(&records);
+    assert!(chain.len() >= 3, "{} blocks", chain.len());
+
+    // Its peers are gone; the broker it did not start is not.
+    let pids = pids(&records);
+    assert_eq!(pids.len(), 4);
+    for pid in pids {
+        assert!(!alive(pid), "peer pid {pid} is still running");
+    }
+    assert!(mosquitto.running(), "the launcher left the outside broker running");
+    assert!(port_open(port), "mosquitto still listens on {port}");
 }

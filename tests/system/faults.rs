@@ -1,4 +1,7 @@
-//! Faults on a real room: controller crash, a paused (zombie) controller, churn, broker restart.
+//! Faults on a real room: controller crash, a paused (zombie) controller, churn, broker restart,
+//! a duplicate client id. Each scenario runs on the embedded broker (rumqttd) and on Mosquitto
+//! (`<scenario>::on_rumqttd`, `<scenario>::on_mosquitto`): the peers must not depend on one broker's
+//! ways.
 
 use std::time::Duration;
 
@@ -9,9 +12,16 @@ use crate::support::*;
 
 const T: Duration = Duration::from_secs(60);
 
-#[test]
-fn a_killed_controller_is_replaced_and_the_chain_continues_without_a_gap() {
-    let mut room = Room::start(5);
+on_both_brokers!(
+    a_killed_controller_is_replaced_and_the_chain_continues_without_a_gap,
+    a_paused_controller_is_deposed_and_steps_down_when_it_wakes,
+    miners_leave_and_join_without_disturbing_the_room,
+    the_room_resumes_after_a_broker_restart,
+    a_second_process_claiming_a_taken_client_id_exits_with_one_line,
+);
+
+fn a_killed_controller_is_replaced_and_the_chain_continues_without_a_gap(broker: Broker) {
+    let mut room = Room::start_with(broker, 5);
     let (term, leader) = room.wait_leader(1, T);
     room.wait_height(2, T);
     let killed_at = now_ms();
@@ -27,9 +37,8 @@ fn a_killed_controller_is_replaced_and_the_chain_continues_without_a_gap() {
     assert_eq!(ids, (0..chain.len() as u64).collect::<Vec<_>>(), "consecutive transaction ids");
 }
 
-#[test]
-fn a_paused_controller_is_deposed_and_steps_down_when_it_wakes() {
-    let mut room = Room::start(4);
+fn a_paused_controller_is_deposed_and_steps_down_when_it_wakes(broker: Broker) {
+    let mut room = Room::start_with(broker, 4);
     let (term, leader) = room.wait_leader(1, T);
     room.wait_height(2, T);
     let zombie = room.peers[leader].take().expect("controller process");
@@ -55,9 +64,8 @@ fn a_paused_controller_is_deposed_and_steps_down_when_it_wakes() {
     assert!(chain.iter().any(|b| b.term >= new_term));
 }
 
-#[test]
-fn miners_leave_and_join_without_disturbing_the_room() {
-    let mut room = Room::start(4);
+fn miners_leave_and_join_without_disturbing_the_room(broker: Broker) {
+    let mut room = Room::start_with(broker, 4);
     let (_, leader) = room.wait_leader(1, T);
     room.wait_height(1, T);
     let miner = (0..4).find(|&i| i != leader).unwrap();
@@ -68,24 +76,28 @@ fn miners_leave_and_join_without_disturbing_the_room() {
     let late = room.add_peer();
     let h = room.min_height();
     room.wait_height(h + 3, T);
+    // Waited for, not asserted at once: a sync can bring the joiner to that height a moment before
+    // its first job (seen on Mosquitto, where the room mines faster than on rumqttd).
+    wait_until(T, "the late joiner to mine", || {
+        room.events_of(late).iter().any(|r| matches!(r.event, Event::MiningStarted { .. }))
+    });
     let events = room.events_of(late);
     assert!(!events.iter().any(|r| matches!(r.event, Event::VoteCast { .. })), "the late joiner did not vote");
-    assert!(events.iter().any(|r| matches!(r.event, Event::MiningStarted { .. })), "the late joiner mines");
     for (i, terms) in room.terms() {
         assert!(terms.iter().all(|&t| t == 1), "peer {i} saw another election: {terms:?}");
     }
     room.check();
 }
 
-#[test]
-fn the_room_resumes_after_a_broker_restart() {
-    let mut room = Room::start(4);
+fn the_room_resumes_after_a_broker_restart(broker: Broker) {
+    let mut room = Room::start_with(broker, 4);
     room.wait_leader(1, T);
     room.wait_height(2, T);
-    room.broker.signal(libc::SIGKILL);
-    room.broker.wait_exit(T);
+    room.broker.kill();
     let h = room.min_height();
-    room.broker = start_broker(room.port);
+    // The same broker on the same port: Mosquitto, like rumqttd here, keeps no retained message
+    // or session across it (`persistence false`).
+    room.broker.restart(room.port);
     // Peers reconnect with backoff, re-subscribe, re-announce; the controller re-issues its
     // challenge (or its last result), and mining goes on from the chains the peers hold.
     room.wait_height(h + 3, T);
@@ -96,13 +108,18 @@ fn the_room_resumes_after_a_broker_restart() {
     room.check();
 }
 
-#[test]
-fn a_second_process_claiming_a_taken_client_id_exits_with_one_line() {
-    let room = Room::start(3);
+/// Fails about one run in ten, on either broker (seen serially and beside a flood): the duplicate
+/// hears the others' hellos, whose views name its own id as controller (which it ignores, as only
+/// a forgery could point it at itself), counts a full room and votes in term 1 under the taken id
+/// before its own hello's echo tells it to give way; the others take that as a changed vote of
+/// term 1 and switch to a second controller of that term, which the invariant check reports. A
+/// protocol race, not a broker's: left failing until the election refuses such a vote.
+fn a_second_process_claiming_a_taken_client_id_exits_with_one_line(broker: Broker) {
+    let room = Room::start_with(broker, 3);
     room.wait_leader(1, T);
     let taken = room.id_of(0).expect("peer 0's id").to_string();
     let events = room.dir.path().join("duplicate.jsonl");
-    let prefix = format!("hv{}r{}", std::process::id(), room.port);
+    let prefix = room.prefix();
     let mut dup = start_peer(room.port, &events, &["--id", &taken, "--room-size", "3", "--prefix", &prefix]);
     let status = dup.wait_exit(T);
     assert!(!status.success());

@@ -6,6 +6,8 @@ mod dashboard;
 mod demo;
 mod faults;
 mod flood;
+mod multihost;
+mod netns;
 mod partition;
 mod room;
 mod status;

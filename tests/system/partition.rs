@@ -8,15 +8,14 @@
 //! a skipped partition test would look like a passing one.
 
 use std::net::Ipv4Addr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Stdio;
 use std::time::Duration;
 
 use peer::events::{Event, Record, now_ms};
 use peer::protocol::{PeerId, Term};
 
+use crate::netns::{Netns, ip_ok, launcher_in, netns_list};
 use crate::support::*;
 
 const T: Duration = Duration::from_secs(60);
@@ -37,90 +36,6 @@ fn peer_addr(index: usize) -> Ipv4Addr {
 /// The broker-side end of peer `index`'s link, the one a partition takes down.
 fn port_dev(index: usize) -> String {
     format!("p{index}")
-}
-
-/// Runs `ip ARGS`, returning its stderr on failure.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run `ip` (iproute2): {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(format!("`ip {}` failed ({}): {}", args.join(" "), out.status, stderr.trim()))
-    }
-}
-
-fn ip_ok(args: &[&str]) {
-    if let Err(e) = ip(args) {
-        panic!("{e}");
-    }
-}
-
-/// Names of the namespaces that exist now.
-fn netns_list() -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().expect("run `ip netns list`");
-    // Lines look like `NAME` or `NAME (id: N)`.
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next()).map(String::from).collect()
-}
-
-/// Network namespaces created for one test, deleted on drop with every link inside them (even
-/// when the test panics).
-#[derive(Debug)]
-struct Netns {
-    /// `hv{pid}x{n}`: unique per test process and per test within it, short enough to read.
-    prefix: String,
-    names: Vec<String>,
-}
-
-impl Netns {
-    /// Fails the test with a clear message if this process may not create namespaces.
-    fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let prefix = format!("hv{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        let probe = format!("{prefix}probe");
-        if let Err(e) = ip(&["netns", "add", &probe]) {
-            panic!(
-                "partition tests need root (CAP_SYS_ADMIN) and iproute2 to create network namespaces, \
-                 and this process cannot: {e}"
-            );
-        }
-        ip_ok(&["netns", "del", &probe]);
-        Self { prefix, names: Vec::new() }
-    }
-
-    /// Creates namespace `{prefix}{tag}` with its loopback up; returns its name.
-    fn add(&mut self, tag: &str) -> String {
-        let name = format!("{}{tag}", self.prefix);
-        ip_ok(&["netns", "add", &name]);
-        self.names.push(name.clone());
-        ip_ok(&["-n", &name, "link", "set", "lo", "up"]);
-        name
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for name in self.names.iter().rev() {
-            // The processes' own guards have killed them by now. Anything still inside would keep
-            // the namespace (and its links) alive after `ip netns del`, which only removes the
-            // name; it can only be ours, as nobody else knows these namespaces.
-            if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()) {
-                    // SAFETY: kill(2) on a process of this test's own namespace.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-            }
-            if let Err(e) = ip(&["netns", "del", name]) {
-                eprintln!("could not delete network namespace {name}: {e}");
-            }
-        }
-    }
 }
 
 /// The broker's namespace with a bridge, and one namespace per peer linked to it.
@@ -161,25 +76,6 @@ impl Network {
     fn heal(&self, index: usize) {
         ip_ok(&["-n", &self.broker_ns, "link", "set", &port_dev(index), "up"]);
     }
-}
-
-/// `launcher ARGS` run inside namespace `ns`. `ip netns exec` execs the launcher in place, so the
-/// child's pid is the launcher's (checked against the peers' `started` events): killing the
-/// child kills the real process.
-fn launcher_in(ns: &str) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns]).arg(exe()).stdin(Stdio::null());
-    // SAFETY: prctl is async-signal-safe and touches only the child's own state. A test process
-    // killed outright (a CI timeout) runs no destructor; the kernel then still kills the children.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
 }
 
 fn start_broker_in(ns: &str) -> Proc {

@@ -13,24 +13,23 @@ use crate::support::*;
 pub struct Room {
     pub dir: tempfile::TempDir,
     pub port: u16,
-    /// The broker; replaced when a test restarts it.
-    pub broker: Proc,
+    /// The broker (rumqttd or Mosquitto); killed and restarted in place by the broker fault.
+    pub broker: RunningBroker,
     pub peers: Vec<Option<Proc>>,
     pub files: Vec<PathBuf>,
     pub size: usize,
 }
 
 impl Room {
-    /// Starts a broker and `n` peers expecting a room of `n`.
+    /// Starts the embedded broker and `n` peers expecting a room of `n`.
     pub fn start(n: usize) -> Self {
-        let port = free_port();
-        let broker = start_broker(port);
-        Self::start_on(n, port, broker)
+        Self::start_with(Broker::Embedded, n)
     }
 
-    /// Starts `n` peers expecting a room of `n` on a broker already listening on `port` (which
-    /// the room keeps, and kills when dropped).
-    pub fn start_on(n: usize, port: u16, broker: Proc) -> Self {
+    /// Starts `broker` on a free port and `n` peers expecting a room of `n`.
+    pub fn start_with(broker: Broker, n: usize) -> Self {
+        let port = free_port();
+        let broker = broker.start(port);
         let dir = tempfile::Builder::new()
             .prefix("hashvote-room")
             .disable_cleanup(std::env::var_os("KEEP_ROOMS").is_some())

@@ -185,7 +185,6 @@ fn a_killed_miner_is_shown_offline_by_its_retained_will_on_rumqttd() {
 
 #[test]
 fn a_killed_miner_is_shown_offline_by_its_retained_will_on_mosquitto() {
-    let Mosquitto { port, proc, dir: _conf } = Mosquitto::start().unwrap_or_else(|e| panic!("{e}"));
-    let report = retained_will_marks_a_killed_miner_offline(Room::start_on(4, port, proc), "mosquitto");
+    let report = retained_will_marks_a_killed_miner_offline(Room::start_with(Broker::Mosquitto, 4), "mosquitto");
     println!("{report}");
 }

@@ -109,9 +109,108 @@ pub fn start_broker(port: u16) -> Proc {
     proc
 }
 
-/// A Mosquitto broker on a free port of 127.0.0.1, with anonymous access, for checking the peers
-/// against a second MQTT implementation. Its config and log live in a temporary directory; it is
-/// killed when dropped (by its [`Proc`]).
+/// Which MQTT broker a test runs its room on. Scenarios that must hold on any broker run once per
+/// kind (see [`on_both_brokers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    /// rumqttd, embedded in `launcher broker` (the demo's broker).
+    Embedded,
+    /// A real Mosquitto (Debian's package), configured by [`Mosquitto::start_on`].
+    Mosquitto,
+}
+
+impl Broker {
+    /// Starts this broker on `port` of 127.0.0.1 and waits until it accepts connections. A missing
+    /// Mosquitto fails the test with how to install it: a skipped broker-independence test would
+    /// look like a passing one.
+    pub fn start(self, port: u16) -> RunningBroker {
+        match self {
+            Broker::Embedded => RunningBroker::Embedded(start_broker(port)),
+            Broker::Mosquitto => RunningBroker::Mosquitto(Mosquitto::start_on(port).unwrap_or_else(|e| panic!("{e}"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Broker::Embedded => "rumqttd",
+            Broker::Mosquitto => "mosquitto",
+        }
+    }
+}
+
+/// A broker process started by [`Broker::start`]; killed when dropped.
+#[derive(Debug)]
+pub enum RunningBroker {
+    Embedded(Proc),
+    Mosquitto(Mosquitto),
+}
+
+impl RunningBroker {
+    pub fn kind(&self) -> Broker {
+        match self {
+            RunningBroker::Embedded(_) => Broker::Embedded,
+            RunningBroker::Mosquitto(_) => Broker::Mosquitto,
+        }
+    }
+
+    pub fn proc(&mut self) -> &mut Proc {
+        match self {
+            RunningBroker::Embedded(proc) | RunningBroker::Mosquitto(Mosquitto { proc, .. }) => proc,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        match self {
+            RunningBroker::Embedded(proc) | RunningBroker::Mosquitto(Mosquitto { proc, .. }) => proc.pid(),
+        }
+    }
+
+    /// True while the broker process runs.
+    pub fn running(&mut self) -> bool {
+        self.proc().child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Kills the broker with SIGKILL (no goodbye to anyone) and reaps it.
+    pub fn kill(&mut self) {
+        let proc = self.proc();
+        proc.signal(libc::SIGKILL);
+        proc.wait_exit(Duration::from_secs(10));
+    }
+
+    /// Starts the same broker again on the same port (Mosquitto with the same configuration); the
+    /// old process must be gone (see [`RunningBroker::kill`]).
+    pub fn restart(&mut self, port: u16) {
+        match self {
+            RunningBroker::Embedded(proc) => *proc = start_broker(port),
+            RunningBroker::Mosquitto(m) => m.restart().unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+}
+
+/// Defines, for a scenario `fn name(broker: Broker)`, a module `name` with two tests,
+/// `name::on_rumqttd` and `name::on_mosquitto`, so a filter can pick a scenario, a broker, or both.
+macro_rules! on_both_brokers {
+    ($($scenario:ident),+ $(,)?) => {
+        $(
+            mod $scenario {
+                #[test]
+                fn on_rumqttd() {
+                    super::$scenario($crate::support::Broker::Embedded);
+                }
+
+                #[test]
+                fn on_mosquitto() {
+                    super::$scenario($crate::support::Broker::Mosquitto);
+                }
+            }
+        )+
+    };
+}
+pub(crate) use on_both_brokers;
+
+/// A Mosquitto broker on 127.0.0.1, with anonymous access, for checking the peers against a
+/// second MQTT implementation. Its config and log live in a temporary directory; it is killed when
+/// dropped (by its [`Proc`]).
 #[derive(Debug)]
 pub struct Mosquitto {
     pub port: u16,
@@ -123,33 +222,68 @@ pub struct Mosquitto {
 /// Where Mosquitto is installed on Debian and Ubuntu (`apt-get install mosquitto`).
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 
+/// The peers' largest payload (`max_payload` in config/peer.toml, rumqttd's `max_payload_size`).
+pub const PEER_MAX_PAYLOAD: usize = 64 * 1024;
+
 impl Mosquitto {
-    /// Starts `mosquitto -c <conf>` listening on a free port and waits until it accepts
-    /// connections. Fails (does not skip) if the binary is missing or it does not come up.
+    /// [`Mosquitto::start_on`] a free port.
     pub fn start() -> Result<Mosquitto, String> {
-        let bin = std::env::var("MOSQUITTO").unwrap_or_else(|_| MOSQUITTO.to_string());
-        if !Path::new(&bin).is_file() {
-            return Err(format!(
-                "mosquitto not found at {bin}: install it (apt-get install mosquitto) or set MOSQUITTO=/path/to/mosquitto"
-            ));
-        }
+        Self::start_on(free_port())
+    }
+
+    /// Starts `mosquitto -c <conf>` listening on `port` and waits until it accepts connections.
+    /// Fails (does not skip) if the binary is missing or it does not come up.
+    pub fn start_on(port: u16) -> Result<Mosquitto, String> {
         let dir = tempfile::Builder::new()
             .prefix("hashvote-mosquitto")
             .disable_cleanup(std::env::var_os("KEEP_ROOMS").is_some())
             .tempdir()
             .map_err(|e| format!("temporary directory for mosquitto: {e}"))?;
-        let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         let log = dir.path().join("mosquitto.log");
-        let stderr = dir.path().join("mosquitto.stderr");
         let text = format!(
-            // `user root`: run as root (as in CI containers), mosquitto would otherwise switch to the
-            // `mosquitto` user, which cannot write the log into our private directory. Ignored
-            // when not started as root.
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\nlog_dest file {}\n",
-            log.display()
+            "listener {port} 127.0.0.1\n\
+             allow_anonymous true\n\
+             # Retained messages and sessions in memory only, as rumqttd: a restart loses them.\n\
+             persistence false\n\
+             # Run as root (as in CI containers): mosquitto would otherwise switch to the `mosquitto`\n\
+             # user, which cannot write the log into our private directory. Ignored unless root.\n\
+             user root\n\
+             log_dest file {log}\n\
+             # The peers' limits, as the embedded broker's config/broker.toml sets them: payloads up to\n\
+             # 64 KiB, and a packet the peers would refuse (their client takes max_payload + 1 KiB,\n\
+             # and drops the connection on anything larger) disconnects its publisher instead of\n\
+             # reaching every subscriber.\n\
+             message_size_limit {PEER_MAX_PAYLOAD}\n\
+             max_packet_size {packet}\n\
+             # Mosquitto's defaults (20 in flight, 1000 queued per client) drop most of a burst; the\n\
+             # flood tests send 50k messages a second. rumqttd's window is 100.\n\
+             max_inflight_messages 100\n\
+             max_queued_messages 20000\n",
+            log = log.display(),
+            packet = PEER_MAX_PAYLOAD + 1024,
         );
         std::fs::write(&conf, text).map_err(|e| format!("writing {}: {e}", conf.display()))?;
+        let proc = Self::spawn(port, dir.path())?;
+        Ok(Mosquitto { port, proc, dir })
+    }
+
+    /// Starts Mosquitto again with the same configuration, on the same port (the old process must
+    /// have exited).
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.proc = Self::spawn(self.port, self.dir.path())?;
+        Ok(())
+    }
+
+    fn spawn(port: u16, dir: &Path) -> Result<Proc, String> {
+        let bin = std::env::var("MOSQUITTO").unwrap_or_else(|_| MOSQUITTO.to_string());
+        if !Path::new(&bin).is_file() {
+            return Err(format!(
+                "mosquitto not found at {bin}: these tests run the room on Mosquitto too; install it \
+                 (apt-get install mosquitto) or set MOSQUITTO=/path/to/mosquitto"
+            ));
+        }
+        let (conf, log, stderr) = (dir.join("mosquitto.conf"), dir.join("mosquitto.log"), dir.join("mosquitto.stderr"));
         // Its stderr (a warning about running as root, or why it cannot start) goes to a file.
         let err_file = std::fs::File::create(&stderr).map_err(|e| format!("creating {}: {e}", stderr.display()))?;
         let child = Command::new(&bin)
@@ -172,7 +306,7 @@ impl Mosquitto {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Mosquitto { port, proc, dir })
+        Ok(proc)
     }
 }
 
