@@ -48,6 +48,9 @@ pub struct Election {
     /// controller from the others' replies instead), so waiting for its vote could stall the
     /// term for good. `None` in the first election, which waits for every member it knows.
     electorate: Option<BTreeSet<PeerId>>,
+    /// Set by [`Election::withdraw`]: the room removed this peer, which casts no vote until it has
+    /// adopted a controller again.
+    abstaining: bool,
 }
 
 impl Election {
@@ -64,6 +67,7 @@ impl Election {
             votes: BTreeMap::new(),
             seen_leader: false,
             electorate: None,
+            abstaining: false,
         }
     }
 
@@ -148,6 +152,17 @@ impl Election {
         steps
     }
 
+    /// The room took this peer for gone (its Last Will was published): it forgets the members,
+    /// its votes and any controller, stays in its term, and casts no vote until it adopts a
+    /// controller again. A peer that was paused or cut off would otherwise wake up to the votes it
+    /// received meanwhile and vote in an election the others held without it.
+    pub fn withdraw(&mut self) {
+        self.members = BTreeSet::from([self.me]);
+        self.votes.clear();
+        self.leader = None;
+        self.abstaining = true;
+    }
+
     /// Adopts `leader` as controller of `term`, on the word of a challenge or announcement.
     /// Returns true if this changed what the peer believed.
     pub fn adopt(&mut self, term: Term, leader: PeerId) -> bool {
@@ -160,6 +175,7 @@ impl Election {
         self.term = term;
         self.leader = Some(leader);
         self.seen_leader = true;
+        self.abstaining = false;
         self.members.insert(leader);
         true
     }
@@ -170,6 +186,9 @@ impl Election {
         self.leader = None;
         self.votes.clear();
         self.electorate = self.seen_leader.then(|| self.members.clone());
+        if self.abstaining {
+            return;
+        }
         let v = vote();
         self.votes.insert(self.me, v);
         steps.push(Step::Vote { term, vote: v });
@@ -248,6 +267,25 @@ mod tests {
         // Another process under id 2 votes higher in the same term: ignored.
         assert_eq!(e.vote(2, 1, 99, &mut fixed(0)), vec![]);
         assert_eq!(e.leader(), Some(3));
+    }
+
+    #[test]
+    fn a_withdrawn_peer_steps_down_and_casts_no_vote_until_it_adopts_a_controller() {
+        let mut e = Election::new(1, 3, 2);
+        e.join(2, &mut fixed(9));
+        e.join(3, &mut fixed(9));
+        e.vote(2, 1, 1, &mut fixed(0));
+        e.vote(3, 1, 2, &mut fixed(0));
+        assert!(e.is_leader());
+        e.withdraw();
+        assert!(!e.is_leader() && e.members().len() == 1);
+        // The votes of the election held without it: it moves to the term, silently.
+        e.join(2, &mut fixed(0));
+        assert_eq!(e.vote(2, 2, 5, &mut fixed(7)), vec![]);
+        assert_eq!((e.term(), e.leader()), (2, None));
+        assert!(e.adopt(2, 3));
+        // Back in: the next election gets its vote.
+        assert_eq!(e.leave(3, &mut fixed(4)).1, vec![Step::Vote { term: 3, vote: 4 }]);
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct NodeConfig {
     pub incarnation: u64,
     /// When this process started (Unix ms).
     pub since_ms: u64,
+    /// How long the controller may stay silent (no message and no status reaching this connected
+    /// peer) before it is taken for gone; 0: never. A backstop for the will, which a controller
+    /// that dies while it is disconnected (say, just after a broker restart) never leaves.
+    pub silence_ms: u64,
 }
 
 /// Something that happened to the node.
@@ -57,6 +61,8 @@ pub enum Input {
     Mined(Found),
     /// A decoded, validated status from `<prefix>/status/<id>` (any peer's, this one's included).
     Status(Status),
+    /// Time passes (a few times a second, while connected): checks the controller's silence.
+    Tick,
 }
 
 /// Something the node asks its owner to do.
@@ -104,6 +110,8 @@ pub struct Node {
     rng: StdRng,
     /// The owner's clock (Unix ms) at the current input.
     now_ms: u64,
+    /// The controller last heard from (or last taken up), and when.
+    leader_heard: Option<(PeerId, u64)>,
     out: Vec<Action>,
 }
 
@@ -123,6 +131,7 @@ impl Node {
             pending: None,
             syncing: None,
             seen_height: 0,
+            leader_heard: None,
             heights: BTreeMap::new(),
             held_votes: BTreeMap::new(),
             incarnations: BTreeMap::new(),
@@ -204,13 +213,44 @@ impl Node {
     /// Feeds one input, which happened at `now_ms` (Unix ms), and returns what to do.
     pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Action> {
         self.now_ms = now_ms;
+        let from = match &input {
+            Input::Message(env) => Some(env.from),
+            Input::Status(s) if s.role != Role::Offline => Some(s.id),
+            _ => None,
+        };
+        if let Some(leader) = self.election.leader()
+            && (from == Some(leader) || matches!(input, Input::Connected))
+        {
+            // On a (re)connection too: silence while we were cut off says nothing of it.
+            self.leader_heard = Some((leader, now_ms));
+        }
         match input {
             Input::Connected => self.connected(),
             Input::Message(env) => self.message(env),
             Input::Mined(found) => self.mined(found),
             Input::Status(status) => self.status_of(status),
+            Input::Tick => self.tick(),
         }
         std::mem::take(&mut self.out)
+    }
+
+    /// Takes a controller silent for longer than `silence_ms` for gone, as if its will had come.
+    fn tick(&mut self) {
+        let Some(leader) = self.election.leader().filter(|&l| l != self.cfg.id) else { return };
+        let since = match self.leader_heard {
+            Some((heard, at)) if heard == leader => at,
+            // A controller taken up since the last tick: its silence starts now.
+            _ => {
+                self.leader_heard = Some((leader, self.now_ms));
+                return;
+            }
+        };
+        let silent_ms = self.now_ms.saturating_sub(since);
+        if self.cfg.silence_ms > 0 && silent_ms > self.cfg.silence_ms {
+            self.leader_heard = None;
+            self.emit(Event::ControllerSilent { id: leader, silent_ms });
+            self.leave(leader);
+        }
     }
 
     /// The message to publish on a clean exit (with [`Node::offline_status`], which is also the
@@ -437,10 +477,14 @@ impl Node {
         let ours = status.incarnation == self.cfg.incarnation;
         if ours {
             if status.role == Role::Offline {
-                // Our will fired while we were cut off, and may have reached the others after we
-                // were back: they took it as our departure. Show us online and announce again.
+                // Our will fired (we were paused, hung or cut off long enough): the others took it
+                // as our departure, and may have elected without us. Step down, vote in nothing we
+                // may have missed the start of, show us online and ask the room where it is.
+                let term = self.election.term();
+                self.election.withdraw();
+                self.emit(Event::Withdrawn { term });
                 self.out.push(Action::PublishStatus);
-                self.publish(self.hello_msg(false));
+                self.publish(self.hello_msg(true));
             }
             return;
         }
@@ -638,10 +682,20 @@ impl Node {
         if from != self.cfg.id && !self.fence(from, term, "result") {
             return;
         }
+        if from == self.cfg.id && (term < self.election.term() || !self.election.is_leader()) {
+            // The echo of a result we published as controller, arriving after we learnt we are not
+            // (any more): the room may never have taken it. The new controller's chain decides.
+            self.drop_msg("stale_own_result", format!("our result for transaction {} of term {term}", block.tx));
+            return;
+        }
         let height = self.chain.height();
         if block.tx < height {
             if self.chain.get(block.tx) != Some(&block) {
                 self.drop_msg("conflicting_block", format!("block {} from {from} differs from ours", block.tx));
+                if from != self.cfg.id && self.election.leader() == Some(from) {
+                    // The controller's chain wins (our block was never the room's): compare from there.
+                    self.request_sync(from, block.tx);
+                }
             }
             return;
         }

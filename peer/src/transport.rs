@@ -25,7 +25,7 @@ use crate::events::{Event, EventSink};
 use crate::miner::{Found, Miner};
 use crate::node::{Action, Input, Node, NodeConfig};
 use crate::protocol::{self, Envelope, Message, PeerId, Topics};
-use crate::status::{STATUS_MIN_GAP, Schedule, Status};
+use crate::status::{Role, STATUS_MIN_GAP, Schedule, Status};
 
 /// Why a peer stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +69,7 @@ pub enum PeerError {
 /// What the network task tells the protocol loop.
 enum Net {
     Connected,
-    Publish { topic: String, payload: bytes::Bytes },
+    Publish { topic: String, payload: bytes::Bytes, retain: bool },
     Lost(String),
     Fatal(PeerError),
 }
@@ -99,53 +99,39 @@ pub async fn run(
         seed: None,
         incarnation,
         since_ms: crate::events::now_ms(),
+        silence_ms: controller_silence_ms(cfg.keepalive_s),
     });
     let mut status = StatusPublisher {
         topic: topics.status_topic(id),
         threads: u16::try_from(threads).unwrap_or(u16::MAX),
         schedule: Schedule::default(),
     };
-    let mut options = MqttOptions::new(mqtt_client_id(id, incarnation), cfg.host.clone(), cfg.port);
-    options
-        // Never 0 (the config allows 1..=3600): rumqttd refuses a keepalive of 0, which MQTT allows
-        // (and rumqttc panics below 1 s). Any broker then sends our will 1.5 x keepalive after we
-        // fall silent.
-        .set_keep_alive(Duration::from_secs(cfg.keepalive_s))
-        // A clean session on every connection: nothing is expected to outlive a reconnect or a
-        // broker restart (rumqttd keeps sessions in memory only, Mosquitto may persist them). On
-        // every CONNACK we subscribe again, the node announces itself and repeats what the room
-        // waits on, and our retained status is sent again.
-        .set_clean_session(true)
-        // Headroom over the payload for the MQTT header and topic. A larger packet would make
-        // rumqttc drop our connection, so the broker must refuse such packets itself (rumqttd's
-        // max_payload_size, Mosquitto's message_size_limit or max_packet_size): a deployment
-        // requirement on any broker, not a rumqttd habit.
-        .set_max_packet_size(cfg.max_payload + 1024, cfg.max_payload + 1024)
-        // Our status marked offline, retained: watchers see that we are gone, and the other peers
-        // take it as our departure (the incarnation in it keeps a late will from removing a later
-        // run of this peer). MQTT fixes a will at CONNECT, so its figures are those at start.
-        .set_last_will(LastWill::new(
-            &status.topic,
-            Status { threads: status.threads, ..node.offline_status(crate::events::now_ms()) }.encode(),
-            QoS::AtLeastOnce,
-            true,
-        ));
-    if let Some(user) = &cfg.username {
-        options.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    // rumqttc leaves Nagle's algorithm on: every small publish would wait for the broker's delayed
-    // ACK (~40 ms), which alone capped the room at ~20 blocks/s.
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
+    // Our status marked offline, retained: watchers see that we are gone, and the other peers
+    // take it as our departure (the incarnation in it keeps a late will from removing a later
+    // run of this peer). MQTT fixes a will at CONNECT, so its figures are those at start.
+    let will = LastWill::new(
+        &status.topic,
+        Status { threads: status.threads, ..node.offline_status(crate::events::now_ms()) }.encode(),
+        QoS::AtLeastOnce,
+        true,
+    );
+    // Two connections. The protocol's, subscribed to the whole room, and the status beacon's,
+    // subscribed to nothing, both with that will. rumqttd restarts a connection's keepalive
+    // countdown whenever it *sends* to it, so in a busy room a stopped or cut-off peer's protocol
+    // connection can outlive it for half a minute; the beacon receives nothing, so every broker
+    // sends its will 1.5 x keepalive after the peer falls silent, as MQTT says.
+    let (client, eventloop) = connect(mqtt_options(&cfg, mqtt_client_id(id, incarnation), will.clone()), 1024);
+    let (beacon, beacon_loop) = connect(mqtt_options(&cfg, beacon_client_id(id, incarnation), will), 64);
 
     let (net_tx, mut net_rx) = mpsc::channel(4096);
     let stop_net = CancellationToken::new();
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let first =
         FirstConnect { addr: addr.clone(), timeout_s: cfg.connect_timeout_s, credentials: cfg.username.is_some() };
-    let net = tokio::spawn(poll_network(eventloop, net_tx, stop_net.clone(), first));
+    let net = tokio::spawn(poll_network(eventloop, net_tx, stop_net.clone(), first.clone()));
+    // The beacon's own failures to connect are the protocol connection's too, which reports them.
+    let (beacon_tx, mut beacon_rx) = mpsc::channel(16);
+    let beacon_net = tokio::spawn(poll_network(beacon_loop, beacon_tx, stop_net.clone(), first));
 
     let (found_tx, mut found_rx) = mpsc::unbounded_channel::<Found>();
     let miner = Miner::new(threads, move |f| {
@@ -154,9 +140,11 @@ pub async fn run(
     let mut drops = DropLog::default();
     let mut mining = MiningClock::default();
     let mut connected_once = false;
-    // Whether the broker connection is up: statuses are not queued while it is down (rumqttc's
+    // Whether the beacon is connected: statuses are not queued while it is down (rumqttc's
     // request channel would fill, and block us, during a long outage); the next CONNACK sends one.
     let mut online = false;
+    // Whether the protocol connection is up: the controller's silence is judged only meanwhile.
+    let mut main_up = false;
     // Catches up with statuses that changed within STATUS_MIN_GAP of the last one, and sends the
     // once-a-second status.
     let mut status_tick = tokio::time::interval(STATUS_MIN_GAP);
@@ -168,7 +156,23 @@ pub async fn run(
             Some(found) = found_rx.recv() => Input::Mined(found),
             _ = status_tick.tick() => {
                 if online {
-                    status.send(&client, &node, &miner, false).await;
+                    status.send(&beacon, &node, &miner, false).await;
+                }
+                if !main_up {
+                    continue;
+                }
+                Input::Tick
+            }
+            Some(up) = beacon_rx.recv() => {
+                match up {
+                    // Retained statuses are lost when a broker without persistence restarts
+                    // (rumqttd keeps them in memory only): every connection sends ours again.
+                    Net::Connected => {
+                        online = true;
+                        status.send(&beacon, &node, &miner, true).await;
+                    }
+                    Net::Lost(_) => online = false,
+                    Net::Publish { .. } | Net::Fatal(_) => {}
                 }
                 continue;
             }
@@ -176,7 +180,7 @@ pub async fn run(
                 None => break Ok(()),
                 Some(Net::Fatal(e)) => break Err(e),
                 Some(Net::Lost(reason)) => {
-                    online = false;
+                    main_up = false;
                     events.emit(Event::Disconnected { reason });
                     continue;
                 }
@@ -193,20 +197,33 @@ pub async fn run(
                         info!(broker = %addr, "connected");
                     }
                     connected_once = true;
-                    online = true;
+                    main_up = true;
                     events.emit(Event::Connected { broker: addr.clone() });
                     Input::Connected
                 }
-                Some(Net::Publish { topic, payload }) => {
+                Some(Net::Publish { topic, payload, retain }) => {
                     let Some(input) = decode_input(&topics, &topic, &payload, cfg.max_payload, &mut drops) else {
                         continue;
                     };
+                    // Our own will, kept by the broker from a cut we have already come back from and
+                    // handed to our new subscription (RETAIN = 1, as MQTT requires for a retained
+                    // message sent on subscribing; live deliveries carry 0): the room has seen it
+                    // long ago. Only put our status back in its place.
+                    if retain
+                        && let Input::Status(s) = &input
+                        && (s.id, s.incarnation, s.role) == (id, incarnation, Role::Offline)
+                    {
+                        if online {
+                            status.send(&beacon, &node, &miner, true).await;
+                        }
+                        continue;
+                    }
                     input
                 }
             },
         };
-        // Retained statuses are lost when a broker without persistence restarts (rumqttd keeps them
-        // in memory only): every connection sends ours again.
+        // A reconnection may follow a broker restart or our own will (see Node's handling of
+        // statuses under our id): send our status again with it.
         let mut force_status = matches!(input, Input::Connected);
         let mut fatal = None;
         for action in node.handle(crate::events::now_ms(), input) {
@@ -243,7 +260,7 @@ pub async fn run(
             break Err(PeerError::Protocol(reason));
         }
         if online {
-            status.send(&client, &node, &miner, force_status).await;
+            status.send(&beacon, &node, &miner, force_status).await;
         }
     };
 
@@ -257,15 +274,20 @@ pub async fn run(
             // clear it: rumqttd deletes a retained message on an empty publish *without* RETAIN,
             // which MQTT says must not touch it.
             let offline = status.fill(node.offline_status(crate::events::now_ms()), &miner, Instant::now());
-            if let Err(e) = client.publish(&status.topic, QoS::AtLeastOnce, true, offline.encode()).await {
+            if let Err(e) = beacon.publish(&status.topic, QoS::AtLeastOnce, true, offline.encode()).await {
                 warn!(error = %e, "publishing the offline status failed");
             }
         }
         // A DISCONNECT also discards our Last Will: a duplicate giving way must not announce
         // the departure of the peer whose id it shares.
         let _ = client.disconnect().await;
-        // Give the event loop a moment to flush the goodbye and the DISCONNECT.
-        let _ = tokio::time::timeout(Duration::from_secs(2), net).await;
+        let _ = beacon.disconnect().await;
+        // Give the event loops a moment to flush the goodbye and the DISCONNECTs.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = net.await;
+            let _ = beacon_net.await;
+        })
+        .await;
     }
     stop_net.cancel();
     events.emit(Event::Stopped);
@@ -305,6 +327,54 @@ fn decode_input(topics: &Topics, topic: &str, payload: &[u8], limit: usize, drop
 /// of the incarnation keep it unique.
 pub fn mqtt_client_id(id: PeerId, incarnation: u64) -> String {
     format!("h{id:08x}{:014x}", incarnation & ((1 << 52) - 1))
+}
+
+/// How long a controller may stay silent before its peers take it for gone: well over its
+/// once-a-second status, and over the 1.5 x keepalive after which its will would have come.
+pub fn controller_silence_ms(keepalive_s: u64) -> u64 {
+    (3 * keepalive_s).max(5) * 1000
+}
+
+/// The MQTT client id of the status beacon of process `incarnation` of peer `id` (see
+/// [`mqtt_client_id`]).
+pub fn beacon_client_id(id: PeerId, incarnation: u64) -> String {
+    format!("s{id:08x}{:014x}", incarnation & ((1 << 52) - 1))
+}
+
+/// The MQTT options of one of the peer's connections.
+fn mqtt_options(cfg: &PeerConfig, client_id: String, will: LastWill) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+    options
+        // Never 0 (the config allows 1..=3600): rumqttd refuses a keepalive of 0, which MQTT allows
+        // (and rumqttc panics below 1 s). Any broker then sends our will 1.5 x keepalive after we
+        // fall silent.
+        .set_keep_alive(Duration::from_secs(cfg.keepalive_s))
+        // A clean session on every connection: nothing is expected to outlive a reconnect or a
+        // broker restart (rumqttd keeps sessions in memory only, Mosquitto may persist them). On
+        // every CONNACK we subscribe again, the node announces itself and repeats what the room
+        // waits on, and our retained status is sent again.
+        .set_clean_session(true)
+        // Headroom over the payload for the MQTT header and topic. A larger packet would make
+        // rumqttc drop our connection, so the broker must refuse such packets itself (rumqttd's
+        // max_payload_size, Mosquitto's message_size_limit or max_packet_size): a deployment
+        // requirement on any broker, not a rumqttd habit.
+        .set_max_packet_size(cfg.max_payload + 1024, cfg.max_payload + 1024)
+        .set_last_will(will);
+    if let Some(user) = &cfg.username {
+        options.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
+    }
+    options
+}
+
+/// A client and its event loop, with Nagle's algorithm off: rumqttc leaves it on, and every small
+/// publish would wait for the broker's delayed ACK (~40 ms), which alone capped the room at ~20
+/// blocks/s.
+fn connect(options: MqttOptions, capacity: usize) -> (AsyncClient, rumqttc::EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(options, capacity);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    (client, eventloop)
 }
 
 /// Publishes this peer's retained status when its [`Schedule`] says so.
@@ -348,6 +418,7 @@ impl StatusPublisher {
 const CLOSED_BEFORE_CONNACK_LIMIT: u32 = 3;
 
 /// What [`poll_network`] needs to judge the first connection.
+#[derive(Clone)]
 struct FirstConnect {
     /// host:port, for messages.
     addr: String,
@@ -403,7 +474,7 @@ async fn poll_network(
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                 let topic = p.topic;
-                if tx.send(Net::Publish { topic, payload: p.payload }).await.is_err() {
+                if tx.send(Net::Publish { topic, payload: p.payload, retain: p.retain }).await.is_err() {
                     return;
                 }
             }
@@ -526,9 +597,11 @@ mod tests {
     #[test]
     fn client_ids_are_what_every_mqtt_broker_must_accept_and_differ_per_process() {
         for (id, incarnation) in [(1, 0), (u32::MAX, u64::MAX), (7, 1 << 63), (123_456, 0xdead_beef_f00d)] {
-            let cid = mqtt_client_id(id, incarnation);
-            assert_eq!(cid.len(), 23, "{cid}");
-            assert!(cid.bytes().all(|b| b.is_ascii_alphanumeric()), "{cid}");
+            for cid in [mqtt_client_id(id, incarnation), beacon_client_id(id, incarnation)] {
+                assert_eq!(cid.len(), 23, "{cid}");
+                assert!(cid.bytes().all(|b| b.is_ascii_alphanumeric()), "{cid}");
+            }
+            assert_ne!(mqtt_client_id(id, incarnation), beacon_client_id(id, incarnation));
         }
         assert_ne!(mqtt_client_id(7, 1), mqtt_client_id(7, 2));
         assert_ne!(mqtt_client_id(7, 1), mqtt_client_id(8, 1));

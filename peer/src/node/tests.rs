@@ -51,6 +51,7 @@ impl Sim {
             seed: Some(self.rng.random()),
             incarnation: self.rng.random(),
             since_ms: self.clock,
+            silence_ms: 0,
         };
         let cursor = Some(self.log.len());
         self.peers.insert(id, SimPeer { node: Node::new(cfg), cursor, job: None, events: Vec::new() });
@@ -430,7 +431,34 @@ fn bare_node(id: PeerId, room_size: usize, incarnation: u64, since_ms: u64) -> N
         seed: Some(u64::from(id)),
         incarnation,
         since_ms,
+        silence_ms: 2_000,
     })
+}
+
+#[test]
+fn a_controller_silent_for_too_long_is_taken_for_gone_and_the_room_re_elects() {
+    let mut n = bare_node(1, 3, 7, 0);
+    n.handle(0, Input::Connected);
+    n.handle(0, hello(2, 20, 0));
+    n.handle(0, hello(3, 30, 0));
+    let vote = |from, vote| Input::Message(Envelope::new(from, Message::Vote { term: 1, vote, height: 0 }));
+    n.handle(0, vote(2, 0));
+    n.handle(0, vote(3, u32::MAX));
+    assert_eq!(n.election().leader(), Some(3));
+    n.handle(1_000, Input::Tick);
+    // Anything from the controller keeps it alive.
+    n.handle(2_500, hello(3, 30, 0));
+    assert!(n.handle(4_400, Input::Tick).is_empty());
+    // A reconnection restarts the count: the silence while we were cut off says nothing.
+    n.handle(4_450, Input::Connected);
+    assert!(!n.handle(6_400, Input::Tick).iter().any(|a| matches!(a, Action::Emit(Event::ControllerSilent { .. }))));
+    let out = n.handle(6_500, Input::Tick);
+    assert!(
+        out.iter().any(|a| matches!(a, Action::Emit(Event::ControllerSilent { id: 3, silent_ms: 2_050 }))),
+        "{out:?}"
+    );
+    assert!(out.iter().any(|a| matches!(a, Action::Publish(Message::Vote { term: 2, .. }))), "{out:?}");
+    assert!(!n.election().members().contains(&3));
 }
 
 fn hello(from: PeerId, incarnation: u64, since_ms: u64) -> Input {
