@@ -63,7 +63,7 @@ pub enum PeerError {
 }
 
 /// What the network task tells the protocol loop.
-enum Net {
+pub(crate) enum Net {
     Connected,
     Publish { topic: String, payload: bytes::Bytes },
     Lost(String),
@@ -317,13 +317,13 @@ impl StatusPublisher {
 const CLOSED_BEFORE_CONNACK_LIMIT: u32 = 3;
 
 /// What [`poll_network`] needs to judge the first connection.
-struct FirstConnect {
+pub(crate) struct FirstConnect {
     /// host:port, for messages.
-    addr: String,
+    pub(crate) addr: String,
     /// Seconds to keep trying.
-    timeout_s: u64,
+    pub(crate) timeout_s: u64,
     /// Whether a user name (and password) is sent.
-    credentials: bool,
+    pub(crate) credentials: bool,
 }
 
 /// True if the error means the TCP connection was made and then closed before the broker's
@@ -346,7 +346,7 @@ fn closed_before_connack(error: &ConnectionError) -> bool {
 /// Until the first CONNACK it gives up with a fatal error: at once on a refusing CONNACK code,
 /// after [`CLOSED_BEFORE_CONNACK_LIMIT`] attempts in a row closed before any CONNACK (a refused
 /// login at rumqttd), or when the connect timeout passes.
-async fn poll_network(
+pub(crate) async fn poll_network(
     mut eventloop: rumqttc::EventLoop,
     tx: mpsc::Sender<Net>,
     stop: CancellationToken,
@@ -418,14 +418,14 @@ async fn poll_network(
 
 /// Time spent mining, for the hash-rate totals of [`Event::MiningStopped`].
 #[derive(Default)]
-struct MiningClock {
+pub(crate) struct MiningClock {
     current: Option<(u64, Instant)>,
     total: Duration,
 }
 
 impl MiningClock {
     /// Records that mining now works on `tx` (or nothing); returns the event for the job that ended.
-    fn switch(&mut self, tx: Option<u64>, total_hashes: u64) -> Option<Event> {
+    pub(crate) fn switch(&mut self, tx: Option<u64>, total_hashes: u64) -> Option<Event> {
         let ended = self.current.take().map(|(done, since)| {
             self.total += since.elapsed();
             Event::MiningStopped { tx: done, total_hashes, total_mining_ms: self.total.as_millis() as u64 }
@@ -438,13 +438,13 @@ impl MiningClock {
 /// Counts dropped payloads per reason and logs each reason at most once a second, so a flood of
 /// garbage does not become a flood of log lines.
 #[derive(Default)]
-struct DropLog {
+pub(crate) struct DropLog {
     counts: BTreeMap<String, (u64, u64, Option<Instant>)>,
 }
 
 impl DropLog {
     /// Counts one drop; returns the running total when this one is logged.
-    fn count(&mut self, reason: &str, detail: impl FnOnce() -> String) -> Option<u64> {
+    pub(crate) fn count(&mut self, reason: &str, detail: impl FnOnce() -> String) -> Option<u64> {
         let entry = self.counts.entry(reason.to_string()).or_insert((0, 0, None));
         entry.0 += 1;
         entry.1 += 1;
@@ -458,7 +458,7 @@ impl DropLog {
     }
 }
 
-fn log_event(event: &Event) {
+pub(crate) fn log_event(event: &Event) {
     match event {
         Event::SolutionRejected { .. }
         | Event::ChainTruncated { .. }
