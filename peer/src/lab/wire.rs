@@ -360,7 +360,12 @@ mod tests {
     #[test]
     fn proof_of_work_matches_known_sha1_values() {
         // SHA-1("abc") = a9993e36...: the first byte 0xa9 has no leading zero bit.
+        assert_eq!(hex::encode(sha1::Sha1::digest(b"abc")), "a9993e364706816aba3e25717850c26c9cd0d89d");
         assert_eq!(work("abc"), 0);
+        // SHA-1("lab-260416") = 00000f2d... (found with Python's hashlib): 20 zero bits.
+        assert_eq!(hex::encode(sha1::Sha1::digest(b"lab-260416")), "00000f2d5ff49c55ea26aa1c6eacaff9d34cf775");
+        assert_eq!(work("lab-260416"), 20);
+        assert!(meets("lab-260416", 20) && !meets("lab-260416", 21));
         assert_eq!(leading_zero_bits(&[0, 0, 0x1f, 0xff]), 19);
         assert_eq!(leading_zero_bits(&[0; 20]), 160);
         // Search a few candidates and check each against the digest computed independently.
