@@ -71,6 +71,8 @@ struct Seen {
     results: BTreeMap<u64, (Value, String)>,
     /// Results 1 whose solution did not verify.
     bad_results: usize,
+    /// Results (1 or 0) the controller published for this client's solutions.
+    judged: usize,
     /// Ids heard of and votes held, for the message of a failed test.
     known: Vec<String>,
     votes: Vec<String>,
@@ -253,10 +255,14 @@ impl Lab {
                     self.challenge(tx + 1);
                 }
             }
+            "result" if !self.me() && v["ClientID"] == self.id && v["Result"] == 0 => {
+                self.seen.lock().unwrap().judged += 1;
+            }
             "result" if !self.me() && v["Result"] == 1 => {
                 let tx = v["TransactionID"].as_u64().unwrap();
                 let solution = v["Solution"].as_str().unwrap().to_string();
                 let mut seen = self.seen.lock().unwrap();
+                seen.judged += usize::from(v["ClientID"] == self.id);
                 if seen.challenges.get(&tx).is_some_and(|&d| zeros(&solution) >= d) {
                     seen.results.entry(tx).or_insert((v["ClientID"].clone(), solution));
                 } else {
@@ -420,6 +426,12 @@ fn a_hashvote_controller_with_string_ids_is_followed_by_scripted_lab_miners() {
     room.add_peers(3, &["--difficulty", "12"]);
     let (elected, _) = check_agreement(&room, &[&a, &b]);
     assert!(room.client_ids().contains(&elected), "controller {elected} is not a hashvote peer");
-    // The controller issued every challenge at the configured difficulty.
+    // The controller issued every challenge at the configured difficulty, and judged the
+    // scripted miners' solutions.
     a.seen(|seen| assert!(seen.challenges.values().take(BLOCKS as usize).all(|&d| d == 12), "{seen:?}"));
+    for script in [&a, &b] {
+        wait_until(Duration::from_secs(30), "a verdict on a scripted miner's solution", || {
+            script.seen(|s| s.judged > 0)
+        });
+    }
 }

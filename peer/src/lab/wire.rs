@@ -357,6 +357,33 @@ mod tests {
         assert_eq!(text.cmp((&s("a"), &i(1)), (&s("a"), &i(1))), Ordering::Equal);
     }
 
+    fn any_id() -> impl proptest::strategy::Strategy<Value = Id> {
+        use proptest::prelude::*;
+        prop_oneof![any::<i64>().prop_map(Id::Int), "[ -~]{1,64}".prop_map(Id::Str)]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_or_drop_without_panicking(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            for ch in [Channel::Init, Channel::Voting, Channel::Challenge, Channel::Solution, Channel::Result] {
+                if let Ok(m) = decode(&bytes, ch) {
+                    proptest::prop_assert_eq!(decode(&encode(&m), ch), Ok(m));
+                }
+            }
+        }
+
+        #[test]
+        fn valid_messages_round_trip(client in any_id(), vote in any_id(), tx in 0u64.., solution in "[ -~]{1,256}", result in 0u8..=1) {
+            let msgs = [
+                LabMsg::Election(ElectionMsg { client: client.clone(), vote }),
+                LabMsg::Result(ResultMsg { client, tx, solution, result }),
+            ];
+            for m in msgs {
+                proptest::prop_assert_eq!(decode(&encode(&m), m.channel()), Ok(m.clone()));
+            }
+        }
+    }
+
     #[test]
     fn proof_of_work_matches_known_sha1_values() {
         // SHA-1("abc") = a9993e36...: the first byte 0xa9 has no leading zero bit.
