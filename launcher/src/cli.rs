@@ -80,6 +80,9 @@ pub struct RoomArgs {
     /// Topic prefix of the room.
     #[arg(long, default_value = "sd", value_parser = parse_prefix)]
     pub prefix: String,
+    /// Wire format of the peers: hashvote, or lab (the course lab's JSON messages).
+    #[arg(long, default_value = "hashvote")]
+    pub wire: String,
     /// Print plain, timestamped lines even on a terminal (the default when the output is not a
     /// terminal).
     #[arg(long)]

@@ -387,6 +387,8 @@ fn peer_args(args: &RoomArgs, host: &str, port: u16) -> Vec<String> {
         args.threads.to_string(),
         "--hash".into(),
         args.hash.clone(),
+        "--wire".into(),
+        args.wire.clone(),
         "--keepalive".into(),
         args.keepalive.to_string(),
         "--events".into(),

@@ -10,7 +10,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::PeerConfig;
+use crate::config::{PeerConfig, Wire};
 use crate::events::EventSink;
 use crate::pow::HashAlg;
 use crate::protocol::PeerId;
@@ -54,6 +54,9 @@ pub struct Args {
     /// Topic prefix.
     #[arg(long, env = "HASHVOTE_PREFIX")]
     pub prefix: Option<String>,
+    /// Wire format: hashvote (the default) or lab (the course lab's JSON messages).
+    #[arg(long, env = "HASHVOTE_WIRE")]
+    pub wire: Option<Wire>,
     /// Client id (nonzero u32; random if omitted).
     #[arg(long, env = "HASHVOTE_ID")]
     pub id: Option<PeerId>,
@@ -85,7 +88,7 @@ impl Args {
         }
         set!(host => host, port => port, room_size => room_size, min_peers => min_peers, threads => threads,
              difficulty => difficulty, hash => hash, target_block_ms => target_block_ms, prefix => prefix, keepalive => keepalive_s,
-             connect_timeout => connect_timeout_s);
+             connect_timeout => connect_timeout_s, wire => wire);
         if let Some(range) = self.difficulty_range {
             c.difficulty_range = Some(range);
         }
@@ -148,7 +151,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let span = tracing::info_span!("peer", id);
         let _enter = span.enter();
-        crate::transport::run(cfg, id, EventSink::new(id, out), shutdown).await
+        let events = EventSink::new(id, out);
+        match cfg.wire {
+            Wire::Hashvote => crate::transport::run(cfg, id, events, shutdown).await,
+            Wire::Lab => crate::lab::transport::run(cfg, id, events, shutdown).await,
+        }
     })?;
     Ok(())
 }

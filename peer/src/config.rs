@@ -50,6 +50,32 @@ pub struct PeerConfig {
     /// Broker password (prefer the `HASHVOTE_PASSWORD` environment variable to a file).
     #[serde(default)]
     pub password: Option<String>,
+    /// The wire format: hashvote's own protocol, or the original lab's JSON messages.
+    #[serde(default)]
+    pub wire: Wire,
+}
+
+/// The protocol a peer speaks on the room's topics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wire {
+    /// hashvote's versioned postcard protocol (terms, failover, a chain): the default.
+    #[default]
+    Hashvote,
+    /// The course lab's JSON messages, to share a room with its Python clients (see `crate::lab`).
+    Lab,
+}
+
+impl std::str::FromStr for Wire {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "hashvote" => Ok(Self::Hashvote),
+            "lab" => Ok(Self::Lab),
+            other => Err(format!("unknown wire format '{other}' (expected hashvote or lab)")),
+        }
+    }
 }
 
 /// A configuration that cannot be used.
@@ -155,6 +181,16 @@ impl PeerConfig {
         if !(1024..=16 * 1024 * 1024).contains(&self.max_payload) {
             return bad("max_payload", format!("{} is not in 1024..=16777216", self.max_payload));
         }
+        if self.wire == Wire::Lab {
+            let (lo, hi) = self.lab_difficulty();
+            let cap = crate::lab::wire::MAX_ISSUED;
+            if lo == 0 || hi > cap {
+                return bad("difficulty", format!("{lo}..={hi} is not within 1..={cap}, the lab wire format's bounds"));
+            }
+            if self.hash != HashAlg::Sha1 {
+                return bad("hash", "the lab wire format's proof of work is SHA-1".into());
+            }
+        }
         if self.username.is_none() && self.password.is_some() {
             return bad("password", "given without a username".into());
         }
@@ -171,6 +207,15 @@ impl PeerConfig {
                 let [lo, hi] = range.unwrap_or([1, max.min(48)]);
                 Pace::Retarget { target_ms: target as u32, start: self.difficulty, lo, hi }
             }
+        }
+    }
+
+    /// Difficulty bounds of the challenges issued as a lab controller: the fixed difficulty, the
+    /// range, or (retargeting is not part of the lab) the starting difficulty.
+    pub fn lab_difficulty(&self) -> (u8, u8) {
+        match self.pace() {
+            Pace::Fixed(d) | Pace::Retarget { start: d, .. } => (d, d),
+            Pace::Range { lo, hi } => (lo, hi),
         }
     }
 
@@ -213,5 +258,16 @@ mod tests {
         c.min_peers = 2;
         c.keepalive_s = 0;
         assert!(c.validate().unwrap_err().to_string().contains("keepalive_s"));
+    }
+
+    #[test]
+    fn the_lab_wire_bounds_its_difficulty() {
+        let c = PeerConfig::from_toml("wire = \"lab\"\ndifficulty_range = [10, 20]", "t").unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.wire, c.lab_difficulty()), (Wire::Lab, (10, 20)));
+        let c = PeerConfig::from_toml("wire = \"lab\"\ndifficulty = 33", "t").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("1..=32"));
+        assert_eq!(PeerConfig::load(None).unwrap().wire, Wire::Hashvote);
+        assert!("LAB".parse::<Wire>().is_ok() && "json".parse::<Wire>().is_err());
     }
 }

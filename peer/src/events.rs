@@ -166,6 +166,27 @@ pub enum Event {
         /// Details.
         detail: String,
     },
+    /// Lab wire format: this peer decided the election (the controller's id as the room wrote
+    /// it: decimal digits of an integer, or the string).
+    LabElected {
+        /// The controller's ClientID.
+        controller: String,
+        /// Votes held when deciding.
+        votes: usize,
+    },
+    /// Lab wire format: a transaction's winner, verified by this peer (as controller: decided).
+    LabResult {
+        /// Transaction id.
+        tx: TxId,
+        /// The winner's ClientID (decimal digits of an integer, or the string).
+        winner: String,
+        /// The winning solution string.
+        solution: String,
+        /// The lab's Result: 1 (only winners are reported).
+        result: u8,
+        /// Leading zero bits the transaction required.
+        difficulty: u32,
+    },
     /// The peer is shutting down.
     Stopped,
 }
@@ -259,6 +280,10 @@ pub fn describe(event: &Event) -> String {
         Event::Synced { from, height } => format!("caught up from tx {from} to height {height}"),
         Event::ChainTruncated { height } => format!("dropped blocks the room never accepted; height {height}"),
         Event::MessageDropped { reason, detail } => format!("dropped message ({reason}): {detail}"),
+        Event::LabElected { controller, votes } => format!("lab controller {controller} ({votes} votes)"),
+        Event::LabResult { tx, winner, solution, difficulty, .. } => {
+            format!("lab tx {tx}: winner {winner}, solution {solution:?}, {difficulty} bits")
+        }
         Event::Stopped => "stopped".into(),
     }
 }

@@ -67,7 +67,7 @@ pub enum PeerError {
 }
 
 /// What the network task tells the protocol loop.
-enum Net {
+pub(crate) enum Net {
     Connected,
     Publish { topic: String, payload: bytes::Bytes, retain: bool },
     Lost(String),
@@ -120,8 +120,8 @@ pub async fn run(
     // countdown whenever it *sends* to it, so in a busy room a stopped or cut-off peer's protocol
     // connection can outlive it for half a minute; the beacon receives nothing, so every broker
     // sends its will 1.5 x keepalive after the peer falls silent, as MQTT says.
-    let (client, eventloop) = connect(mqtt_options(&cfg, mqtt_client_id(id, incarnation), will.clone()), 1024);
-    let (beacon, beacon_loop) = connect(mqtt_options(&cfg, beacon_client_id(id, incarnation), will), 64);
+    let (client, eventloop) = connect(mqtt_options(&cfg, mqtt_client_id(id, incarnation), Some(will.clone())), 1024);
+    let (beacon, beacon_loop) = connect(mqtt_options(&cfg, beacon_client_id(id, incarnation), Some(will)), 64);
 
     let (net_tx, mut net_rx) = mpsc::channel(4096);
     let stop_net = CancellationToken::new();
@@ -342,7 +342,7 @@ pub fn beacon_client_id(id: PeerId, incarnation: u64) -> String {
 }
 
 /// The MQTT options of one of the peer's connections.
-fn mqtt_options(cfg: &PeerConfig, client_id: String, will: LastWill) -> MqttOptions {
+pub(crate) fn mqtt_options(cfg: &PeerConfig, client_id: String, will: Option<LastWill>) -> MqttOptions {
     let mut options = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
     options
         // Never 0 (the config allows 1..=3600): rumqttd refuses a keepalive of 0, which MQTT allows
@@ -358,8 +358,10 @@ fn mqtt_options(cfg: &PeerConfig, client_id: String, will: LastWill) -> MqttOpti
         // rumqttc drop our connection, so the broker must refuse such packets itself (rumqttd's
         // max_payload_size, Mosquitto's message_size_limit or max_packet_size): a deployment
         // requirement on any broker, not a rumqttd habit.
-        .set_max_packet_size(cfg.max_payload + 1024, cfg.max_payload + 1024)
-        .set_last_will(will);
+        .set_max_packet_size(cfg.max_payload + 1024, cfg.max_payload + 1024);
+    if let Some(will) = will {
+        options.set_last_will(will);
+    }
     if let Some(user) = &cfg.username {
         options.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
     }
@@ -369,7 +371,7 @@ fn mqtt_options(cfg: &PeerConfig, client_id: String, will: LastWill) -> MqttOpti
 /// A client and its event loop, with Nagle's algorithm off: rumqttc leaves it on, and every small
 /// publish would wait for the broker's delayed ACK (~40 ms), which alone capped the room at ~20
 /// blocks/s.
-fn connect(options: MqttOptions, capacity: usize) -> (AsyncClient, rumqttc::EventLoop) {
+pub(crate) fn connect(options: MqttOptions, capacity: usize) -> (AsyncClient, rumqttc::EventLoop) {
     let (client, mut eventloop) = AsyncClient::new(options, capacity);
     let mut network = eventloop.network_options();
     network.set_tcp_nodelay(true);
@@ -419,13 +421,13 @@ const CLOSED_BEFORE_CONNACK_LIMIT: u32 = 3;
 
 /// What [`poll_network`] needs to judge the first connection.
 #[derive(Clone)]
-struct FirstConnect {
+pub(crate) struct FirstConnect {
     /// host:port, for messages.
-    addr: String,
+    pub(crate) addr: String,
     /// Seconds to keep trying.
-    timeout_s: u64,
+    pub(crate) timeout_s: u64,
     /// Whether a user name (and password) is sent.
-    credentials: bool,
+    pub(crate) credentials: bool,
 }
 
 /// True if the error means the TCP connection was made and then closed before the broker's
@@ -448,7 +450,7 @@ fn closed_before_connack(error: &ConnectionError) -> bool {
 /// Until the first CONNACK it gives up with a fatal error: at once on a refusing CONNACK code,
 /// after [`CLOSED_BEFORE_CONNACK_LIMIT`] attempts in a row closed before any CONNACK (a refused
 /// login at rumqttd), or when the connect timeout passes.
-async fn poll_network(
+pub(crate) async fn poll_network(
     mut eventloop: rumqttc::EventLoop,
     tx: mpsc::Sender<Net>,
     stop: CancellationToken,
@@ -520,14 +522,14 @@ async fn poll_network(
 
 /// Time spent mining, for the hash-rate totals of [`Event::MiningStopped`].
 #[derive(Default)]
-struct MiningClock {
+pub(crate) struct MiningClock {
     current: Option<(u64, Instant)>,
     total: Duration,
 }
 
 impl MiningClock {
     /// Records that mining now works on `tx` (or nothing); returns the event for the job that ended.
-    fn switch(&mut self, tx: Option<u64>, total_hashes: u64) -> Option<Event> {
+    pub(crate) fn switch(&mut self, tx: Option<u64>, total_hashes: u64) -> Option<Event> {
         let ended = self.current.take().map(|(done, since)| {
             self.total += since.elapsed();
             Event::MiningStopped { tx: done, total_hashes, total_mining_ms: self.total.as_millis() as u64 }
@@ -540,13 +542,13 @@ impl MiningClock {
 /// Counts dropped payloads per reason and logs each reason at most once a second, so a flood of
 /// garbage does not become a flood of log lines.
 #[derive(Default)]
-struct DropLog {
+pub(crate) struct DropLog {
     counts: BTreeMap<String, (u64, u64, Option<Instant>)>,
 }
 
 impl DropLog {
     /// Counts one drop; returns the running total when this one is logged.
-    fn count(&mut self, reason: &str, detail: impl FnOnce() -> String) -> Option<u64> {
+    pub(crate) fn count(&mut self, reason: &str, detail: impl FnOnce() -> String) -> Option<u64> {
         let entry = self.counts.entry(reason.to_string()).or_insert((0, 0, None));
         entry.0 += 1;
         entry.1 += 1;
@@ -560,7 +562,7 @@ impl DropLog {
     }
 }
 
-fn log_event(event: &Event) {
+pub(crate) fn log_event(event: &Event) {
     match event {
         Event::SolutionRejected { .. }
         | Event::ChainTruncated { .. }

@@ -6,6 +6,7 @@ mod dashboard;
 mod demo;
 mod faults;
 mod flood;
+mod lab;
 mod multihost;
 mod netns;
 mod partition;
