@@ -19,7 +19,7 @@ const PASSWORD: &str = "correct-horse-battery";
 
 /// Starts `launcher broker` on `port` with extra flags and environment, and waits for its ready line.
 fn start_auth_broker(port: u16, args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut child = Command::new(exe())
+    let child = Command::new(exe())
         .args(["broker", "--bind", "127.0.0.1", "--port", &port.to_string()])
         .args(args)
         .env_remove(broker::config::AUTH_ENV)
@@ -29,18 +29,7 @@ fn start_auth_broker(port: u16, args: &[&str], env: &[(&str, &str)]) -> Proc {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn broker");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if broker::server::parse_ready_line(&line).is_some() {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let proc = Proc { child, name: format!("broker:{port}") };
-    rx.recv_timeout(Duration::from_secs(20)).expect("broker ready line");
-    proc
+    await_broker(child, format!("broker:{port}"))
 }
 
 /// Connects a raw MQTT client; `Ok` once the broker's CONNACK arrives, `Err` with the first error.

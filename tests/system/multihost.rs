@@ -12,14 +12,13 @@
 //! Needs root and iproute2, like the partition tests ([`Netns::new`] fails the test without them).
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use peer::events::{Event, Record, now_ms};
 use peer::protocol::{PeerId, Term};
 
-use crate::netns::{Netns, ip_ok, kill_all_in, launcher_in, netns_list};
+use crate::netns::{Netns, ip_ok, kill_all_in, netns_list, start_broker_in, start_peer_in};
 use crate::support::*;
 
 const T: Duration = Duration::from_secs(60);
@@ -82,46 +81,6 @@ fn link_dev(tag: &str) -> String {
     format!("to{tag}")
 }
 
-fn start_broker_in(ns: &str) -> Proc {
-    let mut child = launcher_in(ns)
-        .args(["broker", "--bind", "0.0.0.0", "--port", &BROKER_PORT.to_string()])
-        .env(broker::config::AUTH_ENV, format!("{USER}:{PASSWORD}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn broker");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if broker::server::parse_ready_line(&line).is_some() {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let proc = Proc { child, name: format!("broker in {ns}") };
-    rx.recv_timeout(Duration::from_secs(20)).expect("broker ready line");
-    proc
-}
-
-fn start_peer_in(ns: &str, events: &Path, room_size: usize) -> Proc {
-    let log = std::fs::File::create(events.with_extension("log")).expect("create peer log");
-    let size = room_size.to_string();
-    let child = launcher_in(ns)
-        .args(["peer", "--host", &BROKER_ADDR.to_string(), "--port", &BROKER_PORT.to_string()])
-        .args(["--room-size", &size, "--difficulty", "18", "--threads", "1", "--keepalive", "1"])
-        .args(["--log", "info", "--events"])
-        .arg(events)
-        .env("HASHVOTE_USERNAME", USER)
-        .env("HASHVOTE_PASSWORD", PASSWORD)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn peer");
-    Proc { child, name: format!("peer in {ns}") }
-}
-
 /// The room: peers `host * PER_HOST ..` run on peer host `host`.
 struct Room {
     /// Declared first so they drop before the namespaces go. `None` once their host is lost.
@@ -135,7 +94,7 @@ struct Room {
 impl Room {
     fn start() -> Self {
         let hosts = Hosts::new();
-        let broker = start_broker_in(&hosts.broker_ns);
+        let broker = start_broker_in(&hosts.broker_ns, "0.0.0.0", BROKER_PORT, Some((USER, PASSWORD)));
         let dir = tempfile::Builder::new()
             .prefix("hashvote-multihost")
             .disable_cleanup(std::env::var_os("KEEP_ROOMS").is_some())
@@ -143,7 +102,17 @@ impl Room {
             .unwrap();
         let n = HOSTS.len() * PER_HOST;
         let files: Vec<_> = (0..n).map(|i| dir.path().join(format!("peer{i}.jsonl"))).collect();
-        let peers = (0..n).map(|i| Some(start_peer_in(&hosts.peer_ns[i / PER_HOST], &files[i], n))).collect();
+        let peers = (0..n)
+            .map(|i| {
+                Some(start_peer_in(
+                    &hosts.peer_ns[i / PER_HOST],
+                    (BROKER_ADDR, BROKER_PORT),
+                    &files[i],
+                    n,
+                    Some((USER, PASSWORD)),
+                ))
+            })
+            .collect();
         Self { peers, broker, hosts, files, _dir: dir }
     }
 

@@ -9,7 +9,10 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::support::exe;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use crate::support::{Proc, await_broker, exe};
 
 /// Runs `ip ARGS`, returning its stderr on failure.
 pub fn ip(args: &[&str]) -> Result<(), String> {
@@ -120,4 +123,38 @@ pub fn kill_all_in(ns: &str) -> usize {
         }
     }
     pids.len()
+}
+
+/// Starts `launcher broker` in namespace `ns`, bound to `bind`:`port`, requiring `login` if given,
+/// and waits for its ready line.
+pub fn start_broker_in(ns: &str, bind: &str, port: u16, login: Option<(&str, &str)>) -> Proc {
+    let mut cmd = launcher_in(ns);
+    cmd.args(["broker", "--bind", bind, "--port", &port.to_string()]).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    if let Some((user, password)) = login {
+        cmd.env(broker::config::AUTH_ENV, format!("{user}:{password}"));
+    }
+    await_broker(cmd.spawn().expect("spawn broker"), format!("broker in {ns}"))
+}
+
+/// Starts a peer in namespace `ns` against the broker at `host`:`port` (logging in with `login`
+/// if given), in a room of `room_size`, writing its events to `events` and its log beside them.
+pub fn start_peer_in(
+    ns: &str,
+    (host, port): (Ipv4Addr, u16),
+    events: &Path,
+    room_size: usize,
+    login: Option<(&str, &str)>,
+) -> Proc {
+    let log = std::fs::File::create(events.with_extension("log")).expect("create peer log");
+    let mut cmd = launcher_in(ns);
+    cmd.args(["peer", "--host", &host.to_string(), "--port", &port.to_string()])
+        .args(["--room-size", &room_size.to_string(), "--difficulty", "18", "--threads", "1", "--keepalive", "1"])
+        .args(["--log", "info", "--events"])
+        .arg(events)
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some((user, password)) = login {
+        cmd.env("HASHVOTE_USERNAME", user).env("HASHVOTE_PASSWORD", password);
+    }
+    Proc { child: cmd.spawn().expect("spawn peer"), name: format!("peer in {ns}") }
 }

@@ -8,14 +8,13 @@
 //! a skipped partition test would look like a passing one.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use peer::events::{Event, Record, now_ms};
 use peer::protocol::{PeerId, Term};
 
-use crate::netns::{Netns, ip_ok, launcher_in, netns_list};
+use crate::netns::{Netns, ip_ok, netns_list, start_broker_in, start_peer_in};
 use crate::support::*;
 
 const T: Duration = Duration::from_secs(60);
@@ -78,43 +77,6 @@ impl Network {
     }
 }
 
-fn start_broker_in(ns: &str) -> Proc {
-    let mut child = launcher_in(ns)
-        .args(["broker", "--bind", &BROKER_ADDR.to_string(), "--port", &BROKER_PORT.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn broker");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if broker::server::parse_ready_line(&line).is_some() {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let proc = Proc { child, name: format!("broker in {ns}") };
-    rx.recv_timeout(Duration::from_secs(20)).expect("broker ready line");
-    proc
-}
-
-fn start_peer_in(ns: &str, events: &Path, room_size: usize) -> Proc {
-    let log = std::fs::File::create(events.with_extension("log")).expect("create peer log");
-    let size = room_size.to_string();
-    let child = launcher_in(ns)
-        .args(["peer", "--host", &BROKER_ADDR.to_string(), "--port", &BROKER_PORT.to_string()])
-        .args(["--room-size", &size, "--difficulty", "18", "--threads", "1", "--keepalive", "1"])
-        .args(["--log", "info", "--events"])
-        .arg(events)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn peer");
-    Proc { child, name: format!("peer in {ns}") }
-}
-
 /// A room whose peers each sit behind a link of their own. Self-contained rather than built on
 /// `room::Room`, whose peers all share the host's loopback.
 struct Partitioned {
@@ -130,14 +92,16 @@ struct Partitioned {
 impl Partitioned {
     fn start(n: usize) -> Self {
         let net = Network::new(n);
-        let broker = start_broker_in(&net.broker_ns);
+        let broker = start_broker_in(&net.broker_ns, &BROKER_ADDR.to_string(), BROKER_PORT, None);
         let dir = tempfile::Builder::new()
             .prefix("hashvote-partition")
             .disable_cleanup(std::env::var_os("KEEP_ROOMS").is_some())
             .tempdir()
             .unwrap();
         let files: Vec<_> = (0..n).map(|i| dir.path().join(format!("peer{i}.jsonl"))).collect();
-        let peers = (0..n).map(|i| Some(start_peer_in(&net.peer_ns[i], &files[i], n))).collect();
+        let peers = (0..n)
+            .map(|i| Some(start_peer_in(&net.peer_ns[i], (BROKER_ADDR, BROKER_PORT), &files[i], n, None)))
+            .collect();
         let p = Self { peers, broker, net, files, _dir: dir };
         wait_until(T, "every peer's started event", || (0..n).all(|i| p.id_of(i).is_some()));
         for i in 0..n {

@@ -88,14 +88,19 @@ impl Drop for Proc {
 
 /// Starts the broker on `port` and waits for its ready line.
 pub fn start_broker(port: u16) -> Proc {
-    let mut child = Command::new(exe())
+    let child = Command::new(exe())
         .args(["broker", "--bind", "127.0.0.1", "--port", &port.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn broker");
-    let stdout = child.stdout.take().expect("stdout");
+    await_broker(child, format!("broker:{port}"))
+}
+
+/// Waits (20 s at most) for the ready line of a broker spawned with its stdout piped.
+pub fn await_broker(mut child: Child, name: String) -> Proc {
+    let stdout = child.stdout.take().expect("the broker's stdout is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -104,7 +109,7 @@ pub fn start_broker(port: u16) -> Proc {
             }
         }
     });
-    let proc = Proc { child, name: format!("broker:{port}") };
+    let proc = Proc { child, name };
     rx.recv_timeout(Duration::from_secs(20)).expect("broker ready line");
     proc
 }
