@@ -81,6 +81,11 @@ impl Election {
         self.leader
     }
 
+    /// Whether this peer has withdrawn (see [`Election::withdraw`]) and not yet adopted a controller.
+    pub fn is_withdrawn(&self) -> bool {
+        self.abstaining
+    }
+
     /// True when this peer controls the current term.
     pub fn is_leader(&self) -> bool {
         self.leader == Some(self.me)

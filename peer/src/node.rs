@@ -63,6 +63,9 @@ pub enum Input {
     Status(Status),
     /// Time passes (a few times a second, while connected): checks the controller's silence.
     Tick,
+    /// This process stood still for longer than the room waits for a silent peer (SIGSTOP, a
+    /// frozen machine): what it receives next is a backlog of what happened without it.
+    Stalled,
 }
 
 /// Something the node asks its owner to do.
@@ -230,6 +233,7 @@ impl Node {
             Input::Mined(found) => self.mined(found),
             Input::Status(status) => self.status_of(status),
             Input::Tick => self.tick(),
+            Input::Stalled => self.withdraw(),
         }
         std::mem::take(&mut self.out)
     }
@@ -393,8 +397,9 @@ impl Node {
         self.incarnations.insert(from, incarnation);
         // Adopt the room's controller before counting the member, so a newcomer joins the running
         // term instead of starting an election of its own.
+        // Our own id only while withdrawn: the room still counts us its controller of our term.
         if let Some(leader) = view.leader
-            && leader != self.cfg.id
+            && (leader != self.cfg.id || (self.election.is_withdrawn() && view.term == self.election.term()))
             && self.election.adopt(view.term, leader)
         {
             self.emit(Event::LeaderElected { term: view.term, leader, votes: 0 });
@@ -472,19 +477,29 @@ impl Node {
         }
     }
 
+    /// The room may have gone on without us: step down, vote in nothing we may have missed the
+    /// start of (our backlog can hold the votes of an election held without us), show us online
+    /// and ask the room where it is. Its replies re-admit us (and, if they still name us
+    /// controller of our term, we carry on as such).
+    fn withdraw(&mut self) {
+        if self.election.is_withdrawn() {
+            return;
+        }
+        let term = self.election.term();
+        self.election.withdraw();
+        self.emit(Event::Withdrawn { term });
+        self.out.push(Action::PublishStatus);
+        self.publish(self.hello_msg(true));
+    }
+
     /// A status under our own id: our echo, our will, or another process's.
     fn own_status(&mut self, status: &Status) {
         let ours = status.incarnation == self.cfg.incarnation;
         if ours {
             if status.role == Role::Offline {
                 // Our will fired (we were paused, hung or cut off long enough): the others took it
-                // as our departure, and may have elected without us. Step down, vote in nothing we
-                // may have missed the start of, show us online and ask the room where it is.
-                let term = self.election.term();
-                self.election.withdraw();
-                self.emit(Event::Withdrawn { term });
-                self.out.push(Action::PublishStatus);
-                self.publish(self.hello_msg(true));
+                // as our departure, and may have elected without us.
+                self.withdraw();
             }
             return;
         }

@@ -147,22 +147,35 @@ pub async fn run(
     let mut main_up = false;
     // Catches up with statuses that changed within STATUS_MIN_GAP of the last one, and sends the
     // once-a-second status.
+    // A gap between ticks this long means the process stood still (SIGSTOP, a frozen machine):
+    // our will may have gone out, and the room may have gone on without us.
+    let stall_after = Duration::from_millis(cfg.keepalive_s * 1500);
+    let mut last_tick = Instant::now();
     let mut status_tick = tokio::time::interval(STATUS_MIN_GAP);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
     let result = loop {
         let input = tokio::select! {
+            // In this order: after the process stood still, the overdue tick comes first and tells
+            // the node so before it reads the backlog of what happened meanwhile.
+            biased;
             () = shutdown.cancelled() => break Ok(()),
-            Some(found) = found_rx.recv() => Input::Mined(found),
             _ = status_tick.tick() => {
+                let stalled = last_tick.elapsed() > stall_after;
+                last_tick = Instant::now();
                 if online {
                     status.send(&beacon, &node, &miner, false).await;
                 }
-                if !main_up {
+                if stalled && connected_once {
+                    warn!(ms = stall_after.as_millis() as u64, "this process stood still for longer than the room waits");
+                    Input::Stalled
+                } else if main_up {
+                    Input::Tick
+                } else {
                     continue;
                 }
-                Input::Tick
             }
+            Some(found) = found_rx.recv() => Input::Mined(found),
             Some(up) = beacon_rx.recv() => {
                 match up {
                     // Retained statuses are lost when a broker without persistence restarts

@@ -148,25 +148,13 @@ impl Room {
     }
 
     fn leader_seen_by(&self, index: usize) -> Option<(Term, PeerId)> {
-        self.events_of(index).iter().rev().find_map(|r| match r.event {
-            Event::LeaderElected { term, leader, .. } => Some((term, leader)),
-            _ => None,
-        })
+        leader_in(&self.events_of(index))
     }
 
     /// Waits until every running peer agrees on a controller of at least `min_term`; returns the
     /// term and the controller's index.
     fn wait_leader(&self, min_term: Term) -> (Term, usize) {
-        let mut found = None;
-        wait_until(T, &format!("agreement on a controller of term >= {min_term}"), || {
-            let seen: Vec<_> = self.running().into_iter().map(|i| self.leader_seen_by(i)).collect();
-            found = match seen.first() {
-                Some(&Some((t, l))) if t >= min_term && seen.iter().all(|s| *s == Some((t, l))) => Some((t, l)),
-                _ => None,
-            };
-            found.is_some()
-        });
-        let (term, id) = found.expect("agreed");
+        let (term, id) = wait_agreement(T, min_term, || self.running(), |i| self.leader_seen_by(i));
         let index = (0..self.files.len()).find(|&i| self.id_of(i) == Some(id)).expect("the controller is ours");
         (term, index)
     }

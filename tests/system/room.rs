@@ -98,26 +98,12 @@ impl Room {
 
     /// The controller peer `index` believes in for its latest term.
     pub fn leader_seen_by(&self, index: usize) -> Option<(Term, PeerId)> {
-        self.events_of(index).iter().rev().find_map(|r| match r.event {
-            Event::LeaderElected { term, leader, .. } => Some((term, leader)),
-            _ => None,
-        })
+        leader_in(&self.events_of(index))
     }
 
     /// Waits until every live peer agrees on a controller of at least `term`; returns it.
     pub fn wait_leader(&self, min_term: Term, timeout: Duration) -> (Term, usize) {
-        let mut found = None;
-        wait_until(timeout, &format!("agreement on a controller of term >= {min_term}"), || {
-            let seen: Vec<_> = self.alive().into_iter().map(|i| self.leader_seen_by(i)).collect();
-            match seen.first() {
-                Some(Some((t, l))) if *t >= min_term && seen.iter().all(|s| *s == Some((*t, *l))) => {
-                    found = Some((*t, *l));
-                    true
-                }
-                _ => false,
-            }
-        });
-        let (term, id) = found.unwrap();
+        let (term, id) = wait_agreement(timeout, min_term, || self.alive(), |i| self.leader_seen_by(i));
         (term, self.index_of(id).expect("controller is one of ours"))
     }
 

@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use peer::events::{Event, Record};
-use peer::protocol::PeerId;
+use peer::protocol::{PeerId, Term};
 
 /// The launcher binary, which is also the broker and the peer (`launcher broker|peer ...`).
 pub fn exe() -> &'static str {
@@ -313,6 +313,34 @@ impl Mosquitto {
         }
         Ok(proc)
     }
+}
+
+/// The controller a peer believes in for its latest term, from its events.
+pub fn leader_in(records: &[Record]) -> Option<(Term, PeerId)> {
+    records.iter().rev().find_map(|r| match r.event {
+        Event::LeaderElected { term, leader, .. } => Some((term, leader)),
+        _ => None,
+    })
+}
+
+/// Waits until the peers `peers()` all believe in one controller of a term of at least
+/// `min_term` (each one's belief from `leader_of`); returns that term and controller.
+pub fn wait_agreement(
+    timeout: Duration,
+    min_term: Term,
+    peers: impl Fn() -> Vec<usize>,
+    leader_of: impl Fn(usize) -> Option<(Term, PeerId)>,
+) -> (Term, PeerId) {
+    let mut found = None;
+    wait_until(timeout, &format!("agreement on a controller of term >= {min_term}"), || {
+        let seen: Vec<_> = peers().into_iter().map(&leader_of).collect();
+        found = match seen.first() {
+            Some(&Some((t, l))) if t >= min_term && seen.iter().all(|s| *s == Some((t, l))) => Some((t, l)),
+            _ => None,
+        };
+        found.is_some()
+    });
+    found.expect("agreed")
 }
 
 /// True if something accepts connections on the port.

@@ -436,6 +436,41 @@ fn bare_node(id: PeerId, room_size: usize, incarnation: u64, since_ms: u64) -> N
 }
 
 #[test]
+fn a_stalled_controller_steps_down_ignores_its_backlogs_election_and_resumes_if_the_room_still_names_it() {
+    let vote = |from, term, vote| Input::Message(Envelope::new(from, Message::Vote { term, vote, height: 0 }));
+    let elected = || {
+        let mut n = bare_node(1, 3, 7, 0);
+        n.handle(0, Input::Connected);
+        n.handle(0, hello(2, 20, 0));
+        n.handle(0, hello(3, 30, 0));
+        n.handle(0, vote(2, 1, 0));
+        n.handle(0, vote(3, 1, 1));
+        assert!(n.election().is_leader());
+        n
+    };
+    let mut n = elected();
+    let out = n.handle(9_000, Input::Stalled);
+    assert!(!n.election().is_leader());
+    assert!(out.iter().any(|a| matches!(a, Action::Emit(Event::Withdrawn { term: 1 }))), "{out:?}");
+    assert!(out.iter().any(|a| matches!(a, Action::Publish(Message::Hello { want_reply: true, .. }))), "{out:?}");
+    // The backlog: the others' votes of the election they held without us. We cast none.
+    let out = n.handle(9_001, vote(2, 2, 5));
+    assert!(!out.iter().any(|a| matches!(a, Action::Publish(Message::Vote { .. }))), "{out:?}");
+    let mut m = elected();
+    m.handle(9_000, Input::Stalled);
+    let reply = |term, leader| {
+        let view = View { term, leader: Some(leader), height: 0 };
+        Input::Message(Envelope::new(2, Message::Hello { want_reply: false, view, incarnation: 20, since_ms: 0 }))
+    };
+    // A reply that still names us controller of our term: we carry on.
+    m.handle(9_002, reply(1, 1));
+    assert!(m.election().is_leader());
+    // One that names another controller of a later term: we follow it.
+    n.handle(9_002, reply(2, 3));
+    assert_eq!((n.election().term(), n.election().leader()), (2, Some(3)));
+}
+
+#[test]
 fn a_controller_silent_for_too_long_is_taken_for_gone_and_the_room_re_elects() {
     let mut n = bare_node(1, 3, 7, 0);
     n.handle(0, Input::Connected);
