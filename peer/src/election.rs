@@ -2,8 +2,7 @@
 //!
 //! Sans-IO: the owner feeds what it hears and gets back what to do. A term's controller is the
 //! member with the highest `(vote, id)` among the votes cast for that term. A peer decides once it
-//! holds a vote from every member it knows (in a re-election: every member it knew when the term
-//! began and that is still there); a vote that arrives later and beats the decided winner
+//! holds a vote from every member it knows; a vote that arrives later and beats the decided winner
 //! replaces it, so every peer that eventually hears every vote ends on the same controller.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,11 +42,6 @@ pub struct Election {
     /// once it knows the whole expected room: a vote can reach a peer that has met only a few
     /// members, and "every member I know has voted" would then be a premature verdict.
     seen_leader: bool,
-    /// The members a re-election waits for: those known when this peer entered the term. A
-    /// peer that joins later may never see the votes cast before it subscribed (and adopts the
-    /// controller from the others' replies instead), so waiting for its vote could stall the
-    /// term for good. `None` in the first election, which waits for every member it knows.
-    electorate: Option<BTreeSet<PeerId>>,
     /// Set by [`Election::withdraw`]: the room removed this peer, which casts no vote until it has
     /// adopted a controller again.
     abstaining: bool,
@@ -66,7 +60,6 @@ impl Election {
             leader: None,
             votes: BTreeMap::new(),
             seen_leader: false,
-            electorate: None,
             abstaining: false,
         }
     }
@@ -157,6 +150,17 @@ impl Election {
         steps
     }
 
+    /// After taking up a controller without voting in its term: a zero ballot, so that a peer
+    /// still deciding that term does not wait for our vote (we may have subscribed after the votes
+    /// went out, and would never cast one) and, never beating a real ballot, changes nothing.
+    pub fn abstain(&mut self) -> Option<Step> {
+        if self.term == 0 || self.votes.contains_key(&self.me) {
+            return None;
+        }
+        self.votes.insert(self.me, 0);
+        Some(Step::Vote { term: self.term, vote: 0 })
+    }
+
     /// The room took this peer for gone (its Last Will was published): it forgets the members,
     /// its votes and any controller, stays in its term, and casts no vote until it adopts a
     /// controller again. A peer that was paused or cut off would otherwise wake up to the votes it
@@ -190,11 +194,8 @@ impl Election {
         self.term = term;
         self.leader = None;
         self.votes.clear();
-        self.electorate = self.seen_leader.then(|| self.members.clone());
-        if self.abstaining {
-            return;
-        }
-        let v = vote();
+        // Withdrawn: a zero ballot, which counts as a vote (nobody waits for ours) and never wins.
+        let v = if self.abstaining { 0 } else { vote() };
         self.votes.insert(self.me, v);
         steps.push(Step::Vote { term, vote: v });
         self.decide(steps);
@@ -211,11 +212,7 @@ impl Election {
         if !self.seen_leader && self.members.len() < self.expected {
             return;
         }
-        let complete = self
-            .members
-            .iter()
-            .filter(|m| self.electorate.as_ref().is_none_or(|e| e.contains(m)))
-            .all(|m| self.votes.contains_key(m));
+        let complete = self.members.iter().all(|m| self.votes.contains_key(m));
         let winner = self.winner();
         let decide = match self.leader {
             None => complete,
@@ -225,6 +222,7 @@ impl Election {
         if decide && let Some(leader) = winner {
             self.leader = Some(leader);
             self.seen_leader = true;
+            self.abstaining = false;
             steps.push(Step::Elected { term: self.term, leader });
         }
     }
@@ -275,7 +273,7 @@ mod tests {
     }
 
     #[test]
-    fn a_withdrawn_peer_steps_down_and_casts_no_vote_until_it_adopts_a_controller() {
+    fn a_withdrawn_peer_steps_down_and_casts_only_zero_ballots_until_it_adopts_a_controller() {
         let mut e = Election::new(1, 3, 2);
         e.join(2, &mut fixed(9));
         e.join(3, &mut fixed(9));
@@ -284,13 +282,31 @@ mod tests {
         assert!(e.is_leader());
         e.withdraw();
         assert!(!e.is_leader() && e.members().len() == 1);
-        // The votes of the election held without it: it moves to the term, silently.
+        // The votes of the election held without it: it moves to the term with a zero ballot,
+        // which nobody waits in vain for and which cannot win.
         e.join(2, &mut fixed(0));
-        assert_eq!(e.vote(2, 2, 5, &mut fixed(7)), vec![]);
-        assert_eq!((e.term(), e.leader()), (2, None));
-        assert!(e.adopt(2, 3));
-        // Back in: the next election gets its vote.
-        assert_eq!(e.leave(3, &mut fixed(4)).1, vec![Step::Vote { term: 3, vote: 4 }]);
+        assert_eq!(
+            e.vote(2, 2, 5, &mut fixed(7)),
+            vec![Step::Vote { term: 2, vote: 0 }, Step::Elected { term: 2, leader: 2 }]
+        );
+        assert!(!e.is_withdrawn(), "back in once it knows the controller");
+        // Back in: the next election gets its real vote.
+        e.join(3, &mut fixed(0));
+        assert_eq!(e.leave(2, &mut fixed(4)).1, vec![Step::Vote { term: 3, vote: 4 }]);
+    }
+
+    #[test]
+    fn a_zero_ballot_after_taking_up_a_controller_completes_a_decision_and_changes_no_winner() {
+        let mut e = Election::new(1, 3, 2);
+        e.join(2, &mut fixed(9));
+        e.join(3, &mut fixed(9));
+        e.vote(2, 1, 5, &mut fixed(0));
+        // Still waiting for 3, which took up a controller without voting: its zero ballot.
+        assert_eq!(e.vote(3, 1, 0, &mut fixed(0)), vec![Step::Elected { term: 1, leader: 1 }]);
+        let mut f = Election::new(3, 3, 2);
+        assert!(f.adopt(1, 1));
+        assert_eq!(f.abstain(), Some(Step::Vote { term: 1, vote: 0 }));
+        assert_eq!(f.abstain(), None, "once");
     }
 
     #[test]

@@ -403,6 +403,7 @@ impl Node {
             && self.election.adopt(view.term, leader)
         {
             self.emit(Event::LeaderElected { term: view.term, leader, votes: 0 });
+            self.abstain();
             self.stepped_into_term();
         }
         let (new, steps) = self.election.join(from, &mut rng_vote(&mut self.rng));
@@ -474,6 +475,14 @@ impl Node {
             // Not a member (or never announced): nothing to remove. Every newcomer hears the
             // retained statuses of all the peers that ever left, so this is not worth a log line.
             None => {}
+        }
+    }
+
+    /// A zero ballot in a term whose controller we took up without voting (see
+    /// [`Election::abstain`]).
+    fn abstain(&mut self) {
+        if let Some(step) = self.election.abstain() {
+            self.apply(vec![step]);
         }
     }
 
@@ -600,6 +609,7 @@ impl Node {
         }
         if self.election.adopt(term, from) {
             self.emit(Event::LeaderElected { term, leader: from, votes: 0 });
+            self.abstain();
             self.stepped_into_term();
         }
         true
