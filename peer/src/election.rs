@@ -104,7 +104,7 @@ impl Election {
         let new = self.members.insert(id);
         let mut steps = Vec::new();
         if self.term == 0 && self.members.len() >= self.expected {
-            self.enter(1, vote, &mut steps);
+            self.enter(1, vote, &mut steps, true);
         } else {
             self.decide(&mut steps);
         }
@@ -123,7 +123,7 @@ impl Election {
         if self.leader == Some(id) {
             self.leader = None;
             if self.members.len() >= self.min_peers {
-                self.enter(self.term + 1, vote, &mut steps);
+                self.enter(self.term + 1, vote, &mut steps, true);
             }
         } else {
             self.decide(&mut steps);
@@ -140,7 +140,8 @@ impl Election {
         self.members.insert(from);
         if term > self.term {
             // Someone saw a reason to elect that we missed (or we arrived late): take part.
-            self.enter(term, vote, &mut steps);
+            // Second hand: someone else started this re-election; see `enter`.
+            self.enter(term, vote, &mut steps, term == 1);
         }
         // A member votes once per term: the first ballot stands. A second, different one under
         // the same id comes from another process claiming that id (it is told apart, and
@@ -190,12 +191,18 @@ impl Election {
     }
 
     /// Starts this peer's part in the election of `term`: move to it and cast a vote.
-    fn enter(&mut self, term: Term, vote: &mut impl FnMut() -> u32, steps: &mut Vec<Step>) {
+    /// `first_hand`: this peer saw the reason for the election itself (the first election's full
+    /// room, or its controller leaving). A peer moved into a re-election by another's vote casts a
+    /// zero ballot instead: it may be a newcomer whose hello reaches some peers only after they
+    /// decided, and a real ballot of its arriving late could replace their decision. Zero ballots
+    /// count as votes (nobody waits in vain) and never beat a real one; the first peers to notice
+    /// the loss of the controller, which vote at once, hold the real ballots.
+    fn enter(&mut self, term: Term, vote: &mut impl FnMut() -> u32, steps: &mut Vec<Step>, first_hand: bool) {
         self.term = term;
         self.leader = None;
         self.votes.clear();
-        // Withdrawn: a zero ballot, which counts as a vote (nobody waits for ours) and never wins.
-        let v = if self.abstaining { 0 } else { vote() };
+        // Withdrawn: a zero ballot too.
+        let v = if self.abstaining || !first_hand { 0 } else { vote() };
         self.votes.insert(self.me, v);
         steps.push(Step::Vote { term, vote: v });
         self.decide(steps);
@@ -352,9 +359,10 @@ mod tests {
     #[test]
     fn old_terms_are_ignored_and_newer_ones_joined() {
         let mut e = Election::new(1, 2, 2);
+        // Moved into term 3 by another's vote: a zero ballot, so 2's real one wins.
         assert_eq!(
             e.vote(2, 3, 5, &mut fixed(7)),
-            vec![Step::Vote { term: 3, vote: 7 }, Step::Elected { term: 3, leader: 1 }]
+            vec![Step::Vote { term: 3, vote: 0 }, Step::Elected { term: 3, leader: 2 }]
         );
         assert_eq!(e.vote(2, 2, 9, &mut fixed(0)), vec![]);
         assert!(!e.adopt(2, 2));
