@@ -77,8 +77,10 @@ fn the_dashboard_runs_under_a_terminal_and_its_keys_pause_kill_and_quit() {
     let mut term = Terminal { screen, writer: pty.master.take_writer().unwrap() };
 
     // The room shows up: a controller is elected and blocks are won, all on the dashboard.
-    term.wait_for(Duration::from_secs(120), "a controller on the dashboard", |s| {
-        s.contains("controller") && s.contains("q quit")
+    // Every peer on the dashboard first: `p` acts on the first row, which a peer the dashboard
+    // has not heard of yet (a lower id) would take over.
+    term.wait_for(Duration::from_secs(120), "all four peers and a controller on the dashboard", |s| {
+        s.contains("controller") && s.contains("q quit") && s.contains("peers 4/4 online")
     });
     let records = || read_events(&events);
     wait_until(Duration::from_secs(60), "a block", || {
