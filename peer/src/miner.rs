@@ -13,37 +13,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::pow::Template;
-use crate::protocol::TxId;
+pub use hashvote_core::work::{Found, Job};
 
 /// Candidates a worker tries between checks of the generation counter: about 40 µs of SHA-1 at
 /// this kernel's speed, so a stop reaches every worker well under a millisecond, while the check
 /// and the counter update cost nothing measurable.
 pub const BATCH: u64 = 1 << 12;
-
-/// Something to mine.
-#[derive(Debug, Clone, Copy)]
-pub struct Job {
-    /// The transaction.
-    pub tx: TxId,
-    /// Fixed part of the preimage.
-    pub template: Template,
-    /// Leading zero bits required.
-    pub difficulty: u8,
-}
-
-/// A solution found by the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Found {
-    /// The transaction.
-    pub tx: TxId,
-    /// The nonce.
-    pub nonce: u64,
-    /// Candidates tried by all threads for this job (approximate: counted per batch).
-    pub hashes: u64,
-    /// Milliseconds since the job started.
-    pub elapsed_ms: u64,
-}
 
 struct Current {
     generation: u64,
@@ -242,7 +217,7 @@ fn worker(shared: &Shared, index: usize, threads: u64, on_found: &(dyn Fn(Found)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pow::{Digest, HashAlg};
+    use crate::pow::{Digest, HashAlg, Template};
     use std::sync::mpsc;
     use std::time::Duration;
 

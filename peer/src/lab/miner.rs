@@ -14,36 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use sha1::{Digest as _, Sha1};
-
-use super::wire::leading_zero_bits;
-
-/// Candidates between checks of the stop flag: well under a millisecond at any speed.
-pub const BATCH: u64 = 1 << 10;
-
-/// Something to mine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LabJob {
-    /// The transaction.
-    pub tx: u64,
-    /// Leading zero bits required.
-    pub difficulty: u32,
-}
-
-/// A solution found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LabFound {
-    /// The transaction.
-    pub tx: u64,
-    /// The solution string.
-    pub solution: String,
-    /// The counter that gave it (for the event stream).
-    pub counter: u64,
-    /// Candidates tried for this job by all threads (counted per batch).
-    pub hashes: u64,
-    /// Milliseconds from the start of the job.
-    pub elapsed_ms: u64,
-}
+pub use hashvote_core::lab::work::{BATCH, LabFound, LabJob, search};
 
 type OnFound = Arc<dyn Fn(LabFound) + Send + Sync>;
 
@@ -121,38 +92,6 @@ impl LabMiner {
 impl Drop for LabMiner {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Searches `prefix` + 16 hex digits until a digest has `difficulty` leading zero bits or `stop`
-/// is set; returns the solution and its counter.
-pub fn search(prefix: &str, difficulty: u32, stop: &AtomicBool, hashes: &AtomicU64) -> Option<(String, u64)> {
-    let base = Sha1::new_with_prefix(prefix.as_bytes());
-    let mut digits = [b'0'; 16];
-    let mut n: u64 = 0;
-    loop {
-        for _ in 0..BATCH {
-            hex16(n, &mut digits);
-            let digest = base.clone().chain_update(digits).finalize();
-            if leading_zero_bits(&digest) >= difficulty {
-                hashes.fetch_add(n % BATCH + 1, Ordering::Relaxed);
-                // Hex digits are ASCII.
-                return Some((format!("{prefix}{}", String::from_utf8_lossy(&digits)), n));
-            }
-            n = n.wrapping_add(1);
-        }
-        hashes.fetch_add(BATCH, Ordering::Relaxed);
-        if stop.load(Ordering::Relaxed) {
-            return None;
-        }
-    }
-}
-
-fn hex16(mut n: u64, out: &mut [u8; 16]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for d in out.iter_mut().rev() {
-        *d = HEX[(n & 0xf) as usize];
-        n >>= 4;
     }
 }
 

@@ -17,13 +17,13 @@ use rand::{Rng, SeedableRng};
 use crate::chain::{Chain, ChainError};
 use crate::election::{Election, Step};
 use crate::events::Event;
-use crate::miner::{Found, Job};
 use crate::pace::Pace;
 use crate::pow::{self, HashAlg, Template};
 use crate::protocol::{
     Block, Challenge, Envelope, MAX_SYNC_BLOCKS, Message, Outcome, PeerId, RejectReason, Term, TxId, VERSION, View,
 };
 use crate::status::{Role, Status};
+use crate::work::{Found, Job};
 
 /// The settings the protocol core needs.
 #[derive(Debug, Clone)]

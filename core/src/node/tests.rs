@@ -10,8 +10,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::miner::Found;
 use crate::pow::Digest;
+use crate::work::Found;
 
 struct SimPeer {
     node: Node,

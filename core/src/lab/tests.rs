@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::miner::{LabFound, LabJob, search};
 use super::wire::{self, ChallengeMsg, ElectionMsg, Id, InitMsg, LabMsg, ResultMsg, SolutionMsg};
+use super::work::{LabFound, LabJob, search};
 use super::*;
 
 struct Sim {

@@ -1,0 +1,267 @@
+//! The events of the event stream: what a peer does, one JSON object per line.
+//!
+//! Tests, the launcher and outside tools read this stream (`--events FILE` or `-` for stdout).
+//! Every line (a [`Record`]) has `ts_ms` (Unix milliseconds), `peer` (client id) and `event` (a
+//! snake_case name); the other fields depend on the event and are documented in
+//! `docs/PROTOCOL.md`. The sink that stamps and writes the lines is the peer's (`peer::events`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{PeerId, Term, TxId};
+
+/// Something a peer did or saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The peer process started (always the first event).
+    Started {
+        /// OS process id, so tools can inject faults into a chosen peer.
+        pid: u32,
+        /// The peer's client id.
+        client_id: PeerId,
+        /// Expected room size.
+        room_size: usize,
+        /// Mining threads.
+        threads: usize,
+    },
+    /// Connected (or reconnected) to the broker and subscribed.
+    Connected {
+        /// Broker address.
+        broker: String,
+    },
+    /// Lost the broker connection; it is retried with backoff.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+    /// The room took this peer for gone (its Last Will was published while it was paused, hung
+    /// or cut off): it stepped down from `term` and announces itself again.
+    Withdrawn {
+        /// Its term at the time.
+        term: Term,
+    },
+    /// The controller said nothing (no message, no status) for `silent_ms` while this peer was
+    /// connected: taken for gone, as if its will had come (it may have died while disconnected).
+    ControllerSilent {
+        /// The controller.
+        id: PeerId,
+        /// How long it was silent.
+        silent_ms: u64,
+    },
+    /// A peer became known.
+    PeerJoined {
+        /// Its client id.
+        id: PeerId,
+        /// Members known now, this peer included.
+        members: usize,
+    },
+    /// A peer left (cleanly, or announced by its Last Will).
+    PeerLeft {
+        /// Its client id.
+        id: PeerId,
+        /// Members known now, this peer included.
+        members: usize,
+    },
+    /// This peer voted.
+    VoteCast {
+        /// Term being elected.
+        term: Term,
+        /// The vote.
+        vote: u32,
+    },
+    /// This peer learned who controls a term.
+    LeaderElected {
+        /// The term.
+        term: Term,
+        /// The controller's client id.
+        leader: PeerId,
+        /// Votes held when deciding (0 when adopted from an announcement or challenge).
+        votes: usize,
+    },
+    /// As controller, issued a challenge.
+    ChallengeIssued {
+        /// Controller's term.
+        term: Term,
+        /// Transaction id.
+        tx: TxId,
+        /// Leading zero bits required.
+        difficulty: u8,
+    },
+    /// As miner, started on a challenge.
+    MiningStarted {
+        /// Controller's term.
+        term: Term,
+        /// Transaction id.
+        tx: TxId,
+        /// Leading zero bits required.
+        difficulty: u8,
+    },
+    /// As miner, found a solution and submitted it.
+    SolutionFound {
+        /// Transaction id.
+        tx: TxId,
+        /// The nonce.
+        nonce: u64,
+        /// Candidates tried for this transaction by all threads.
+        hashes: u64,
+        /// Milliseconds from the start of mining to the find.
+        elapsed_ms: u64,
+    },
+    /// As controller, rejected a solution.
+    SolutionRejected {
+        /// Transaction named by the solution.
+        tx: TxId,
+        /// Miner who sent it.
+        miner: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// A verified block was appended to this peer's chain.
+    BlockAccepted {
+        /// Term of the controller that accepted it.
+        term: Term,
+        /// Transaction id (height).
+        tx: TxId,
+        /// Winning miner.
+        winner: PeerId,
+        /// Leading zero bits required.
+        difficulty: u8,
+        /// Nonce (the solution).
+        nonce: u64,
+        /// Controller-measured time from challenge to accepted solution, in ms.
+        #[serde(default)]
+        solve_ms: u64,
+        /// Block hash (hex).
+        hash: String,
+        /// Previous block hash (hex).
+        prev: String,
+    },
+    /// The miner stopped or replaced a job; cumulative totals, for hash rates.
+    MiningStopped {
+        /// The transaction that was mined.
+        tx: TxId,
+        /// Candidates tried by this peer since it started.
+        total_hashes: u64,
+        /// Milliseconds this peer spent mining since it started.
+        total_mining_ms: u64,
+    },
+    /// Blocks caught up from another peer's chain.
+    Synced {
+        /// First transaction received.
+        from: TxId,
+        /// Height after applying them.
+        height: u64,
+    },
+    /// This peer's chain held blocks the current controller's chain does not; they were dropped.
+    ChainTruncated {
+        /// New height.
+        height: u64,
+    },
+    /// A message was dropped (undecodable, invalid, stale or from the wrong sender).
+    MessageDropped {
+        /// Short reason name.
+        reason: String,
+        /// Details.
+        detail: String,
+    },
+    /// Lab wire format: this peer decided the election (the controller's id as the room wrote
+    /// it: decimal digits of an integer, or the string).
+    LabElected {
+        /// The controller's ClientID.
+        controller: String,
+        /// Votes held when deciding.
+        votes: usize,
+    },
+    /// Lab wire format: a transaction's winner, verified by this peer (as controller: decided).
+    LabResult {
+        /// Transaction id.
+        tx: TxId,
+        /// The winner's ClientID (decimal digits of an integer, or the string).
+        winner: String,
+        /// The winning solution string.
+        solution: String,
+        /// The lab's Result: 1 (only winners are reported).
+        result: u8,
+        /// Leading zero bits the transaction required.
+        difficulty: u32,
+    },
+    /// The peer is shutting down.
+    Stopped,
+}
+
+/// One line of the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Unix time in milliseconds.
+    pub ts_ms: u64,
+    /// The peer's client id.
+    pub peer: PeerId,
+    /// The event.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// A one-line human description of an event, for logs and the launcher's display.
+pub fn describe(event: &Event) -> String {
+    match event {
+        Event::Started { pid, client_id, room_size, threads } => {
+            format!("started as {client_id} (pid {pid}, room of {room_size}, {threads} mining threads)")
+        }
+        Event::Connected { broker } => format!("connected to {broker}"),
+        Event::Disconnected { reason } => format!("lost the broker: {reason}"),
+        Event::Withdrawn { term } => format!("the room took us for gone (our will) in term {term}: rejoining"),
+        Event::ControllerSilent { id, silent_ms } => {
+            format!("controller {id} silent for {silent_ms} ms: taken for gone")
+        }
+        Event::PeerJoined { id, members } => format!("peer {id} joined ({members} known)"),
+        Event::PeerLeft { id, members } => format!("peer {id} left ({members} known)"),
+        Event::VoteCast { term, vote } => format!("voted {vote} in term {term}"),
+        Event::LeaderElected { term, leader, votes: 0 } => format!("follows controller {leader} of term {term}"),
+        Event::LeaderElected { term, leader, votes } => {
+            format!("elected controller {leader} for term {term} ({votes} votes)")
+        }
+        Event::ChallengeIssued { term, tx, difficulty } => {
+            format!("issued challenge tx {tx}: {difficulty} zero bits (term {term})")
+        }
+        Event::MiningStarted { tx, difficulty, .. } => format!("mining tx {tx} ({difficulty} bits)"),
+        Event::SolutionFound { tx, nonce, hashes, elapsed_ms } => {
+            format!("found tx {tx}: nonce {nonce} after {hashes} hashes in {elapsed_ms} ms")
+        }
+        Event::SolutionRejected { tx, miner, reason } => format!("rejected {miner}'s solution for tx {tx}: {reason}"),
+        Event::MiningStopped { tx, total_hashes, total_mining_ms } => {
+            let rate = *total_hashes as f64 / (*total_mining_ms).max(1) as f64 / 1000.0;
+            format!("stopped mining tx {tx}; {rate:.1} MH/s so far")
+        }
+        Event::BlockAccepted { tx, winner, difficulty, nonce, hash, .. } => {
+            format!(
+                "block {tx}: winner {winner}, solution {nonce}, {difficulty} bits, hash {}",
+                &hash[..16.min(hash.len())]
+            )
+        }
+        Event::Synced { from, height } => format!("caught up from tx {from} to height {height}"),
+        Event::ChainTruncated { height } => format!("dropped blocks the room never accepted; height {height}"),
+        Event::MessageDropped { reason, detail } => format!("dropped message ({reason}): {detail}"),
+        Event::LabElected { controller, votes } => format!("lab controller {controller} ({votes} votes)"),
+        Event::LabResult { tx, winner, solution, difficulty, .. } => {
+            format!("lab tx {tx}: winner {winner}, solution {solution:?}, {difficulty} bits")
+        }
+        Event::Stopped => "stopped".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_flat_json_with_the_documented_fields() {
+        let r = Record { ts_ms: 5, peer: 9, event: Event::LeaderElected { term: 2, leader: 3, votes: 10 } };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["event"], "leader_elected");
+        assert_eq!(v["term"], 2);
+        assert_eq!(v["leader"], 3);
+        assert_eq!(v["peer"], 9);
+        let back: Record = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
+}
