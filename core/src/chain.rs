@@ -46,6 +46,8 @@ pub enum ChainError {
 /// An append-only, verified sequence of blocks starting at transaction 0.
 #[derive(Debug, Clone, Default)]
 pub struct Chain {
+    /// What block 0 links to (its `prev`): all zeros, or the digest of the room's configuration.
+    base: Option<Digest>,
     blocks: Vec<Block>,
     /// Blocks per winning miner, kept with the blocks so a status can say it cheaply.
     wins: BTreeMap<PeerId, u64>,
@@ -55,6 +57,16 @@ impl Chain {
     /// An empty chain.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty chain whose block 0 must link to `base` (the room's configuration digest).
+    pub fn with_base(base: Digest) -> Self {
+        Self { base: Some(base), ..Self::default() }
+    }
+
+    /// What block 0 links to, when not all zeros.
+    pub fn base(&self) -> Option<Digest> {
+        self.base
     }
 
     /// Number of blocks; also the id of the next transaction.
@@ -79,7 +91,11 @@ impl Chain {
 
     /// The hash the next block must link to; `alg` is used only for the empty chain.
     pub fn tip_hash(&self, alg: HashAlg) -> Digest {
-        self.tip().map_or(Digest::zero(alg), |b| b.hash)
+        match (self.tip(), self.base) {
+            (Some(b), _) => b.hash,
+            (None, Some(base)) if base.alg() == alg => base,
+            (None, _) => Digest::zero(alg),
+        }
     }
 
     /// The hash function of the chain: the first block's, or `default` while empty.

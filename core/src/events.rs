@@ -152,6 +152,51 @@ pub enum Event {
         /// Height after applying them.
         height: u64,
     },
+    /// A block became committed: a quorum of the room holds it, so it is never lost.
+    BlockCommitted {
+        /// Transaction id (height).
+        tx: TxId,
+        /// Term of the controller that accepted it.
+        term: Term,
+        /// Winning miner.
+        winner: PeerId,
+    },
+    /// This peer found the room without a live controller and asked to move to `term`.
+    PreVote {
+        /// The term proposed.
+        term: Term,
+    },
+    /// This peer gave its one vote of `term` (written to disk before it was sent).
+    VoteGranted {
+        /// The term.
+        term: Term,
+        /// The candidate.
+        to: PeerId,
+    },
+    /// This peer stopped being controller of `term` (it did not hear a quorum, or a newer term).
+    QuorumLost {
+        /// The term.
+        term: Term,
+        /// Why.
+        reason: String,
+    },
+    /// No controller, and fewer voters within reach than a quorum needs: this peer waits.
+    QuorumWaiting {
+        /// Voters heard from recently, this peer included.
+        reachable: usize,
+        /// Voters a quorum needs.
+        needed: usize,
+        /// Voters in the configuration.
+        voters: usize,
+    },
+    /// The controller asked this peer to drop a block it knows committed: a safety violation,
+    /// refused. Never expected; the invariant checks look for it.
+    CommittedConflict {
+        /// The block asked to be dropped.
+        tx: TxId,
+        /// Blocks this peer knows committed.
+        commit: u64,
+    },
     /// This peer's chain held blocks the current controller's chain does not; they were dropped.
     ChainTruncated {
         /// New height.
@@ -240,6 +285,16 @@ pub fn describe(event: &Event) -> String {
         }
         Event::Synced { from, height } => format!("caught up from tx {from} to height {height}"),
         Event::ChainTruncated { height } => format!("dropped blocks the room never accepted; height {height}"),
+        Event::BlockCommitted { tx, term, winner } => format!("block {tx} committed (term {term}, winner {winner})"),
+        Event::PreVote { term } => format!("no live controller: asks to move to term {term}"),
+        Event::VoteGranted { term, to } => format!("granted its vote of term {term} to {to}"),
+        Event::QuorumLost { term, reason } => format!("stepped down as controller of term {term}: {reason}"),
+        Event::QuorumWaiting { reachable, needed, voters } => {
+            format!("waiting for a quorum: {reachable} of {needed} needed reachable ({voters} voters)")
+        }
+        Event::CommittedConflict { tx, commit } => {
+            format!("refused to drop block {tx}, below the {commit} blocks known committed")
+        }
         Event::MessageDropped { reason, detail } => format!("dropped message ({reason}): {detail}"),
         Event::LabElected { controller, votes } => format!("lab controller {controller} ({votes} votes)"),
         Event::LabResult { tx, winner, solution, difficulty, .. } => {

@@ -19,5 +19,6 @@ pub mod node;
 pub mod pace;
 pub mod pow;
 pub mod protocol;
+pub mod room;
 pub mod status;
 pub mod work;

@@ -77,6 +77,15 @@ impl Digest {
         }
     }
 
+    /// The digest of `bytes` (any length) with `alg`.
+    pub fn of(alg: HashAlg, bytes: &[u8]) -> Self {
+        use sha1::Digest as _;
+        match alg {
+            HashAlg::Sha1 => Self::Sha1(sha1::Sha1::digest(bytes).into()),
+            HashAlg::Sha256 => Self::Sha256(sha2::Sha256::digest(bytes).into()),
+        }
+    }
+
     /// The algorithm this digest belongs to.
     pub fn alg(&self) -> HashAlg {
         match self {

@@ -93,6 +93,11 @@ impl Topics {
         [&self.init, &self.voting, &self.challenge, &self.solution, &self.result, &self.status]
     }
 
+    /// Peer `id`'s own topic, `<prefix>/peer/<id>`: what is meant for it alone (room protocol).
+    pub fn direct_topic(&self, id: PeerId) -> String {
+        format!("{}/peer/{id}", self.prefix)
+    }
+
     /// The status topic of peer `id`, `<prefix>/status/<id>`.
     pub fn status_topic(&self, id: PeerId) -> String {
         format!("{}/status/{id}", self.prefix)

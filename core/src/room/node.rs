@@ -1,0 +1,1637 @@
+//! The room's state machine: a Raft-style replicated chain whose elections keep the lab's
+//! character (in the normal case the highest random ballot wins).
+//!
+//! Feed [`RoomNode::handle`] an [`Input`] with the current time (monotonic milliseconds) and carry
+//! out the returned [`Action`]s **in order**: a [`Action::Persist`] must be durable before any
+//! later [`Action::Publish`] of the same batch goes out, since those messages promise what it
+//! writes (a vote, a block held). No clock, socket, thread or disk lives here; randomness comes
+//! from a seeded generator. See `docs/PROTOCOL.md` for the rules and the argument for their safety.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::msg::{Envelope, Member, Msg, Pos, RoomConfig};
+use crate::chain::Chain;
+use crate::events::Event;
+use crate::pace::Pace;
+use crate::pow::{self, Digest, HashAlg, Template};
+use crate::protocol::{Block, Challenge, MAX_SYNC_BLOCKS, Outcome, PeerId, RejectReason, Term, TxId};
+use crate::status::Role;
+use crate::status::Status;
+use crate::work::{Found, Job};
+
+/// The protocol's timers, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// How often a controller says it is alive.
+    pub heartbeat_ms: u64,
+    /// A follower that has not heard its controller for a random time in
+    /// `election_min_ms..=election_max_ms` looks for a new one.
+    pub election_min_ms: u64,
+    /// See `election_min_ms`; also how long a controller goes on without hearing a quorum.
+    pub election_max_ms: u64,
+    /// How long a voter waits for the ballots of members not known to be gone before it grants.
+    pub ballot_wait_ms: u64,
+    /// How long a sync request may go unanswered before it is sent again.
+    pub sync_retry_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800, ballot_wait_ms: 100, sync_retry_ms: 500 }
+    }
+}
+
+/// The settings of a node.
+#[derive(Debug, Clone)]
+pub struct RoomNodeConfig {
+    /// This peer's client id.
+    pub id: PeerId,
+    /// This peer's key (fixed with its data directory).
+    pub key: u64,
+    /// This process's incarnation (random per process).
+    pub incarnation: u64,
+    /// When this process started (ms, the owner's clock; only compared between processes).
+    pub since_ms: u64,
+    /// Members of the room's configuration, fixed at the first election.
+    pub room_size: usize,
+    /// Difficulty policy of the challenges this peer issues as controller.
+    pub pace: Pace,
+    /// Hash function of a chain this peer starts.
+    pub alg: HashAlg,
+    /// Seed of the ballot and timer generator.
+    pub seed: u64,
+    /// Timers.
+    pub timing: Timing,
+}
+
+/// What a node recovers from its disk.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// The latest term it knew.
+    pub term: Term,
+    /// Whom it voted for in that term.
+    pub voted_for: Option<PeerId>,
+    /// The configuration recorded in block 0 (present once the chain is not empty).
+    pub config: Option<RoomConfig>,
+    /// Its chain.
+    pub blocks: Vec<Block>,
+    /// Blocks it knew committed.
+    pub commit: u64,
+}
+
+/// Something that happened to the node.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// (Re)connected to the broker and subscribed.
+    Connected,
+    /// A decoded, validated message.
+    Message(Envelope),
+    /// The local miner found a solution.
+    Mined(Found),
+    /// Time passed (at least by the time [`RoomNode::next_timer`] said).
+    Tick,
+    /// This process stood still for longer than an election timeout (SIGSTOP, a frozen machine).
+    Stalled,
+}
+
+/// A durable change. Carry them out before the messages that follow them in the same batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// The current term and the vote cast in it.
+    Vote {
+        /// Term.
+        term: Term,
+        /// Vote.
+        voted_for: Option<PeerId>,
+    },
+    /// Blocks appended at the stored height.
+    Append(Vec<Block>),
+    /// Drop every block from this height on.
+    Truncate(u64),
+    /// The configuration of block 0.
+    Config(RoomConfig),
+    /// Blocks known committed.
+    Commit(u64),
+}
+
+/// Something the node asks its owner to do.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Write this durably before carrying out any later action.
+    Persist(Write),
+    /// Publish this message.
+    Publish(Msg),
+    /// Mine this job, replacing any other.
+    Mine(Job),
+    /// Stop mining.
+    StopMining,
+    /// Write this event to the event stream.
+    Emit(Event),
+    /// Stop the peer: it cannot take part in the room.
+    Fatal(String),
+}
+
+/// What this peer is in its term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role2 {
+    Follower,
+    Controller,
+}
+
+/// What the node knows of another peer.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    key: u64,
+    incarnation: u64,
+    /// Its will or goodbye came and nothing since.
+    gone: bool,
+    /// Last time anything came from it.
+    heard_ms: u64,
+}
+
+/// A ballot of the current term.
+#[derive(Debug, Clone, Copy)]
+struct Ballot {
+    ballot: u32,
+    pos: Pos,
+    proposal: Option<Digest>,
+}
+
+/// How many voters this peer can hear, against how many a quorum needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reach {
+    /// Voters heard from recently (this peer included if it votes).
+    pub reachable: usize,
+    /// Voters a quorum needs.
+    pub needed: usize,
+    /// Voters in the configuration (or the proposal, before block 0).
+    pub voters: usize,
+}
+
+/// One peer's state in the room protocol.
+#[derive(Debug)]
+pub struct RoomNode {
+    cfg: RoomNodeConfig,
+    rng: StdRng,
+    now: u64,
+    // Durable.
+    term: Term,
+    voted_for: Option<PeerId>,
+    chain: Chain,
+    config: Option<RoomConfig>,
+    commit: u64,
+    // Volatile.
+    role: Role2,
+    controller: Option<PeerId>,
+    /// When the controller was last heard from (or the term entered).
+    heard_ms: u64,
+    /// The controller's will came: it is gone whatever its lease says.
+    controller_gone: bool,
+    election_deadline: u64,
+    peers: BTreeMap<PeerId, Peer>,
+    /// Pre-ballots for `pre_term` (= term + 1 when current).
+    pre_term: Term,
+    pre: BTreeSet<PeerId>,
+    /// When this peer last sent a pre-ballot.
+    last_pre_sent: u64,
+    ballots: BTreeMap<PeerId, Ballot>,
+    my_ballot: Option<u32>,
+    grant_deadline: Option<u64>,
+    grants: BTreeSet<PeerId>,
+    /// Evidence that the room already has a chain (do not bootstrap, sync).
+    room_seen: bool,
+    /// Before block 0: the proposed configuration and its digest (SHA-256), kept up to date as
+    /// peers come and go (see [`RoomNode::refresh_voters`]).
+    proposal: Option<(RoomConfig, Digest)>,
+    /// Voters (not this peer) known to be gone: the ballots a voter waits for are the others'.
+    gone_voters: usize,
+    /// Peers known to be gone (`Peer::gone`), counted as they come and go.
+    gone_peers: usize,
+    // Controller.
+    acks: BTreeMap<PeerId, (u64, u64)>,
+    became_ms: u64,
+    next_beat: u64,
+    open: Option<Challenge>,
+    /// A block appended and published, waiting for its commit.
+    pending: Option<TxId>,
+    // Follower.
+    mining: Option<Challenge>,
+    submitted: Option<u64>,
+    /// The configuration announced with challenge 0, kept to take block 0.
+    genesis_offer: Option<RoomConfig>,
+    /// The peer asked for blocks, when, and from which height.
+    syncing: Option<(PeerId, u64, TxId, u64)>,
+    /// Sync from the commit point, not the tip: a block failed to link.
+    diverged: bool,
+    /// When this miner last sent its solution.
+    last_solution_ms: u64,
+    last_stale_reply: u64,
+    last_reach: Option<(usize, usize)>,
+    out: Vec<Action>,
+}
+
+impl RoomNode {
+    /// A node recovering `restored` from its disk (`Restored::default()` for a new one).
+    pub fn new(cfg: RoomNodeConfig, restored: Restored) -> Self {
+        let mut chain = Chain::new();
+        let alg = restored.blocks.first().map_or(cfg.alg, |b| b.alg);
+        if let Some(config) = &restored.config {
+            chain = Chain::with_base(config.digest(alg));
+        }
+        let mut commit = 0;
+        for block in restored.blocks {
+            if chain.append(block).is_err() {
+                break;
+            }
+        }
+        commit = commit.max(restored.commit.min(chain.height()));
+        let rng = StdRng::seed_from_u64(cfg.seed);
+        let room_seen = chain.height() > 0;
+        let mut node = Self {
+            rng,
+            now: 0,
+            term: restored.term,
+            voted_for: restored.voted_for,
+            chain,
+            config: restored.config,
+            commit,
+            role: Role2::Follower,
+            controller: None,
+            heard_ms: 0,
+            controller_gone: false,
+            election_deadline: 0,
+            peers: BTreeMap::new(),
+            pre_term: 0,
+            pre: BTreeSet::new(),
+            last_pre_sent: 0,
+            ballots: BTreeMap::new(),
+            my_ballot: None,
+            grant_deadline: None,
+            grants: BTreeSet::new(),
+            room_seen,
+            proposal: None,
+            gone_voters: 0,
+            gone_peers: 0,
+            acks: BTreeMap::new(),
+            became_ms: 0,
+            next_beat: 0,
+            open: None,
+            pending: None,
+            mining: None,
+            submitted: None,
+            genesis_offer: None,
+            syncing: None,
+            diverged: false,
+            last_solution_ms: 0,
+            last_stale_reply: 0,
+            last_reach: None,
+            out: Vec::new(),
+            cfg,
+        };
+        node.reset_election_timer();
+        node.refresh_voters();
+        node
+    }
+
+    // ----- Queries -------------------------------------------------------------------------
+
+    /// This peer's client id.
+    pub fn id(&self) -> PeerId {
+        self.cfg.id
+    }
+
+    /// This peer's key.
+    pub fn key(&self) -> u64 {
+        self.cfg.key
+    }
+
+    /// The current term.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    /// The vote cast in the current term.
+    pub fn voted_for(&self) -> Option<PeerId> {
+        self.voted_for
+    }
+
+    /// The controller of the current term, if known.
+    pub fn controller(&self) -> Option<PeerId> {
+        self.controller
+    }
+
+    /// True while this peer is the controller of its term.
+    pub fn is_controller(&self) -> bool {
+        self.role == Role2::Controller
+    }
+
+    /// The chain.
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// The configuration recorded in block 0.
+    pub fn config(&self) -> Option<&RoomConfig> {
+        self.config.as_ref()
+    }
+
+    /// Blocks known committed.
+    pub fn commit(&self) -> u64 {
+        self.commit
+    }
+
+    /// The open challenge (controller: issued; miner: mined).
+    pub fn open(&self) -> Option<&Challenge> {
+        if self.is_controller() { self.open.as_ref() } else { self.mining.as_ref() }
+    }
+
+    /// This peer's chain position.
+    pub fn pos(&self) -> Pos {
+        Pos { last_term: self.chain.tip().map_or(0, |b| b.term), height: self.chain.height() }
+    }
+
+    /// What this peer is doing, as its status shows it.
+    pub fn role(&self) -> Role {
+        match (self.role, self.controller) {
+            (Role2::Controller, _) => Role::Controller,
+            (_, Some(_)) => Role::Miner,
+            _ if self.voters().is_some() => Role::Electing,
+            _ => Role::Joining,
+        }
+    }
+
+    /// Whether the voters this peer hears make a quorum (see `docs/PROTOCOL.md`, "waiting").
+    pub fn reach(&self) -> Option<Reach> {
+        let voters = self.voters()?;
+        let recent = self.cfg.timing.election_max_ms * 2;
+        let reachable = voters
+            .members()
+            .iter()
+            .filter(|m| {
+                m.id == self.cfg.id && m.key == self.cfg.key
+                    || self
+                        .peers
+                        .get(&m.id)
+                        .is_some_and(|p| p.key == m.key && !p.gone && self.now.saturating_sub(p.heard_ms) <= recent)
+            })
+            .count();
+        Some(Reach { reachable, needed: voters.quorum(), voters: voters.len() })
+    }
+
+    /// The earliest time at which [`Input::Tick`] has something to do.
+    pub fn next_timer(&self) -> u64 {
+        // A controller has no election timer: it beats, and checks it hears a quorum.
+        let mut t = if self.is_controller() { self.next_beat } else { self.election_deadline };
+        if let Some(g) = self.grant_deadline {
+            t = t.min(g);
+        }
+        if let Some((_, at, _, _)) = self.syncing {
+            t = t.min(at + self.cfg.timing.sync_retry_ms);
+        }
+        t
+    }
+
+    /// This peer's status at `at_ms` (mining figures are the owner's to fill in).
+    pub fn status(&self, at_ms: u64) -> Status {
+        Status {
+            version: crate::protocol::VERSION,
+            id: self.cfg.id,
+            incarnation: self.cfg.incarnation,
+            role: self.role(),
+            term: self.term,
+            leader: self.controller,
+            height: self.chain.height(),
+            tx: self.open().map(|c| c.tx),
+            difficulty: self.open().map(|c| c.difficulty),
+            hash_rate: 0,
+            hashes: 0,
+            blocks_won: self.chain.won_by(self.cfg.id),
+            threads: 0,
+            started_ms: self.cfg.since_ms,
+            at_ms,
+        }
+    }
+
+    /// The message to publish on a clean exit.
+    pub fn farewell(&self) -> Msg {
+        Msg::Leave { incarnation: self.cfg.incarnation }
+    }
+
+    // ----- Input ---------------------------------------------------------------------------
+
+    /// Feeds one input that happened at `now` (monotonic ms) and returns what to do, in order.
+    pub fn handle(&mut self, now: u64, input: Input) -> Vec<Action> {
+        self.now = self.now.max(now);
+        match input {
+            Input::Connected => self.connected(),
+            Input::Message(env) => self.message(env),
+            Input::Mined(found) => self.mined(found),
+            Input::Tick => self.tick(),
+            Input::Stalled => self.stalled(),
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn publish(&mut self, msg: Msg) {
+        self.out.push(Action::Publish(msg));
+    }
+
+    fn persist(&mut self, write: Write) {
+        self.out.push(Action::Persist(write));
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.out.push(Action::Emit(event));
+    }
+
+    fn drop_msg(&mut self, reason: &str, detail: String) {
+        self.emit(Event::MessageDropped { reason: reason.into(), detail });
+    }
+
+    fn hello(&self, to: Option<PeerId>, want_reply: bool) -> Msg {
+        Msg::Hello {
+            to,
+            want_reply,
+            key: self.cfg.key,
+            incarnation: self.cfg.incarnation,
+            since_ms: self.cfg.since_ms,
+            term: self.term,
+            controller: self.controller,
+            height: self.chain.height(),
+        }
+    }
+
+    fn connected(&mut self) {
+        // Clean sessions: whatever was in flight may be lost. Say again everything the room may
+        // be waiting on.
+        self.publish(self.hello(None, true));
+        if let Some((peer, _, _, _)) = self.syncing.take() {
+            self.request_sync(peer);
+        }
+        if self.is_controller() {
+            self.beat();
+            if let Some(c) = self.open {
+                self.publish_challenge(c);
+            }
+            if let Some(tx) = self.pending
+                && let Some(block) = self.chain.get(tx).copied()
+            {
+                self.publish(Msg::Result { term: self.term, outcome: Outcome::Accepted(block), commit: self.commit });
+            }
+            return;
+        }
+        if let Some(ballot) = self.my_ballot
+            && self.controller.is_none()
+        {
+            self.publish_ballot(ballot);
+        }
+        if let Some(to) = self.voted_for.filter(|&c| c != self.cfg.id && self.controller.is_none())
+            && let Some(to_key) = self.voters().and_then(|v| v.key_of(to))
+        {
+            self.publish(Msg::Grant { to, to_key, term: self.term, key: self.cfg.key });
+        }
+        if let (Some(c), Some(nonce)) = (self.mining, self.submitted) {
+            self.publish(Msg::Solution { tx: c.tx, nonce });
+        }
+        // Silence while disconnected says nothing of the controller.
+        self.heard_ms = self.now;
+        self.reset_election_timer();
+    }
+
+    fn stalled(&mut self) {
+        // What comes next is a backlog; a controller that stood still this long may have been
+        // replaced, and must not act on it as controller.
+        if self.is_controller() {
+            self.step_down("stalled");
+        }
+        self.publish(self.hello(None, true));
+    }
+
+    fn tick(&mut self) {
+        let now = self.now;
+        self.report_reach();
+        if self.is_controller() {
+            if now >= self.next_beat {
+                self.beat();
+            }
+            self.check_quorum();
+        } else if now >= self.election_deadline {
+            self.reset_election_timer();
+            if self.is_voter() {
+                self.start_pre_vote();
+            } else if !self.controller_live() {
+                // Not (yet) a voter and no controller in sight: our hello or the answers to it
+                // may have been lost. Announce ourselves again (this is the only periodic
+                // announcement, and only while something is missing).
+                self.publish(self.hello(None, true));
+            }
+        }
+        if self.grant_deadline.is_some_and(|g| now >= g) {
+            self.grant_deadline = None;
+            self.try_grant(true);
+        }
+        if let Some((peer, at, _, _)) = self.syncing
+            && now >= at + self.cfg.timing.sync_retry_ms
+        {
+            self.syncing = None;
+            self.request_sync(peer);
+        }
+    }
+
+    fn reset_election_timer(&mut self) {
+        let t = self.cfg.timing;
+        self.election_deadline =
+            self.now + self.rng.random_range(t.election_min_ms..=t.election_max_ms.max(t.election_min_ms));
+    }
+
+    fn report_reach(&mut self) {
+        if self.controller.is_some() {
+            self.last_reach = None;
+            return;
+        }
+        let Some(r) = self.reach() else { return };
+        let key = (r.reachable, r.needed);
+        if self.last_reach != Some(key) && r.reachable < r.needed {
+            self.emit(Event::QuorumWaiting { reachable: r.reachable, needed: r.needed, voters: r.voters });
+        }
+        self.last_reach = Some(key);
+    }
+
+    // ----- Membership ------------------------------------------------------------------------
+
+    /// Records that `id` (with `key`) spoke; returns false if it must be ignored (a second
+    /// process under a member's id).
+    fn heard(&mut self, id: PeerId, key: Option<u64>) -> bool {
+        let now = self.now;
+        match (self.peers.get_mut(&id), key) {
+            (Some(p), Some(k)) if p.key != k => {
+                // Another key under a known id: keep the configuration's (or the first) one.
+                let cfg_key = self.config.as_ref().and_then(|c| c.key_of(id));
+                if cfg_key == Some(k) {
+                    if p.gone {
+                        self.gone_peers -= 1;
+                    }
+                    *p = Peer { key: k, incarnation: 0, gone: false, heard_ms: now };
+                    self.refresh_voters();
+                    return true;
+                }
+                return false;
+            }
+            (Some(p), _) => {
+                let revived = p.gone;
+                p.gone = false;
+                p.heard_ms = now;
+                if revived {
+                    self.gone_peers -= 1;
+                    self.refresh_voters();
+                }
+            }
+            (None, Some(k)) => {
+                self.peers.insert(id, Peer { key: k, incarnation: 0, gone: false, heard_ms: now });
+                let members = self.peers.len() + 1;
+                self.emit(Event::PeerJoined { id, members });
+                self.refresh_voters();
+            }
+            (None, None) => {}
+        }
+        true
+    }
+
+    fn gone(&mut self, id: PeerId) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        if p.gone {
+            return;
+        }
+        p.gone = true;
+        self.gone_peers += 1;
+        let members = self.peers.len() - self.gone_peers + 1;
+        self.emit(Event::PeerLeft { id, members });
+        self.refresh_voters();
+        if self.controller == Some(id) && !self.is_controller() {
+            // Its will: no need to wait for the election timer.
+            self.controller_gone = true;
+            self.election_deadline = self.now;
+            self.start_pre_vote();
+        }
+        // A ballot this voter was waiting for will not come.
+        self.try_grant(false);
+    }
+
+    /// The voters: the configuration of block 0, or before it the proposal (the `room_size`
+    /// lowest ids among the live peers known, this one included) once enough are known.
+    fn voters(&self) -> Option<&RoomConfig> {
+        self.config.as_ref().or(self.proposal.as_ref().map(|(c, _)| c))
+    }
+
+    /// The digest of the proposal a ballot carries, before block 0.
+    fn proposal_digest(&self) -> Option<Digest> {
+        if self.config.is_some() { None } else { self.proposal.as_ref().map(|(_, d)| *d) }
+    }
+
+    /// Recomputes what depends on the set of peers (called when it changes, not per message).
+    fn refresh_voters(&mut self) {
+        self.proposal = None;
+        // Cheap test first: this runs for every peer met, and most of them complete nothing.
+        let live = self.peers.len() - self.gone_peers + 1;
+        if live >= self.cfg.room_size && self.config.is_none() && !self.room_seen && self.chain.height() == 0 {
+            let mut live: Vec<Member> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| !p.gone)
+                .map(|(&id, p)| Member { id, key: p.key })
+                .chain(std::iter::once(Member { id: self.cfg.id, key: self.cfg.key }))
+                .collect();
+            if live.len() >= self.cfg.room_size {
+                live.sort();
+                live.truncate(self.cfg.room_size);
+                self.proposal = RoomConfig::new(live).map(|c| {
+                    let d = c.digest(HashAlg::Sha256);
+                    (c, d)
+                });
+            }
+        }
+        let gone = |m: &Member| self.peers.get(&m.id).is_some_and(|p| p.gone || p.key != m.key);
+        self.gone_voters =
+            self.voters().map_or(0, |v| v.members().iter().filter(|m| m.id != self.cfg.id && gone(m)).count());
+    }
+
+    /// The room has a chain: never found another.
+    fn saw_room(&mut self) {
+        if !self.room_seen {
+            self.room_seen = true;
+            self.refresh_voters();
+        }
+    }
+
+    fn is_voter(&self) -> bool {
+        self.voters().is_some_and(|v| v.contains(self.cfg.id, self.cfg.key))
+    }
+
+    fn is_voter_id(&self, id: PeerId, key: u64) -> bool {
+        self.voters().is_some_and(|v| v.contains(id, key))
+    }
+
+    fn quorum(&self) -> usize {
+        self.voters().map_or(usize::MAX, |v| v.quorum())
+    }
+
+    // ----- Messages --------------------------------------------------------------------------
+
+    fn message(&mut self, env: Envelope) {
+        let from = env.from;
+        if from == self.cfg.id {
+            if let Msg::Hello { key, incarnation, since_ms, .. } = env.msg
+                && (key != self.cfg.key || incarnation != self.cfg.incarnation)
+            {
+                self.impostor(key, incarnation, since_ms);
+            }
+            return;
+        }
+        match env.msg {
+            Msg::Hello { want_reply, key, incarnation, since_ms, term, controller, height, .. } => {
+                self.on_hello(from, want_reply, key, incarnation, since_ms, term, controller, height);
+            }
+            Msg::Leave { incarnation } => {
+                // A will fired late, after the peer restarted and said hello, is not its departure.
+                if self.peers.get(&from).is_some_and(|p| p.incarnation == incarnation || p.incarnation == 0) {
+                    self.gone(from);
+                }
+            }
+            Msg::PreBallot { term, key, pos } => {
+                if self.heard(from, Some(key)) {
+                    self.on_pre_ballot(from, key, term, pos);
+                }
+            }
+            Msg::Ballot { term, ballot, key, pos, proposal } => {
+                if self.heard(from, Some(key)) {
+                    self.on_ballot(from, key, term, Ballot { ballot, pos, proposal });
+                }
+            }
+            Msg::Grant { to, to_key, term, key } => {
+                if to == self.cfg.id && to_key == self.cfg.key && self.heard(from, Some(key)) {
+                    self.on_grant(from, key, term);
+                }
+            }
+            Msg::Ack { to, term, height, key } => {
+                if to == self.cfg.id && self.heard(from, Some(key)) {
+                    self.on_ack(from, key, term, height);
+                }
+            }
+            Msg::Heartbeat { term, height, commit, tip, open } => {
+                self.heard(from, None);
+                if self.accept_controller(from, term, "heartbeat") {
+                    self.on_heartbeat(from, height, commit, tip, open);
+                }
+            }
+            Msg::Challenge { challenge, commit, config } => {
+                self.heard(from, None);
+                if self.accept_controller(from, challenge.term, "challenge") {
+                    self.on_challenge(from, challenge, commit, config);
+                }
+            }
+            Msg::Result { term, outcome, commit } => {
+                self.heard(from, None);
+                if let Outcome::Accepted(block) = outcome
+                    && self.accept_controller(from, term, "result")
+                {
+                    self.on_block(from, block, commit);
+                }
+            }
+            Msg::Solution { tx, nonce } => self.on_solution(from, tx, nonce),
+            Msg::SyncRequest { to, from: start, req } => {
+                if to == self.cfg.id {
+                    self.heard(from, None);
+                    self.on_sync_request(from, start, req);
+                }
+            }
+            Msg::SyncReply { to, req, term, config, blocks, height, commit, open } => {
+                if to == self.cfg.id {
+                    self.heard(from, None);
+                    self.on_sync_reply(from, req, term, config, blocks, height, commit, open);
+                }
+            }
+        }
+    }
+
+    /// Another process announced itself under our id.
+    fn impostor(&mut self, key: u64, incarnation: u64, since_ms: u64) {
+        if key == self.cfg.key {
+            // Our own data directory in another process (copied, or run twice): nothing can tell
+            // the two apart; the earlier one stays.
+            if (since_ms, incarnation) < (self.cfg.since_ms, self.cfg.incarnation) {
+                let id = self.cfg.id;
+                self.out.push(Action::Fatal(format!(
+                    "another process runs with this data directory's identity (client id {id}); stop it, or give this peer its own --data-dir"
+                )));
+            }
+            return;
+        }
+        // Two data directories under one id. The one the configuration names is the member and
+        // stays; otherwise the process that started first stays.
+        let member = self.config.as_ref().and_then(|c| c.key_of(self.cfg.id));
+        let we_stay = match member {
+            Some(k) if k == self.cfg.key => true,
+            Some(k) if k == key => false,
+            _ => (since_ms, incarnation) > (self.cfg.since_ms, self.cfg.incarnation),
+        };
+        let id = self.cfg.id;
+        if we_stay {
+            self.drop_msg("duplicate_id", format!("another process claims our client id {id}; it gives way"));
+            self.publish(self.hello(None, false));
+        } else {
+            self.out.push(Action::Fatal(format!(
+                "client id {id} is already used by another peer in this room; pick another with --id"
+            )));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_hello(
+        &mut self,
+        from: PeerId,
+        want_reply: bool,
+        key: u64,
+        incarnation: u64,
+        since_ms: u64,
+        term: Term,
+        controller: Option<PeerId>,
+        height: u64,
+    ) {
+        let _ = since_ms;
+        if !self.heard(from, Some(key)) {
+            // A process under a member's id with another data directory (a copy of the id, or
+            // the member back with its disk lost): not that member. It still learns from our
+            // answer that this room exists, so it never founds another.
+            self.drop_msg("duplicate_id", format!("hello from {from} under a key that is not its member's"));
+            if want_reply {
+                self.publish(self.hello(Some(from), false));
+            }
+            return;
+        }
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.incarnation = incarnation;
+        }
+        if want_reply {
+            self.publish(self.hello(Some(from), false));
+            if self.is_controller() {
+                // It has just subscribed: what it missed of the open transaction, it gets now.
+                self.beat();
+                if let Some(c) = self.open {
+                    self.publish_challenge(c);
+                }
+            }
+        }
+        if height > 0 {
+            self.saw_room();
+        }
+        if let Some(c) = controller
+            && term > self.term
+            && c != self.cfg.id
+        {
+            // A newcomer (or a peer back from a partition) learns the room's term and controller.
+            self.enter_term(term);
+            self.follow_controller(c);
+        } else if let Some(c) = controller
+            && term == self.term
+            && self.controller.is_none()
+            && c != self.cfg.id
+            && self.my_ballot.is_none()
+        {
+            self.follow_controller(c);
+        }
+        if height > self.chain.height() {
+            match self.controller {
+                Some(c) if c != self.cfg.id => self.request_sync(c),
+                // Without block 0 we know neither the room's voters nor whether we are one: take
+                // the blocks of whoever has them (only a controller can make us drop any).
+                None if self.config.is_none() => self.request_sync(from),
+                _ => {}
+            }
+        }
+        self.try_start_bootstrap();
+    }
+
+    // ----- Election ----------------------------------------------------------------------------
+
+    /// Before block 0: once the proposal is complete, start the first election at once.
+    fn try_start_bootstrap(&mut self) {
+        if self.config.is_none() && self.term == 0 && self.controller.is_none() && self.is_voter() {
+            self.start_pre_vote();
+        }
+    }
+
+    /// True when this peer has a controller it heard recently (its lease).
+    fn controller_live(&self) -> bool {
+        match self.controller {
+            Some(c) if c == self.cfg.id => self.is_controller(),
+            Some(_) => !self.controller_gone && self.now < self.heard_ms + self.cfg.timing.election_min_ms,
+            None => false,
+        }
+    }
+
+    fn start_pre_vote(&mut self) {
+        if !self.is_voter() || self.controller_live() {
+            return;
+        }
+        let next = self.term + 1;
+        if self.pre_term != next {
+            self.pre_term = next;
+            self.pre.clear();
+        }
+        if self.pre.insert(self.cfg.id) {
+            self.emit(Event::PreVote { term: next });
+        }
+        // Sent on every attempt: a lost pre-ballot must not stall the room.
+        self.last_pre_sent = self.now;
+        self.publish(Msg::PreBallot { term: next, key: self.cfg.key, pos: self.pos() });
+        self.check_pre_vote();
+    }
+
+    fn on_pre_ballot(&mut self, from: PeerId, key: u64, term: Term, pos: Pos) {
+        if pos.height > 0 && self.config.is_none() {
+            self.saw_room();
+            self.request_sync(from);
+        }
+        if !self.is_voter_id(from, key) {
+            return;
+        }
+        if term > self.term + 1 {
+            // The sender reached term - 1 (through a quorum's pre-votes, or its controller): a
+            // newer term is always safe to enter, and we can then join its pre-vote.
+            self.enter_term(term - 1);
+        }
+        if term <= self.term {
+            // The sender is behind us. If we look for a controller too, our pre-ballot tells it
+            // our term, so the two of us do not each wait in a term of our own.
+            if !self.controller_live() && self.now >= self.last_pre_sent + self.cfg.timing.heartbeat_ms {
+                self.start_pre_vote();
+            }
+            return;
+        }
+        if self.pre_term != term {
+            self.pre_term = term;
+            self.pre.clear();
+        }
+        self.pre.insert(from);
+        if !self.pre.contains(&self.cfg.id) && self.is_voter() && !self.controller_live() {
+            self.pre.insert(self.cfg.id);
+            self.emit(Event::PreVote { term });
+            self.last_pre_sent = self.now;
+            self.publish(Msg::PreBallot { term, key: self.cfg.key, pos: self.pos() });
+        }
+        self.check_pre_vote();
+    }
+
+    fn check_pre_vote(&mut self) {
+        if self.pre_term == self.term + 1 && self.pre.contains(&self.cfg.id) && self.pre.len() >= self.quorum() {
+            let term = self.pre_term;
+            self.enter_term(term);
+            self.cast_ballot();
+        }
+    }
+
+    /// Moves to a newer term: no vote yet, no controller known.
+    fn enter_term(&mut self, term: Term) {
+        debug_assert!(term > self.term);
+        if self.is_controller() {
+            self.step_down("newer term");
+        }
+        self.term = term;
+        self.voted_for = None;
+        self.persist(Write::Vote { term, voted_for: None });
+        self.controller = None;
+        self.controller_gone = false;
+        self.ballots.clear();
+        self.grants.clear();
+        self.my_ballot = None;
+        self.pre.clear();
+        self.heard_ms = self.now;
+        self.grant_deadline = Some(self.now + self.cfg.timing.ballot_wait_ms);
+        self.reset_election_timer();
+    }
+
+    fn cast_ballot(&mut self) {
+        if !self.is_voter() || self.my_ballot.is_some() || self.controller.is_some() {
+            return;
+        }
+        let ballot = self.rng.random();
+        self.my_ballot = Some(ballot);
+        let proposal = self.proposal_digest();
+        self.ballots.insert(self.cfg.id, Ballot { ballot, pos: self.pos(), proposal });
+        self.emit(Event::VoteCast { term: self.term, vote: ballot });
+        self.publish_ballot(ballot);
+        self.try_grant(false);
+    }
+
+    fn publish_ballot(&mut self, ballot: u32) {
+        let proposal = self.proposal_digest();
+        let msg = Msg::Ballot { term: self.term, ballot, key: self.cfg.key, pos: self.pos(), proposal };
+        self.publish(msg);
+    }
+
+    fn on_ballot(&mut self, from: PeerId, key: u64, term: Term, ballot: Ballot) {
+        if term < self.term {
+            return;
+        }
+        if !self.is_voter_id(from, key) {
+            self.try_start_bootstrap();
+            if !self.is_voter_id(from, key) {
+                self.drop_msg("not_a_voter", format!("ballot from {from} in term {term}"));
+                return;
+            }
+        }
+        if term > self.term {
+            self.enter_term(term);
+        }
+        if ballot.pos.height > 0 && self.config.is_none() {
+            // A room with a chain exists: never found another; take its blocks.
+            self.saw_room();
+            self.request_sync(from);
+        }
+        // One ballot per voter and term: the first stands.
+        self.ballots.entry(from).or_insert(ballot);
+        if self.controller.is_none() {
+            self.cast_ballot();
+        }
+        self.try_grant(false);
+    }
+
+    /// Grants this term's vote once every live voter's ballot is in, or `deadline` passed.
+    fn try_grant(&mut self, deadline: bool) {
+        if self.voted_for.is_some() || self.controller.is_some() || self.term == 0 || !self.is_voter() {
+            return;
+        }
+        let Some(voters) = self.voters() else { return };
+        // The ballots held are voters' only (others are refused), ours included.
+        let waiting = self.ballots.len() < voters.len().saturating_sub(self.gone_voters);
+        let past = deadline || self.grant_deadline.is_none();
+        if waiting && !past {
+            return;
+        }
+        let mine = self.pos();
+        let proposal = self.proposal_digest();
+        let best = self
+            .ballots
+            .iter()
+            .filter(|(_, b)| b.pos >= mine && (self.config.is_some() || b.proposal == proposal))
+            .max_by_key(|(id, b)| (b.ballot, **id))
+            .map(|(id, _)| *id);
+        let Some(to) = best else { return };
+        let to_key = voters.key_of(to).unwrap_or_default();
+        self.voted_for = Some(to);
+        self.persist(Write::Vote { term: self.term, voted_for: Some(to) });
+        self.emit(Event::VoteGranted { term: self.term, to });
+        if to == self.cfg.id {
+            self.grants.insert(to);
+            self.check_won();
+        } else {
+            self.publish(Msg::Grant { to, to_key, term: self.term, key: self.cfg.key });
+        }
+    }
+
+    fn on_grant(&mut self, from: PeerId, key: u64, term: Term) {
+        if term != self.term || self.my_ballot.is_none() || !self.is_voter_id(from, key) {
+            return;
+        }
+        self.grants.insert(from);
+        self.check_won();
+    }
+
+    fn check_won(&mut self) {
+        if self.is_controller() || self.controller.is_some() || self.grants.len() < self.quorum() {
+            return;
+        }
+        let Some(voters) = self.voters().cloned() else { return };
+        if !self.grants.iter().all(|&g| voters.key_of(g).is_some()) {
+            return;
+        }
+        self.role = Role2::Controller;
+        self.controller = Some(self.cfg.id);
+        self.syncing = None;
+        self.became_ms = self.now;
+        self.acks.clear();
+        self.pending = None;
+        self.grant_deadline = None;
+        self.emit(Event::LeaderElected { term: self.term, leader: self.cfg.id, votes: self.grants.len() });
+        self.out.push(Action::StopMining);
+        self.mining = None;
+        self.submitted = None;
+        if self.config.is_none() {
+            // The first controller records the configuration it was elected by.
+            self.config = Some(voters);
+            self.refresh_voters();
+        }
+        self.beat();
+        self.issue();
+    }
+
+    fn step_down(&mut self, why: &str) {
+        if !self.is_controller() {
+            return;
+        }
+        self.emit(Event::QuorumLost { term: self.term, reason: why.into() });
+        self.role = Role2::Follower;
+        self.controller = None;
+        self.open = None;
+        self.pending = None;
+        if self.chain.height() == 0 {
+            // The configuration is recorded only with block 0: none was taken yet.
+            self.config = None;
+            self.refresh_voters();
+        }
+        self.heard_ms = self.now;
+        self.reset_election_timer();
+    }
+
+    fn check_quorum(&mut self) {
+        let window = self.cfg.timing.election_max_ms;
+        if self.now < self.became_ms + window {
+            return;
+        }
+        let Some(voters) = self.voters() else { return };
+        let heard = voters
+            .members()
+            .iter()
+            .filter(|m| m.id == self.cfg.id || self.acks.get(&m.id).is_some_and(|&(_, at)| self.now < at + window))
+            .count();
+        if heard < voters.quorum() {
+            self.step_down("no quorum heard");
+        }
+    }
+
+    // ----- Controller ----------------------------------------------------------------------------
+
+    fn tip(&self) -> Digest {
+        self.chain.tip_hash(self.chain.alg(self.cfg.alg))
+    }
+
+    fn beat(&mut self) {
+        self.next_beat = self.now + self.cfg.timing.heartbeat_ms;
+        let (height, commit, tip) = (self.chain.height(), self.commit, self.tip());
+        let open = self.open.map(|c| c.tx);
+        self.publish(Msg::Heartbeat { term: self.term, height, commit, tip, open });
+    }
+
+    fn publish_challenge(&mut self, c: Challenge) {
+        let config = (c.tx == 0).then(|| self.config.clone()).flatten();
+        self.publish(Msg::Challenge { challenge: c, commit: self.commit, config });
+    }
+
+    /// Opens the next transaction, once the last block is committed (or re-issues the open one).
+    fn issue(&mut self) {
+        if !self.is_controller() || self.pending.is_some() {
+            return;
+        }
+        let tx = self.chain.height();
+        let alg = self.chain.alg(self.cfg.alg);
+        let prev = match (&self.config, tx) {
+            (Some(config), 0) => config.digest(alg),
+            _ => self.tip(),
+        };
+        let term = self.term;
+        let c = match self.open {
+            Some(c) if c.tx == tx && c.prev == prev => Challenge { term, ..c },
+            _ => {
+                let pace = self.cfg.pace;
+                let difficulty = pace.next(self.chain.blocks()).unwrap_or_else(|| {
+                    let (lo, hi) = pace.bounds();
+                    self.rng.random_range(lo..=hi)
+                });
+                Challenge { term, tx, alg, difficulty, pace, issued_ms: self.now, prev }
+            }
+        };
+        self.open = Some(c);
+        self.emit(Event::ChallengeIssued { term, tx, difficulty: c.difficulty });
+        self.publish_challenge(c);
+    }
+
+    fn on_solution(&mut self, miner: PeerId, tx: TxId, nonce: u64) {
+        if !self.is_controller() {
+            return;
+        }
+        let term = self.term;
+        let verdict = match self.open {
+            _ if tx < self.chain.height() || self.pending == Some(tx) => Err(RejectReason::AlreadySolved),
+            Some(c) if c.tx == tx => {
+                let hash = pow::proof(&c.prev, tx, miner, nonce);
+                if hash.leading_zeros() >= u32::from(c.difficulty) {
+                    let solved_ms = self.now.max(c.issued_ms);
+                    let (alg, difficulty, pace, issued_ms, prev) = (c.alg, c.difficulty, c.pace, c.issued_ms, c.prev);
+                    Ok(Block { tx, term, alg, difficulty, pace, issued_ms, solved_ms, prev, miner, nonce, hash })
+                } else {
+                    Err(RejectReason::InsufficientWork)
+                }
+            }
+            _ => Err(RejectReason::UnknownTransaction),
+        };
+        match verdict {
+            Ok(block) => {
+                if let Err(e) = self.append(block) {
+                    self.drop_msg("invalid_block", format!("our own block {tx}: {e}"));
+                    return;
+                }
+                self.pending = Some(tx);
+                self.publish(Msg::Result { term, outcome: Outcome::Accepted(block), commit: self.commit });
+                self.check_commit();
+            }
+            Err(reason) => {
+                self.emit(Event::SolutionRejected { tx, miner, reason: reason.as_str().into() });
+                let outcome = Outcome::Rejected { tx, miner, nonce, reason };
+                self.publish(Msg::Result { term, outcome, commit: self.commit });
+            }
+        }
+    }
+
+    fn on_ack(&mut self, from: PeerId, key: u64, term: Term, height: u64) {
+        if term > self.term {
+            // A peer that moved on: this controller (or follower) is stale.
+            self.enter_term(term);
+            return;
+        }
+        if term < self.term || !self.is_controller() || !self.is_voter_id(from, key) {
+            return;
+        }
+        let entry = self.acks.entry(from).or_insert((0, 0));
+        entry.0 = entry.0.max(height.min(self.chain.height()));
+        entry.1 = self.now;
+        // Most acks only say "still here": only one beyond the commit point can move it.
+        if height > self.commit {
+            self.check_commit();
+        }
+    }
+
+    /// The largest height a quorum holds, counting only blocks of this term (Raft §5.4.2).
+    fn check_commit(&mut self) {
+        let Some(voters) = self.voters() else { return };
+        let height = self.chain.height();
+        let mut heights: Vec<u64> = voters
+            .members()
+            .iter()
+            .map(|m| if m.id == self.cfg.id { height } else { self.acks.get(&m.id).map_or(0, |a| a.0) })
+            .collect();
+        let q = voters.quorum() - 1;
+        // The quorum-th highest height: a quorum holds at least that much.
+        let held = *heights.select_nth_unstable_by(q, |a, b| b.cmp(a)).1;
+        if held <= self.commit || self.chain.get(held - 1).is_none_or(|b| b.term != self.term) {
+            return;
+        }
+        self.set_commit(held);
+        if self.pending.is_some_and(|tx| tx < held) {
+            self.pending = None;
+            self.issue();
+        }
+    }
+
+    fn set_commit(&mut self, commit: u64) {
+        if commit <= self.commit {
+            return;
+        }
+        let from = self.commit;
+        self.commit = commit;
+        self.persist(Write::Commit(commit));
+        for tx in from..commit {
+            if let Some(b) = self.chain.get(tx) {
+                let (term, winner) = (b.term, b.miner);
+                self.emit(Event::BlockCommitted { tx, term, winner });
+            }
+        }
+    }
+
+    fn on_sync_request(&mut self, asker: PeerId, start: TxId, req: u64) {
+        if start > 0 {
+            // The asker holds blocks: a room with a chain exists.
+            self.saw_room();
+        }
+        let height = self.chain.height();
+        let start = start.min(height);
+        let end = start.saturating_add(MAX_SYNC_BLOCKS as u64).min(height);
+        let blocks: Vec<Block> = (start..end).filter_map(|tx| self.chain.get(tx).copied()).collect();
+        let config = if start == 0 { self.config.clone() } else { None };
+        let open = if self.is_controller() { self.open } else { None };
+        let (term, commit) = (self.term.max(1), self.commit);
+        if self.is_controller() {
+            self.acks.entry(asker).or_insert((0, 0)).1 = self.now;
+        }
+        self.publish(Msg::SyncReply { to: asker, req, term, config, blocks, height, commit, open });
+    }
+
+    // ----- Follower ---------------------------------------------------------------------------------
+
+    /// Checks that a controller's message for `term` is from the current controller, adopting a
+    /// newer term's. Returns false (and logs) when it must be ignored.
+    fn accept_controller(&mut self, from: PeerId, term: Term, what: &str) -> bool {
+        if term < self.term {
+            // A stale controller (paused, cut off): tell it the room moved on, at most once per beat.
+            if self.now >= self.last_stale_reply + self.cfg.timing.heartbeat_ms {
+                self.last_stale_reply = self.now;
+                self.publish(Msg::Ack { to: from, term: self.term, height: 0, key: self.cfg.key });
+            }
+            let current = self.term;
+            self.drop_msg("stale_term", format!("{what} from {from} for term {term}, current term is {current}"));
+            return false;
+        }
+        if term > self.term {
+            self.enter_term(term);
+        }
+        match self.controller {
+            Some(c) if c != from => {
+                self.drop_msg("not_controller", format!("{what} from {from} in term {term}, whose controller is {c}"));
+                false
+            }
+            Some(_) => {
+                self.heard_ms = self.now;
+                self.controller_gone = false;
+                self.reset_election_timer();
+                true
+            }
+            None => {
+                self.follow_controller(from);
+                true
+            }
+        }
+    }
+
+    fn follow_controller(&mut self, c: PeerId) {
+        if self.is_controller() {
+            return;
+        }
+        self.controller = Some(c);
+        self.controller_gone = false;
+        self.heard_ms = self.now;
+        self.grant_deadline = None;
+        self.reset_election_timer();
+        self.emit(Event::LeaderElected { term: self.term, leader: c, votes: 0 });
+    }
+
+    /// Our chain equals the controller's up to `upto`: take its commit (as far as that) and
+    /// acknowledge.
+    fn matched(&mut self, controller: PeerId, upto: u64, commit: u64) {
+        self.diverged = false;
+        self.set_commit(commit.min(upto));
+        if self.is_voter() {
+            self.publish(Msg::Ack { to: controller, term: self.term, height: upto, key: self.cfg.key });
+        }
+    }
+
+    /// Whether our chain's first `h` blocks end in `hash` (for `h = 0`: block 0 links to it), so
+    /// that, by the hash chain, they are the blocks that `hash` ends.
+    fn links_at(&self, h: u64, hash: Digest) -> bool {
+        match h {
+            0 => self.tip_or_base_at_zero(hash.alg()) == Some(hash),
+            _ => self.chain.get(h - 1).is_some_and(|b| b.hash == hash),
+        }
+    }
+
+    fn tip_or_base_at_zero(&self, alg: HashAlg) -> Option<Digest> {
+        match (&self.config, &self.genesis_offer) {
+            (Some(c), _) | (None, Some(c)) => Some(c.digest(alg)),
+            (None, None) => None,
+        }
+    }
+
+    fn on_heartbeat(&mut self, from: PeerId, height: u64, commit: u64, tip: Digest, open: Option<TxId>) {
+        if height > 0 {
+            self.saw_room();
+        }
+        if height > self.chain.height() || !self.links_at(height, tip) {
+            // Behind, or our block below its height is not the controller's.
+            self.diverged |= height <= self.chain.height();
+            self.request_sync(from);
+            return;
+        }
+        self.matched(from, height, commit);
+        let Some(tx) = open else { return };
+        match (self.mining, self.submitted) {
+            // Our solution may have been lost (a reconnect, a broker restart): again, at most
+            // twice a second.
+            (Some(c), Some(nonce)) if c.tx == tx && self.now >= self.last_solution_ms + SOLUTION_RETRY_MS => {
+                self.last_solution_ms = self.now;
+                self.publish(Msg::Solution { tx, nonce });
+            }
+            (Some(c), _) if c.tx == tx => {}
+            // We missed the challenge: the sync reply carries it.
+            _ => self.request_sync(from),
+        }
+    }
+
+    fn on_challenge(&mut self, from: PeerId, c: Challenge, commit: u64, config: Option<RoomConfig>) {
+        if c.tx > 0 {
+            self.saw_room();
+        }
+        if c.tx > self.chain.height() {
+            self.request_sync(from);
+            return;
+        }
+        if c.tx == 0 && self.config.is_none() {
+            // Block 0 links to the configuration it records.
+            let Some(config) = config.filter(|k| k.digest(c.alg) == c.prev) else {
+                self.drop_msg("bad_configuration", format!("challenge 0 from {from}"));
+                return;
+            };
+            self.genesis_offer = Some(config);
+        }
+        if !self.links_at(c.tx, c.prev) {
+            self.diverged = true;
+            self.request_sync(from);
+            return;
+        }
+        // Our chain is the controller's up to c.tx. Blocks of ours beyond it (accepted by an
+        // earlier controller, never committed) stay until the controller's own block at their
+        // height replaces them; meanwhile we mine its challenge like everyone.
+        self.matched(from, c.tx, commit);
+        self.follow(c);
+    }
+
+    /// Starts mining `c`, unless it is the job already running.
+    fn follow(&mut self, c: Challenge) {
+        let prefix = &self.chain.blocks()[..usize::try_from(c.tx).unwrap_or(usize::MAX).min(self.chain.blocks().len())];
+        if !c.pace.allows(prefix, c.difficulty) {
+            let detail =
+                format!("challenge {} asks for {} bits, which {:?} does not allow", c.tx, c.difficulty, c.pace);
+            self.drop_msg("bad_difficulty", detail);
+            return;
+        }
+        let same = self.mining.is_some_and(|o| (o.tx, o.prev, o.difficulty) == (c.tx, c.prev, c.difficulty));
+        self.mining = Some(c);
+        if same {
+            if let Some(nonce) = self.submitted {
+                self.publish(Msg::Solution { tx: c.tx, nonce });
+            }
+            return;
+        }
+        self.submitted = None;
+        let template = Template::new(&c.prev, c.tx, self.cfg.id);
+        self.out.push(Action::Mine(Job { tx: c.tx, template, difficulty: c.difficulty }));
+        self.emit(Event::MiningStarted { term: c.term, tx: c.tx, difficulty: c.difficulty });
+    }
+
+    fn mined(&mut self, found: Found) {
+        let Some(c) = self.mining else { return };
+        if c.tx != found.tx || self.is_controller() {
+            return;
+        }
+        self.submitted = Some(found.nonce);
+        let (tx, nonce, hashes, elapsed_ms) = (found.tx, found.nonce, found.hashes, found.elapsed_ms);
+        self.emit(Event::SolutionFound { tx, nonce, hashes, elapsed_ms });
+        self.publish(Msg::Solution { tx, nonce });
+    }
+
+    /// An accepted block from the controller of our term.
+    fn on_block(&mut self, from: PeerId, block: Block, commit: u64) {
+        let height = self.chain.height();
+        if block.tx > height {
+            self.saw_room();
+            self.request_sync(from);
+            return;
+        }
+        if let Some(mine) = self.chain.get(block.tx) {
+            // Blocks are known by their hash (it covers prev, tx, miner and nonce): the same
+            // solution accepted by two controllers is one block, whatever term each recorded.
+            if mine.hash == block.hash {
+                return;
+            }
+            // Raft's rule: a block of the controller's that conflicts with ours at its height, on
+            // a prefix we share, replaces ours and what follows (never below the commit point).
+            if !self.links_at(block.tx, block.prev) || !self.truncate(block.tx) {
+                self.diverged = true;
+                self.request_sync(from);
+                return;
+            }
+        }
+        if block.tx == 0 && self.config.is_none() {
+            match self.genesis_offer.take() {
+                Some(config) if config.digest(block.alg) == block.prev => self.take_config(config, block.alg),
+                _ => {
+                    self.saw_room();
+                    self.request_sync(from);
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self.append(block) {
+            self.drop_msg("invalid_block", format!("from {from}: {e}"));
+            self.diverged = true;
+            self.request_sync(from);
+            return;
+        }
+        self.matched(from, block.tx + 1, commit);
+    }
+
+    fn take_config(&mut self, config: RoomConfig, alg: HashAlg) {
+        self.chain = Chain::with_base(config.digest(alg));
+        self.persist(Write::Config(config.clone()));
+        self.config = Some(config);
+        self.saw_room();
+        self.refresh_voters();
+    }
+
+    /// Verifies, appends and persists a block; bookkeeping for mining and events.
+    fn append(&mut self, block: Block) -> Result<(), crate::chain::ChainError> {
+        if block.tx == 0 && self.chain.height() == 0 && self.config.is_some() && self.is_controller() {
+            let config = self.config.clone().unwrap_or_else(|| unreachable!());
+            if self.chain.base().is_none() {
+                self.chain = Chain::with_base(config.digest(block.alg));
+                self.persist(Write::Config(config));
+            }
+        }
+        self.chain.append(block)?;
+        self.persist(Write::Append(vec![block]));
+        self.emit(Event::BlockAccepted {
+            term: block.term,
+            tx: block.tx,
+            winner: block.miner,
+            difficulty: block.difficulty,
+            nonce: block.nonce,
+            solve_ms: block.solved_ms.saturating_sub(block.issued_ms),
+            hash: block.hash.to_hex(),
+            prev: block.prev.to_hex(),
+        });
+        if self.mining.is_some_and(|c| c.tx == block.tx) {
+            self.out.push(Action::StopMining);
+            self.mining = None;
+            self.submitted = None;
+        }
+        Ok(())
+    }
+
+    /// Drops our blocks from `tx` on: allowed only above the commit point.
+    fn truncate(&mut self, tx: TxId) -> bool {
+        if tx < self.commit {
+            let commit = self.commit;
+            self.emit(Event::CommittedConflict { tx, commit });
+            return false;
+        }
+        self.chain.truncate(tx);
+        self.persist(Write::Truncate(tx));
+        self.emit(Event::ChainTruncated { height: self.chain.height() });
+        if tx == 0 {
+            self.chain = Chain::new();
+            self.config = None;
+            self.refresh_voters();
+        }
+        true
+    }
+
+    fn request_sync(&mut self, peer: PeerId) {
+        if peer == self.cfg.id {
+            return;
+        }
+        if let Some((_, at, _, _)) = self.syncing
+            && self.now < at + self.cfg.timing.sync_retry_ms
+        {
+            return;
+        }
+        let from = if self.diverged { self.commit } else { self.chain.height() };
+        let req = self.rng.random();
+        self.syncing = Some((peer, self.now, from, req));
+        self.publish(Msg::SyncRequest { to: peer, from, req });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_sync_reply(
+        &mut self,
+        from: PeerId,
+        req: u64,
+        term: Term,
+        config: Option<RoomConfig>,
+        blocks: Vec<Block>,
+        height: u64,
+        commit: u64,
+        open: Option<Challenge>,
+    ) {
+        let Some((_, _, asked, _)) =
+            self.syncing.filter(|&(p, _, _, r)| p == from && r == req && !self.is_controller())
+        else {
+            // A controller's chain grows only by the blocks it accepts: a reply to a request it
+            // made as a follower comes too late.
+            self.drop_msg("unsolicited_sync", format!("sync reply from {from}"));
+            return;
+        };
+        self.syncing = None;
+        // Only the controller of our term may make us drop blocks; anyone may extend our chain.
+        let authoritative = self.controller == Some(from) && term == self.term;
+        if authoritative && height < self.commit {
+            // A controller's chain holds every committed block and only grows in its term: this
+            // is an old reply, overtaken by what we learnt since.
+            return;
+        }
+        let first = blocks.first().map(|b| b.tx);
+        let last = blocks.last().map(|b| b.tx);
+        if first == Some(0) && self.config.is_none() {
+            match config {
+                Some(config) if blocks.first().is_some_and(|b| config.digest(b.alg) == b.prev) => {
+                    self.take_config(config, blocks[0].alg);
+                }
+                _ => {
+                    self.drop_msg("bad_configuration", format!("sync reply from {from}"));
+                    return;
+                }
+            }
+        } else if first.is_none() && self.chain.height() == 0 && self.config.is_none() && authoritative {
+            // Before block 0: the configuration comes with the open challenge 0.
+            self.genesis_offer = config.filter(|k| open.is_some_and(|c| c.tx == 0 && k.digest(c.alg) == c.prev));
+        }
+        let mut linked = true;
+        for block in blocks {
+            if let Some(mine) = self.chain.get(block.tx) {
+                if mine.hash == block.hash {
+                    continue;
+                }
+                if !authoritative || !self.truncate(block.tx) {
+                    linked = false;
+                    break;
+                }
+            }
+            if self.chain.height() != block.tx {
+                linked = false;
+                break;
+            }
+            if let Err(e) = self.append(block) {
+                self.drop_msg("invalid_block", format!("sync from {from}: {e}"));
+                linked = false;
+                break;
+            }
+        }
+        if let Some(tx) = first {
+            self.emit(Event::Synced { from: tx, height: self.chain.height() });
+        }
+        if !linked {
+            if authoritative && !self.diverged {
+                self.diverged = true;
+                self.request_sync(from);
+            }
+            return;
+        }
+        if height > 0 {
+            self.saw_room();
+        }
+        // The reply reached the replier's tip, every block equal to ours or appended (so, by the
+        // hash chain, our prefix is the replier's); or, empty, the replier has nothing beyond a
+        // height below which all our blocks are committed (hence its too). Never do we drop
+        // blocks because a reply is shorter than our chain: it may be older than them.
+        let reached = match last {
+            Some(t) => t + 1 == height,
+            None => asked >= height && (height <= self.commit || height == 0),
+        };
+        if first.is_some() && self.chain.height() < height {
+            self.request_sync(from);
+            return;
+        }
+        let links = open.is_some_and(|c| c.tx == height && self.links_at(c.tx, c.prev));
+        if authoritative && self.chain.height() >= height && (reached || links) {
+            self.matched(from, height, commit);
+            if let Some(c) = open.filter(|_| links) {
+                self.follow(c);
+            }
+        }
+    }
+}
+
+/// How often a miner sends again a solution the controller has not judged.
+const SOLUTION_RETRY_MS: u64 = 500;
+
+#[cfg(test)]
+mod tests;

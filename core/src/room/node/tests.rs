@@ -1,0 +1,186 @@
+//! Focused tests of the room node; the simulator (`sim/`) covers faults over many seeds.
+
+use std::collections::VecDeque;
+
+use super::*;
+use crate::room::msg::Channel;
+
+/// A room of nodes with instant, ordered, lossless delivery.
+struct Room {
+    nodes: Vec<RoomNode>,
+    now: u64,
+    queue: VecDeque<(Option<usize>, Envelope)>,
+    actions: Vec<(usize, Action)>,
+}
+
+impl Room {
+    fn new(n: usize) -> Self {
+        let nodes = (0..n)
+            .map(|i| {
+                let id = 100 + i as PeerId;
+                let cfg = RoomNodeConfig {
+                    id,
+                    key: 1000 + u64::from(id),
+                    incarnation: 7,
+                    since_ms: 0,
+                    room_size: n,
+                    pace: Pace::Fixed(2),
+                    alg: HashAlg::Sha1,
+                    seed: 42 + i as u64,
+                    timing: Timing::default(),
+                };
+                RoomNode::new(cfg, Restored::default())
+            })
+            .collect();
+        let mut room = Self { nodes, now: 0, queue: VecDeque::new(), actions: Vec::new() };
+        for i in 0..n {
+            room.input(i, Input::Connected);
+        }
+        room
+    }
+
+    fn input(&mut self, i: usize, input: Input) {
+        let actions = self.nodes[i].handle(self.now, input);
+        for a in actions {
+            if let Action::Publish(msg) = &a {
+                let to = match msg.channel() {
+                    Channel::Direct(id) => self.nodes.iter().position(|n| n.id() == id),
+                    _ => None,
+                };
+                let direct = matches!(msg.channel(), Channel::Direct(_));
+                if !direct || to.is_some() {
+                    self.queue.push_back((to, Envelope::new(self.nodes[i].id(), msg.clone())));
+                }
+            }
+            self.actions.push((i, a));
+        }
+    }
+
+    /// Delivers everything queued (and what it causes), then advances time by `ms` in ticks.
+    fn run(&mut self, ms: u64) {
+        let end = self.now + ms;
+        loop {
+            while let Some((to, env)) = self.queue.pop_front() {
+                let targets: Vec<usize> = match to {
+                    Some(t) => vec![t],
+                    None => (0..self.nodes.len()).collect(),
+                };
+                for t in targets {
+                    self.input(t, Input::Message(env.clone()));
+                }
+            }
+            if self.now >= end {
+                break;
+            }
+            self.now += 5;
+            for i in 0..self.nodes.len() {
+                self.input(i, Input::Tick);
+            }
+        }
+    }
+
+    fn controllers(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|&i| self.nodes[i].is_controller()).collect()
+    }
+
+    /// Mines the open challenge on node `miner` (difficulty 2: a few tries).
+    fn mine(&mut self, miner: usize) {
+        let job = self.actions.iter().rev().find_map(|(i, a)| match a {
+            Action::Mine(job) if *i == miner => Some(*job),
+            _ => None,
+        });
+        let job = job.expect("the miner has a job");
+        let nonce = job.template.search(u32::from(job.difficulty), 0, 1 << 20).expect("found");
+        self.input(miner, Input::Mined(Found { tx: job.tx, nonce, hashes: 1, elapsed_ms: 1 }));
+    }
+}
+
+#[test]
+fn a_room_of_three_elects_the_highest_ballot_and_commits_a_block_with_a_quorum() {
+    let mut room = Room::new(3);
+    room.run(50);
+    let ctl = room.controllers();
+    assert_eq!(ctl.len(), 1, "one controller");
+    let ctl = ctl[0];
+    // The lab's rule: the highest (ballot, id) of the term won.
+    let best = room
+        .actions
+        .iter()
+        .filter_map(|(i, a)| match a {
+            Action::Emit(Event::VoteCast { vote, .. }) => Some((*vote, room.nodes[*i].id(), *i)),
+            _ => None,
+        })
+        .max()
+        .map(|(_, _, i)| i);
+    assert_eq!(best, Some(ctl));
+    assert!(room.nodes.iter().all(|n| n.controller() == Some(room.nodes[ctl].id())));
+    let miner = (ctl + 1) % 3;
+    room.mine(miner);
+    room.run(10);
+    assert!(room.nodes.iter().all(|n| n.commit() == 1), "block 0 committed everywhere");
+    assert_eq!(room.nodes[0].config().map(RoomConfig::len), Some(3));
+    assert_eq!(room.nodes[1].config(), room.nodes[2].config());
+}
+
+#[test]
+fn a_vote_is_persisted_before_it_is_sent() {
+    let mut room = Room::new(3);
+    room.run(50);
+    for (i, (node, action)) in room.actions.iter().enumerate() {
+        if let Action::Publish(Msg::Grant { term, to, .. }) = action {
+            let persisted = room.actions[..i].iter().rev().any(|(n, a)| {
+                n == node
+                    && matches!(a, Action::Persist(Write::Vote { term: t, voted_for: Some(v) }) if t == term && v == to)
+            });
+            assert!(persisted, "grant of node {node} to {to} in term {term} went out before its vote was written");
+        }
+    }
+}
+
+#[test]
+fn a_controller_without_a_quorum_commits_nothing_and_steps_down() {
+    let mut room = Room::new(3);
+    room.run(50);
+    let ctl = room.controllers()[0];
+    // Cut the controller off: nothing reaches the others, nothing comes back.
+    let others: Vec<usize> = (0..3).filter(|&i| i != ctl).collect();
+    let mut lone = Room { nodes: vec![], now: room.now, queue: VecDeque::new(), actions: vec![] };
+    std::mem::swap(&mut lone.nodes, &mut room.nodes);
+    let mut nodes = std::mem::take(&mut lone.nodes);
+    let controller = nodes.remove(ctl);
+    lone.nodes = vec![controller];
+    lone.run(2_000);
+    assert!(!lone.nodes[0].is_controller(), "stepped down without a quorum");
+    assert_eq!(lone.nodes[0].commit(), 0);
+    let _ = others;
+    // The other two elect a new controller of a later term.
+    let mut rest = Room { nodes, now: lone.now, queue: VecDeque::new(), actions: vec![] };
+    rest.run(2_000);
+    assert_eq!(rest.controllers().len(), 1);
+    assert!(rest.nodes[0].term() > lone.nodes[0].term() || rest.nodes[0].term() >= 2);
+}
+
+#[test]
+fn a_restarted_voter_keeps_its_vote() {
+    let mut room = Room::new(3);
+    room.run(50);
+    let node = &room.nodes[1];
+    let (term, vote) = (node.term(), node.voted_for());
+    assert!(vote.is_some());
+    let restored = Restored {
+        term,
+        voted_for: vote,
+        config: node.config().cloned(),
+        blocks: node.chain().blocks().to_vec(),
+        commit: node.commit(),
+    };
+    let cfg = node.cfg.clone();
+    let mut again = RoomNode::new(cfg, restored);
+    assert_eq!((again.term(), again.voted_for()), (term, vote));
+    // A ballot of that term from a higher ballot cannot get a second grant.
+    let other = room.nodes[2].id();
+    let key = room.nodes[2].key();
+    let ballot = Msg::Ballot { term, ballot: u32::MAX, key, pos: Pos::default(), proposal: None };
+    let actions = again.handle(100, Input::Message(Envelope::new(other, ballot)));
+    assert!(!actions.iter().any(|a| matches!(a, Action::Publish(Msg::Grant { .. }))));
+}

@@ -1,0 +1,134 @@
+//! The simulator's checks: many seeds of small rooms under every fault, a few large rooms, and the
+//! scenarios issue 11 reported (each scripted, run over many seeds).
+
+use hashvote_sim::{CONTROLLER, Fault, Scenario, World, run_seeds};
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn assert_all_pass(what: &str, seeds: std::ops::Range<u64>, scenario: impl Fn(u64) -> Scenario + Sync) {
+    let started = std::time::Instant::now();
+    let n = seeds.end - seeds.start;
+    let (reports, failures) = run_seeds(seeds, threads(), scenario);
+    let blocks: u64 = reports.iter().map(|r| r.committed).sum();
+    let faults: usize = reports.iter().map(|r| r.faults).sum();
+    let terms: u64 = reports.iter().map(|r| r.terms).sum();
+    println!(
+        "{what}: {} of {n} seeds passed in {:.1} s; {blocks} blocks committed, {faults} faults, {terms} terms",
+        reports.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let shown: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    assert!(failures.is_empty(), "{what}: {} seeds failed:\n{}", failures.len(), shown.join("\n"));
+}
+
+/// The README's test command runs 10,000 seeds of small rooms (1 to 5 peers) with random faults.
+#[test]
+fn small_rooms_under_random_faults_stay_safe_and_make_progress() {
+    let seeds: u64 = std::env::var("HASHVOTE_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    assert_all_pass("small rooms", 0..seeds, Scenario::small);
+}
+
+/// A 1,000-peer room: elects, commits, and survives the loss of two controllers in a row.
+#[test]
+fn a_room_of_a_thousand_elects_commits_and_fails_over() {
+    assert_all_pass("1,000 peers", 0..2, |_| {
+        let mut sc = Scenario::large(1000);
+        sc.fault_ms = 3_000;
+        sc.settle_ms = 4_000;
+        sc
+    });
+    let mut w = World::new(7, Scenario::large(1000));
+    w.script(1_500, Fault::Kill { p: CONTROLLER, down_ms: u64::MAX, lose_disk: false });
+    w.script(2_500, Fault::Kill { p: CONTROLLER, down_ms: 500, lose_disk: false });
+    let report = w.run().unwrap_or_else(|f| panic!("{f}"));
+    assert!(report.controllers >= 3, "two failovers: {report:?}");
+}
+
+fn scripted(seeds: u64, peers: usize, script: impl Fn(&mut World) + Sync) {
+    let mut failed = Vec::new();
+    for seed in 0..seeds {
+        let mut sc = Scenario::small(seed);
+        sc.peers = peers;
+        sc.room_size = peers;
+        sc.fault_every_ms = 0;
+        sc.fault_ms = 5_000;
+        sc.settle_ms = 6_000;
+        let mut w = World::new(seed, sc);
+        script(&mut w);
+        if let Err(f) = w.run() {
+            failed.push(f.to_string());
+        }
+    }
+    assert!(failed.is_empty(), "{} of {seeds} seeds failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+/// Issue 11, measured: the broker is down while a miner is killed (its will dies with the
+/// broker); the broker comes back; then the controller is killed. The survivors (3 of 5) must
+/// elect and commit, not wait for the dead miner's ballot.
+#[test]
+fn a_member_killed_while_the_broker_is_down_does_not_stall_the_next_election() {
+    scripted(200, 5, |w| {
+        w.script(2_000, Fault::BrokerDown { ms: 1_000 });
+        w.script(2_300, Fault::Kill { p: 0, down_ms: u64::MAX, lose_disk: false });
+        w.script(4_000, Fault::Kill { p: CONTROLLER, down_ms: u64::MAX, lose_disk: false });
+    });
+}
+
+/// Issue 11, item 2: a peer that rejoins while a re-election is held votes in it (or is not
+/// waited for).
+#[test]
+fn a_peer_restarting_during_a_re_election_does_not_stall_it() {
+    scripted(200, 4, |w| {
+        w.script(2_000, Fault::Kill { p: CONTROLLER, down_ms: 3_000, lose_disk: false });
+        w.script(2_001, Fault::Kill { p: 1, down_ms: 20, lose_disk: false });
+        w.script(2_002, Fault::Kill { p: 2, down_ms: 60, lose_disk: false });
+    });
+}
+
+/// Issue 11, item 3: a second process under a member's id during an election changes nothing.
+#[test]
+fn a_duplicate_id_during_an_election_cannot_split_the_term() {
+    scripted(200, 3, |w| {
+        w.script(2_000, Fault::Duplicate { p: 1 });
+        w.script(2_001, Fault::Kill { p: CONTROLLER, down_ms: 500, lose_disk: false });
+        w.script(2_600, Fault::Duplicate { p: 0 });
+    });
+}
+
+/// Issue 11, item 4: a newcomer during an election cannot replace the decided controller.
+#[test]
+fn newcomers_during_an_election_cannot_replace_its_winner() {
+    scripted(200, 3, |w| {
+        w.script(2_000, Fault::Kill { p: CONTROLLER, down_ms: 300, lose_disk: false });
+        w.script(2_005, Fault::Newcomer);
+        w.script(2_050, Fault::Newcomer);
+    });
+}
+
+/// Issue 11, item 5: a deposed controller's last block (of its old term) never replaces a block
+/// the room committed, and the room does not ping-pong syncs.
+#[test]
+fn a_paused_controllers_stale_block_never_replaces_a_committed_one() {
+    scripted(200, 3, |w| {
+        w.script(2_000, Fault::Pause { p: CONTROLLER, ms: 2_500 });
+        w.script(4_600, Fault::Pause { p: CONTROLLER, ms: 1_200 });
+    });
+}
+
+/// Issue 11, measured at scale: under start-up load many peers' wills fired while they were
+/// alive, and a late vote replaced the winner. Here 300 peers are cut off and come back around
+/// the first election.
+#[test]
+fn three_hundred_peers_with_spurious_departures_elect_one_controller_per_term() {
+    let mut sc = Scenario::large(300);
+    sc.fault_ms = 3_000;
+    sc.settle_ms = 5_000;
+    let mut w = World::new(3, sc);
+    w.script(5, Fault::Cut { procs: (0..200).collect(), ms: 400 });
+    w.script(1_000, Fault::Chaos { ms: 1_000, loss: 50, dup: 50, delay: 200 });
+    w.script(1_200, Fault::Kill { p: CONTROLLER, down_ms: 200, lose_disk: false });
+    let report = w.run().unwrap_or_else(|f| panic!("{f}"));
+    assert!(report.committed > 0, "{report:?}");
+}
