@@ -18,4 +18,5 @@ pub mod pace;
 pub mod pow;
 pub mod protocol;
 pub mod status;
+pub mod store;
 pub mod transport;
