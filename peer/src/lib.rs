@@ -15,4 +15,5 @@ pub mod events;
 pub mod lab;
 pub mod miner;
 pub mod status;
+pub mod store;
 pub mod transport;
