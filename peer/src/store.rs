@@ -19,6 +19,7 @@ use redb::{Builder, Database, ReadableDatabase, ReadableTable, TableDefinition, 
 
 use crate::pow::Digest;
 use crate::protocol::{Block, PeerId, Term};
+use hashvote_core::room::{Restored, RoomConfig};
 
 /// The version of the layout below; a directory written by a newer layout is refused.
 pub const FORMAT: u64 = 1;
@@ -60,32 +61,23 @@ pub struct Durable {
     pub voted_for: Option<PeerId>,
     /// The chain, block `i` at index `i`.
     pub blocks: Vec<Block>,
-    /// The encoded room configuration of block 0.
-    pub config: Option<Vec<u8>>,
+    /// The room configuration recorded with block 0.
+    pub config: Option<RoomConfig>,
     /// Blocks below this height are committed (never truncated).
     pub commit: u64,
 }
 
-/// One change to write. [`Store::apply`] writes a batch in one transaction, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
-    /// The hard state, always written whole: a new term without a vote clears the old vote.
-    Vote {
-        /// Never below the stored term.
-        term: Term,
-        /// In the stored term, a cast vote cannot change.
-        voted_for: Option<PeerId>,
-    },
-    /// Blocks to add; `blocks[0].tx` must equal the stored height and each must link to the one
-    /// before it.
-    Append(Vec<Block>),
-    /// Keep the blocks below this height (never fewer than the commit index). Truncating to 0 also
-    /// drops the configuration, which belongs to block 0.
-    Truncate(u64),
-    /// The encoded room configuration of block 0.
-    Config(Vec<u8>),
-    /// The commit index: never below the stored one, never above the height at the end of the batch.
-    Commit(u64),
+/// One change to write (the room protocol's [`hashvote_core::room::Write`]). [`Store::apply`]
+/// writes a batch in one transaction, in order: a vote is written whole (a new term without a vote
+/// clears the old vote); blocks are appended at the stored height, each linking to the one before;
+/// truncating to 0 also drops the configuration, which belongs to block 0; the commit index never
+/// goes back, nor beyond the height at the end of the batch.
+pub use hashvote_core::room::Write;
+
+impl From<Durable> for Restored {
+    fn from(d: Durable) -> Self {
+        Self { term: d.term, voted_for: d.voted_for, config: d.config, blocks: d.blocks, commit: d.commit }
+    }
 }
 
 /// What a newly created data directory is given.
@@ -388,7 +380,8 @@ fn write_batch(txn: &redb::WriteTransaction, next: &mut State, writes: &[Write])
                 }
             }
             Write::Config(config) => {
-                state.insert(CONFIG, config.as_slice())?;
+                let bytes = postcard::to_stdvec(config).expect("postcard serialization into a Vec is infallible");
+                state.insert(CONFIG, bytes.as_slice())?;
             }
             Write::Commit(commit) => {
                 if *commit < next.commit {
@@ -525,7 +518,13 @@ fn read(dir: &Path, db: &Database, create: &NewIdentity) -> Result<(Identity, Du
         None => 0,
         Some(bytes) => u64::from_le_bytes(bytes.try_into().map_err(|_| damaged("the commit is not 8 bytes".into()))?),
     };
-    let config = get(CONFIG)?;
+    let config = match get(CONFIG)? {
+        None => None,
+        Some(bytes) => Some(
+            postcard::from_bytes::<RoomConfig>(&bytes)
+                .map_err(|e| damaged(format!("the room configuration does not decode ({e})")))?,
+        ),
+    };
 
     let table = txn.open_table(BLOCKS).map_err(|e| redb_error(dir, e))?;
     let mut blocks: Vec<Block> = Vec::new();

@@ -8,6 +8,12 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::*;
+use hashvote_core::room::Member;
+
+/// A room configuration that tells `n` apart from others.
+fn config(n: u64) -> RoomConfig {
+    RoomConfig::new(vec![Member { id: 1, key: n }, Member { id: 2, key: n + 1 }]).unwrap()
+}
 use crate::pace::Pace;
 use crate::pow::HashAlg;
 
@@ -96,7 +102,7 @@ fn round_trip_keeps_identity_and_state() {
         .apply(&[
             Write::Vote { term: 1, voted_for: Some(identity.id) },
             Write::Append(first.clone()),
-            Write::Config(vec![1, 2, 3]),
+            Write::Config(config(1)),
             Write::Commit(2),
         ])
         .unwrap();
@@ -106,7 +112,7 @@ fn round_trip_keeps_identity_and_state() {
     let (_store, again, durable) = Store::open(&dir, room(Some(identity.id))).unwrap();
     assert_eq!(again, identity);
     let blocks: Vec<Block> = first.into_iter().chain(more).collect();
-    assert_eq!(durable, Durable { term: 2, voted_for: Some(5), blocks, config: Some(vec![1, 2, 3]), commit: 4 });
+    assert_eq!(durable, Durable { term: 2, voted_for: Some(5), blocks, config: Some(config(1)), commit: 4 });
 }
 
 #[test]
@@ -143,7 +149,7 @@ fn truncate_then_append_again() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut store, _, _) = Store::open(tmp.path(), room(None)).unwrap();
     let chain = extend(&[], 5, 1);
-    store.apply(&[Write::Append(chain.clone()), Write::Config(vec![9]), Write::Commit(2)]).unwrap();
+    store.apply(&[Write::Append(chain.clone()), Write::Config(config(9)), Write::Commit(2)]).unwrap();
 
     let e = store.apply(&[Write::Truncate(1)]).unwrap_err();
     assert!(matches!(e, StoreError::Refused { why: Refusal::BelowCommit { keep: 1, commit: 2 }, .. }), "{e}");
@@ -173,7 +179,7 @@ fn truncate_then_append_again() {
 fn truncating_to_zero_drops_the_config_of_block_zero() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut store, _, _) = Store::open(tmp.path(), room(None)).unwrap();
-    store.apply(&[Write::Append(extend(&[], 2, 1)), Write::Config(vec![1])]).unwrap();
+    store.apply(&[Write::Append(extend(&[], 2, 1)), Write::Config(config(1))]).unwrap();
     store.apply(&[Write::Truncate(0)]).unwrap();
     store.apply(&[Write::Append(extend(&[], 1, 2))]).unwrap();
     drop(store);
@@ -439,7 +445,7 @@ fn a_killed_writer_loses_nothing_it_reported() {
         assert_eq!(durable.term, height, "the vote of each batch came with its block");
         assert_eq!(durable.voted_for, Some(9));
         assert_eq!(durable.commit, height - 1);
-        assert_eq!(durable.config, Some(b"room".to_vec()));
+        assert_eq!(durable.config, Some(config(7)));
         for (h, block) in durable.blocks.iter().enumerate() {
             assert_eq!(*block, block_after(h.checked_sub(1).map(|p| &durable.blocks[p]), h as u64 + 1));
         }
@@ -459,7 +465,7 @@ fn crash_child() {
         let block = block_after(tip.as_ref(), h + 1);
         let mut batch = vec![Write::Vote { term: h + 1, voted_for: Some(9) }, Write::Append(vec![block])];
         if h == 0 {
-            batch.push(Write::Config(b"room".to_vec()));
+            batch.push(Write::Config(config(7)));
         }
         batch.push(Write::Commit(h));
         store.apply(&batch).unwrap();
