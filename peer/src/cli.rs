@@ -54,9 +54,14 @@ pub struct Args {
     /// Topic prefix.
     #[arg(long, env = "HASHVOTE_PREFIX")]
     pub prefix: Option<String>,
-    /// Wire format: hashvote (the default) or lab (the course lab's JSON messages).
+    /// Wire format: hashvote (the default), lab (the course lab's JSON messages) or room (the
+    /// quorum protocol, wire version 2, with state on disk).
     #[arg(long, env = "HASHVOTE_WIRE")]
     pub wire: Option<Wire>,
+    /// Data directory (--wire room): identity, term and vote, chain. Created if missing; a
+    /// restarted peer continues from it. Without it, a directory for this run only.
+    #[arg(long, env = "HASHVOTE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Client id (nonzero u32; random if omitted).
     #[arg(long, env = "HASHVOTE_ID")]
     pub id: Option<PeerId>,
@@ -94,6 +99,9 @@ impl Args {
         }
         if let Some(id) = self.id {
             c.id = Some(id);
+        }
+        if let Some(dir) = &self.data_dir {
+            c.data_dir = Some(dir.clone());
         }
         if let Some(user) = &self.username {
             c.username = Some(user.clone());
@@ -141,6 +149,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             std::fs::File::create(path).with_context(|| format!("cannot create events file {path}"))?,
         ))),
     };
+    if cfg.wire == Wire::Room {
+        return run_room(cfg, out);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -155,7 +166,42 @@ fn run(args: &Args) -> anyhow::Result<()> {
         match cfg.wire {
             Wire::Hashvote => crate::transport::run(cfg, id, events, shutdown).await,
             Wire::Lab => crate::lab::transport::run(cfg, id, events, shutdown).await,
+            Wire::Room => unreachable!("handled before the runtime starts"),
         }
+    })?;
+    Ok(())
+}
+
+/// Runs a peer of the room protocol: its data directory first (a bad one is a one-line error
+/// before anything connects), then the room.
+fn run_room(cfg: crate::config::PeerConfig, out: Option<Box<dyn Write + Send>>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    // Without --data-dir: a directory for this run only, removed when the peer stops.
+    let (dir, _ephemeral) = match &cfg.data_dir {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let tmp = tempfile::Builder::new()
+                .prefix("hashvote-peer-")
+                .tempdir()
+                .context("cannot create a data directory for this run")?;
+            (tmp.path().to_path_buf(), Some(tmp))
+        }
+    };
+    let wanted = crate::store::NewIdentity { id: cfg.id, room: cfg.prefix.clone() };
+    let (store, identity, durable) = crate::store::Store::open(&dir, wanted)?;
+    let id = identity.id;
+    tracing::info!(id, dir = %dir.display(), height = durable.blocks.len(), term = durable.term, "data directory");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        let events = EventSink::new(id, out);
+        let run = crate::room::run(cfg, store, identity, durable.into(), events, shutdown);
+        tracing::Instrument::instrument(run, tracing::info_span!("peer", id)).await
     })?;
     Ok(())
 }

@@ -53,6 +53,10 @@ pub struct PeerConfig {
     /// The wire format: hashvote's own protocol, or the original lab's JSON messages.
     #[serde(default)]
     pub wire: Wire,
+    /// The data directory (`--wire room`): identity, term and vote, chain. Absent: a new
+    /// directory for this run only, removed when the peer stops.
+    #[serde(default)]
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// The protocol a peer speaks on the room's topics.
@@ -64,6 +68,9 @@ pub enum Wire {
     Hashvote,
     /// The course lab's JSON messages, to share a room with its Python clients (see `crate::lab`).
     Lab,
+    /// The room protocol (wire version 2: quorum elections, committed blocks, state on disk; see
+    /// `crate::room`). It becomes the default once the launcher's observer speaks it.
+    Room,
 }
 
 impl std::str::FromStr for Wire {
@@ -73,7 +80,8 @@ impl std::str::FromStr for Wire {
         match s.to_ascii_lowercase().as_str() {
             "hashvote" => Ok(Self::Hashvote),
             "lab" => Ok(Self::Lab),
-            other => Err(format!("unknown wire format '{other}' (expected hashvote or lab)")),
+            "room" => Ok(Self::Room),
+            other => Err(format!("unknown wire format '{other}' (expected hashvote, lab or room)")),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod events;
 pub mod lab;
 pub mod miner;
+pub mod room;
 pub mod status;
 pub mod store;
 pub mod transport;

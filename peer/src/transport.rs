@@ -164,7 +164,7 @@ pub async fn run(
                 let stalled = last_tick.elapsed() > stall_after;
                 last_tick = Instant::now();
                 if online {
-                    status.send(&beacon, &node, &miner, false).await;
+                    status.send(&beacon, node.status(crate::events::now_ms()), &miner, false).await;
                 }
                 if stalled && connected_once {
                     warn!(ms = stall_after.as_millis() as u64, "this process stood still for longer than the room waits");
@@ -182,7 +182,7 @@ pub async fn run(
                     // (rumqttd keeps them in memory only): every connection sends ours again.
                     Net::Connected => {
                         online = true;
-                        status.send(&beacon, &node, &miner, true).await;
+                        status.send(&beacon, node.status(crate::events::now_ms()), &miner, true).await;
                     }
                     Net::Lost(_) => online = false,
                     Net::Publish { .. } | Net::Fatal(_) => {}
@@ -227,7 +227,7 @@ pub async fn run(
                         && (s.id, s.incarnation, s.role) == (id, incarnation, Role::Offline)
                     {
                         if online {
-                            status.send(&beacon, &node, &miner, true).await;
+                            status.send(&beacon, node.status(crate::events::now_ms()), &miner, true).await;
                         }
                         continue;
                     }
@@ -273,7 +273,7 @@ pub async fn run(
             break Err(PeerError::Protocol(reason));
         }
         if online {
-            status.send(&beacon, &node, &miner, force_status).await;
+            status.send(&beacon, node.status(crate::events::now_ms()), &miner, force_status).await;
         }
     };
 
@@ -393,19 +393,18 @@ pub(crate) fn connect(options: MqttOptions, capacity: usize) -> (AsyncClient, ru
 }
 
 /// Publishes this peer's retained status when its [`Schedule`] says so.
-struct StatusPublisher {
+pub(crate) struct StatusPublisher {
     /// `<prefix>/status/<id>`.
-    topic: String,
-    threads: u16,
-    schedule: Schedule,
+    pub(crate) topic: String,
+    pub(crate) threads: u16,
+    pub(crate) schedule: Schedule,
 }
 
 impl StatusPublisher {
-    /// Publishes the node's status if it is due, or at once if `force`.
-    async fn send(&mut self, client: &AsyncClient, node: &Node, miner: &Miner, force: bool) {
+    /// Publishes `status` (the node's, built after every input: no field costs more than a map
+    /// lookup) if it is due, or at once if `force`.
+    pub(crate) async fn send(&mut self, client: &AsyncClient, status: Status, miner: &Miner, force: bool) {
         let now = Instant::now();
-        // Cheap enough to build after every input: no field takes more than a map lookup.
-        let status = node.status(crate::events::now_ms());
         if !force && !self.schedule.due(&status, now) {
             return;
         }
@@ -418,7 +417,7 @@ impl StatusPublisher {
     }
 
     /// Adds the mining figures the node does not know.
-    fn fill(&mut self, mut status: Status, miner: &Miner, now: Instant) -> Status {
+    pub(crate) fn fill(&mut self, mut status: Status, miner: &Miner, now: Instant) -> Status {
         let hashes = miner.hashes();
         status.hash_rate = self.schedule.hash_rate(hashes, now);
         status.hashes = hashes;

@@ -10,6 +10,7 @@ mod lab;
 mod multihost;
 mod netns;
 mod partition;
+mod quorum;
 mod room;
 mod status;
 mod support;

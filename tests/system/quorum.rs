@@ -1,0 +1,232 @@
+//! The room protocol (`--wire room`, wire version 2) on real processes: a room elects a controller
+//! with a quorum of durable votes and commits blocks; it replaces a killed controller; it survives
+//! the scenario issue 11 measured on version 1 (a member killed while the broker is down, then the
+//! controller); and, killed whole with `kill -9`, it continues from its data directories with no
+//! committed block lost. On rumqttd and on Mosquitto.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use peer::events::{Event, Record};
+use peer::protocol::{PeerId, Term, TxId};
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(60);
+
+on_both_brokers!(
+    a_quorum_room_elects_commits_fails_over_and_restarts_from_disk,
+    a_member_killed_while_the_broker_is_down_does_not_stall_the_next_election,
+);
+
+/// A room of `--wire room` peers, each with its own data directory and events file per run.
+struct QuorumRoom {
+    dir: tempfile::TempDir,
+    port: u16,
+    broker: RunningBroker,
+    size: usize,
+    peers: Vec<Option<Proc>>,
+    /// Events files of every run of every peer: `files[i]` is peer i's, in run order.
+    files: Vec<Vec<PathBuf>>,
+}
+
+impl QuorumRoom {
+    fn start(broker: Broker, n: usize) -> Self {
+        let port = free_port();
+        let broker = broker.start(port);
+        let dir = tempfile::Builder::new().prefix("hashvote-quorum").tempdir().unwrap();
+        let mut room = Self { dir, port, broker, size: n, peers: Vec::new(), files: Vec::new() };
+        for i in 0..n {
+            room.peers.push(None);
+            room.files.push(Vec::new());
+            room.run(i);
+        }
+        room
+    }
+
+    /// Starts (or restarts) peer `i` on its data directory, with a new events file.
+    fn run(&mut self, i: usize) {
+        let data = self.dir.path().join(format!("data{i}"));
+        let file = self.dir.path().join(format!("peer{i}-run{}.jsonl", self.files[i].len()));
+        let (size, prefix) = (self.size.to_string(), format!("hv{}q{}", std::process::id(), self.port));
+        let data = data.to_str().expect("a UTF-8 temporary path").to_string();
+        let args = [
+            "--wire",
+            "room",
+            "--data-dir",
+            &data,
+            "--room-size",
+            &size,
+            "--difficulty",
+            "14",
+            "--threads",
+            "1",
+            "--keepalive",
+            "1",
+            "--prefix",
+            &prefix,
+        ];
+        self.peers[i] = Some(start_peer(self.port, &file, &args));
+        self.files[i].push(file);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.peers[i].take() {
+            p.signal(libc::SIGKILL);
+            p.wait_exit(Duration::from_secs(10));
+        }
+    }
+
+    /// Every record of every run.
+    fn records(&self) -> Vec<Record> {
+        self.files.iter().flatten().flat_map(|f| read_events(f)).collect()
+    }
+
+    /// The index of the peer whose id is `id`.
+    fn index_of(&self, id: PeerId) -> Option<usize> {
+        (0..self.size).find(|&i| {
+            self.files[i]
+                .iter()
+                .flat_map(|f| read_events(f))
+                .any(|r| matches!(r.event, Event::Started { client_id, .. } if client_id == id))
+        })
+    }
+
+    /// The controller of the highest term anyone was elected in (by a quorum of votes).
+    fn controller(&self) -> Option<(Term, PeerId)> {
+        self.records()
+            .iter()
+            .filter_map(|r| match r.event {
+                Event::LeaderElected { term, leader, votes } if votes > 0 && leader == r.peer => Some((term, leader)),
+                _ => None,
+            })
+            .max()
+    }
+
+    /// The highest committed transaction reported by any peer, and its term.
+    fn committed(&self) -> Option<(TxId, Term)> {
+        self.records()
+            .iter()
+            .filter_map(|r| match r.event {
+                Event::BlockCommitted { tx, term, .. } => Some((tx, term)),
+                _ => None,
+            })
+            .max()
+    }
+
+    fn wait_commit(&self, at_least: TxId, in_term_above: Term) -> (TxId, Term) {
+        let mut found = None;
+        wait_until(T, &format!("block {at_least} committed in a term above {in_term_above}"), || {
+            found = self.records().iter().find_map(|r| match r.event {
+                Event::BlockCommitted { tx, term, .. } if tx >= at_least && term > in_term_above => Some((tx, term)),
+                _ => None,
+            });
+            found.is_some()
+        });
+        found.expect("found")
+    }
+}
+
+/// Safety over every record: one controller per term; every committed block (by height) has one
+/// hash, in every peer's events, whatever run; no peer was asked to drop a committed block.
+fn assert_quorum_invariants(records: &[Record]) {
+    let mut controllers: BTreeMap<Term, PeerId> = BTreeMap::new();
+    let mut accepted: BTreeMap<(PeerId, TxId), String> = BTreeMap::new();
+    let mut committed: BTreeMap<TxId, String> = BTreeMap::new();
+    for r in records {
+        match &r.event {
+            Event::LeaderElected { term, leader, votes } if *votes > 0 && *leader == r.peer => {
+                let other = controllers.insert(*term, *leader);
+                assert!(other.is_none_or(|o| o == *leader), "two controllers in term {term}: {other:?} and {leader}");
+            }
+            Event::BlockAccepted { tx, hash, .. } => {
+                accepted.insert((r.peer, *tx), hash.clone());
+            }
+            Event::BlockCommitted { tx, .. } => {
+                // The peer accepted it in this run or an earlier one (then it is on its disk).
+                if let Some(hash) = accepted.get(&(r.peer, *tx)) {
+                    let first = committed.entry(*tx).or_insert_with(|| hash.clone());
+                    assert_eq!(first, hash, "block {tx} committed with two hashes");
+                }
+            }
+            Event::CommittedConflict { tx, commit } => {
+                panic!("peer {} was asked to drop committed block {tx} ({commit} committed)", r.peer)
+            }
+            _ => {}
+        }
+    }
+    assert!(!controllers.is_empty(), "no controller was ever elected");
+}
+
+fn a_quorum_room_elects_commits_fails_over_and_restarts_from_disk(broker: Broker) {
+    let mut room = QuorumRoom::start(broker, 5);
+    let (first_tx, _) = room.wait_commit(2, 0);
+    let (term, controller) = room.controller().expect("a controller");
+    println!("term {term}: controller {controller}; block {first_tx} committed");
+
+    // kill -9 of the controller: the others elect a new one (a quorum of 4 of 5) and commit on.
+    let victim = room.index_of(controller).expect("the controller is one of ours");
+    room.kill(victim);
+    let (tx, new_term) = room.wait_commit(first_tx + 1, term);
+    println!("after killing the controller: block {tx} committed in term {new_term}");
+    room.run(victim);
+
+    // The whole room killed at once, then started again from its data directories: the chain
+    // continues after the last committed block, and every peer keeps its id.
+    let (before, _) = room.wait_commit(tx + 1, new_term - 1);
+    // Each peer's id as its first run reported it (its latest run may not have said yet).
+    let ids: Vec<PeerId> = (0..room.size).map(|i| started_id(&read_events(&room.files[i][0]))).collect();
+    for i in 0..room.size {
+        room.kill(i);
+    }
+    let (committed_before, _) = room.committed().expect("blocks committed");
+    assert!(committed_before >= before);
+    for i in 0..room.size {
+        room.run(i);
+    }
+    let again: Vec<PeerId> = (0..room.size)
+        .map(|i| {
+            let mut id = 0;
+            wait_until(T, "the restarted peer's start", || {
+                id = started_id(&read_events(room.files[i].last().unwrap()));
+                id != 0
+            });
+            id
+        })
+        .collect();
+    assert_eq!(again, ids, "every peer keeps its identity");
+    let (after, term_after) = room.wait_commit(committed_before + 1, 0);
+    println!("restarted from disk: committed {committed_before} before, block {after} committed in term {term_after}");
+    assert_quorum_invariants(&room.records());
+}
+
+/// Issue 11, measured on version 1 (it stalled for good): in a room of 5, the broker is killed;
+/// while it is down a miner is killed (its will dies with the broker); the broker restarts on
+/// the same port; then the controller is killed. The 3 survivors are a quorum: they must elect and
+/// commit without waiting for the dead miner.
+fn a_member_killed_while_the_broker_is_down_does_not_stall_the_next_election(broker: Broker) {
+    let mut room = QuorumRoom::start(broker, 5);
+    let (tx, _) = room.wait_commit(1, 0);
+    let (term, controller) = room.controller().expect("a controller");
+    let ctl = room.index_of(controller).expect("ours");
+    let miner = (ctl + 1) % room.size;
+    room.broker.kill();
+    room.kill(miner);
+    room.broker.restart(room.port);
+    let (tx2, _) = room.wait_commit(tx + 1, 0);
+    room.kill(ctl);
+    let (tx3, new_term) = room.wait_commit(tx2 + 1, term);
+    println!("3 of 5 after a broker outage and two kills: block {tx3} committed in term {new_term}");
+    assert_quorum_invariants(&room.records());
+}
+
+fn started_id(records: &[Record]) -> PeerId {
+    records
+        .iter()
+        .find_map(|r| match r.event {
+            Event::Started { client_id, .. } => Some(client_id),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
