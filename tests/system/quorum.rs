@@ -167,9 +167,21 @@ fn a_quorum_room_elects_commits_fails_over_and_restarts_from_disk(broker: Broker
 
     // kill -9 of the controller: the others elect a new one (a quorum of 4 of 5) and commit on.
     let victim = room.index_of(controller).expect("the controller is one of ours");
+    let killed_at = peer::events::now_ms();
     room.kill(victim);
     let (tx, new_term) = room.wait_commit(first_tx + 1, term);
-    println!("after killing the controller: block {tx} committed in term {new_term}");
+    let challenge_at = room
+        .records()
+        .iter()
+        .filter_map(|r| match r.event {
+            Event::ChallengeIssued { term: t, .. } if t > term => Some(r.ts_ms),
+            _ => None,
+        })
+        .min();
+    let failover = challenge_at.map_or(0, |at| at.saturating_sub(killed_at));
+    println!(
+        "after killing the controller: first challenge of term {new_term} {failover} ms after the kill; block {tx} committed"
+    );
     room.run(victim);
 
     // The whole room killed at once, then started again from its data directories: the chain
