@@ -242,3 +242,146 @@ fn started_id(records: &[Record]) -> PeerId {
         })
         .unwrap_or(0)
 }
+
+/// Figures of the room protocol on real processes (embedded broker, loopback), printed, not
+/// asserted (this machine is shared and noisy):
+/// `cargo test -p launcher --test system quorum::figures -- --ignored --nocapture`
+/// (`HASHVOTE_FIGURES_SIZES=10,100,300` to choose the room sizes; 10 and 100 by default).
+///
+/// - election: from the last peer's connection to the first controller elected by a quorum;
+/// - commit overhead: at the controller, from a block accepted (solution received, block written)
+///   to the next challenge, i.e. the quorum's acknowledgements (the followers' writes) and the
+///   commit, p50 over the blocks of the run;
+/// - failover: `kill -9` of the controller to the next term's first challenge (8 times at 10
+///   peers), and SIGSTOP of the controller to the next term's first challenge (3 times).
+#[test]
+#[ignore = "a benchmark: run it on purpose, see its documentation"]
+fn figures() {
+    let sizes: Vec<usize> = std::env::var("HASHVOTE_FIGURES_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10, 100]);
+    for n in sizes {
+        let mut room = QuorumRoom::start(Broker::Embedded, n);
+        let elected = elected_after_last_connect(&room, Duration::from_secs(120));
+        room.wait_commit(5, 0);
+        let overhead = commit_overhead(&room.records());
+        println!(
+            "{n} peers: elected {elected} ms after the last peer connected; commit overhead p50 {} ms over {} blocks",
+            percentile(&overhead, 50),
+            overhead.len()
+        );
+        if n <= 10 {
+            let (kills, pauses) = failovers(&mut room, 8, 3);
+            println!(
+                "{n} peers: kill -9 -> next challenge p50 {} / p95 {} / max {} ms ({} kills); SIGSTOP -> next challenge p50 {} / max {} ms ({} pauses)",
+                percentile(&kills, 50),
+                percentile(&kills, 95),
+                kills.iter().max().copied().unwrap_or(0),
+                kills.len(),
+                percentile(&pauses, 50),
+                pauses.iter().max().copied().unwrap_or(0),
+                pauses.len()
+            );
+        }
+        assert_quorum_invariants(&room.records());
+    }
+}
+
+fn elected_after_last_connect(room: &QuorumRoom, timeout: Duration) -> u64 {
+    let mut figure = None;
+    wait_until(timeout, "a controller after every peer connected", || {
+        let records = room.records();
+        let connected: Vec<u64> = (0..room.size)
+            .filter_map(|i| {
+                read_events(&room.files[i][0])
+                    .iter()
+                    .find(|r| matches!(r.event, Event::Connected { .. }))
+                    .map(|r| r.ts_ms)
+            })
+            .collect();
+        let elected = records
+            .iter()
+            .filter(|r| matches!(r.event, Event::LeaderElected { votes, leader, .. } if votes > 0 && leader == r.peer))
+            .map(|r| r.ts_ms)
+            .min();
+        if let (true, Some(at)) = (connected.len() == room.size, elected) {
+            figure = Some(at.saturating_sub(connected.into_iter().max().unwrap_or(at)));
+        }
+        figure.is_some()
+    });
+    figure.expect("found")
+}
+
+/// At each controller: ms from each block it accepted to its next challenge.
+fn commit_overhead(records: &[Record]) -> Vec<u64> {
+    let mut accepted: BTreeMap<(PeerId, TxId), u64> = BTreeMap::new();
+    let mut out = Vec::new();
+    for r in records {
+        match r.event {
+            Event::BlockAccepted { tx, winner, .. } if winner != r.peer => {
+                accepted.insert((r.peer, tx), r.ts_ms);
+            }
+            Event::ChallengeIssued { tx, .. } if tx > 0 => {
+                if let Some(at) = accepted.get(&(r.peer, tx - 1)) {
+                    out.push(r.ts_ms.saturating_sub(*at));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Kills the controller `kills` times (restarting it each time) and pauses it `pauses` times,
+/// measuring each time to the next term's first challenge.
+fn failovers(room: &mut QuorumRoom, kills: usize, pauses: usize) -> (Vec<u64>, Vec<u64>) {
+    let next_challenge = |room: &QuorumRoom, after: Term| {
+        room.records()
+            .iter()
+            .filter_map(|r| match r.event {
+                Event::ChallengeIssued { term, .. } if term > after => Some(r.ts_ms),
+                _ => None,
+            })
+            .min()
+    };
+    let mut killed = Vec::new();
+    for _ in 0..kills {
+        let (term, controller) = room.controller().expect("a controller");
+        let i = room.index_of(controller).expect("ours");
+        let at = peer::events::now_ms();
+        room.kill(i);
+        let mut first = None;
+        wait_until(T, "the next term's first challenge", || {
+            first = next_challenge(room, term);
+            first.is_some()
+        });
+        killed.push(first.unwrap_or(at).saturating_sub(at));
+        room.run(i);
+        let (tx, _) = room.committed().unwrap_or((0, 0));
+        room.wait_commit(tx + 1, 0);
+    }
+    let mut paused = Vec::new();
+    for _ in 0..pauses {
+        let (term, controller) = room.controller().expect("a controller");
+        let i = room.index_of(controller).expect("ours");
+        let at = peer::events::now_ms();
+        room.peers[i].as_ref().expect("running").signal(libc::SIGSTOP);
+        let mut first = None;
+        wait_until(T, "the next term's first challenge", || {
+            first = next_challenge(room, term);
+            first.is_some()
+        });
+        paused.push(first.unwrap_or(at).saturating_sub(at));
+        room.peers[i].as_ref().expect("running").signal(libc::SIGCONT);
+        let (tx, _) = room.committed().unwrap_or((0, 0));
+        room.wait_commit(tx + 1, 0);
+    }
+    (killed, paused)
+}
+
+fn percentile(values: &[u64], p: usize) -> u64 {
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    v.get((v.len().saturating_sub(1)) * p / 100).copied().unwrap_or(0)
+}

@@ -228,6 +228,8 @@ pub struct RoomNode {
     diverged: bool,
     /// When this miner last sent its solution.
     last_solution_ms: u64,
+    /// The commit point moved in this batch: written at its end.
+    commit_dirty: bool,
     last_stale_reply: u64,
     last_reach: Option<(usize, usize)>,
     out: Vec<Action>,
@@ -286,6 +288,7 @@ impl RoomNode {
             syncing: None,
             diverged: false,
             last_solution_ms: 0,
+            commit_dirty: false,
             last_stale_reply: 0,
             last_reach: None,
             out: Vec::new(),
@@ -431,6 +434,9 @@ impl RoomNode {
             Input::Mined(found) => self.mined(found),
             Input::Tick => self.tick(),
             Input::Stalled => self.stalled(),
+        }
+        if std::mem::take(&mut self.commit_dirty) {
+            self.out.push(Action::Persist(Write::Commit(self.commit)));
         }
         std::mem::take(&mut self.out)
     }
@@ -941,7 +947,8 @@ impl RoomNode {
         }
         self.term = term;
         self.voted_for = None;
-        self.persist(Write::Vote { term, voted_for: None });
+        // Not written now: a new term promises nothing until this peer grants in it, and the
+        // grant writes the term with the vote (one fsync instead of two on an election's path).
         self.controller = None;
         self.controller_gone = false;
         self.ballots.clear();
@@ -1169,12 +1176,15 @@ impl RoomNode {
         };
         match verdict {
             Ok(block) => {
+                // The result goes out before our own write, so the followers write the block
+                // while we do (Raft's leader may write in parallel with replication, §10.2.1).
+                // Whatever a commit makes us do (the next challenge) comes after the write.
+                self.publish(Msg::Result { term, outcome: Outcome::Accepted(block), commit: self.commit });
                 if let Err(e) = self.append(block) {
                     self.drop_msg("invalid_block", format!("our own block {tx}: {e}"));
                     return;
                 }
                 self.pending = Some(tx);
-                self.publish(Msg::Result { term, outcome: Outcome::Accepted(block), commit: self.commit });
                 self.check_commit();
             }
             Err(reason) => {
@@ -1231,7 +1241,9 @@ impl RoomNode {
         }
         let from = self.commit;
         self.commit = commit;
-        self.persist(Write::Commit(commit));
+        // A hint, promised to no one: written after the batch's messages (see `handle`), so the
+        // next challenge does not wait for it.
+        self.commit_dirty = true;
         for tx in from..commit {
             if let Some(b) = self.chain.get(tx) {
                 let (term, winner) = (b.term, b.miner);
