@@ -80,9 +80,15 @@ pub struct RoomArgs {
     /// Topic prefix of the room.
     #[arg(long, default_value = "sd", value_parser = parse_prefix)]
     pub prefix: String,
-    /// Wire format of the peers: hashvote, or lab (the course lab's JSON messages).
+    /// Wire format of the peers: hashvote, lab (the course lab's JSON messages), or room (the
+    /// quorum protocol, its state on disk: see --run-dir).
     #[arg(long, default_value = "hashvote")]
     pub wire: String,
+    /// With --wire room: the run directory, one data directory per peer (`peer-0`, `peer-1`, ...).
+    /// An existing one resumes its room; without it, a new one under the temporary directory,
+    /// printed at start and kept at exit so the room can be resumed.
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
     /// Print plain, timestamped lines even on a terminal (the default when the output is not a
     /// terminal).
     #[arg(long)]

@@ -117,6 +117,8 @@ fn pick_port(asked: Option<u16>) -> anyhow::Result<(u16, Option<String>)> {
 
 async fn run(args: RoomArgs) -> anyhow::Result<()> {
     args.hash.parse::<peer::pow::HashAlg>().map_err(anyhow::Error::msg)?;
+    // Before anything starts: a mistake here is the user's, with nothing to clean up.
+    let run_dir = run_dir(&args)?;
     let dashboard = !args.plain && std::io::stdout().is_terminal();
     let exe = std::env::current_exe().context("cannot find the launcher's own executable")?;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel();
@@ -160,7 +162,11 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
     children.set_login(login.clone());
     let mut tally = Tally::new(args.peers as usize);
     for index in 0..args.peers as usize {
-        children.start_peer(index, &peer_args(&args, &host, port))?;
+        let mut peer = peer_args(&args, &host, port);
+        if let Some(dir) = &run_dir {
+            peer.extend(["--data-dir".into(), dir.join(format!("peer-{index}")).display().to_string()]);
+        }
+        children.start_peer(index, &peer)?;
     }
     println!("started {} peers; waiting for them to meet and elect a controller", args.peers);
 
@@ -367,6 +373,32 @@ pub(crate) fn write_report(dir: &Path, view: &RoomView, title: &str) -> anyhow::
         report::write(dir, view, title).with_context(|| format!("cannot write the report to {}", dir.display()))?;
     println!("report: {} ({} blocks, {} plots)", dir.join("index.html").display(), summary.blocks, summary.plots);
     Ok(())
+}
+
+/// With `--wire room`: the run directory (given, or new), said on the console; `None` otherwise.
+fn run_dir(args: &RoomArgs) -> anyhow::Result<Option<PathBuf>> {
+    if args.wire != "room" {
+        anyhow::ensure!(args.run_dir.is_none(), "--run-dir holds the peers' data directories of --wire room only");
+        return Ok(None);
+    }
+    let dir = match &args.run_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            std::env::temp_dir().join(format!("hashvote-room-{}-{:08x}", std::process::id(), rand::random::<u32>()))
+        }
+    };
+    let existing = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("peer-")).count()
+        })
+        .unwrap_or(0);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+    if existing > 0 {
+        println!("resuming the room in {} ({existing} data directories)", dir.display());
+    } else {
+        println!("run directory: {} (the peers' data; --run-dir {} resumes this room)", dir.display(), dir.display());
+    }
+    Ok(Some(dir))
 }
 
 fn peer_args(args: &RoomArgs, host: &str, port: u16) -> Vec<String> {

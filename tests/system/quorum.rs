@@ -385,3 +385,53 @@ fn percentile(values: &[u64], p: usize) -> u64 {
     v.sort_unstable();
     v.get((v.len().saturating_sub(1)) * p / 100).copied().unwrap_or(0)
 }
+
+/// `launcher --wire room` gives each peer a data directory under its run directory, and, given
+/// that run directory again, resumes the room: same peers, the chain continuing after its last
+/// block, a later term.
+#[test]
+fn the_launcher_resumes_a_room_from_its_run_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let run = |rounds: &str| {
+        let port = free_port().to_string();
+        let out = std::process::Command::new(exe())
+            .args(["--wire", "room", "--plain", "--no-auth", "--peers", "4", "--rounds", rounds, "--difficulty", "12"])
+            .args(["--threads", "1", "--target-block-ms", "0", "--port", &port, "--run-dir"])
+            .arg(&run_dir)
+            .output()
+            .expect("run the launcher");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "launcher failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    // The last block and the election terms of a run, from its lines.
+    let blocks = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.split("] block ").nth(1))
+            .filter_map(|rest| rest.split(':').next()?.parse().ok())
+            .collect()
+    };
+    let terms = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.split("election of term ").nth(1))
+            .filter_map(|rest| rest.split(':').next()?.parse().ok())
+            .collect()
+    };
+    let first = run("3");
+    assert!(first.contains("run directory:"), "{first}");
+    let last = *blocks(&first).iter().max().expect("blocks in the first run");
+    let second = run("6");
+    assert!(second.contains("resuming the room in"), "{second}");
+    let resumed = blocks(&second);
+    assert!(resumed.iter().all(|&b| b > last), "the second run's blocks {resumed:?} continue after block {last}");
+    assert!(!resumed.is_empty(), "{second}");
+    let (t1, t2) = (terms(&first), terms(&second));
+    assert!(t2.iter().min() > t1.iter().max(), "later terms after the restart: {t1:?} then {t2:?}");
+    let dirs = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join("peer.redb").exists())
+        .count();
+    assert_eq!(dirs, 4, "one data directory per peer");
+}
