@@ -119,7 +119,9 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
     args.hash.parse::<peer::pow::HashAlg>().map_err(anyhow::Error::msg)?;
     // Before anything starts: a mistake here is the user's, with nothing to clean up.
     let run_dir = run_dir(&args)?;
-    let dashboard = !args.plain && std::io::stdout().is_terminal();
+    // The dashboard reads the room's MQTT traffic, which it does not yet decode in wire version 2:
+    // a room protocol run shows the plain lines, built from the peers' events.
+    let dashboard = !args.plain && std::io::stdout().is_terminal() && args.wire != "room";
     let exe = std::env::current_exe().context("cannot find the launcher's own executable")?;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel();
     let mut children = Children::new(exe, out_tx);
