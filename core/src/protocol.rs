@@ -354,7 +354,7 @@ pub enum DecodeError {
     #[error("{0} trailing bytes after the message")]
     Trailing(usize),
     /// The envelope is of another protocol version.
-    #[error("unsupported protocol version {0} (this peer speaks {VERSION})")]
+    #[error("unsupported protocol version {0}")]
     Version(u8),
     /// The message arrived on the wrong topic.
     #[error("{kind} message on topic {topic}")]
@@ -389,21 +389,32 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
     postcard::to_stdvec(envelope).expect("postcard serialization into a Vec is infallible")
 }
 
-/// Decodes and validates a payload that arrived on `channel`, refusing anything over `limit` bytes.
-pub fn decode(payload: &[u8], channel: Channel, limit: usize) -> Result<Envelope, DecodeError> {
+/// The careful first half of decoding a payload of wire `version`: the size limit, then the
+/// version byte (first, so that another version is reported as such, not as garbage), then
+/// postcard with no trailing bytes. Validation is the caller's.
+pub fn decode_bytes<T: serde::de::DeserializeOwned>(
+    payload: &[u8],
+    version: u8,
+    limit: usize,
+) -> Result<T, DecodeError> {
     if payload.len() > limit {
         return Err(DecodeError::TooLarge { len: payload.len(), limit });
     }
-    // The version comes first so that a future version is reported as such, not as garbage.
-    let (&version, _) = payload.split_first().ok_or_else(|| DecodeError::Malformed("empty payload".into()))?;
-    if version != VERSION {
-        return Err(DecodeError::Version(version));
+    let (&got, _) = payload.split_first().ok_or_else(|| DecodeError::Malformed("empty payload".into()))?;
+    if got != version {
+        return Err(DecodeError::Version(got));
     }
-    let (envelope, rest): (Envelope, _) =
+    let (value, rest): (T, _) =
         postcard::take_from_bytes(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(DecodeError::Trailing(rest.len()));
     }
+    Ok(value)
+}
+
+/// Decodes and validates a payload that arrived on `channel`, refusing anything over `limit` bytes.
+pub fn decode(payload: &[u8], channel: Channel, limit: usize) -> Result<Envelope, DecodeError> {
+    let envelope: Envelope = decode_bytes(payload, VERSION, limit)?;
     validate(&envelope)?;
     if envelope.msg.channel() != channel {
         return Err(DecodeError::WrongTopic { kind: envelope.msg.kind(), topic: format!("{channel:?}") });

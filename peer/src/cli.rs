@@ -152,12 +152,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if cfg.wire == Wire::Room {
         return run_room(cfg, out);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    runtime()?.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let span = tracing::info_span!("peer", id);
@@ -191,12 +186,7 @@ fn run_room(cfg: crate::config::PeerConfig, out: Option<Box<dyn Write + Send>>) 
     let (store, identity, durable) = crate::store::Store::open(&dir, wanted)?;
     let id = identity.id;
     tracing::info!(id, dir = %dir.display(), height = durable.blocks.len(), term = durable.term, "data directory");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    runtime()?.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let events = EventSink::new(id, out);
@@ -204,6 +194,16 @@ fn run_room(cfg: crate::config::PeerConfig, out: Option<Box<dyn Write + Send>>) 
         tracing::Instrument::instrument(run, tracing::info_span!("peer", id)).await
     })?;
     Ok(())
+}
+
+/// The peer's runtime: two worker threads (the network task and the protocol loop).
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

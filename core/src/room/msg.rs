@@ -343,18 +343,7 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
 
 /// Decodes and validates a payload that arrived on `channel`, refusing anything over `limit`.
 pub fn decode(payload: &[u8], channel: Channel, limit: usize) -> Result<Envelope, DecodeError> {
-    if payload.len() > limit {
-        return Err(DecodeError::TooLarge { len: payload.len(), limit });
-    }
-    let (&version, _) = payload.split_first().ok_or_else(|| DecodeError::Malformed("empty payload".into()))?;
-    if version != VERSION {
-        return Err(DecodeError::Version(version));
-    }
-    let (envelope, rest): (Envelope, _) =
-        postcard::take_from_bytes(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(DecodeError::Trailing(rest.len()));
-    }
+    let envelope: Envelope = crate::protocol::decode_bytes(payload, VERSION, limit)?;
     if envelope.msg.channel() != channel {
         return Err(DecodeError::WrongTopic { kind: envelope.msg.kind(), topic: format!("{channel:?}") });
     }
