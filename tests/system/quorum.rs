@@ -59,7 +59,7 @@ impl QuorumRoom {
             "--room-size",
             &size,
             "--difficulty",
-            "14",
+            "20",
             "--threads",
             "1",
             "--keepalive",
@@ -396,7 +396,7 @@ fn the_launcher_resumes_a_room_from_its_run_directory() {
     let run = |rounds: &str| {
         let port = free_port().to_string();
         let out = std::process::Command::new(exe())
-            .args(["--wire", "room", "--plain", "--no-auth", "--peers", "4", "--rounds", rounds, "--difficulty", "12"])
+            .args(["--wire", "room", "--plain", "--no-auth", "--peers", "4", "--rounds", rounds, "--difficulty", "18"])
             .args(["--threads", "1", "--target-block-ms", "0", "--port", &port, "--run-dir"])
             .arg(&run_dir)
             .output()
