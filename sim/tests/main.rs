@@ -132,3 +132,22 @@ fn three_hundred_peers_with_spurious_departures_elect_one_controller_per_term() 
     let report = w.run().unwrap_or_else(|f| panic!("{f}"));
     assert!(report.committed > 0, "{report:?}");
 }
+
+/// Found at a million random seeds: fresh processes (a member's id run again with a new data
+/// directory, newcomers) that meet each other before the room's answers reach them must not
+/// found a second room on the same topics.
+#[test]
+fn fresh_peers_that_meet_each_other_first_do_not_found_a_second_room() {
+    scripted(1_000, 2, |w| {
+        w.script(2_000, Fault::Duplicate { p: 0 });
+        w.script(2_001, Fault::Duplicate { p: 1 });
+    });
+    scripted(1_000, 2, |w| {
+        w.script(2_000, Fault::Duplicate { p: 1 });
+        w.script(2_002, Fault::Newcomer);
+    });
+    scripted(1_000, 2, |w| {
+        w.script(2_000, Fault::Newcomer);
+        w.script(2_001, Fault::Newcomer);
+    });
+}

@@ -34,13 +34,23 @@ pub struct Timing {
     pub election_max_ms: u64,
     /// How long a voter waits for the ballots of members not known to be gone before it grants.
     pub ballot_wait_ms: u64,
+    /// How long a peer without a chain listens after it connects before it may found a room:
+    /// long enough to hear an existing room's heartbeats, or its answers to our hello.
+    pub discovery_ms: u64,
     /// How long a sync request may go unanswered before it is sent again.
     pub sync_retry_ms: u64,
 }
 
 impl Default for Timing {
     fn default() -> Self {
-        Self { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800, ballot_wait_ms: 100, sync_retry_ms: 500 }
+        Self {
+            heartbeat_ms: 100,
+            election_min_ms: 400,
+            election_max_ms: 800,
+            ballot_wait_ms: 100,
+            discovery_ms: 300,
+            sync_retry_ms: 500,
+        }
     }
 }
 
@@ -203,6 +213,8 @@ pub struct RoomNode {
     grants: BTreeSet<PeerId>,
     /// Evidence that the room already has a chain (do not bootstrap, sync).
     room_seen: bool,
+    /// Before this time (set on every connect) this peer does not found a room: it listens.
+    discover_until: u64,
     /// Before block 0: the proposed configuration and its digest (SHA-256), kept up to date as
     /// peers come and go (see [`RoomNode::refresh_voters`]).
     proposal: Option<(RoomConfig, Digest)>,
@@ -274,6 +286,7 @@ impl RoomNode {
             grant_deadline: None,
             grants: BTreeSet::new(),
             room_seen,
+            discover_until: 0,
             proposal: None,
             gone_voters: 0,
             gone_peers: 0,
@@ -394,6 +407,9 @@ impl RoomNode {
         if let Some((_, at, _, _)) = self.syncing {
             t = t.min(at + self.cfg.timing.sync_retry_ms);
         }
+        if self.may_bootstrap() && self.discover_until > self.now {
+            t = t.min(self.discover_until);
+        }
         t
     }
 
@@ -474,6 +490,8 @@ impl RoomNode {
         // Clean sessions: whatever was in flight may be lost. Say again everything the room may
         // be waiting on.
         self.publish(self.hello(None, true));
+        // Whatever we heard of other peers before, an existing room may not have answered yet.
+        self.discover_until = self.now + self.cfg.timing.discovery_ms;
         if let Some((peer, _, _, _)) = self.syncing.take() {
             self.request_sync(peer);
         }
@@ -538,6 +556,9 @@ impl RoomNode {
         if self.grant_deadline.is_some_and(|g| now >= g) {
             self.grant_deadline = None;
             self.try_grant(true);
+        }
+        if now >= self.discover_until {
+            self.try_start_bootstrap();
         }
         if let Some((peer, at, _, _)) = self.syncing
             && now >= at + self.cfg.timing.sync_retry_ms
@@ -812,6 +833,10 @@ impl RoomNode {
             // the member back with its disk lost): not that member. It still learns from our
             // answer that this room exists, so it never founds another.
             self.drop_msg("duplicate_id", format!("hello from {from} under a key that is not its member's"));
+            if height > 0 || controller.is_some() {
+                // Whoever it is, it speaks for a room that exists.
+                self.saw_room();
+            }
             if want_reply {
                 self.publish(self.hello(Some(from), false));
             }
@@ -862,11 +887,18 @@ impl RoomNode {
 
     // ----- Election ----------------------------------------------------------------------------
 
-    /// Before block 0: once the proposal is complete, start the first election at once.
+    /// Before block 0: once the proposal is complete and this peer has listened for an existing
+    /// room long enough since it connected, start the first election.
     fn try_start_bootstrap(&mut self) {
-        if self.config.is_none() && self.term == 0 && self.controller.is_none() && self.is_voter() {
+        if self.may_bootstrap() && self.now >= self.discover_until {
             self.start_pre_vote();
         }
+    }
+
+    /// This peer could found the room: no chain, no room seen, no term, and it is in the proposal.
+    /// (A peer still listening may answer another's pre-ballot: that peer has listened.)
+    fn may_bootstrap(&self) -> bool {
+        self.config.is_none() && self.term == 0 && self.controller.is_none() && self.is_voter()
     }
 
     /// True when this peer has a controller it heard recently (its lease).
@@ -880,6 +912,10 @@ impl RoomNode {
 
     fn start_pre_vote(&mut self) {
         if !self.is_voter() || self.controller_live() {
+            return;
+        }
+        if self.config.is_none() && self.term == 0 && self.now < self.discover_until {
+            // Founding a room: not before we have listened for one (see `try_start_bootstrap`).
             return;
         }
         let next = self.term + 1;

@@ -95,10 +95,13 @@ impl Room {
     }
 }
 
+/// Long enough for a new room to listen for an existing one, then elect.
+const FOUNDED_MS: u64 = 350;
+
 #[test]
 fn a_room_of_three_elects_the_highest_ballot_and_commits_a_block_with_a_quorum() {
     let mut room = Room::new(3);
-    room.run(50);
+    room.run(FOUNDED_MS);
     let ctl = room.controllers();
     assert_eq!(ctl.len(), 1, "one controller");
     let ctl = ctl[0];
@@ -123,9 +126,21 @@ fn a_room_of_three_elects_the_highest_ballot_and_commits_a_block_with_a_quorum()
 }
 
 #[test]
+fn a_new_room_listens_for_an_existing_one_before_it_elects() {
+    let mut room = Room::new(3);
+    room.run(Timing::default().discovery_ms - 5);
+    assert!(
+        !room.actions.iter().any(|(_, a)| matches!(a, Action::Publish(Msg::PreBallot { .. }))),
+        "no pre-vote while listening"
+    );
+    room.run(50);
+    assert_eq!(room.controllers().len(), 1, "elected once the listening is over");
+}
+
+#[test]
 fn a_vote_is_persisted_before_it_is_sent() {
     let mut room = Room::new(3);
-    room.run(50);
+    room.run(FOUNDED_MS);
     for (i, (node, action)) in room.actions.iter().enumerate() {
         if let Action::Publish(Msg::Grant { term, to, .. }) = action {
             let persisted = room.actions[..i].iter().rev().any(|(n, a)| {
@@ -140,7 +155,7 @@ fn a_vote_is_persisted_before_it_is_sent() {
 #[test]
 fn a_controller_without_a_quorum_commits_nothing_and_steps_down() {
     let mut room = Room::new(3);
-    room.run(50);
+    room.run(FOUNDED_MS);
     let ctl = room.controllers()[0];
     // Cut the controller off: nothing reaches the others, nothing comes back.
     let others: Vec<usize> = (0..3).filter(|&i| i != ctl).collect();
@@ -163,7 +178,7 @@ fn a_controller_without_a_quorum_commits_nothing_and_steps_down() {
 #[test]
 fn a_restarted_voter_keeps_its_vote() {
     let mut room = Room::new(3);
-    room.run(50);
+    room.run(FOUNDED_MS);
     let node = &room.nodes[1];
     let (term, vote) = (node.term(), node.voted_for());
     assert!(vote.is_some());
