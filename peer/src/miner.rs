@@ -157,7 +157,25 @@ impl Drop for Miner {
     }
 }
 
+/// Puts the calling thread in Linux's `SCHED_IDLE` class: it runs only when no normal thread
+/// wants the core, so a peer's protocol work (and every other peer's, when many share a machine)
+/// is never starved by hashing. On a machine with idle cores hashing loses nothing. Elsewhere the
+/// threads keep the default priority.
+pub(crate) fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid `sched_param` that outlives the call; pid 0 names the
+        // calling thread; the call changes nothing but that thread's scheduling policy.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        if rc != 0 {
+            tracing::debug!("miner threads keep their priority: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 fn worker(shared: &Shared, index: usize, threads: u64, on_found: &(dyn Fn(Found) + Send + Sync)) {
+    lower_priority();
     let slot = &shared.slots[index];
     // Records the first moment this worker knew of `generation` (only this thread writes the
     // slot, so load-then-store is race-free).
@@ -245,6 +263,33 @@ mod tests {
             assert!(Instant::now() < deadline, "condition not met within 30 s");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// The scheduling policy (field 41 of `/proc/self/task/<tid>/stat`) of every thread of this
+    /// process named `name`.
+    #[cfg(target_os = "linux")]
+    fn policies_of(name: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").expect("/proc") {
+            let dir = task.expect("task").path();
+            if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name) {
+                let stat = std::fs::read_to_string(dir.join("stat")).expect("stat");
+                // The command name (field 2) may hold spaces: count from the ')' after it.
+                let rest = &stat[stat.rfind(')').expect("comm ends") + 2..];
+                let policy = rest.split(' ').nth(41 - 3).expect("41 fields").parse().expect("number");
+                out.push(policy);
+            }
+        }
+        out
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn workers_hash_at_idle_priority() {
+        let miner = Miner::new(2, |_| {});
+        let policy = eventually(|| Some(policies_of("miner-1")).filter(|p| p.contains(&(libc::SCHED_IDLE as u32))));
+        assert!(!policy.is_empty());
+        drop(miner);
     }
 
     #[test]

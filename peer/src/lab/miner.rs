@@ -66,6 +66,7 @@ impl LabMiner {
             let prefix = format!("{}-{salt:08x}-{t:x}-", self.me);
             let (stop, hashes, on_found) = (Arc::clone(&stop), Arc::clone(&self.hashes), Arc::clone(&self.on_found));
             let spawned = std::thread::Builder::new().name(format!("lab-miner-{t}")).spawn(move || {
+                crate::miner::lower_priority();
                 if let Some((solution, counter)) = search(&prefix, job.difficulty, &stop, &hashes)
                     // Only the first finder reports: the others see the flag already set.
                     && !stop.swap(true, Ordering::AcqRel)
