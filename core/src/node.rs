@@ -205,6 +205,7 @@ impl Node {
             threads: 0,
             started_ms: self.cfg.since_ms,
             at_ms,
+            waiting: None,
         }
     }
 

@@ -95,6 +95,27 @@ pub struct Status {
     pub started_ms: u64,
     /// The peer's clock (Unix ms) when this status was published.
     pub at_ms: u64,
+    /// Set while the peer has no controller and cannot reach a quorum of the room's voters (room
+    /// protocol): the minority side of a split says so.
+    pub waiting: Option<Waiting>,
+}
+
+/// A peer without a quorum: how far it is from one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Waiting {
+    /// Voters the peer heard from recently (itself included if it votes).
+    pub reachable: u32,
+    /// Voters a quorum needs.
+    pub needed: u32,
+    /// Voters in the room's configuration.
+    pub voters: u32,
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self { reachable, needed, voters } = self;
+        write!(f, "waiting for a quorum: {reachable} of {needed} needed reachable ({voters} voters)")
+    }
 }
 
 impl Status {
@@ -130,6 +151,11 @@ impl Status {
         }
         if status.leader == Some(0) {
             return Err(DecodeError::Invalid("status leader id 0"));
+        }
+        if let Some(w) = status.waiting
+            && (w.reachable >= w.needed || w.needed > w.voters)
+        {
+            return Err(DecodeError::Invalid("status waiting for a quorum it has"));
         }
         Ok(status)
     }
@@ -167,6 +193,7 @@ mod tests {
             threads: 2,
             started_ms: 1_000,
             at_ms: 5_000,
+            waiting: None,
         }
     }
 
@@ -185,6 +212,21 @@ mod tests {
         assert_eq!(Status::decode(&bytes, 43).unwrap_err().reason(), "invalid_field");
         let zero = Status { id: 0, ..sample() }.encode();
         assert_eq!(Status::decode(&zero, 0).unwrap_err().reason(), "invalid_field");
+    }
+
+    #[test]
+    fn a_peer_without_a_quorum_says_how_far_it_is() {
+        let w = Waiting { reachable: 2, needed: 4, voters: 6 };
+        let s = Status { role: Role::Electing, leader: None, waiting: Some(w), ..sample() };
+        assert_eq!(Status::decode(&s.encode(), 42).unwrap(), s);
+        assert_eq!(w.to_string(), "waiting for a quorum: 2 of 4 needed reachable (6 voters)");
+        for bad in [Waiting { reachable: 4, ..w }, Waiting { voters: 3, ..w }] {
+            let s = Status { leader: None, waiting: Some(bad), ..sample() };
+            assert_eq!(Status::decode(&s.encode(), 42).unwrap_err().reason(), "invalid_field", "{bad:?}");
+        }
+        // The term's controller may be known, and gone: its survivors wait.
+        let survivor = Status { waiting: Some(w), ..sample() };
+        assert_eq!(Status::decode(&survivor.encode(), 42).unwrap(), survivor);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //!   ballot drawn nondeterministically from a small domain and pos = (last entry's term, length).
 //!   A peer that hears a ballot of a higher term moves to that term (vote cleared) and may publish
 //!   its own ballot. A voter grants at most one candidate per term, at any moment after it holds
-//!   an eligible ballot, to the highest (ballot, id) among the ballots it holds with pos >= its own
-//!   pos (itself included). A candidate with a quorum of grants is the controller of its term.
+//!   an eligible ballot, to the most up-to-date then highest (ballot, id) among the ballots it
+//!   holds with pos >= its own pos (itself included). A candidate with a quorum of grants is the controller of its term.
 //! - Replication: the controller appends entries of its term and publishes
 //!   `Append{term, prev_len, prev_term, entries, commit}`, for every prefix length
 //!   ([`Settings::any_prefix`], covering every `next_index` a real controller could hold) or for

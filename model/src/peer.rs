@@ -91,7 +91,8 @@ pub enum Variant {
     Correct,
     /// Broken: the vote is not persisted, so a peer that restarts may grant twice in one term.
     VoteNotDurable,
-    /// Broken: a voter grants without the up-to-date check (`pos >= own pos`).
+    /// Broken: a voter grants without the up-to-date check (`pos >= own pos`), to the highest
+    /// ballot whatever its position (the lab's bare rule).
     NoUpToDateCheck,
     /// Broken: the controller commits an index whose entry is of an earlier term once a quorum
     /// stores it (the Raft paper's figure 8).
@@ -299,8 +300,8 @@ impl PeerState {
         }
     }
 
-    /// The candidate this voter would grant to now: the highest (ballot, id) among the ballots
-    /// it holds whose position is at least its own. `None` if it has voted or holds none eligible.
+    /// The candidate this voter would grant to now: among the ballots it holds whose position is
+    /// at least its own, the most up-to-date, then the highest (ballot, id). `None` if it has voted or holds none eligible.
     pub fn grant_choice(&self, s: &Settings) -> Option<PeerId> {
         if self.durable.voted_for.is_some() || (s.wait_for_all_ballots && self.ballots.iter().any(Option::is_none)) {
             return None;
@@ -310,7 +311,9 @@ impl PeerState {
         (0..PEERS as u8)
             .filter_map(|i| self.ballots[usize::from(i)].map(|(b, pos)| (b, i, pos)))
             .filter(|&(_, _, pos)| !check_pos || pos >= own)
-            .max_by_key(|&(b, i, _)| (b, i))
+            // Broken, the lab's bare rule: positions play no part. (Ranking by position first
+            // already implies the check whenever the voter holds its own ballot.)
+            .max_by_key(|&(b, i, pos)| if check_pos { (pos, b, i) } else { (Pos::default(), b, i) })
             .map(|(_, i, _)| i)
     }
 

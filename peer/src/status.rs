@@ -85,6 +85,7 @@ mod tests {
             threads: 2,
             started_ms: 1_000,
             at_ms: 5_000,
+            waiting: None,
         }
     }
 

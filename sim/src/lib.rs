@@ -295,6 +295,8 @@ pub struct World {
     dup: u32,
     delay: u32,
     chaos_until: u64,
+    /// A fresh peer listens for the room until then: no message loss begins before.
+    listening_until: u64,
     // Checker state.
     controllers: BTreeMap<Term, (PeerId, u64)>,
     committed: Vec<Block>,
@@ -336,6 +338,7 @@ impl World {
             dup: 0,
             delay: 0,
             chaos_until: 0,
+            listening_until: 0,
             controllers: BTreeMap::new(),
             committed: Vec::new(),
             checked_commit: Vec::new(),
@@ -613,8 +616,11 @@ impl World {
                     return Ok(());
                 }
                 if lose_disk && !self.fresh_peer_allowed() {
-                    self.log(|| format!("{p} keeps its disk: no quorum of the room to meet"));
+                    self.log(|| format!("{p} keeps its disk: the room could not be heard"));
                     lose_disk = false;
+                }
+                if lose_disk {
+                    self.fresh_listening();
                 }
                 let (id, mut key) = (self.procs[p].id, self.procs[p].key);
                 if lose_disk {
@@ -1026,6 +1032,9 @@ impl World {
                     self.schedule(self.now + ms, Ev::BrokerUp);
                 }
             }
+            Fault::Chaos { .. } if self.now < self.listening_until => {
+                self.log(|| "no network chaos while a fresh peer listens for the room".into());
+            }
             Fault::Chaos { ms, loss, dup, delay } => {
                 self.log(|| format!("network chaos for {ms} ms: loss {loss}, dup {dup}, delay {delay} per mille"));
                 (self.loss, self.dup, self.delay) = (loss, dup, delay);
@@ -1036,6 +1045,7 @@ impl World {
                 if self.fresh_peer_allowed() && self.procs.len() < self.sc.peers + 3 {
                     let id = self.rng.random_range(1..=u32::MAX);
                     self.log(|| format!("newcomer {id}"));
+                    self.fresh_listening();
                     self.spawn(id, 1);
                 }
             }
@@ -1045,6 +1055,7 @@ impl World {
                 if self.fresh_peer_allowed() && self.procs.len() < self.sc.peers + 3 {
                     let id = self.procs[p].id;
                     self.log(|| format!("duplicate of {id}"));
+                    self.fresh_listening();
                     self.spawn(id, 1);
                 }
             }
@@ -1088,9 +1099,17 @@ impl World {
 
     /// Whether a peer with an empty data directory may start now. The documented assumption: a
     /// room is founded only where none of an existing room's peers can be heard; a fresh peer
-    /// that meets the room learns its chain and never founds another.
+    /// that meets the room learns its chain and never founds another. So fresh peers start while
+    /// a quorum of the room is up and messages are not being lost (no chaos now, none started
+    /// while a fresh peer listens: see `listening_until`).
+    fn fresh_listening(&mut self) {
+        // Its listening, with time to connect and for the room's answers to travel.
+        let until = self.now + self.sc.timing.discovery_ms + 100;
+        self.listening_until = self.listening_until.max(until);
+    }
+
     fn fresh_peer_allowed(&self) -> bool {
-        self.members_up(true).is_some_and(|(up, quorum)| up >= quorum)
+        self.now >= self.chaos_until && self.members_up(true).is_some_and(|(up, quorum)| up >= quorum)
     }
 
     /// [`CONTROLLER`] stands for the controller of the moment (or any live process).

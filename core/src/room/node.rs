@@ -397,6 +397,20 @@ impl RoomNode {
         Some(Reach { reachable, needed: voters.quorum(), voters: voters.len() })
     }
 
+    /// How far this peer is from a quorum, while it has no controller and cannot reach one.
+    pub fn waiting(&self) -> Option<crate::status::Waiting> {
+        if self.controller_live() {
+            return None;
+        }
+        let r = self.reach()?;
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        (r.reachable < r.needed).then(|| crate::status::Waiting {
+            reachable: n(r.reachable),
+            needed: n(r.needed),
+            voters: n(r.voters),
+        })
+    }
+
     /// The earliest time at which [`Input::Tick`] has something to do.
     pub fn next_timer(&self) -> u64 {
         // A controller has no election timer: it beats, and checks it hears a quorum.
@@ -431,6 +445,7 @@ impl RoomNode {
             threads: 0,
             started_ms: self.cfg.since_ms,
             at_ms,
+            waiting: self.waiting(),
         }
     }
 
@@ -575,7 +590,8 @@ impl RoomNode {
     }
 
     fn report_reach(&mut self) {
-        if self.controller.is_some() {
+        // A controller known gone (its will) or silent is no controller to wait with.
+        if self.controller_live() {
             self.last_reach = None;
             return;
         }
@@ -1060,7 +1076,10 @@ impl RoomNode {
             .ballots
             .iter()
             .filter(|(_, b)| b.pos >= mine && (self.config.is_some() || b.proposal == proposal))
-            .max_by_key(|(id, b)| (b.ballot, **id))
+            // The most up-to-date candidates first: every voter can grant them, so the room
+            // converges on one (a voter behind the others that drew the highest ballot would
+            // otherwise grant itself, in vain, and split the term). Among equals, the lab's rule.
+            .max_by_key(|(id, b)| (b.pos, b.ballot, **id))
             .map(|(id, _)| *id);
         let Some(to) = best else { return };
         let to_key = voters.key_of(to).unwrap_or_default();

@@ -175,6 +175,86 @@ fn a_controller_without_a_quorum_commits_nothing_and_steps_down() {
     assert!(rest.nodes[0].term() > lone.nodes[0].term() || rest.nodes[0].term() >= 2);
 }
 
+/// Found on real processes: a miner that saw its controller's will (and another member's) kept
+/// the dead controller's name, and so never said it waited for a quorum.
+#[test]
+fn a_survivor_of_its_controllers_will_says_it_waits_for_a_quorum() {
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    let ctl = room.controllers()[0];
+    let survivor = (ctl + 1) % 3;
+    room.mine(survivor);
+    room.run(10);
+    assert!(room.nodes.iter().all(|n| n.commit() == 1), "block 0 committed: the configuration is fixed");
+    let gone: Vec<PeerId> = (0..3).filter(|&i| i != survivor).map(|i| room.nodes[i].id()).collect();
+    let mut lone =
+        Room { nodes: vec![room.nodes.remove(survivor)], now: room.now, queue: VecDeque::new(), actions: vec![] };
+    for id in gone {
+        lone.input(0, Input::Message(Envelope::new(id, Msg::Leave { incarnation: 7 })));
+    }
+    lone.run(1_000);
+    let said = lone
+        .actions
+        .iter()
+        .any(|(_, a)| matches!(a, Action::Emit(Event::QuorumWaiting { reachable: 1, needed: 2, voters: 3 })));
+    assert!(
+        said,
+        "the event: {:?}",
+        lone.actions.iter().filter(|(_, a)| matches!(a, Action::Emit(_))).collect::<Vec<_>>()
+    );
+    let waiting = lone.nodes[0].status(0).waiting;
+    assert_eq!(waiting, Some(crate::status::Waiting { reachable: 1, needed: 2, voters: 3 }), "the status");
+}
+
+/// Found by the simulator (2 seeds in a million): a voter behind the others that drew the
+/// highest ballot granted itself, which the others could not, and where the quorum needed every
+/// live voter the room split term after term. Voters now grant the most up-to-date candidate.
+#[test]
+fn a_voter_behind_the_others_grants_the_most_up_to_date_candidate() {
+    for terms in 0..8 {
+        let mut room = Room::new(3);
+        room.run(FOUNDED_MS);
+        let ctl = room.controllers()[0];
+        let (behind, ahead) = ((ctl + 1) % 3, (ctl + 2) % 3);
+        room.mine(behind);
+        room.run(10);
+        // Block 1 reaches the controller and `ahead` only (`ahead` mines the job it was given
+        // before `behind` left: node indices shift by the removal).
+        let b = room.nodes.remove(behind);
+        let ctl_i = if ctl < behind { ctl } else { ctl - 1 };
+        let ahead_i = if ahead < behind { ahead } else { ahead - 1 };
+        let job = room.actions.iter().rev().find_map(|(i, a)| match a {
+            Action::Mine(job) if *i == ahead => Some(*job),
+            _ => None,
+        });
+        let job = job.expect("a job for block 1");
+        let nonce = job.template.search(u32::from(job.difficulty), 0, 1 << 20).expect("found");
+        room.input(ahead_i, Input::Mined(Found { tx: job.tx, nonce, hashes: 1, elapsed_ms: 1 }));
+        room.run(10);
+        assert_eq!(room.nodes[ahead_i].commit(), 2);
+        let dead = room.nodes.remove(ctl_i).id();
+        let a = room.nodes.remove(0);
+        let (b_id, a_id) = (b.id(), a.id());
+        let mut pair = Room { nodes: vec![b, a], now: room.now, queue: VecDeque::new(), actions: vec![] };
+        for i in 0..2 {
+            pair.input(i, Input::Message(Envelope::new(dead, Msg::Leave { incarnation: 7 })));
+        }
+        // A few elections, each with fresh ballots.
+        pair.run(300 + 200 * terms);
+        for (i, a) in &pair.actions {
+            if let Action::Emit(Event::VoteGranted { term, to }) = a {
+                assert_eq!(
+                    *to,
+                    a_id,
+                    "node {} granted {to} in term {term}, not the up-to-date {a_id}",
+                    pair.nodes[*i].id()
+                );
+            }
+        }
+        assert_eq!(pair.controllers(), vec![1], "{b_id} behind, {a_id} elected");
+    }
+}
+
 #[test]
 fn a_restarted_voter_keeps_its_vote() {
     let mut room = Room::new(3);
