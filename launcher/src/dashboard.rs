@@ -147,10 +147,13 @@ fn draw_header(frame: &mut Frame, area: Rect, view: &RoomView, ui: &Ui, now_ms: 
         Some(n) => format!("peers {online}/{n} online"),
         None => format!("peers {online}/{} online", view.peers().len()),
     };
-    let controller = match (view.electing(), view.controller()) {
-        (Some(t), _) => format!("electing term {t}"),
-        (None, Some((_, id))) => format!("controller {id}"),
-        (None, None) => "no controller".to_string(),
+    let waiting = view.peers().filter(|p| p.presence(now_ms) != Presence::Offline).find_map(|p| p.waiting());
+    let controller = match (view.electing(), view.controller(), waiting) {
+        // The minority side of a split (or a room that lost its quorum) says why nothing happens.
+        (_, _, Some(w)) => w.to_string(),
+        (Some(t), _, None) => format!("electing term {t}"),
+        (None, Some((_, id)), None) => format!("controller {id}"),
+        (None, None, None) => "no controller".to_string(),
     };
     let line = Line::from(vec![
         Span::raw(format!("broker {} · {peers} · term {} · ", ui.broker, view.term())),
@@ -164,11 +167,13 @@ fn draw_peers(frame: &mut Frame, area: Rect, view: &RoomView, ui: &Ui, now_ms: u
     let controller = view.controller().map(|(_, id)| id);
     let rows = view.peers().map(|p| {
         let presence = p.presence(now_ms);
-        let role = match p.role() {
-            Some(role) => role.as_str(),
+        let role = match (p.role(), p.waiting()) {
+            // Without a quorum: how far from one.
+            (_, Some(w)) => format!("quorum {}/{}", w.reachable, w.needed),
+            (Some(role), None) => role.as_str().to_string(),
             // Known only from its messages.
-            None if controller == Some(p.id) => Role::Controller.as_str(),
-            None => "?",
+            (None, None) if controller == Some(p.id) => Role::Controller.as_str().to_string(),
+            (None, None) => "?".to_string(),
         };
         let state =
             if ui.paused.contains(&p.id) && presence != Presence::Offline { "paused" } else { presence.as_str() };
@@ -181,7 +186,7 @@ fn draw_peers(frame: &mut Frame, area: Rect, view: &RoomView, ui: &Ui, now_ms: u
         };
         Row::new([
             p.id.to_string(),
-            role.to_string(),
+            role,
             opt(p.term),
             state.to_string(),
             p.hash_rate().filter(|_| presence != Presence::Offline).map_or_else(|| "-".to_string(), format_rate),
@@ -192,7 +197,7 @@ fn draw_peers(frame: &mut Frame, area: Rect, view: &RoomView, ui: &Ui, now_ms: u
     });
     let widths = [
         Constraint::Length(10),
-        Constraint::Length(10),
+        Constraint::Length(12),
         Constraint::Length(5),
         Constraint::Length(7),
         Constraint::Length(11),
@@ -340,6 +345,20 @@ mod tests {
         assert!(buf[(x, y)].modifier.contains(Modifier::REVERSED));
         let y3 = lines.iter().position(|l| l.contains("3333 ")).unwrap() as u16;
         assert!(!buf[(x, y3)].modifier.contains(Modifier::REVERSED));
+    }
+
+    #[test]
+    fn a_peer_without_a_quorum_says_so_in_the_header_and_its_row() {
+        let mut view = RoomView::new();
+        let waiting = peer::status::Waiting { reachable: 2, needed: 4, voters: 6 };
+        let crate::view::Observed::Status(s) = script::status(A, Role::Electing, 3, None, 0) else { unreachable!() };
+        let told =
+            view.observe(1_000, crate::view::Observed::Status(peer::status::Status { waiting: Some(waiting), ..s }));
+        assert!(told.iter().any(|h| h.to_string() == format!("peer {A}: {waiting}")), "{told:?}");
+        let lines = lines(&render(&view, &ui(), 120, 30, 1_500));
+        let all = lines.join("\n");
+        assert!(all.contains("waiting for a quorum: 2 of 4 needed reachable (6 voters)"), "{all}");
+        assert!(line_with(&lines, "1111 ").contains("quorum 2/4"), "{all}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub fn line(topics: &Topics, prefix: &str, input: &str) -> serde_json::Value {
         hex::decode(hex).map_err(|_| "not_hex").and_then(|payload| observe::decode(topics, prefix, topic, &payload));
     match decoded {
         Ok(Observed::Message(envelope)) => serde_json::json!({ "topic": topic, "message": envelope }),
+        Ok(Observed::Room(envelope)) => serde_json::json!({ "topic": topic, "message": envelope }),
         Ok(Observed::Status(status)) => serde_json::json!({ "topic": topic, "status": status }),
         Err(reason) => serde_json::json!({ "topic": topic, "dropped": reason }),
     }

@@ -119,9 +119,7 @@ async fn run(args: RoomArgs) -> anyhow::Result<()> {
     args.hash.parse::<peer::pow::HashAlg>().map_err(anyhow::Error::msg)?;
     // Before anything starts: a mistake here is the user's, with nothing to clean up.
     let run_dir = run_dir(&args)?;
-    // The dashboard reads the room's MQTT traffic, which it does not yet decode in wire version 2:
-    // a room protocol run shows the plain lines, built from the peers' events.
-    let dashboard = !args.plain && std::io::stdout().is_terminal() && args.wire != "room";
+    let dashboard = !args.plain && std::io::stdout().is_terminal();
     let exe = std::env::current_exe().context("cannot find the launcher's own executable")?;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel();
     let mut children = Children::new(exe, out_tx);

@@ -11,6 +11,7 @@ use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions, Pac
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use hashvote_core::room;
 use peer::protocol::{self, Topics};
 use peer::status::{self, Status};
 
@@ -55,7 +56,13 @@ pub enum Seen {
 /// Decodes one payload seen on `topic` under `topics`/`prefix`.
 pub fn decode(topics: &Topics, prefix: &str, topic: &str, payload: &[u8]) -> Result<Observed, &'static str> {
     if let Some(channel) = topics.channel(topic) {
-        return protocol::decode(payload, channel, MAX_PAYLOAD).map(Observed::Message).map_err(|e| e.reason());
+        // The first byte is the wire version: a room of either protocol can be watched.
+        let decoded = if payload.first() == Some(&room::VERSION) {
+            room::decode(payload, channel.into(), MAX_PAYLOAD).map(Observed::Room)
+        } else {
+            protocol::decode(payload, channel, MAX_PAYLOAD).map(Observed::Message)
+        };
+        return decoded.map_err(|e| e.reason());
     }
     if let Some(id) = status::topic_peer(prefix, topic) {
         if payload.is_empty() {

@@ -9,8 +9,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
+use hashvote_core::room::{Envelope as RoomEnvelope, Msg as RoomMsg};
 use peer::protocol::{Block, Challenge, Envelope, Message, Outcome, PeerId, RejectReason, Term, TxId};
-use peer::status::{Role, Status};
+use peer::status::{Role, Status, Waiting};
 
 /// Most peers kept; past it the peer heard from least recently (offline ones first) is forgotten.
 pub const MAX_PEERS: usize = 1024;
@@ -30,8 +31,10 @@ const MAX_LEADERS: usize = 1024;
 /// One thing the observer received, already decoded and validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Observed {
-    /// A protocol message from one of the room's topics.
+    /// A protocol message (wire version 1) from one of the room's topics.
     Message(Envelope),
+    /// A room protocol message (wire version 2) from one of the room's topics.
+    Room(RoomEnvelope),
     /// A peer's status from `<prefix>/status/<id>`.
     Status(Status),
 }
@@ -112,6 +115,14 @@ impl PeerView {
             return Some(Role::Offline);
         }
         self.status.as_ref().map(|s| s.role)
+    }
+
+    /// How far it is from a quorum, if its latest status says it waits for one.
+    pub fn waiting(&self) -> Option<Waiting> {
+        if self.offline {
+            return None;
+        }
+        self.status.as_ref().and_then(|s| s.waiting)
     }
 
     /// Its hash rate (H/s) from its latest status.
@@ -271,6 +282,13 @@ pub enum Happening {
         /// From the loss to that challenge.
         failover_ms: u64,
     },
+    /// A peer says it has no controller and cannot reach a quorum of the room's voters.
+    Waiting {
+        /// The peer.
+        id: PeerId,
+        /// How far it is from a quorum.
+        waiting: Waiting,
+    },
     /// A new challenge (or one reissued by a new controller).
     Challenge {
         /// The transaction.
@@ -320,6 +338,7 @@ impl fmt::Display for Happening {
             Self::Left { id } => write!(f, "peer {id} left"),
             Self::Offline { id } => write!(f, "peer {id} offline"),
             Self::Silent { id, for_ms } => write!(f, "peer {id} silent for {:.1} s", for_ms as f64 / 1000.0),
+            Self::Waiting { id, waiting } => write!(f, "peer {id}: {waiting}"),
             Self::ElectionStarted { term } => write!(f, "election for term {term} started"),
             Self::Elected { term, leader, election_ms: Some(ms) } => {
                 write!(f, "term {term}: controller {leader} elected in {ms} ms")
@@ -382,6 +401,7 @@ impl RoomView {
         match seen {
             Observed::Status(s) => self.status(now_ms, s, &mut out),
             Observed::Message(env) => self.message(now_ms, env, &mut out),
+            Observed::Room(env) => self.room_message(now_ms, env, &mut out),
         }
         out
     }
@@ -573,6 +593,11 @@ impl RoomView {
             out.push(Happening::Restarted { id });
         }
         let (term, leader, role) = (s.term, s.leader, s.role);
+        // Told when it starts waiting, or when how far it is changes.
+        let was_waiting = self.peers.get(&id).and_then(PeerView::waiting);
+        if let Some(waiting) = s.waiting.filter(|&w| alive && was_waiting != Some(w)) {
+            out.push(Happening::Waiting { id, waiting });
+        }
         if let Some(p) = self.peer_mut(id) {
             p.term = Some(s.term);
             p.height = Some(s.height);
@@ -625,14 +650,7 @@ impl RoomView {
             }
             Message::SyncReply { term, blocks, .. } => {
                 self.heard(now_ms, from, true, out);
-                // Fills gaps for a late observer; what results said is not overridden.
-                if self.leader_of(term) == Some(from) {
-                    for b in blocks {
-                        if !self.chain.contains_key(&b.tx) {
-                            self.insert_block(b);
-                        }
-                    }
-                }
+                self.synced(term, from, blocks);
             }
             Message::Challenge(c) => {
                 self.heard(now_ms, from, true, out);
@@ -645,6 +663,73 @@ impl RoomView {
                     return;
                 }
                 self.result(now_ms, term, outcome, out);
+            }
+        }
+    }
+
+    /// The same story told from the room protocol's messages: a ballot opens the term's
+    /// election, a heartbeat or challenge names its controller.
+    fn room_message(&mut self, now_ms: u64, env: RoomEnvelope, out: &mut Vec<Happening>) {
+        let from = env.from;
+        match env.msg {
+            RoomMsg::Leave { .. } => self.message(now_ms, Envelope::new(from, Message::Leave), out),
+            RoomMsg::Hello { term, controller, height, .. } => {
+                self.heard(now_ms, from, true, out);
+                if let Some(p) = self.peer_mut(from) {
+                    p.term = Some(term);
+                    p.height = Some(height);
+                }
+                if let Some(c) = controller {
+                    self.leader_known(now_ms, term, c, out);
+                }
+            }
+            RoomMsg::Ballot { term, pos, .. } => {
+                self.heard(now_ms, from, true, out);
+                if let Some(p) = self.peer_mut(from) {
+                    p.term = Some(term);
+                    p.height = Some(pos.height);
+                }
+                self.vote(now_ms, term, out);
+            }
+            RoomMsg::Heartbeat { term, height, .. } => {
+                self.heard(now_ms, from, true, out);
+                if let Some(p) = self.peer_mut(from) {
+                    p.term = Some(term);
+                    p.height = Some(height);
+                }
+                if !self.leader_known(now_ms, term, from, out) {
+                    self.ignored += 1;
+                }
+            }
+            RoomMsg::Challenge { challenge, .. } => {
+                self.heard(now_ms, from, true, out);
+                self.challenge(now_ms, from, challenge, out);
+            }
+            RoomMsg::Result { term, outcome, .. } => {
+                self.message(now_ms, Envelope::new(from, Message::Result { term, outcome }), out);
+            }
+            RoomMsg::SyncReply { term, blocks, .. } => {
+                self.heard(now_ms, from, true, out);
+                self.synced(term, from, blocks);
+            }
+            RoomMsg::PreBallot { .. }
+            | RoomMsg::Grant { .. }
+            | RoomMsg::Ack { .. }
+            | RoomMsg::Solution { .. }
+            | RoomMsg::SyncRequest { .. } => {
+                self.heard(now_ms, from, true, out);
+            }
+        }
+    }
+
+    /// Fills gaps for a late observer from a controller's sync reply; what results said is not
+    /// overridden.
+    fn synced(&mut self, term: Term, from: PeerId, blocks: Vec<Block>) {
+        if self.leader_of(term) == Some(from) {
+            for b in blocks {
+                if !self.chain.contains_key(&b.tx) {
+                    self.insert_block(b);
+                }
             }
         }
     }
@@ -825,6 +910,33 @@ mod tests {
 
     fn lines(view: &mut RoomView, script: Vec<(u64, Observed)>) -> Vec<String> {
         script.into_iter().flat_map(|(at, seen)| view.observe(at, seen)).map(|h| h.to_string()).collect()
+    }
+
+    #[test]
+    fn a_room_protocol_room_tells_the_same_story() {
+        let v1 = lines(&mut RoomView::new(), room());
+        let mut view = RoomView::new();
+        let v2 = lines(&mut view, room().into_iter().map(|(at, seen)| (at, in_room_protocol(seen))).collect());
+        assert_eq!(v1, v2);
+        assert!(v2.iter().any(|l| l == "term 2: controller 3333 elected in 150 ms"), "{v2:?}");
+        assert_eq!(view.controller(), Some((2, C)));
+        assert_eq!(view.height(), 3);
+        // A heartbeat names its term's controller; a contradicting one is ignored.
+        let beat = |from, term| {
+            Observed::Room(RoomEnvelope::new(
+                from,
+                RoomMsg::Heartbeat {
+                    term,
+                    height: 3,
+                    commit: 3,
+                    tip: peer::pow::Digest::zero(peer::pow::HashAlg::Sha1),
+                    open: None,
+                },
+            ))
+        };
+        assert!(view.observe(4_100, beat(C, 2)).is_empty());
+        view.observe(4_200, beat(A, 2));
+        assert_eq!((view.controller(), view.ignored()), (Some((2, C)), 1));
     }
 
     #[test]

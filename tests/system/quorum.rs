@@ -213,6 +213,62 @@ fn a_quorum_room_elects_commits_fails_over_and_restarts_from_disk(broker: Broker
     assert_quorum_invariants(&room.records());
 }
 
+/// The minority side waits, visibly: in a room of 3, two peers are killed; the survivor's status
+/// says it waits for a quorum, and `launcher watch` (which decodes the room's traffic) prints it.
+/// The two come back from their data directories and the room commits again.
+#[test]
+fn a_peer_without_a_quorum_says_so_and_the_room_resumes_when_it_returns() {
+    let mut room = QuorumRoom::start(Broker::Embedded, 3);
+    let watch_out = room.dir.path().join("watch.out");
+    let prefix = format!("hv{}q{}", std::process::id(), room.port);
+    let child = std::process::Command::new(exe())
+        .args(["watch", "--host", "127.0.0.1", "--port", &room.port.to_string(), "--prefix", &prefix, "--plain"])
+        .env_remove("HASHVOTE_USERNAME")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&watch_out).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn watch");
+    let _watch = Proc { child, name: "watch".into() };
+    let said = || std::fs::read_to_string(&watch_out).unwrap_or_default();
+    let (tx, _) = room.wait_commit(1, 0);
+    let (term, controller) = room.controller().expect("a controller");
+    wait_until(T, "watch saw the controller", || said().contains(&format!("controller {controller}")));
+
+    let ctl = room.index_of(controller).expect("ours");
+    let (gone, survivor) = ((ctl + 1) % 3, (ctl + 2) % 3);
+    room.kill(ctl);
+    room.kill(gone);
+    let survivor_id = started_id(&read_events(&room.files[survivor][0]));
+    let line = format!("peer {survivor_id}: waiting for a quorum: 1 of 2 needed reachable (3 voters)");
+    let seen = std::time::Instant::now();
+    while !said().contains(&line) {
+        let events: Vec<String> = read_events(room.files[survivor].last().unwrap())
+            .iter()
+            .rev()
+            .take(15)
+            .map(|r| format!("{:?}", r.event))
+            .collect();
+        assert!(
+            seen.elapsed() < T,
+            "no {line:?} from watch:\n{}\nthe survivor's last events:\n{}",
+            said(),
+            events.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        room.records().iter().any(|r| matches!(r.event, Event::QuorumWaiting { reachable: 1, needed: 2, voters: 3 })),
+        "the survivor's own event"
+    );
+
+    room.run(ctl);
+    room.run(gone);
+    let (after, new_term) = room.wait_commit(tx + 1, term);
+    println!("the survivor waited visibly; back to 3, block {after} committed in term {new_term}");
+    assert_quorum_invariants(&room.records());
+}
+
 /// Issue 11, measured on version 1 (it stalled for good): in a room of 5, the broker is killed;
 /// while it is down a miner is killed (its will dies with the broker); the broker restarts on
 /// the same port; then the controller is killed. The 3 survivors are a quorum: they must elect and

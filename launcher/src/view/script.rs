@@ -26,6 +26,7 @@ pub fn status(id: PeerId, role: Role, term: Term, leader: Option<PeerId>, hash_r
         threads: 1,
         started_ms: 0,
         at_ms: 0,
+        waiting: None,
     })
 }
 
@@ -132,6 +133,35 @@ pub fn room() -> Vec<(u64, Observed)> {
     ]
 }
 
+/// The same thing as the room protocol (wire version 2) says it: hellos, ballots, challenges,
+/// results and leaves translated; statuses as they are.
+pub fn in_room_protocol(seen: Observed) -> Observed {
+    use hashvote_core::room::{Envelope as E, Msg, Pos};
+    let Observed::Message(env) = seen else { return seen };
+    let pos = |height| Pos { last_term: 0, height };
+    let msg = match env.msg {
+        Message::Hello { want_reply, view, incarnation, since_ms } => Msg::Hello {
+            to: None,
+            want_reply,
+            key: 1,
+            incarnation,
+            since_ms,
+            term: view.term,
+            controller: view.leader,
+            height: view.height,
+        },
+        Message::Leave => Msg::Leave { incarnation: 1 },
+        Message::Vote { term, vote, height } => {
+            Msg::Ballot { term, ballot: vote, key: 1, pos: pos(height), proposal: None }
+        }
+        Message::Challenge(challenge) => Msg::Challenge { challenge, commit: challenge.tx, config: None },
+        Message::Result { term, outcome } => Msg::Result { term, outcome, commit: 0 },
+        Message::Solution { tx, nonce } => Msg::Solution { tx, nonce },
+        other => panic!("no room protocol twin for {other:?}"),
+    };
+    Observed::Room(E::new(env.from, msg))
+}
+
 /// Any message or status, from few ids and terms (so that they collide) and extremes.
 pub fn any_observed() -> impl Strategy<Value = (u64, Observed)> {
     let id = prop_oneof![1u32..6, Just(u32::MAX)];
@@ -144,10 +174,10 @@ pub fn any_observed() -> impl Strategy<Value = (u64, Observed)> {
         Just(Role::Offline)
     ];
     let at = prop_oneof![0u64..20_000, Just(u64::MAX)];
-    (at, 0u8..8, id.clone(), id, num.clone(), num.clone(), num, role).prop_map(
+    (at, 0u8..16, id.clone(), id, num.clone(), num.clone(), num, role).prop_map(
         |(at, kind, from, other, term, tx, n, role)| {
             let term = term.max(1);
-            let seen = match kind {
+            let seen = match kind % 8 {
                 0 => status(from, role, term, Some(other), n),
                 1 => hello(from),
                 2 => msg(from, Message::Leave),
@@ -163,7 +193,8 @@ pub fn any_observed() -> impl Strategy<Value = (u64, Observed)> {
                 ),
                 _ => msg(from, Message::Solution { tx, nonce: n }),
             };
-            (at, seen)
+            // Half of them in the room protocol's words.
+            (at, if kind >= 8 { in_room_protocol(seen) } else { seen })
         },
     )
 }
