@@ -161,6 +161,18 @@ pub enum Event {
         /// Winning miner.
         winner: PeerId,
     },
+    /// This peer started from its data directory (room protocol): what it restored, so a checker
+    /// of the events knows its chain without its earlier runs' records.
+    Resumed {
+        /// Its term.
+        term: Term,
+        /// Blocks in its chain.
+        height: u64,
+        /// Blocks it knows committed.
+        commit: u64,
+        /// The hash of its last block (hex), if it has one.
+        tip: Option<String>,
+    },
     /// This peer found the room without a live controller and asked to move to `term`.
     PreVote {
         /// The term proposed.
@@ -291,6 +303,9 @@ pub fn describe(event: &Event) -> String {
         Event::QuorumLost { term, reason } => format!("stepped down as controller of term {term}: {reason}"),
         Event::QuorumWaiting { reachable, needed, voters } => {
             format!("waiting for a quorum: {reachable} of {needed} needed reachable ({voters} voters)")
+        }
+        Event::Resumed { term, height, commit, .. } => {
+            format!("resumed from its data directory: term {term}, {height} blocks, {commit} committed")
         }
         Event::CommittedConflict { tx, commit } => {
             format!("refused to drop block {tx}, below the {commit} blocks known committed")

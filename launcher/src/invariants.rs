@@ -7,6 +7,13 @@
 //!   the zero hash), its hash is the proof of work of `(prev, tx, winner, nonce)` and has the
 //!   block's difficulty in leading zero bits; and every peer's final chain is a prefix of one chain,
 //!   the room's.
+//! - **One block per term and transaction**: a controller accepts one solution per transaction,
+//!   so two distinct blocks never share `(term, tx)`.
+//! - **Committed is final** (room protocol): every `block_committed` of a transaction names the
+//!   same block, whichever peer says it; no peer drops a block below what it knows committed, and
+//!   none is ever asked to (`committed_conflict`).
+//! - A peer restarted from its data directory (`resumed`) continues from the chain it restored,
+//!   which must be one the events described.
 //!
 //! [`check`] takes the records of a finished run; [`Checker`] takes them one at a time, so a long
 //! run (the `chaos` command) can check as it goes without keeping every record. Blocks are stored
@@ -120,6 +127,60 @@ pub enum Violation {
         /// The difficulty it claims.
         difficulty: u8,
     },
+    /// Two distinct blocks of one transaction accepted in one term.
+    #[error("term {term} accepted two blocks for tx {tx}: {first} and {second}")]
+    TwoBlocksInOneTerm {
+        /// The term.
+        term: Term,
+        /// The transaction.
+        tx: TxId,
+        /// The first block's hash.
+        first: String,
+        /// The other block's hash.
+        second: String,
+    },
+    /// Two peers (or one, twice) said different blocks of one transaction were committed.
+    #[error("tx {tx} was committed as {first} and, by peer {peer}, as {second}")]
+    CommittedChanged {
+        /// The transaction.
+        tx: TxId,
+        /// The block first said committed (hash).
+        first: String,
+        /// The other (hash).
+        second: String,
+        /// The peer that said the other.
+        peer: PeerId,
+    },
+    /// A peer dropped blocks below what it knew committed.
+    #[error("peer {peer} truncated its chain to {height} blocks, below the {commit} it knew committed")]
+    CommittedTruncated {
+        /// The peer.
+        peer: PeerId,
+        /// Its height after the truncation.
+        height: u64,
+        /// Blocks it knew committed.
+        commit: u64,
+    },
+    /// A controller asked a peer to drop a block it knew committed.
+    #[error("peer {peer} was asked to drop committed block {tx} ({commit} committed)")]
+    CommittedConflict {
+        /// The peer.
+        peer: PeerId,
+        /// The block.
+        tx: TxId,
+        /// Blocks it knew committed.
+        commit: u64,
+    },
+    /// A peer resumed from a chain the events never described.
+    #[error("peer {peer} resumed with {height} blocks ending in {tip:?}, a chain no event described")]
+    UnknownResume {
+        /// The peer.
+        peer: PeerId,
+        /// Its height.
+        height: u64,
+        /// Its tip's hash.
+        tip: Option<String>,
+    },
     /// A peer's final chain is not a prefix of the room's chain.
     #[error("peer {peer}'s chain is not a prefix of the room's: at tx {tx} it holds {theirs}, the room {room}")]
     Diverged {
@@ -182,6 +243,14 @@ pub struct Checker {
     /// Each peer's chain, as indices into `blocks`.
     chains: BTreeMap<PeerId, Vec<u32>>,
     truncations: usize,
+    /// Blocks by hash, to rebuild a resumed peer's chain from its tip.
+    by_hash: HashMap<String, u32>,
+    /// The block accepted for each `(term, tx)`.
+    by_term_tx: HashMap<(Term, TxId), u32>,
+    /// The block said committed at each transaction.
+    committed: BTreeMap<TxId, u32>,
+    /// Blocks each peer knows committed.
+    commits: HashMap<PeerId, u64>,
 }
 
 impl Checker {
@@ -220,6 +289,9 @@ impl Checker {
                 }
                 let tip = match chain.last() {
                     Some(&i) => self.blocks[i as usize].hash.clone(),
+                    // Block 0 links to the zero hash (wire version 1) or to the room's
+                    // configuration (the room protocol): the common prefix judges it.
+                    None if prev.len() == 40 || prev.len() == 64 => prev.clone(),
                     None => zero_like(prev),
                 };
                 if *prev != tip {
@@ -240,15 +312,57 @@ impl Checker {
                         verify(&block)?;
                         let i = u32::try_from(self.blocks.len()).expect("fewer than 2^32 distinct blocks");
                         self.known.insert(block.clone(), i);
+                        self.by_hash.insert(block.hash.clone(), i);
                         self.blocks.push(block);
                         i
                     }
                 };
                 chain.push(index);
+                let first = *self.by_term_tx.entry((*term, *tx)).or_insert(index);
+                if first != index {
+                    return Err(Violation::TwoBlocksInOneTerm {
+                        term: *term,
+                        tx: *tx,
+                        first: self.blocks[first as usize].hash.clone(),
+                        second: hash.clone(),
+                    });
+                }
+            }
+            Event::BlockCommitted { tx, .. } => {
+                // Known only if this peer's chain was described (always, with `resumed`).
+                if let Some(&index) = usize::try_from(*tx).ok().and_then(|t| chain.get(t)) {
+                    let first = *self.committed.entry(*tx).or_insert(index);
+                    if first != index {
+                        return Err(Violation::CommittedChanged {
+                            tx: *tx,
+                            first: self.blocks[first as usize].hash.clone(),
+                            second: self.blocks[index as usize].hash.clone(),
+                            peer: r.peer,
+                        });
+                    }
+                }
+                let commit = self.commits.entry(r.peer).or_default();
+                *commit = (*commit).max(tx + 1);
             }
             Event::ChainTruncated { height } => {
+                let commit = self.commits.get(&r.peer).copied().unwrap_or(0);
+                if *height < commit {
+                    return Err(Violation::CommittedTruncated { peer: r.peer, height: *height, commit });
+                }
                 chain.truncate(usize::try_from(*height).unwrap_or(usize::MAX));
                 self.truncations += 1;
+            }
+            Event::CommittedConflict { tx, commit } => {
+                return Err(Violation::CommittedConflict { peer: r.peer, tx: *tx, commit: *commit });
+            }
+            Event::Resumed { height, commit, tip, .. } => {
+                let rebuilt = self.rebuild(tip.as_deref());
+                if rebuilt.len() as u64 != *height {
+                    return Err(Violation::UnknownResume { peer: r.peer, height: *height, tip: tip.clone() });
+                }
+                self.chains.insert(r.peer, rebuilt);
+                let known = self.commits.entry(r.peer).or_default();
+                *known = (*known).max(*commit);
             }
             _ => {}
         }
@@ -290,6 +404,24 @@ impl Checker {
             truncations: self.truncations,
             chain: self.resolve(room),
         })
+    }
+
+    /// The chain ending in the block hashed `tip`, following `prev` links through the blocks seen;
+    /// it stops at the first block it does not know (block 0's `prev` is the configuration's
+    /// digest, never a block).
+    fn rebuild(&self, tip: Option<&str>) -> Vec<u32> {
+        let mut chain = Vec::new();
+        let mut next = tip.and_then(|t| self.by_hash.get(t)).copied();
+        while let Some(i) = next {
+            chain.push(i);
+            let b = &self.blocks[i as usize];
+            next = if b.tx == 0 { None } else { self.by_hash.get(&b.prev).copied() };
+            if chain.len() > self.blocks.len() {
+                break;
+            }
+        }
+        chain.reverse();
+        chain
     }
 
     fn resolve(&self, chain: &[u32]) -> Vec<SeenBlock> {
@@ -364,7 +496,12 @@ mod tests {
 
     /// A valid chain of `n` blocks in `term`, mined for real at a low difficulty.
     fn mine(n: u64, term: Term, winner: PeerId) -> Vec<Event> {
-        let mut prev = Digest::zero(HashAlg::Sha1);
+        mine_on(Digest::zero(HashAlg::Sha1), n, term, winner)
+    }
+
+    /// The same on `base` (the room protocol's block 0 links to its configuration's digest).
+    fn mine_on(base: Digest, n: u64, term: Term, winner: PeerId) -> Vec<Event> {
+        let mut prev = base;
         (0..n)
             .map(|tx| {
                 let nonce = Template::new(&prev, tx, winner)
@@ -431,6 +568,76 @@ mod tests {
 
         let garbled = with(&blocks[0], "hash", "xyz".into());
         assert!(matches!(check(&[record(1, garbled)]), Err(Violation::BadDigest { field: "hash", .. })));
+    }
+
+    fn hash_of(e: &Event) -> String {
+        match e {
+            Event::BlockAccepted { hash, .. } => hash.clone(),
+            _ => panic!("not a block"),
+        }
+    }
+
+    fn committed(tx: TxId) -> Event {
+        Event::BlockCommitted { tx, term: 1, winner: 7 }
+    }
+
+    #[test]
+    fn a_room_protocol_chain_links_block_0_to_its_configuration() {
+        let base = pow::proof(&Digest::zero(HashAlg::Sha1), 99, 99, 99);
+        let blocks = mine_on(base, 2, 1, 7);
+        let records: Vec<Record> = blocks.iter().map(|e| record(1, e.clone())).collect();
+        assert_eq!(check(&records).expect("valid").blocks, 2);
+    }
+
+    #[test]
+    fn two_blocks_of_one_transaction_in_one_term_are_a_violation() {
+        let (ours, theirs) = (mine(1, 1, 7), mine(1, 1, 8));
+        let records = [record(1, ours[0].clone()), record(2, theirs[0].clone())];
+        assert!(matches!(check(&records), Err(Violation::TwoBlocksInOneTerm { term: 1, tx: 0, .. })));
+    }
+
+    #[test]
+    fn what_is_committed_never_changes_nor_is_dropped() {
+        let (ours, theirs) = (mine(2, 1, 7), mine(2, 2, 8));
+        // Two peers committing different blocks at one height.
+        let records = [
+            record(1, ours[0].clone()),
+            record(1, committed(0)),
+            record(2, theirs[0].clone()),
+            record(2, committed(0)),
+        ];
+        assert!(matches!(check(&records), Err(Violation::CommittedChanged { tx: 0, peer: 2, .. })));
+
+        // Dropping an uncommitted block is fine, a committed one is not.
+        let mut records: Vec<Record> = ours.iter().map(|e| record(1, e.clone())).collect();
+        records.push(record(1, committed(0)));
+        records.push(record(1, Event::ChainTruncated { height: 1 }));
+        check(&records).expect("block 1 was not committed");
+        records.push(record(1, Event::ChainTruncated { height: 0 }));
+        assert_eq!(check(&records).unwrap_err(), Violation::CommittedTruncated { peer: 1, height: 0, commit: 1 });
+
+        let asked = [record(3, Event::CommittedConflict { tx: 2, commit: 5 })];
+        assert_eq!(check(&asked).unwrap_err(), Violation::CommittedConflict { peer: 3, tx: 2, commit: 5 });
+    }
+
+    #[test]
+    fn a_resumed_peer_continues_from_the_chain_it_restored() {
+        let blocks = mine(3, 1, 7);
+        let resumed = |height: u64, tip: Option<String>| Event::Resumed { term: 1, height, commit: height, tip };
+        let mut records: Vec<Record> = blocks.iter().map(|e| record(2, e.clone())).collect();
+        records.push(record(1, blocks[0].clone()));
+        // Peer 1's second run restored two blocks (the second one's event was lost to a kill).
+        records.push(record(1, resumed(2, Some(hash_of(&blocks[1])))));
+        records.push(record(1, blocks[2].clone()));
+        let summary = check(&records).expect("valid");
+        assert_eq!(chains(&records).unwrap()[&1].len(), 3);
+        assert_eq!(summary.blocks, 3);
+        // It cannot drop what it restored as committed.
+        records.push(record(1, Event::ChainTruncated { height: 1 }));
+        assert!(matches!(check(&records), Err(Violation::CommittedTruncated { peer: 1, .. })));
+
+        let unknown = [record(1, resumed(1, Some("ab".repeat(20))))];
+        assert!(matches!(check(&unknown), Err(Violation::UnknownResume { peer: 1, height: 1, .. })));
     }
 
     #[test]

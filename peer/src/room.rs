@@ -68,6 +68,14 @@ pub async fn run(
         },
         restored,
     );
+    if node.term() > 0 || node.chain().height() > 0 {
+        events.emit(Event::Resumed {
+            term: node.term(),
+            height: node.chain().height(),
+            commit: node.commit(),
+            tip: node.chain().blocks().last().map(|b| b.hash.to_hex()),
+        });
+    }
     let mut status = StatusPublisher {
         topic: topics.status_topic(id),
         threads: u16::try_from(threads).unwrap_or(u16::MAX),
