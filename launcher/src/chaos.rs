@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use peer::events::now_ms;
+use peer::protocol::Term;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -29,6 +30,15 @@ use room::{Failure, Room, RoomConfig};
 
 /// Exit code when interrupted by Ctrl-C (128 + SIGINT).
 const INTERRUPTED: u8 = 130;
+
+/// The peers' protocol in a fault run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wire {
+    /// Wire version 1: a killed or departed peer is replaced by a new one.
+    Hashvote,
+    /// The room protocol: every peer has a data directory and comes back on it.
+    Room,
+}
 
 /// One kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -43,11 +53,45 @@ pub enum Fault {
     /// SIGTERM a peer (it leaves cleanly), start a new one.
     #[value(name = "leave")]
     LeaveJoin,
+    /// Kill the broker; while it is down, SIGKILL a peer; start the broker again, then the peer.
+    #[value(name = "outage")]
+    KillInOutage,
+    /// SIGKILL the controller and start a peer with a new data directory during the election
+    /// (room protocol: a non-voting newcomer; the previous newcomer leaves).
+    Newcomer,
+    /// Start a second process under a member's id with its own data directory (room protocol).
+    Duplicate,
+    /// SIGKILL every peer at once and start them all again from their data directories (room
+    /// protocol).
+    #[value(name = "restart")]
+    RoomRestart,
 }
 
 impl Fault {
     /// Every kind, in report order.
-    pub const ALL: [Fault; 4] = [Fault::Kill, Fault::Pause, Fault::BrokerRestart, Fault::LeaveJoin];
+    pub const ALL: [Fault; 8] = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::BrokerRestart,
+        Fault::LeaveJoin,
+        Fault::KillInOutage,
+        Fault::Newcomer,
+        Fault::Duplicate,
+        Fault::RoomRestart,
+    ];
+
+    /// The kinds a run of `wire` injects when none are named.
+    pub fn defaults(wire: Wire) -> &'static [Fault] {
+        match wire {
+            Wire::Hashvote => &Self::ALL[..4],
+            Wire::Room => &Self::ALL,
+        }
+    }
+
+    /// Whether this kind needs the room protocol (data directories).
+    pub fn room_only(self) -> bool {
+        matches!(self, Fault::Duplicate | Fault::RoomRestart)
+    }
 
     /// Short name for the report.
     pub fn name(self) -> &'static str {
@@ -56,6 +100,10 @@ impl Fault {
             Fault::Pause => "SIGSTOP/SIGCONT",
             Fault::BrokerRestart => "broker restart",
             Fault::LeaveJoin => "clean leave + join",
+            Fault::KillInOutage => "kill -9 during a broker outage",
+            Fault::Newcomer => "kill -9 controller + newcomer",
+            Fault::Duplicate => "duplicate id",
+            Fault::RoomRestart => "whole room kill -9 + restart",
         }
     }
 }
@@ -96,6 +144,7 @@ pub(crate) fn room_config(peers: u16, args: &FaultRoomArgs) -> anyhow::Result<Ro
         deadline: Duration::from_secs(args.deadline),
         events: args.events.clone(),
         verbose: args.verbose,
+        room_protocol: args.wire == Wire::Room,
     })
 }
 
@@ -107,11 +156,18 @@ async fn run(args: ChaosArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let faults = if args.faults.is_empty() { Fault::defaults(args.room.wire).to_vec() } else { args.faults.clone() };
+    if args.room.wire != Wire::Room
+        && let Some(f) = faults.iter().find(|f| f.room_only())
+    {
+        eprintln!("launcher: error: the {} fault needs --wire room (peers with data directories)", f.name());
+        return ExitCode::FAILURE;
+    }
     let seed = args.room.seed.unwrap_or_else(rand::random);
     let mut rng = StdRng::seed_from_u64(seed);
     println!(
-        "chaos: {} peers, difficulty {}, keepalive {} s, {} cycles, seed {seed}",
-        cfg.peers, cfg.difficulty, cfg.keepalive, args.cycles
+        "chaos: {} peers ({:?} wire), difficulty {}, keepalive {} s, {} cycles, seed {seed}",
+        cfg.peers, args.room.wire, cfg.difficulty, cfg.keepalive, args.cycles
     );
     let started = Instant::now();
     let mut room = match Room::start(cfg).await {
@@ -123,7 +179,7 @@ async fn run(args: ChaosArgs) -> ExitCode {
     };
     println!("broker listening on {}", room.addr());
     let mut tally = Tally::default();
-    let outcome = cycles(&mut room, args.cycles, &args.faults, &mut rng, &mut tally).await;
+    let outcome = cycles(&mut room, args.cycles, &faults, &mut rng, &mut tally).await;
     let checked = room.stop().await;
     let report = report(&tally, args.cycles, started.elapsed(), seed, &checked);
     print!("{report}");
@@ -155,9 +211,15 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
     let (term, leader, height) = room.wait_progress().await?;
     say(room, &format!("room ready: controller peer #{leader} (term {term}), height {height}"));
     let (mut term, mut controller) = (term, leader);
+    // The latest newcomer (room protocol), which leaves when the next one comes.
+    let mut newcomer: Option<usize> = None;
     for cycle in 1..=n {
         let fault = *kinds.choose(rng).unwrap_or(&Fault::Kill);
-        let on_controller = fault != Fault::BrokerRestart && rng.random_bool(0.4);
+        let on_controller = match fault {
+            Fault::BrokerRestart | Fault::RoomRestart => false,
+            Fault::Newcomer => true,
+            _ => rng.random_bool(0.4),
+        };
         let target = if on_controller {
             controller
         } else {
@@ -177,33 +239,26 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
             Fault::Kill => {
                 room.kill(target).await;
                 let _ = write!(line, "kill -9 peer #{target}{role}");
-                // Half the time the replacement joins during the election.
-                let early = if rng.random_bool(0.5) { Some(room.add_peer()?) } else { None };
+                // Half the time the peer (or its replacement) comes back during the election.
+                let early = if rng.random_bool(0.5) { Some(come_back(room, target)?) } else { None };
                 if on_controller {
-                    let ms = room.wait_challenge_after(term).await?.saturating_sub(t0);
-                    tally.failovers.entry(fault).or_default().push(ms);
-                    let _ = write!(line, "; term {} challenged after {ms} ms", room.latest_term());
+                    failover(room, term, t0, fault, tally, &mut line).await?;
                 }
-                match early {
-                    Some(r) => {
-                        let _ = write!(line, "; replacement peer #{r} started at once");
-                    }
-                    None => {
-                        let r = room.add_peer()?;
-                        let _ = write!(line, "; replacement peer #{r}");
-                    }
-                }
+                let (r, when) = match early {
+                    Some(r) => (r, " at once"),
+                    None => (come_back(room, target)?, ""),
+                };
+                let _ = write!(
+                    line,
+                    "; {} peer #{r}{when}",
+                    if room.room_protocol() { "restarted as" } else { "replacement" }
+                );
             }
             Fault::Pause => {
                 room.pause(target);
                 if on_controller {
-                    let ms = room.wait_challenge_after(term).await?.saturating_sub(t0);
-                    tally.failovers.entry(fault).or_default().push(ms);
-                    let _ = write!(
-                        line,
-                        "SIGSTOP peer #{target}{role}; term {} challenged after {ms} ms",
-                        room.latest_term()
-                    );
+                    let _ = write!(line, "SIGSTOP peer #{target}{role}");
+                    failover(room, term, t0, fault, tally, &mut line).await?;
                 } else {
                     room.wait_left(target, t0).await?;
                     let _ = write!(line, "SIGSTOP peer #{target}; the room saw it leave");
@@ -224,12 +279,64 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
                 room.terminate(target).await?;
                 let _ = write!(line, "SIGTERM peer #{target}{role}: left cleanly");
                 if on_controller {
-                    let ms = room.wait_challenge_after(term).await?.saturating_sub(t0);
-                    tally.failovers.entry(fault).or_default().push(ms);
-                    let _ = write!(line, "; term {} challenged after {ms} ms", room.latest_term());
+                    failover(room, term, t0, fault, tally, &mut line).await?;
                 }
-                let r = room.add_peer()?;
+                let r = come_back(room, target)?;
                 let _ = write!(line, "; peer #{r} joins");
+            }
+            Fault::KillInOutage => {
+                room.kill_broker().await;
+                room.kill(target).await;
+                room.start_broker_again().await?;
+                let _ = write!(
+                    line,
+                    "broker killed; kill -9 peer #{target}{role} while it was down (its will died with the broker); broker back"
+                );
+                if on_controller {
+                    failover(room, term, t0, fault, tally, &mut line).await?;
+                }
+                // The room goes on without it first: the survivors must not wait for it.
+                let (t, _, h) = room.wait_progress().await?;
+                let r = come_back(room, target)?;
+                let _ = write!(line, "; block {} in term {t} without it; peer #{r} back", h - 1);
+            }
+            Fault::Newcomer => {
+                room.kill(target).await;
+                let r = room.add_peer()?;
+                let _ = write!(line, "kill -9 peer #{target}{role}; newcomer peer #{r} during the election");
+                failover(room, term, t0, fault, tally, &mut line).await?;
+                if room.room_protocol() {
+                    let back = room.restart(target)?;
+                    let _ = write!(line, "; peer #{target} restarted as #{back}");
+                    if let Some(old) = newcomer.replace(r) {
+                        room.terminate(old).await?;
+                        let _ = write!(line, "; newcomer #{old} left");
+                    }
+                }
+            }
+            Fault::Duplicate => match room.duplicate(target)? {
+                Some(d) => {
+                    let _ = write!(
+                        line,
+                        "peer #{d} started under the id of peer #{target}{role}, with its own data directory"
+                    );
+                }
+                None => {
+                    let _ = write!(line, "peer #{target} has not said its id yet: no duplicate");
+                }
+            },
+            Fault::RoomRestart => {
+                let all = room.running();
+                for &i in &all {
+                    room.kill(i).await;
+                }
+                let mut back = Vec::new();
+                for &i in &all {
+                    back.push(come_back(room, i)?);
+                }
+                // The newcomer came back too, under a new index.
+                newcomer = newcomer.and_then(|old| all.iter().position(|&i| i == old).map(|at| back[at]));
+                let _ = write!(line, "kill -9 of the whole room; every peer restarted from its data directory");
             }
         }
         let (t, c, h) = room.wait_progress().await?;
@@ -244,6 +351,27 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
         // Part of the workload (faults at irregular moments), not a wait for anything.
         room.idle(Duration::from_millis(rng.random_range(0..300))).await?;
     }
+    Ok(())
+}
+
+/// Brings peer `index` back after it was killed or left: the same peer on its data directory
+/// (room protocol), or a replacement with a new id (wire version 1). Returns the new index.
+pub(crate) fn come_back(room: &mut Room, index: usize) -> Result<usize, Failure> {
+    if room.room_protocol() { room.restart(index) } else { room.add_peer() }
+}
+
+/// Waits for the first challenge of a term after `term` and records the failover time.
+async fn failover(
+    room: &mut Room,
+    term: Term,
+    t0: u64,
+    fault: Fault,
+    tally: &mut Tally,
+    line: &mut String,
+) -> Result<(), Failure> {
+    let ms = room.wait_challenge_after(term).await?.saturating_sub(t0);
+    tally.failovers.entry(fault).or_default().push(ms);
+    let _ = write!(line, "; term {} challenged after {ms} ms", room.latest_term());
     Ok(())
 }
 

@@ -188,8 +188,9 @@ pub struct ChaosArgs {
     /// Faults to inject, one per cycle.
     #[arg(long, default_value_t = 20)]
     pub cycles: u32,
-    /// Kinds of fault to choose from at random, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "kill,pause,broker,leave")]
+    /// Kinds of fault to choose from at random, comma-separated (default: kill, pause, broker,
+    /// leave; with --wire room also outage, newcomer, duplicate, restart).
+    #[arg(long, value_delimiter = ',')]
     pub faults: Vec<crate::chaos::Fault>,
     /// The room.
     #[command(flatten)]
@@ -213,6 +214,10 @@ pub struct FailoverBenchArgs {
 /// The room a fault test starts.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FaultRoomArgs {
+    /// The peers' protocol: hashvote (wire version 1; a lost peer is replaced by a new one) or
+    /// room (the room protocol; every peer has a data directory and comes back on it).
+    #[arg(long, value_enum, default_value_t = crate::chaos::Wire::Hashvote)]
+    pub wire: crate::chaos::Wire,
     /// Leading zero bits of each challenge (low: many blocks, so progress shows fast).
     #[arg(long, default_value_t = 16)]
     pub difficulty: u8,

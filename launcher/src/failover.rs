@@ -42,8 +42,8 @@ async fn run(args: FailoverBenchArgs) -> ExitCode {
         }
     };
     println!(
-        "failover-bench: {} peers, difficulty {}, keepalive {} s, {} trials",
-        cfg.peers, cfg.difficulty, cfg.keepalive, args.trials
+        "failover-bench: {} peers ({:?} wire), difficulty {}, keepalive {} s, {} trials",
+        cfg.peers, args.room.wire, cfg.difficulty, cfg.keepalive, args.trials
     );
     let mut room = match Room::start(cfg).await {
         Ok(r) => r,
@@ -97,7 +97,7 @@ async fn trials(room: &mut Room, n: u32, samples: &mut Vec<u64>) -> Result<(), F
              term {} challenged after {ms} ms",
             room.latest_term()
         );
-        room.add_peer()?;
+        crate::chaos::come_back(room, leader)?;
     }
     // The room still works after the last failover.
     room.wait_progress().await?;

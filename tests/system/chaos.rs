@@ -67,6 +67,37 @@ fn chaos_injects_faults_and_the_room_keeps_its_invariants_and_leaves_nothing_run
     assert!(!port_open(addr.port()), "a broker still listens on {addr}");
 }
 
+/// The room protocol under every kind of fault, the combined ones included: a kill during a
+/// broker outage, a newcomer during an election, a duplicate of a member's id, the whole room
+/// killed and restarted from its data directories. Each kind at least once, all invariants (one
+/// block per term and transaction, committed blocks final, restarted peers continuing their own
+/// chains), and no process left.
+#[test]
+fn chaos_on_the_room_protocol_survives_combined_faults() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let events = dir.path().join("events.jsonl");
+    let events_arg = events.to_str().expect("utf-8 temp path");
+    let kinds = ["kill", "pause", "broker", "leave", "outage", "newcomer", "duplicate", "restart"];
+    let faults = kinds.join(",");
+    let mut total = 0;
+    // One cycle of each kind, in turn (a random pick could leave one out), then a few at random.
+    for kind in kinds.iter().copied().chain(std::iter::once(faults.as_str())) {
+        let cycles = if kind.contains(',') { "8" } else { "1" };
+        let args =
+            ["chaos", "--wire", "room", "--peers", "5", "--cycles", cycles, "--faults", kind, "--events", events_arg];
+        let (status, out, err) = run_launcher(&args, Duration::from_secs(120));
+        assert!(status.success(), "chaos --faults {kind} failed: {status}\n{out}\n{err}");
+        assert!(out.lines().any(|l| l == "PASS"), "{out}");
+        total += number_after(&out, "faults injected: ").expect("a fault count");
+        let records = read_events(&events);
+        assert!(!assert_invariants(&records).is_empty(), "blocks were mined");
+        for pid in pids(&records) {
+            assert!(!alive(pid), "peer pid {pid} is still running after chaos --faults {kind}");
+        }
+    }
+    assert!(total >= 16, "{total} faults");
+}
+
 #[test]
 fn failover_bench_kills_controllers_and_prints_percentiles() {
     let (status, out, err) =

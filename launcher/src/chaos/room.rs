@@ -52,6 +52,10 @@ pub struct RoomConfig {
     pub events: Option<PathBuf>,
     /// Print the peers' and the broker's stderr.
     pub verbose: bool,
+    /// The peers speak the room protocol (`--wire room`), each with its own data directory, and
+    /// a killed or stopped peer comes back on its directory (same id, vote and chain) rather
+    /// than being replaced: the room's configuration is fixed by its first election.
+    pub room_protocol: bool,
 }
 
 /// Why a room run ended early.
@@ -164,6 +168,10 @@ enum Msg {
 struct Slot {
     proc: Option<Proc>,
     state: State,
+    /// Its data directory (room protocol).
+    data: Option<PathBuf>,
+    /// Expected to exit on its own (a duplicate of another peer's id).
+    may_exit: bool,
     id: Option<PeerId>,
     /// The latest `leader_elected` of this peer.
     leader: Option<(Term, PeerId)>,
@@ -192,6 +200,8 @@ pub struct Room {
     interrupted: bool,
     events: Option<std::io::BufWriter<std::fs::File>>,
     started: Instant,
+    /// The peers' data directories (room protocol), removed with the room.
+    run_dir: Option<tempfile::TempDir>,
 }
 
 impl Room {
@@ -206,6 +216,16 @@ impl Room {
                     .map_err(Failure::Setup)?,
             )),
             None => None,
+        };
+        let run_dir = match cfg.room_protocol {
+            true => Some(
+                tempfile::Builder::new()
+                    .prefix("hashvote-chaos")
+                    .tempdir()
+                    .context("cannot create the peers' run directory")
+                    .map_err(Failure::Setup)?,
+            ),
+            false => None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let interrupt = tx.clone();
@@ -230,6 +250,7 @@ impl Room {
             interrupted: false,
             events,
             started: Instant::now(),
+            run_dir,
         };
         // Another process may take the port between the check and the broker's bind: try others.
         let mut last = None;
@@ -262,10 +283,31 @@ impl Room {
         self.started.elapsed()
     }
 
-    /// Starts one more peer (a replacement keeps the room's size); returns its index.
+    /// Starts one more peer (a replacement keeps the room's size; with the room protocol, a new
+    /// data directory: a newcomer, not a voter once the room is configured); returns its index.
     pub fn add_peer(&mut self) -> Result<usize, Failure> {
+        let data = self.run_dir.as_ref().map(|d| d.path().join(format!("peer-{}", self.slots.len())));
+        self.spawn_peer(data, None)
+    }
+
+    /// Starts peer `index` again on its data directory (room protocol): the same peer, with its
+    /// id, vote and chain; returns its new index.
+    pub fn restart(&mut self, index: usize) -> Result<usize, Failure> {
+        let data = self.slots[index].data.clone();
+        self.spawn_peer(data, None)
+    }
+
+    /// Starts a second process under peer `index`'s id with a data directory of its own (room
+    /// protocol). It must not disturb the room; it may exit, refused. Returns its index.
+    pub fn duplicate(&mut self, index: usize) -> Result<Option<usize>, Failure> {
+        let (Some(id), Some(dir)) = (self.id(index), self.run_dir.as_ref()) else { return Ok(None) };
+        let data = dir.path().join(format!("duplicate-{}", self.slots.len()));
+        self.spawn_peer(Some(data), Some(id)).map(Some)
+    }
+
+    fn spawn_peer(&mut self, data: Option<PathBuf>, id: Option<PeerId>) -> Result<usize, Failure> {
         let index = self.slots.len();
-        let args = vec![
+        let mut args = vec![
             "--host".into(),
             "127.0.0.1".into(),
             "--port".into(),
@@ -285,6 +327,12 @@ impl Room {
             "--log".into(),
             "warn".into(),
         ];
+        if let Some(dir) = &data {
+            args.extend(["--wire".into(), "room".into(), "--data-dir".into(), dir.display().to_string()]);
+        }
+        if let Some(id) = id {
+            args.extend(["--id".into(), id.to_string()]);
+        }
         let mut proc =
             Proc::spawn(&self.exe, "peer", &args).with_context(|| format!("peer #{index}")).map_err(Failure::Setup)?;
         let stdout = proc.child.stdout.take().context("peer stdout").map_err(Failure::Setup)?;
@@ -299,7 +347,16 @@ impl Room {
             },
         );
         forward(stderr, self.tx.clone(), move |line| Msg::Log { index: Some(index), line }, || {});
-        self.slots.push(Slot { proc: Some(proc), state: State::Running, id: None, leader: None, eof: false });
+        let may_exit = id.is_some();
+        self.slots.push(Slot {
+            proc: Some(proc),
+            state: State::Running,
+            data,
+            may_exit,
+            id: None,
+            leader: None,
+            eof: false,
+        });
         Ok(index)
     }
 
@@ -342,9 +399,19 @@ impl Room {
     /// Kills the broker (SIGKILL) and starts a new one on the same port. Another process can take
     /// the port while it is free; the restart is retried for a while, then fails saying so.
     pub async fn restart_broker(&mut self) -> Result<(), Failure> {
+        self.kill_broker().await;
+        self.start_broker_again().await
+    }
+
+    /// Kills the broker with SIGKILL (every connection, will and retained message is lost).
+    pub async fn kill_broker(&mut self) {
         if let Some(mut old) = self.broker.take() {
             old.kill().await;
         }
+    }
+
+    /// Starts a broker again on the room's port, after [`kill_broker`](Self::kill_broker).
+    pub async fn start_broker_again(&mut self) -> Result<(), Failure> {
         let deadline = Instant::now() + BROKER_REBIND;
         let mut pause = Duration::from_millis(50);
         loop {
@@ -369,9 +436,14 @@ impl Room {
         }
     }
 
-    /// Indices of the peers running now (not paused, not gone).
+    /// Indices of the peers running now (not paused, not gone, not duplicates).
     pub fn running(&self) -> Vec<usize> {
-        (0..self.slots.len()).filter(|&i| self.slots[i].state == State::Running).collect()
+        (0..self.slots.len()).filter(|&i| self.slots[i].state == State::Running && !self.slots[i].may_exit).collect()
+    }
+
+    /// Whether the room's peers come back on their data directories (room protocol).
+    pub fn room_protocol(&self) -> bool {
+        self.cfg.room_protocol
     }
 
     /// Where peer `index` is.
@@ -414,10 +486,11 @@ impl Room {
     }
 
     /// Waits until every running peer agrees on a running controller that has issued a challenge,
-    /// and every running peer holds a block that no running peer held when the wait began: the
-    /// room works. Returns the controller `(term, index)` and the height reached.
+    /// and every running peer holds a block that no peer held when the wait began (peers just
+    /// restarted included, whose chains are those they held before): the room works. Returns the
+    /// controller `(term, index)` and the height reached.
     pub async fn wait_progress(&mut self) -> Result<(Term, usize, u64), Failure> {
-        let target = self.running().iter().map(|&i| self.height(i)).max().unwrap_or(0) + 1;
+        let target = (0..self.slots.len()).map(|i| self.height(i)).max().unwrap_or(0) + 1;
         let what = format!("controller agreed by every live peer and block {} held by all", target - 1);
         self.wait_for(&what, |room| {
             room.agreed().is_some() && room.running().iter().all(|&i| room.height(i) >= target)
@@ -513,6 +586,12 @@ impl Room {
                     self.events = None;
                 }
                 self.record(index, &record);
+                let mut record = record;
+                if self.slots[index].may_exit {
+                    // A duplicate's chain is its own: checked apart from the peer whose id it
+                    // took (its controllers and blocks must still agree with the room's).
+                    record.peer = PeerId::MAX - u32::try_from(index).unwrap_or(0);
+                }
                 if self.violation.is_none()
                     && let Err(v) = self.checker.push(&record)
                 {
@@ -531,7 +610,10 @@ impl Room {
             Msg::Eof { index } => {
                 let slot = &mut self.slots[index];
                 slot.eof = true;
-                if slot.state != State::Gone {
+                if slot.may_exit {
+                    slot.state = State::Gone;
+                    slot.proc = None;
+                } else if slot.state != State::Gone {
                     slot.state = State::Gone;
                     let status = match slot.proc.as_mut().map(|p| p.child.try_wait()) {
                         Some(Ok(Some(status))) => status.to_string(),
@@ -557,7 +639,10 @@ impl Room {
         match &r.event {
             Event::Started { client_id, .. } => {
                 self.slots[index].id = Some(*client_id);
-                self.ids.insert(*client_id, index);
+                // A duplicate does not stand for the peer whose id it takes.
+                if !self.slots[index].may_exit {
+                    self.ids.insert(*client_id, index);
+                }
             }
             Event::LeaderElected { term, leader, .. } => self.slots[index].leader = Some((*term, *leader)),
             Event::ChallengeIssued { term, .. } => {
