@@ -318,8 +318,10 @@ impl Checker {
                     }
                 };
                 chain.push(index);
+                // Blocks are known by their hash: the same solution accepted in two terms (by a
+                // deposed controller and by its successor) is one block.
                 let first = *self.by_term_tx.entry((*term, *tx)).or_insert(index);
-                if first != index {
+                if self.blocks[first as usize].hash != *hash {
                     return Err(Violation::TwoBlocksInOneTerm {
                         term: *term,
                         tx: *tx,
@@ -332,7 +334,7 @@ impl Checker {
                 // Known only if this peer's chain was described (always, with `resumed`).
                 if let Some(&index) = usize::try_from(*tx).ok().and_then(|t| chain.get(t)) {
                     let first = *self.committed.entry(*tx).or_insert(index);
-                    if first != index {
+                    if self.blocks[first as usize].hash != self.blocks[index as usize].hash {
                         return Err(Violation::CommittedChanged {
                             tx: *tx,
                             first: self.blocks[first as usize].hash.clone(),
@@ -383,7 +385,8 @@ impl Checker {
     pub fn finish(&self) -> Result<Summary, Violation> {
         let room: &[u32] = self.chains.values().max_by_key(|c| c.len()).map_or(&[], |c| c.as_slice());
         for (&peer, chain) in &self.chains {
-            if let Some(at) = chain.iter().zip(room).position(|(a, b)| a != b) {
+            let hash = |i: u32| &self.blocks[i as usize].hash;
+            if let Some(at) = chain.iter().zip(room).position(|(&a, &b)| hash(a) != hash(b)) {
                 let describe = |i: u32| {
                     let b = &self.blocks[i as usize];
                     format!("term {} winner {} hash {}", b.term, b.winner, b.hash)
@@ -618,6 +621,16 @@ mod tests {
 
         let asked = [record(3, Event::CommittedConflict { tx: 2, commit: 5 })];
         assert_eq!(check(&asked).unwrap_err(), Violation::CommittedConflict { peer: 3, tx: 2, commit: 5 });
+    }
+
+    /// Found by a 500-cycle chaos run: one solution accepted in two terms (by a deposed controller
+    /// and by its successor, when the miner sent it again) is one block, known by its hash.
+    #[test]
+    fn one_solution_accepted_in_two_terms_is_one_block() {
+        let block = mine(1, 1, 7).remove(0);
+        let again = with(&block, "term", 2.into());
+        let records = [record(1, block), record(1, committed(0)), record(2, again), record(2, committed(0))];
+        assert_eq!(check(&records).expect("one block").blocks, 1);
     }
 
     #[test]
