@@ -323,8 +323,12 @@ fn figures() {
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![10, 100]);
+    let broker = match std::env::var("HASHVOTE_FIGURES_BROKER").as_deref() {
+        Ok("mosquitto") => Broker::Mosquitto,
+        _ => Broker::Embedded,
+    };
     for n in sizes {
-        let mut room = QuorumRoom::start(Broker::Embedded, n);
+        let mut room = QuorumRoom::start(broker, n);
         let elected = elected_after_last_connect(&room, Duration::from_secs(120));
         room.wait_commit(5, 0);
         let overhead = commit_overhead(&room.records());

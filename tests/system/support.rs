@@ -251,6 +251,8 @@ impl Mosquitto {
              allow_anonymous true\n\
              # Retained messages and sessions in memory only, as rumqttd: a restart loses them.\n\
              persistence false\n\
+             # Nagle off on the connections it accepts, as the embedded broker does (see README).\n\
+             set_tcp_nodelay true\n\
              # Run as root (as in CI containers): mosquitto would otherwise switch to the `mosquitto`\n\
              # user, which cannot write the log into our private directory. Ignored unless root.\n\
              user root\n\
