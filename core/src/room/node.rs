@@ -207,6 +207,13 @@ pub struct RoomNode {
     pre: BTreeSet<PeerId>,
     /// When this peer last sent a pre-ballot.
     last_pre_sent: u64,
+    /// When this peer entered its current term (its election in it gets that long, at least).
+    term_since: u64,
+    /// Terms in a row this peer entered without having seen a controller of the one before: each
+    /// doubles the election timeouts (up to 16 times), so that in a room whose ballots take
+    /// longer to go round than a timeout (hundreds of peers on a few cores) an election gets the
+    /// time it needs. Back to 0 once a controller is known.
+    backoff: u32,
     ballots: BTreeMap<PeerId, Ballot>,
     my_ballot: Option<u32>,
     grant_deadline: Option<u64>,
@@ -281,6 +288,8 @@ impl RoomNode {
             pre_term: 0,
             pre: BTreeSet::new(),
             last_pre_sent: 0,
+            term_since: 0,
+            backoff: 0,
             ballots: BTreeMap::new(),
             my_ballot: None,
             grant_deadline: None,
@@ -585,8 +594,8 @@ impl RoomNode {
 
     fn reset_election_timer(&mut self) {
         let t = self.cfg.timing;
-        self.election_deadline =
-            self.now + self.rng.random_range(t.election_min_ms..=t.election_max_ms.max(t.election_min_ms));
+        self.election_deadline = self.now
+            + (self.rng.random_range(t.election_min_ms..=t.election_max_ms.max(t.election_min_ms)) << self.backoff);
     }
 
     fn report_reach(&mut self) {
@@ -926,8 +935,16 @@ impl RoomNode {
         }
     }
 
+    /// Whether this term's election still has its time (see `on_pre_ballot`): no pre-vote for
+    /// the next term yet, unless the controller is known gone.
+    fn patient(&self) -> bool {
+        self.term > 0
+            && !self.controller_gone
+            && self.now < self.term_since + (self.cfg.timing.election_min_ms << self.backoff)
+    }
+
     fn start_pre_vote(&mut self) {
-        if !self.is_voter() || self.controller_live() {
+        if !self.is_voter() || self.controller_live() || self.patient() {
             return;
         }
         if self.config.is_none() && self.term == 0 && self.now < self.discover_until {
@@ -974,7 +991,12 @@ impl RoomNode {
             self.pre.clear();
         }
         self.pre.insert(from);
-        if !self.pre.contains(&self.cfg.id) && self.is_voter() && !self.controller_live() {
+        // A term's election gets its time: a voter does not help start the next one until its own
+        // election timeout passed since it entered this term (or the controller is known gone).
+        // In a large room the ballots of a term take long to arrive everywhere, and peers that
+        // granted elsewhere would otherwise move the room on as soon as a controller was elected,
+        // before its first heartbeat reached them (seen with 100 peers: 100 terms in 15 s).
+        if !self.pre.contains(&self.cfg.id) && self.is_voter() && !self.controller_live() && !self.patient() {
             self.pre.insert(self.cfg.id);
             self.emit(Event::PreVote { term });
             self.last_pre_sent = self.now;
@@ -997,7 +1019,11 @@ impl RoomNode {
         if self.is_controller() {
             self.step_down("newer term");
         }
+        if self.controller.is_none() && self.term > 0 {
+            self.backoff = (self.backoff + 1).min(MAX_BACKOFF);
+        }
         self.term = term;
+        self.term_since = self.now;
         self.voted_for = None;
         // Not written now: a new term promises nothing until this peer grants in it, and the
         // grant writes the term with the vote (one fsync instead of two on an election's path).
@@ -1112,6 +1138,7 @@ impl RoomNode {
         }
         self.role = Role2::Controller;
         self.controller = Some(self.cfg.id);
+        self.backoff = 0;
         self.syncing = None;
         self.became_ms = self.now;
         self.acks.clear();
@@ -1367,6 +1394,7 @@ impl RoomNode {
         }
         self.controller = Some(c);
         self.controller_gone = false;
+        self.backoff = 0;
         self.heard_ms = self.now;
         self.grant_deadline = None;
         self.reset_election_timer();
@@ -1696,6 +1724,9 @@ impl RoomNode {
         }
     }
 }
+
+/// Most doublings of the election timeouts after terms without a controller (see `backoff`).
+const MAX_BACKOFF: u32 = 4;
 
 /// How often a miner sends again a solution the controller has not judged.
 const SOLUTION_RETRY_MS: u64 = 500;
