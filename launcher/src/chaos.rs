@@ -309,6 +309,8 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
                     let back = room.restart(target)?;
                     let _ = write!(line, "; peer #{target} restarted as #{back}");
                     if let Some(old) = newcomer.replace(r) {
+                        // It may have been killed and restarted since, under another index.
+                        let old = room.latest(old);
                         room.terminate(old).await?;
                         let _ = write!(line, "; newcomer #{old} left");
                     }
@@ -330,12 +332,9 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
                 for &i in &all {
                     room.kill(i).await;
                 }
-                let mut back = Vec::new();
-                for &i in &all {
-                    back.push(come_back(room, i)?);
+                for i in all {
+                    come_back(room, i)?;
                 }
-                // The newcomer came back too, under a new index.
-                newcomer = newcomer.and_then(|old| all.iter().position(|&i| i == old).map(|at| back[at]));
                 let _ = write!(line, "kill -9 of the whole room; every peer restarted from its data directory");
             }
         }

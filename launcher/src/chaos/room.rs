@@ -441,6 +441,12 @@ impl Room {
         (0..self.slots.len()).filter(|&i| self.slots[i].state == State::Running && !self.slots[i].may_exit).collect()
     }
 
+    /// The index of the latest process of peer `index` (the same peer restarted on its data
+    /// directory has a new index); `index` itself if it has not said its id yet.
+    pub fn latest(&self, index: usize) -> usize {
+        self.id(index).and_then(|id| self.ids.get(&id).copied()).unwrap_or(index)
+    }
+
     /// Whether the room's peers come back on their data directories (room protocol).
     pub fn room_protocol(&self) -> bool {
         self.cfg.room_protocol
