@@ -65,7 +65,8 @@ impl Scenario {
             fault_every_ms: 700,
             block_ms: 150,
             keepalive_ms: 1_000,
-            timing: Timing::default(),
+            // Syncs of a few blocks take several replies, as the syncs of thousands do.
+            timing: Timing { sync_blocks: rng.random_range(1..=8), ..Timing::default() },
             trace: 400,
         }
     }
@@ -511,6 +512,21 @@ impl World {
                 self.sc.settle_ms,
                 self.committed.len(),
                 state.join("; ")
+            )));
+        }
+        // Every peer verifies every block: each one up holds what was committed when the faults
+        // ended, voter or not, however far behind it was.
+        let behind = self
+            .procs
+            .iter()
+            .find(|p| p.alive && p.connected && p.node.chain().height() < self.commit_at_fault_end.unwrap_or(0));
+        if let Some(p) = behind {
+            return Err(self.fail(format!(
+                "peer {} holds {} blocks, {} ms after the faults ended with {} committed",
+                p.id,
+                p.node.chain().height(),
+                self.sc.settle_ms,
+                self.commit_at_fault_end.unwrap_or(0)
             )));
         }
         Ok(report)

@@ -39,6 +39,9 @@ pub struct Timing {
     pub discovery_ms: u64,
     /// How long a sync request may go unanswered before it is sent again.
     pub sync_retry_ms: u64,
+    /// Most blocks in one sync reply of ours (at most [`MAX_SYNC_BLOCKS`]; the simulator makes
+    /// it small, so that syncs of a few blocks already take several replies).
+    pub sync_blocks: usize,
 }
 
 impl Default for Timing {
@@ -50,6 +53,7 @@ impl Default for Timing {
             ballot_wait_ms: 100,
             discovery_ms: 300,
             sync_retry_ms: 500,
+            sync_blocks: MAX_SYNC_BLOCKS,
         }
     }
 }
@@ -243,8 +247,9 @@ pub struct RoomNode {
     genesis_offer: Option<RoomConfig>,
     /// The peer asked for blocks, when, and from which height.
     syncing: Option<(PeerId, u64, TxId, u64)>,
-    /// Sync from the commit point, not the tip: a block failed to link.
-    diverged: bool,
+    /// A block failed to link: sync from below the tip, first from the commit point, then on
+    /// from the height up to which replies of the same controller and term agreed with us.
+    diverged: Option<Diverged>,
     /// When this miner last sent its solution.
     last_solution_ms: u64,
     /// The commit point moved in this batch: written at its end.
@@ -308,7 +313,7 @@ impl RoomNode {
             submitted: None,
             genesis_offer: None,
             syncing: None,
-            diverged: false,
+            diverged: None,
             last_solution_ms: 0,
             commit_dirty: false,
             last_stale_reply: 0,
@@ -1341,7 +1346,8 @@ impl RoomNode {
         }
         let height = self.chain.height();
         let start = start.min(height);
-        let end = start.saturating_add(MAX_SYNC_BLOCKS as u64).min(height);
+        let batch = self.cfg.timing.sync_blocks.clamp(1, MAX_SYNC_BLOCKS) as u64;
+        let end = start.saturating_add(batch).min(height);
         let blocks: Vec<Block> = (start..end).filter_map(|tx| self.chain.get(tx).copied()).collect();
         let config = if start == 0 { self.config.clone() } else { None };
         let open = if self.is_controller() { self.open } else { None };
@@ -1404,7 +1410,7 @@ impl RoomNode {
     /// Our chain equals the controller's up to `upto`: take its commit (as far as that) and
     /// acknowledge.
     fn matched(&mut self, controller: PeerId, upto: u64, commit: u64) {
-        self.diverged = false;
+        self.diverged = None;
         self.set_commit(commit.min(upto));
         if self.is_voter() {
             self.publish(Msg::Ack { to: controller, term: self.term, height: upto, key: self.cfg.key });
@@ -1433,7 +1439,9 @@ impl RoomNode {
         }
         if height > self.chain.height() || !self.links_at(height, tip) {
             // Behind, or our block below its height is not the controller's.
-            self.diverged |= height <= self.chain.height();
+            if height <= self.chain.height() {
+                self.diverge();
+            }
             self.request_sync(from);
             return;
         }
@@ -1469,7 +1477,7 @@ impl RoomNode {
             self.genesis_offer = Some(config);
         }
         if !self.links_at(c.tx, c.prev) {
-            self.diverged = true;
+            self.diverge();
             self.request_sync(from);
             return;
         }
@@ -1531,7 +1539,7 @@ impl RoomNode {
             // Raft's rule: a block of the controller's that conflicts with ours at its height, on
             // a prefix we share, replaces ours and what follows (never below the commit point).
             if !self.links_at(block.tx, block.prev) || !self.truncate(block.tx) {
-                self.diverged = true;
+                self.diverge();
                 self.request_sync(from);
                 return;
             }
@@ -1548,7 +1556,7 @@ impl RoomNode {
         }
         if let Err(e) = self.append(block) {
             self.drop_msg("invalid_block", format!("from {from}: {e}"));
-            self.diverged = true;
+            self.diverge();
             self.request_sync(from);
             return;
         }
@@ -1610,6 +1618,16 @@ impl RoomNode {
         true
     }
 
+    /// A block failed to link: the next sync starts below our tip. What an earlier reply of
+    /// the same controller in the same term showed to agree stays agreed; a new controller's
+    /// chain is compared from the commit point again.
+    fn diverge(&mut self) {
+        let (controller, term) = (self.controller, self.term);
+        if !self.diverged.is_some_and(|d| d.controller == controller && d.term == term) {
+            self.diverged = Some(Diverged { controller, term, agreed: self.commit });
+        }
+    }
+
     fn request_sync(&mut self, peer: PeerId) {
         if peer == self.cfg.id {
             return;
@@ -1619,7 +1637,10 @@ impl RoomNode {
         {
             return;
         }
-        let from = if self.diverged { self.commit } else { self.chain.height() };
+        let from = match self.diverged {
+            Some(d) => d.agreed.max(self.commit).min(self.chain.height()),
+            None => self.chain.height(),
+        };
         let req = self.rng.random();
         self.syncing = Some((peer, self.now, from, req));
         self.publish(Msg::SyncRequest { to: peer, from, req });
@@ -1669,6 +1690,7 @@ impl RoomNode {
             // Before block 0: the configuration comes with the open challenge 0.
             self.genesis_offer = config.filter(|k| open.is_some_and(|c| c.tx == 0 && k.digest(c.alg) == c.prev));
         }
+        let before = self.chain.height();
         let mut linked = true;
         for block in blocks {
             if let Some(mine) = self.chain.get(block.tx) {
@@ -1694,11 +1716,19 @@ impl RoomNode {
             self.emit(Event::Synced { from: tx, height: self.chain.height() });
         }
         if !linked {
-            if authoritative && !self.diverged {
-                self.diverged = true;
+            if authoritative && self.diverged.is_none() {
+                self.diverge();
                 self.request_sync(from);
             }
             return;
+        }
+        let mut agreed_more = false;
+        if let (true, Some(last), Some(d)) = (authoritative, last, self.diverged.as_mut()) {
+            // Every block of the reply is now ours, and the reply is our controller's: the next
+            // request starts after them.
+            let agreed = if d.controller == Some(from) && d.term == term { d.agreed } else { 0 };
+            agreed_more = last + 1 > agreed;
+            *d = Diverged { controller: Some(from), term, agreed: agreed.max(last + 1) };
         }
         if height > 0 {
             self.saw_room();
@@ -1711,7 +1741,11 @@ impl RoomNode {
             Some(t) => t + 1 == height,
             None => asked >= height && (height <= self.commit || height == 0),
         };
-        if first.is_some() && self.chain.height() < height {
+        // Behind, or diverged and not yet shown where: ask for what follows, as long as replies
+        // take us further (a reply of blocks we hold, from a peer that cannot make us drop
+        // ours, would only be asked for again and again; the controller's heartbeat takes over).
+        let grew = self.chain.height() > before;
+        if first.is_some() && ((grew && self.chain.height() < height) || (agreed_more && !reached)) {
             self.request_sync(from);
             return;
         }
@@ -1723,6 +1757,16 @@ impl RoomNode {
             }
         }
     }
+}
+
+/// Where a peer whose chain failed to link syncs from (see [`RoomNode::diverge`]).
+#[derive(Debug, Clone, Copy)]
+struct Diverged {
+    /// The controller and term whose replies `agreed` counts.
+    controller: Option<PeerId>,
+    term: Term,
+    /// Our first blocks up to this height are the controller's.
+    agreed: u64,
 }
 
 /// Most doublings of the election timeouts after terms without a controller (see `backoff`).

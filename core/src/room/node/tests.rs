@@ -59,8 +59,11 @@ impl Room {
     /// Delivers everything queued (and what it causes), then advances time by `ms` in ticks.
     fn run(&mut self, ms: u64) {
         let end = self.now + ms;
+        let mut delivered = 0usize;
         loop {
             while let Some((to, env)) = self.queue.pop_front() {
+                delivered += 1;
+                assert!(delivered < 100_000, "a message storm: {env:?}");
                 let targets: Vec<usize> = match to {
                     Some(t) => vec![t],
                     None => (0..self.nodes.len()).collect(),
@@ -311,4 +314,40 @@ fn a_restarted_voter_keeps_its_vote() {
     let ballot = Msg::Ballot { term, ballot: u32::MAX, key, pos: Pos::default(), proposal: None };
     let actions = again.handle(100, Input::Message(Envelope::new(other, ballot)));
     assert!(!actions.iter().any(|a| matches!(a, Action::Publish(Msg::Grant { .. }))));
+}
+
+/// Mines `blocks` blocks in `room`, each by a node that is not the controller.
+fn mine_blocks(room: &mut Room, blocks: usize) {
+    for _ in 0..blocks {
+        let ctl = room.controllers()[0];
+        room.mine((ctl + 1) % 3);
+        room.run(0);
+    }
+}
+
+#[test]
+fn a_peer_whose_last_block_lost_syncs_past_more_than_one_reply_of_agreeing_blocks() {
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, MAX_SYNC_BLOCKS + 40);
+    let ctl = room.controllers()[0];
+    let (config, term) = (room.nodes[ctl].config().cloned(), room.nodes[ctl].term());
+    // A peer that held the room's first blocks and, last, a block of its own at the height of
+    // the room's last block (accepted by a controller deposed before it was committed).
+    let mut blocks = room.nodes[ctl].chain().blocks().to_vec();
+    let theirs = blocks.pop().expect("blocks");
+    let template = Template::new(&theirs.prev, theirs.tx, 999);
+    let nonce = template.search(u32::from(theirs.difficulty), 0, 1 << 20).expect("found");
+    let stale = Block { miner: 999, nonce, hash: template.digest(nonce), ..theirs };
+    blocks.push(stale);
+    // Meanwhile the room went on.
+    mine_blocks(&mut room, 5);
+    let cfg = RoomNodeConfig { id: 200, key: 1200, seed: 9, ..room.nodes[0].cfg.clone() };
+    let restored = Restored { term, voted_for: None, config, blocks, commit: 0 };
+    room.nodes.push(RoomNode::new(cfg, restored));
+    room.input(3, Input::Connected);
+    room.run(3_000);
+    let (ours, room_chain) = (room.nodes[3].chain().blocks(), room.nodes[ctl].chain().blocks());
+    assert_eq!(ours.len(), room_chain.len(), "the peer caught up");
+    assert_eq!(ours.last().map(|b| b.hash), room_chain.last().map(|b| b.hash));
 }
