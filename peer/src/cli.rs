@@ -144,7 +144,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let id = cfg.id.unwrap_or_else(|| rand::random_range(1..=u32::MAX));
     let out: Option<Box<dyn Write + Send>> = match args.events.as_deref() {
         None => None,
-        Some("-") => Some(Box::new(std::io::stdout())),
+        // Buffered, so that the lines of a held batch go out in one write (stdout alone is
+        // line-buffered: one write per line).
+        Some("-") => Some(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Some(path) => Some(Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("cannot create events file {path}"))?,
         ))),

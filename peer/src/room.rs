@@ -203,22 +203,34 @@ pub async fn run(
         let mut force_status = matches!(input, Input::Connected);
         let mut fatal = None;
         let mut writes = Vec::new();
+        events.hold();
         for action in node.handle(clock.now_ms(), input) {
             // What a message promises (a vote, a block held) is on disk before it goes out: the
-            // writes of a batch are made durable together, before the first action after them.
+            // writes of a batch are committed together before the first action after them, and
+            // made durable (with all staged before) before the first message that is not a
+            // sync request. A sync request promises nothing, so a peer catching up writes its
+            // blocks without waiting for the disk at each reply; a non-voter, which promises
+            // nothing, hardly ever waits.
             if let Action::Persist(w) = action {
                 writes.push(w);
                 continue;
             }
-            if !writes.is_empty()
-                && let Err(e) = store.apply(&std::mem::take(&mut writes))
-            {
+            let promise = matches!(&action, Action::Publish(msg) if !matches!(msg, Msg::SyncRequest { .. }));
+            let written = match (writes.is_empty(), promise) {
+                (true, false) => Ok(()),
+                (false, false) => store.stage(&std::mem::take(&mut writes)),
+                (_, true) => store.apply(&std::mem::take(&mut writes)),
+            };
+            if let Err(e) = written {
                 fatal = Some(format!("cannot write the data directory: {e}"));
                 break;
             }
             match action {
                 Action::Persist(_) => unreachable!("handled above"),
-                Action::Publish(msg) => publish(&client, &topics, id, msg).await,
+                Action::Publish(msg) => {
+                    events.flush();
+                    publish(&client, &topics, id, msg).await;
+                }
                 Action::Mine(job) => {
                     miner.start(job);
                     if let Some(e) = mining.switch(Some(job.tx), miner.hashes()) {
@@ -246,9 +258,9 @@ pub async fn run(
                 Action::Fatal(reason) => fatal = Some(reason),
             }
         }
+        events.release();
         if fatal.is_none()
-            && !writes.is_empty()
-            && let Err(e) = store.apply(&writes)
+            && let Err(e) = store.stage(&writes)
         {
             fatal = Some(format!("cannot write the data directory: {e}"));
         }
@@ -261,6 +273,10 @@ pub async fn run(
     };
 
     miner.stop();
+    // What we staged becomes durable, so a restart resumes from where we stopped.
+    if let Err(e) = store.sync() {
+        warn!(error = %e, "cannot write the data directory");
+    }
     if connected_once {
         if result.is_ok() {
             // A clean goodbye, so the room does not wait for a timeout, and our status marked

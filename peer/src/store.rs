@@ -240,7 +240,13 @@ pub struct Store {
     dir: PathBuf,
     db: Database,
     state: State,
+    /// Batches staged (committed without fsync) since the last durable commit.
+    staged: usize,
 }
+
+/// Most batches staged before one is made durable anyway: redb frees pages only in durable
+/// commits, so a peer that never promises anything (a non-voter) still bounds its file.
+const MAX_STAGED: usize = 64;
 
 /// What [`Store::apply`] checks writes against: the stored state minus the chain itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,7 +280,7 @@ impl Store {
             tip: durable.blocks.last().map(|b| b.hash),
             commit: durable.commit,
         };
-        Ok((Store { dir: dir.to_owned(), db, state }, identity, durable))
+        Ok((Store { dir: dir.to_owned(), db, state, staged: 0 }, identity, durable))
     }
 
     /// The directory this store lives in.
@@ -282,14 +288,37 @@ impl Store {
         &self.dir
     }
 
-    /// Writes `writes` in one transaction, in order, durable (fsync) before it returns. A batch
-    /// that breaks a rule (see [`Write`]) is refused whole, with [`StoreError::Refused`].
+    /// Writes `writes` in one transaction, in order, durable (fsync) before it returns, with
+    /// whatever was staged before. A batch that breaks a rule (see [`Write`]) is refused whole,
+    /// with [`StoreError::Refused`].
     pub fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError> {
-        if writes.is_empty() {
+        self.commit(writes, true)
+    }
+
+    /// Writes `writes` in one transaction, in order, without waiting for the disk: a crash may
+    /// lose them (and every batch staged after the last durable one), never tear them. Before a
+    /// message that depends on them goes out, [`Store::sync`] makes them durable.
+    pub fn stage(&mut self, writes: &[Write]) -> Result<(), StoreError> {
+        self.commit(writes, self.staged + 1 >= MAX_STAGED)
+    }
+
+    /// Makes every staged batch durable (one fsync; nothing when none is staged).
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if self.staged == 0 {
+            return Ok(());
+        }
+        self.commit(&[], true)
+    }
+
+    fn commit(&mut self, writes: &[Write], durable: bool) -> Result<(), StoreError> {
+        if writes.is_empty() && !(durable && self.staged > 0) {
             return Ok(());
         }
         let dir = &self.dir;
-        let txn = self.db.begin_write().map_err(|e| redb_error(dir, e))?;
+        let mut txn = self.db.begin_write().map_err(|e| redb_error(dir, e))?;
+        if !durable {
+            txn.set_durability(redb::Durability::None).map_err(|e| redb_error(dir, redb::Error::from(e)))?;
+        }
         let mut next = self.state.clone();
         match write_batch(&txn, &mut next, writes) {
             Ok(()) => {}
@@ -304,6 +333,7 @@ impl Store {
         }
         txn.commit().map_err(|e| redb_error(dir, e))?;
         self.state = next;
+        self.staged = if durable { 0 } else { self.staged + 1 };
         Ok(())
     }
 }
