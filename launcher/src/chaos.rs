@@ -259,6 +259,11 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
                 if on_controller {
                     let _ = write!(line, "SIGSTOP peer #{target}{role}");
                     failover(room, term, t0, fault, tally, &mut line).await?;
+                } else if room.room_protocol() {
+                    let seen = room.wait_left_or_mined_on(target, t0).await?;
+                    let what =
+                        if seen { "the room saw it leave" } else { "no will came; the room mined on without it" };
+                    let _ = write!(line, "SIGSTOP peer #{target}; {what}");
                 } else {
                     room.wait_left(target, t0).await?;
                     let _ = write!(line, "SIGSTOP peer #{target}; the room saw it leave");

@@ -80,9 +80,9 @@ pub struct RoomArgs {
     /// Topic prefix of the room.
     #[arg(long, default_value = "sd", value_parser = parse_prefix)]
     pub prefix: String,
-    /// Wire format of the peers: hashvote, lab (the course lab's JSON messages), or room (the
-    /// quorum protocol, its state on disk: see --run-dir).
-    #[arg(long, default_value = "hashvote")]
+    /// Wire format of the peers: room (the quorum protocol, its state on disk: see --run-dir),
+    /// lab (the course lab's JSON messages), or hashvote (wire version 1, superseded by room).
+    #[arg(long, default_value = "room")]
     pub wire: String,
     /// With --wire room: the run directory, one data directory per peer (`peer-0`, `peer-1`, ...).
     /// An existing one resumes its room; without it, a new one under the temporary directory,
@@ -216,7 +216,7 @@ pub struct FailoverBenchArgs {
 pub struct FaultRoomArgs {
     /// The peers' protocol: hashvote (wire version 1; a lost peer is replaced by a new one) or
     /// room (the room protocol; every peer has a data directory and comes back on it).
-    #[arg(long, value_enum, default_value_t = crate::chaos::Wire::Hashvote)]
+    #[arg(long, value_enum, default_value_t = crate::chaos::Wire::Room)]
     pub wire: crate::chaos::Wire,
     /// Leading zero bits of each challenge (low: many blocks, so progress shows fast).
     #[arg(long, default_value_t = 16)]

@@ -63,13 +63,14 @@ pub struct PeerConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Wire {
-    /// hashvote's versioned postcard protocol (terms, failover, a chain): the default.
-    #[default]
+    /// hashvote's wire version 1 (terms and failover by unanimous vote, no quorum, no state on
+    /// disk): superseded by [`Wire::Room`], kept only until its last users move.
     Hashvote,
     /// The course lab's JSON messages, to share a room with its Python clients (see `crate::lab`).
     Lab,
     /// The room protocol (wire version 2: quorum elections, committed blocks, state on disk; see
-    /// `crate::room`). It becomes the default once the launcher's observer speaks it.
+    /// `crate::room`): the default.
+    #[default]
     Room,
 }
 
@@ -275,7 +276,7 @@ mod tests {
         assert_eq!((c.wire, c.lab_difficulty()), (Wire::Lab, (10, 20)));
         let c = PeerConfig::from_toml("wire = \"lab\"\ndifficulty = 33", "t").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("1..=32"));
-        assert_eq!(PeerConfig::load(None).unwrap().wire, Wire::Hashvote);
+        assert_eq!(PeerConfig::load(None).unwrap().wire, Wire::Room);
         assert!("LAB".parse::<Wire>().is_ok() && "json".parse::<Wire>().is_err());
     }
 }

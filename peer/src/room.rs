@@ -68,7 +68,9 @@ pub async fn run(
         },
         restored,
     );
-    if node.term() > 0 || node.chain().height() > 0 {
+    // A restart says what it resumed from, even nothing: what it had only staged (blocks synced
+    // but never acknowledged) may be gone, and its events must not pretend otherwise.
+    if store.existed() {
         events.emit(Event::Resumed {
             term: node.term(),
             height: node.chain().height(),

@@ -242,6 +242,8 @@ pub struct Store {
     state: State,
     /// Batches staged (committed without fsync) since the last durable commit.
     staged: usize,
+    /// The directory held a database before [`Store::open`].
+    existed: bool,
 }
 
 /// Most batches staged before one is made durable anyway: redb frees pages only in durable
@@ -263,14 +265,17 @@ impl Store {
     /// a precise error otherwise; never resets a directory it cannot read.
     pub fn open(dir: &Path, create: NewIdentity) -> Result<(Store, Identity, Durable), StoreError> {
         let path = dir.join(DB_FILE);
-        match fs::symlink_metadata(&path) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => create_fresh(dir, &create)?,
+        let existed = match fs::symlink_metadata(&path) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                create_fresh(dir, &create)?;
+                false
+            }
             Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
                 return Err(StoreError::NotDataDir { dir: dir.to_owned(), why: "it is not a directory".into() });
             }
             Err(e) => return Err(io_error(dir, e)),
-        }
+        };
         let db = Builder::new().set_check_integrity_on_open(true).open(&path).map_err(|e| redb_error(dir, e))?;
         let (identity, durable) = read(dir, &db, &create)?;
         let state = State {
@@ -280,7 +285,12 @@ impl Store {
             tip: durable.blocks.last().map(|b| b.hash),
             commit: durable.commit,
         };
-        Ok((Store { dir: dir.to_owned(), db, state, staged: 0 }, identity, durable))
+        Ok((Store { dir: dir.to_owned(), db, state, staged: 0, existed }, identity, durable))
+    }
+
+    /// Whether the directory held a database before this run (a restart, not a new peer).
+    pub fn existed(&self) -> bool {
+        self.existed
     }
 
     /// The directory this store lives in.

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ const PASSWORD: &str = "correct-horse-battery";
 
 /// Starts `launcher broker` on `port` with extra flags and environment, and waits for its ready line.
 fn start_auth_broker(port: u16, args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let child = Command::new(exe())
+    let child = launcher()
         .args(["broker", "--bind", "127.0.0.1", "--port", &port.to_string()])
         .args(args)
         .env_remove(broker::config::AUTH_ENV)
@@ -120,7 +120,7 @@ fn peer_refused_by_the_broker_exits_within_its_connect_timeout_with_one_line() {
         (None, "closed the connection before accepting the login (does it require a login?"),
     ];
     for (password, expected) in cases {
-        let mut cmd = Command::new(exe());
+        let mut cmd = launcher();
         cmd.args(["peer", "--host", "127.0.0.1", "--port", &port.to_string(), "--connect-timeout", "3"])
             .args(["--room-size", "2", "--log", "error"])
             .env_remove("HASHVOTE_USERNAME")
@@ -194,7 +194,7 @@ fn demo_with_generated_login_succeeds_and_keeps_the_password_off_command_lines()
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let port = free_port();
-    let child = Command::new(exe())
+    let child = launcher()
         .args(["--rounds", "2", "--peers", "3", "--difficulty", "10", "--target-block-ms", "0"])
         .args(["--port", &port.to_string(), "--events"])
         .arg(&events)

@@ -3,14 +3,14 @@
 //! port; the launcher is killed if it overruns, and its children die with it.
 
 use std::io::Read;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
 
 /// Runs the launcher with `args`, killing it after `timeout`; returns its status, stdout, stderr.
 fn run_launcher(args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
-    let child = Command::new(exe())
+    let child = launcher()
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -56,6 +56,7 @@ fn the_dashboard_runs_under_a_terminal_and_its_keys_pause_kill_and_quit() {
     let port = free_port();
     let pty = native_pty_system().openpty(PtySize { rows: ROWS, cols: COLS, pixel_width: 0, pixel_height: 0 }).unwrap();
     let mut cmd = CommandBuilder::new(exe());
+    cmd.env("TMPDIR", scratch());
     cmd.args(["--peers", "4", "--difficulty", "16", "--target-block-ms", "0", "--keepalive", "1"]);
     cmd.args(["--port", &port.to_string(), "--events"]);
     cmd.arg(&events);

@@ -2,7 +2,7 @@
 //! room of the launcher's peers on an outside broker.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use peer::events::Event;
@@ -14,7 +14,7 @@ fn launcher_runs_ten_peers_that_agree_on_a_leader_and_three_blocks_then_leaves_n
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let port = free_port();
-    let child = Command::new(exe())
+    let child = launcher()
         .args(["--peers", "10", "--rounds", "3", "--difficulty", "12", "--threads", "1", "--target-block-ms", "0"])
         .args(["--port", &port.to_string(), "--events"])
         .arg(&events)
@@ -72,7 +72,7 @@ fn launcher_runs_ten_peers_that_agree_on_a_leader_and_three_blocks_then_leaves_n
 fn launcher_refuses_a_busy_port_with_one_line() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();
-    let out = Command::new(exe()).args(["--port", &port.to_string()]).output().expect("run launcher");
+    let out = launcher().args(["--port", &port.to_string()]).output().expect("run launcher");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -91,7 +91,7 @@ fn launcher_runs_a_room_on_an_outside_mosquitto_and_leaves_it_running() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let prefix = format!("hv{}launcher", std::process::id());
-    let child = Command::new(exe())
+    let child = launcher()
         .args(["--broker", &format!("127.0.0.1:{port}"), "--peers", "4", "--rounds", "3", "--plain"])
         .args(["--prefix", &prefix, "--difficulty", "12", "--target-block-ms", "0", "--events"])
         .arg(&events)

@@ -96,7 +96,7 @@ impl Drop for Netns {
 /// child kills the real process.
 pub fn launcher_in(ns: &str) -> Command {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns]).arg(exe()).stdin(Stdio::null());
+    cmd.args(["netns", "exec", ns]).arg(exe()).stdin(Stdio::null()).env("TMPDIR", crate::support::scratch());
     // SAFETY: prctl is async-signal-safe and touches only the child's own state. A test process
     // killed outright (a CI timeout) runs no destructor; the kernel then still kills the children.
     unsafe {

@@ -227,7 +227,7 @@ fn a_peer_without_a_quorum_says_so_and_the_room_resumes_when_it_returns() {
     let mut room = QuorumRoom::start(Broker::Embedded, 3);
     let watch_out = room.dir.path().join("watch.out");
     let prefix = format!("hv{}q{}", std::process::id(), room.port);
-    let child = std::process::Command::new(exe())
+    let child = launcher()
         .args(["watch", "--host", "127.0.0.1", "--port", &room.port.to_string(), "--prefix", &prefix, "--plain"])
         .env_remove("HASHVOTE_USERNAME")
         .stdin(std::process::Stdio::null())
@@ -461,7 +461,7 @@ fn the_launcher_resumes_a_room_from_its_run_directory() {
     let run_dir = dir.path().join("run");
     let run = |rounds: &str| {
         let port = free_port().to_string();
-        let out = std::process::Command::new(exe())
+        let out = launcher()
             .args(["--wire", "room", "--plain", "--no-auth", "--peers", "4", "--rounds", rounds, "--difficulty", "18"])
             .args(["--threads", "1", "--target-block-ms", "0", "--port", &port, "--run-dir"])
             .arg(&run_dir)
@@ -500,4 +500,33 @@ fn the_launcher_resumes_a_room_from_its_run_directory() {
         .filter(|e| e.path().join("peer.redb").exists())
         .count();
     assert_eq!(dirs, 4, "one data directory per peer");
+}
+
+/// A peer started again on its data directory says what it resumed from, even an empty chain:
+/// what it wrote without waiting for the disk (blocks synced, never acknowledged) may be gone, and
+/// a checker of its events must not keep the chain its earlier run described. (Without the event,
+/// the chaos test once saw a restarted newcomer "append tx 0 at height 2".) The broker is
+/// unreachable here: the peer says it before it connects, and gives up after a second.
+#[test]
+fn a_peer_restarted_on_its_data_directory_says_what_it_resumed_even_an_empty_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port().to_string();
+    let mut resumed = Vec::new();
+    for run in 0..2 {
+        let events = dir.path().join(format!("run{run}.jsonl"));
+        let out = launcher()
+            .args(["peer", "--host", "127.0.0.1", "--port", &port, "--connect-timeout", "1", "--data-dir"])
+            .arg(&data)
+            .arg("--events")
+            .arg(&events)
+            .output()
+            .expect("run the peer");
+        assert!(!out.status.success(), "no broker: the peer gives up");
+        resumed.push(read_events(&events).into_iter().find_map(|r| match r.event {
+            Event::Resumed { term, height, commit, tip } => Some((term, height, commit, tip)),
+            _ => None,
+        }));
+    }
+    assert_eq!(resumed, vec![None, Some((0, 0, 0, None))], "a new directory resumes nothing; the same again does");
 }

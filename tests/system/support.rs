@@ -18,6 +18,21 @@ pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_launcher")
 }
 
+/// Where the processes the tests start put their temporary directories (a peer's data directory
+/// for one run, a launcher's run directory): under `target/`, not the machine's `/tmp`, since a
+/// peer killed with SIGKILL cannot remove its own.
+pub fn scratch() -> &'static str {
+    env!("CARGO_TARGET_TMPDIR")
+}
+
+/// A command running the launcher binary (any of its subcommands), its temporary directories in
+/// [`scratch`].
+pub fn launcher() -> Command {
+    let mut cmd = Command::new(exe());
+    cmd.env("TMPDIR", scratch());
+    cmd
+}
+
 /// A port nobody listens on right now.
 ///
 /// Chosen below the kernel's ephemeral range (32768 and up here), so that no outgoing connection
@@ -88,7 +103,7 @@ impl Drop for Proc {
 
 /// Starts the broker on `port` and waits for its ready line.
 pub fn start_broker(port: u16) -> Proc {
-    let child = Command::new(exe())
+    let child = launcher()
         .args(["broker", "--bind", "127.0.0.1", "--port", &port.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -353,7 +368,7 @@ pub fn port_open(port: u16) -> bool {
 /// Starts a peer writing its events to `events` and its log next to it (`.log`).
 pub fn start_peer(port: u16, events: &Path, extra: &[&str]) -> Proc {
     let log = std::fs::File::create(events.with_extension("log")).expect("create peer log");
-    let child = Command::new(exe())
+    let child = launcher()
         .args(["peer", "--host", "127.0.0.1", "--port", &port.to_string(), "--events"])
         .arg(events)
         .args(["--log", "info"])

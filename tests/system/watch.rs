@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use peer::events::Event;
@@ -47,7 +47,7 @@ fn watch_follows_a_room_on_mosquitto_and_both_reports_hold_the_peers_chain() {
         (dir.path().join("watch"), dir.path().join("room"), dir.path().join("events.jsonl"));
     let watch_out = dir.path().join("watch.out");
 
-    let child = Command::new(exe())
+    let child = launcher()
         .args(["watch", "--host", "127.0.0.1", "--port", &mosquitto.port.to_string(), "--prefix", &prefix])
         .args(["--plain", "--rounds", &ROUNDS.to_string(), "--report"])
         .arg(&watch_report)
@@ -62,7 +62,7 @@ fn watch_follows_a_room_on_mosquitto_and_both_reports_hold_the_peers_chain() {
     wait_until(Duration::from_secs(20), "watch connected", || said().contains("connected to"));
 
     let broker = format!("127.0.0.1:{}", mosquitto.port);
-    let child = Command::new(exe())
+    let child = launcher()
         .args(["--broker", &broker, "--prefix", &prefix, "--peers", "4", "--rounds", &ROUNDS.to_string()])
         .args(["--difficulty", "14", "--target-block-ms", "0", "--plain", "--events"])
         .arg(&events)

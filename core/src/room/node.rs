@@ -628,10 +628,11 @@ impl RoomNode {
                 // Another key under a known id: keep the configuration's (or the first) one.
                 let cfg_key = self.config.as_ref().and_then(|c| c.key_of(id));
                 if cfg_key == Some(k) {
-                    if p.gone {
-                        self.gone_peers -= 1;
-                    }
+                    let revived = p.gone;
                     *p = Peer { key: k, incarnation: 0, gone: false, heard_ms: now };
+                    if revived {
+                        self.revived(id);
+                    }
                     self.refresh_voters();
                     return true;
                 }
@@ -642,7 +643,7 @@ impl RoomNode {
                 p.gone = false;
                 p.heard_ms = now;
                 if revived {
-                    self.gone_peers -= 1;
+                    self.revived(id);
                     self.refresh_voters();
                 }
             }
@@ -655,6 +656,13 @@ impl RoomNode {
             (None, None) => {}
         }
         true
+    }
+
+    /// A peer counted gone spoke again: it is back (observers see it join, as they saw it leave).
+    fn revived(&mut self, id: PeerId) {
+        self.gone_peers -= 1;
+        let members = self.peers.len() - self.gone_peers + 1;
+        self.emit(Event::PeerJoined { id, members });
     }
 
     fn gone(&mut self, id: PeerId) {

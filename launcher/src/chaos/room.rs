@@ -520,6 +520,25 @@ impl Room {
             .await
     }
 
+    /// With the room protocol, for a paused peer that is not the controller: waits until some
+    /// peer reports that it left, or, once its will is overdue (it may have had no connection to
+    /// leave a will on: paused while it reconnected after a broker restart), until every other
+    /// running peer holds two blocks more than the room had at `since_ms`: the room mines on
+    /// without it, which is what the room protocol needs (it never waits for departures).
+    /// Returns whether its departure was seen.
+    pub async fn wait_left_or_mined_on(&mut self, index: usize, since_ms: u64) -> Result<bool, Failure> {
+        let Some(id) = self.id(index) else { return Ok(true) };
+        let others: Vec<usize> = self.running().into_iter().filter(|&i| i != index).collect();
+        let base = others.iter().map(|&i| self.height(i)).max().unwrap_or(0);
+        let overdue = Instant::now() + Duration::from_millis(self.cfg.keepalive * 1500 + 2000);
+        self.wait_for(&format!("peer_left of peer #{index}, or the room mining on without it"), |room| {
+            room.left.get(&id).is_some_and(|&t| t >= since_ms)
+                || (Instant::now() >= overdue && others.iter().all(|&i| room.height(i) >= base + 2))
+        })
+        .await?;
+        Ok(self.left.get(&id).is_some_and(|&t| t >= since_ms))
+    }
+
     /// Processes events for `pause`, as part of a workload (not to wait for anything).
     pub async fn idle(&mut self, pause: Duration) -> Result<(), Failure> {
         let until = Instant::now() + pause;
@@ -585,18 +604,21 @@ impl Room {
                     }
                     return Ok(());
                 };
+                self.record(index, &record);
+                let mut record = record;
+                let mut line = line;
+                if self.slots[index].may_exit {
+                    // A duplicate's chain is its own: checked apart from the peer whose id it
+                    // took (its controllers and blocks must still agree with the room's), here
+                    // and in the events file.
+                    record.peer = PeerId::MAX - u32::try_from(index).unwrap_or(0);
+                    line = serde_json::to_string(&record).unwrap_or(line);
+                }
                 if let Some(file) = self.events.as_mut()
                     && let Err(e) = writeln!(file, "{line}")
                 {
                     eprintln!("chaos: cannot write the events file ({e}); no more events are written");
                     self.events = None;
-                }
-                self.record(index, &record);
-                let mut record = record;
-                if self.slots[index].may_exit {
-                    // A duplicate's chain is its own: checked apart from the peer whose id it
-                    // took (its controllers and blocks must still agree with the room's).
-                    record.peer = PeerId::MAX - u32::try_from(index).unwrap_or(0);
                 }
                 if self.violation.is_none()
                     && let Err(v) = self.checker.push(&record)

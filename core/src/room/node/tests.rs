@@ -351,3 +351,22 @@ fn a_peer_whose_last_block_lost_syncs_past_more_than_one_reply_of_agreeing_block
     assert_eq!(ours.len(), room_chain.len(), "the peer caught up");
     assert_eq!(ours.last().map(|b| b.hash), room_chain.last().map(|b| b.hash));
 }
+
+#[test]
+fn a_peer_counted_gone_that_speaks_again_is_seen_to_join_again() {
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    let (gone, id) = (2, room.nodes[2].id());
+    let leave = Envelope::new(id, room.nodes[gone].farewell());
+    let left = room.nodes[0].handle(room.now, Input::Message(leave));
+    assert!(left.iter().any(|a| matches!(a, Action::Emit(Event::PeerLeft { id: x, members: 2 }) if *x == id)));
+    // Its link comes back: it says hello again.
+    room.actions.clear();
+    room.input(gone, Input::Connected);
+    room.run(0);
+    let joined = room
+        .actions
+        .iter()
+        .any(|(i, a)| *i == 0 && matches!(a, Action::Emit(Event::PeerJoined { id: x, members: 3 }) if *x == id));
+    assert!(joined, "node 0 saw it join again");
+}
