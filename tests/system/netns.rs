@@ -12,11 +12,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use crate::support::{Proc, await_broker, exe};
+use crate::support::{Proc, await_broker, ensure_installed, exe};
+
+/// iproute2's `ip`, installed first if missing (see [`ensure_installed`]).
+fn ip_bin() -> &'static std::path::Path {
+    static IP: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    IP.get_or_init(|| {
+        ensure_installed("ip", "iproute2")
+            .unwrap_or_else(|e| panic!("the partition and multi-host tests need iproute2: {e}"))
+    })
+}
 
 /// Runs `ip ARGS`, returning its stderr on failure.
 pub fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+    let out = Command::new(ip_bin())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -37,7 +46,7 @@ pub fn ip_ok(args: &[&str]) {
 
 /// Names of the namespaces that exist now.
 pub fn netns_list() -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().expect("run `ip netns list`");
+    let out = Command::new(ip_bin()).args(["netns", "list"]).output().expect("run `ip netns list`");
     // Lines look like `NAME` or `NAME (id: N)`.
     String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next()).map(String::from).collect()
 }
@@ -95,7 +104,7 @@ impl Drop for Netns {
 /// child's pid is the launcher's (checked against the peers' `started` events): killing the
 /// child kills the real process.
 pub fn launcher_in(ns: &str) -> Command {
-    let mut cmd = Command::new("ip");
+    let mut cmd = Command::new(ip_bin());
     cmd.args(["netns", "exec", ns]).arg(exe()).stdin(Stdio::null()).env("TMPDIR", crate::support::scratch());
     // SAFETY: prctl is async-signal-safe and touches only the child's own state. A test process
     // killed outright (a CI timeout) runs no destructor; the kernel then still kills the children.
@@ -113,7 +122,7 @@ pub fn launcher_in(ns: &str) -> Command {
 /// Kills (SIGKILL) every process in namespace `ns`, as a machine that loses power; returns how
 /// many there were. Only for namespaces of this test: nobody else knows them.
 pub fn kill_all_in(ns: &str) -> usize {
-    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else { return 0 };
+    let Ok(out) = Command::new(ip_bin()).args(["netns", "pids", ns]).output() else { return 0 };
     let pids: Vec<i32> =
         String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
     for &pid in &pids {

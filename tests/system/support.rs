@@ -25,6 +25,54 @@ pub fn scratch() -> &'static str {
     env!("CARGO_TARGET_TMPDIR")
 }
 
+/// Makes sure `binary` (a path, or a name looked up in `PATH`, `/usr/sbin` and `/sbin`) exists,
+/// installing Debian's `package` when it does not (as root, with `apt-get`): the test command
+/// sets up what its tests need on a fresh machine. Returns the binary's path, or why it cannot.
+pub fn ensure_installed(binary: &str, package: &str) -> Result<PathBuf, String> {
+    fn find(binary: &str) -> Option<PathBuf> {
+        if binary.contains('/') {
+            return Path::new(binary).is_file().then(|| PathBuf::from(binary));
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+            .map(|dir| dir.join(binary))
+            .find(|p| p.is_file())
+    }
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(found) = find(binary) {
+        return Ok(found);
+    }
+    // One installation at a time (tests run in parallel threads); the next caller finds it.
+    let _apt = APT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(found) = find(binary) {
+        return Ok(found);
+    }
+    let how = format!("install it (apt-get install {package})");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(format!("{binary} is missing and only root can install it here: {how}"));
+    }
+    eprintln!("{binary} is missing: installing Debian's {package} (apt-get) for the tests");
+    let apt = |args: &[&str]| {
+        let out = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("{binary} is missing and apt-get cannot run ({e}): {how}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            let said = String::from_utf8_lossy(&out.stderr);
+            Err(format!("{binary} is missing and `apt-get {}` failed: {}", args.join(" "), said.trim()))
+        }
+    };
+    apt(&["update", "-qq"])?;
+    apt(&["install", "-y", "-qq", package])?;
+    find(binary).ok_or_else(|| format!("{package} was installed but {binary} is still missing: {how}"))
+}
+
 /// A command running the launcher binary (any of its subcommands), its temporary directories in
 /// [`scratch`].
 pub fn launcher() -> Command {
@@ -298,13 +346,12 @@ impl Mosquitto {
     }
 
     fn spawn(port: u16, dir: &Path) -> Result<Proc, String> {
-        let bin = std::env::var("MOSQUITTO").unwrap_or_else(|_| MOSQUITTO.to_string());
-        if !Path::new(&bin).is_file() {
-            return Err(format!(
-                "mosquitto not found at {bin}: these tests run the room on Mosquitto too; install it \
-                 (apt-get install mosquitto) or set MOSQUITTO=/path/to/mosquitto"
-            ));
-        }
+        let bin = match std::env::var("MOSQUITTO") {
+            Ok(bin) if Path::new(&bin).is_file() => PathBuf::from(bin),
+            Ok(bin) => return Err(format!("MOSQUITTO={bin}: no such file")),
+            Err(_) => ensure_installed(MOSQUITTO, "mosquitto")
+                .map_err(|e| format!("these tests run the room on Mosquitto too: {e}"))?,
+        };
         let (conf, log, stderr) = (dir.join("mosquitto.conf"), dir.join("mosquitto.log"), dir.join("mosquitto.stderr"));
         // Its stderr (a warning about running as root, or why it cannot start) goes to a file.
         let err_file = std::fs::File::create(&stderr).map_err(|e| format!("creating {}: {e}", stderr.display()))?;
@@ -315,7 +362,7 @@ impl Mosquitto {
             .stdout(Stdio::null())
             .stderr(err_file)
             .spawn()
-            .map_err(|e| format!("starting {bin}: {e}"))?;
+            .map_err(|e| format!("starting {}: {e}", bin.display()))?;
         let mut proc = Proc { child, name: format!("mosquitto:{port}") };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !port_open(port) {
