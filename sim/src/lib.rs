@@ -515,11 +515,11 @@ impl World {
             )));
         }
         // Every peer verifies every block: each one up holds what was committed when the faults
-        // ended, voter or not, however far behind it was.
-        let behind = self
-            .procs
-            .iter()
-            .find(|p| p.alive && p.connected && p.node.chain().height() < self.commit_at_fault_end.unwrap_or(0));
+        // ended, voter or not, however far behind it was (as long as a quorum lives: without
+        // one, no controller hands out blocks).
+        let committed = self.commit_at_fault_end.unwrap_or(0);
+        let behind =
+            self.procs.iter().find(|p| quorum_exists && p.alive && p.connected && p.node.chain().height() < committed);
         if let Some(p) = behind {
             return Err(self.fail(format!(
                 "peer {} holds {} blocks, {} ms after the faults ended with {} committed",
@@ -911,9 +911,22 @@ impl World {
         if !self.broker_up {
             self.schedule(self.now, Ev::BrokerUp);
         }
+        // Sometimes one crashed peer stays dead for good, as a machine that never comes back: the
+        // others must not wait on it (a sync request it will never answer, say). Only once
+        // another peer holds block 0, which records the configuration: before, a room waits for
+        // all of its first `room_size` peers to meet (or for newcomers to complete it).
+        let dead: Vec<usize> =
+            (0..self.procs.len()).filter(|&p| !self.procs[p].alive && !self.procs[p].fatal).collect();
+        let pick = (!dead.is_empty() && self.rng.random_bool(0.3)).then(|| dead[self.rng.random_range(0..dead.len())]);
+        let for_good =
+            pick.filter(|&d| self.procs.iter().enumerate().any(|(q, p)| q != d && p.node.chain().height() > 0));
+        if let Some(p) = for_good {
+            let id = self.procs[p].id;
+            self.log(|| format!("{id} stays dead"));
+        }
         for p in 0..self.procs.len() {
             let pr = &self.procs[p];
-            if !pr.alive && !pr.fatal {
+            if !pr.alive && !pr.fatal && Some(p) != for_good {
                 self.schedule(self.now + 1, Ev::Restart { p, lose_disk: false });
             } else if pr.alive {
                 self.procs[p].cut_until = self.procs[p].cut_until.min(self.now);

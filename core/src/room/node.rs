@@ -522,7 +522,7 @@ impl RoomNode {
         // Whatever we heard of other peers before, an existing room may not have answered yet.
         self.discover_until = self.now + self.cfg.timing.discovery_ms;
         if let Some((peer, _, _, _)) = self.syncing.take() {
-            self.request_sync(peer);
+            self.request_sync(self.controller.filter(|&c| c != self.cfg.id).unwrap_or(peer));
         }
         if self.is_controller() {
             self.beat();
@@ -592,8 +592,10 @@ impl RoomNode {
         if let Some((peer, at, _, _)) = self.syncing
             && now >= at + self.cfg.timing.sync_retry_ms
         {
+            // Unanswered: ask again, our controller if we know one (the peer asked may be gone).
             self.syncing = None;
-            self.request_sync(peer);
+            let to = self.controller.filter(|&c| c != self.cfg.id).unwrap_or(peer);
+            self.request_sync(to);
         }
     }
 
@@ -1640,8 +1642,11 @@ impl RoomNode {
         if peer == self.cfg.id {
             return;
         }
-        if let Some((_, at, _, _)) = self.syncing
+        // One request at a time, sent again after `sync_retry_ms`; but one to a peer that may
+        // never answer (it died) never holds back one to our controller.
+        if let Some((to, at, _, _)) = self.syncing
             && self.now < at + self.cfg.timing.sync_retry_ms
+            && (to == peer || self.controller != Some(peer))
         {
             return;
         }

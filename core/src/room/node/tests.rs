@@ -370,3 +370,58 @@ fn a_peer_counted_gone_that_speaks_again_is_seen_to_join_again() {
         .any(|(i, a)| *i == 0 && matches!(a, Action::Emit(Event::PeerJoined { id: x, members: 3 }) if *x == id));
     assert!(joined, "node 0 saw it join again");
 }
+
+/// A peer waiting on a sync reply from a peer that died (its last controller, killed during a
+/// broker outage) resent its request to that peer every `sync_retry_ms`, always just before the
+/// new controller's heartbeat could ask that controller instead (the owner runs an overdue timer
+/// before a queued message): it never caught up, and a room that needed its acknowledgements
+/// changed term every second for good (a 500-cycle chaos run).
+#[test]
+fn a_sync_request_to_a_dead_peer_does_not_starve_the_one_to_the_controller() {
+    let cfg = RoomNodeConfig {
+        id: 200,
+        key: 1200,
+        incarnation: 7,
+        since_ms: 0,
+        room_size: 3,
+        pace: Pace::Fixed(2),
+        alg: HashAlg::Sha1,
+        seed: 5,
+        timing: Timing::default(),
+    };
+    let mut node = RoomNode::new(cfg, Restored::default());
+    let mut sent_to = Vec::new();
+    let record = |sent_to: &mut Vec<PeerId>, actions: Vec<Action>| {
+        for a in actions {
+            if let Action::Publish(Msg::SyncRequest { to, .. }) = a {
+                sent_to.push(to);
+            }
+        }
+    };
+    record(&mut sent_to, node.handle(0, Input::Connected));
+    let dead = 999;
+    let hello = Msg::Hello {
+        to: None,
+        want_reply: false,
+        key: 9,
+        incarnation: 1,
+        since_ms: 0,
+        term: 0,
+        controller: None,
+        height: 10,
+    };
+    record(&mut sent_to, node.handle(1, Input::Message(Envelope::new(dead, hello))));
+    assert_eq!(sent_to, vec![dead]);
+    let controller = 100;
+    let tip = Digest::zero(HashAlg::Sha1);
+    for t in 2..3_000u64 {
+        if t >= node.next_timer() {
+            record(&mut sent_to, node.handle(t, Input::Tick));
+        }
+        if t % 100 == 1 {
+            let beat = Msg::Heartbeat { term: 1, height: 10, commit: 10, tip, open: None };
+            record(&mut sent_to, node.handle(t, Input::Message(Envelope::new(controller, beat))));
+        }
+    }
+    assert!(sent_to.contains(&controller), "asked the controller at last: {sent_to:?}");
+}
