@@ -1,5 +1,6 @@
-//! Flood (issue 5): a room of peers mines while an outsider floods every topic of the room with
-//! garbage, damaged real messages and well-formed forgeries. The room must keep mining valid
+//! Flood (issue 5): a room of peers (the room protocol, wire version 2) mines while an outsider
+//! floods every topic of the room, the peers' own topics included, with garbage, damaged real
+//! messages and well-formed forgeries. The room must keep mining valid
 //! blocks, no process may die, no forged block may enter any chain, and memory must stay bounded.
 //! Both room tests run on the embedded broker and on Mosquitto (`::on_rumqttd`, `::on_mosquitto`).
 //!
@@ -7,21 +8,20 @@
 //! (its seed corpus plus mutated and random inputs through the same check, `fuzz/decode_check.rs`).
 //!
 //! What the flood does *not* send, on purpose: messages that an unauthenticated publisher can use
-//! to take the room over by design — a challenge or result of a term newer than some peer's, a vote
-//! of the current term, a `Hello` or `Leave` in someone's name, a result from the controller's id
-//! whose block really verifies. Those are what broker authentication is for. Damaged messages that
+//! to take the room over by design — a challenge or result of a term newer than some peer's, a
+//! ballot, grant or acknowledgement with a member's real key (keys travel in the clear), a `Hello`
+//! or `Leave` in someone's name, a result from the controller's id whose block really verifies. Those are what broker authentication is for. Damaged messages that
 //! still decode are such forgeries too, so they are sent on a topic where they do not belong.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use hashvote_core::room::{Channel, Envelope, Msg, Pos, decode, encode};
 use peer::events::{Event, Record};
 use peer::pace::Pace;
 use peer::pow::{self, Digest, HashAlg, Template};
-use peer::protocol::{
-    Block, Challenge, Channel, Envelope, Message, Outcome, PeerId, RejectReason, Term, Topics, View, decode, encode,
-};
+use peer::protocol::{Block, Challenge, Outcome, PeerId, RejectReason, Term};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
@@ -187,7 +187,8 @@ fn forged_future_result_in_the_controllers_name_does_not_stall_the_room(broker: 
     let mut rng = StdRng::seed_from_u64(5);
     let mut block = snap.block_template(&mut rng);
     block.tx = snap.height + 5;
-    let env = Envelope::new(snap.leader, Message::Result { term: snap.term, outcome: Outcome::Accepted(block) });
+    let result = Msg::Result { term: snap.term, outcome: Outcome::Accepted(block), commit: snap.height };
+    let env = Envelope::new(snap.leader, result);
     flood.publish_burst(vec![(Target::Result, encode(&env))]);
     let h = room.min_height();
     room.wait_height(h + 3, Duration::from_secs(20));
@@ -241,6 +242,8 @@ enum Target {
     Solution,
     Result,
     Unexpected,
+    /// A peer's own topic (`<prefix>/peer/<id>`).
+    Direct(PeerId),
 }
 
 impl Target {
@@ -256,6 +259,7 @@ impl Target {
             Target::Solution => Some(Channel::Solution),
             Target::Result => Some(Channel::Result),
             Target::Unexpected => None,
+            Target::Direct(id) => Some(Channel::Direct(id)),
         }
     }
 
@@ -266,6 +270,7 @@ impl Target {
             Channel::Challenge => Target::Challenge,
             Channel::Solution => Target::Solution,
             Channel::Result => Target::Result,
+            Channel::Direct(id) => Target::Direct(id),
         }
     }
 }
@@ -274,8 +279,7 @@ impl Target {
 struct Flood {
     rt: tokio::runtime::Runtime,
     client: AsyncClient,
-    topics: Topics,
-    unexpected: String,
+    prefix: String,
     port: u16,
     errors: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Payloads published on the challenge topic.
@@ -308,8 +312,7 @@ impl Flood {
         Flood {
             rt,
             client,
-            topics: Topics::new(prefix),
-            unexpected: format!("{prefix}/unexpected"),
+            prefix: prefix.to_string(),
             port,
             errors,
             to_challenge: 0,
@@ -321,7 +324,16 @@ impl Flood {
     }
 
     fn topic(&self, target: Target) -> String {
-        target.channel().map_or_else(|| self.unexpected.clone(), |c| self.topics.topic(c).to_string())
+        let prefix = &self.prefix;
+        match target {
+            Target::Init => format!("{prefix}/init"),
+            Target::Voting => format!("{prefix}/voting"),
+            Target::Challenge => format!("{prefix}/challenge"),
+            Target::Solution => format!("{prefix}/solution"),
+            Target::Result => format!("{prefix}/result"),
+            Target::Unexpected => format!("{prefix}/unexpected"),
+            Target::Direct(id) => format!("{prefix}/peer/{id}"),
+        }
     }
 
     /// Publishes one burst, then yields for a moment so the broker drains it; once the challenges
@@ -360,7 +372,7 @@ impl Flood {
     /// are of an old term; [`Snapshot::follow`] keeps only the controller's.
     fn watch_challenges(&mut self) -> Watch {
         let watch = Watch::default();
-        let (seen, topic, port) = (watch.clone(), self.topics.challenge.clone(), self.port);
+        let (seen, topic, port) = (watch.clone(), self.topic(Target::Challenge), self.port);
         let sentinel = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         self.sentinel_seen = Some(sentinel.clone());
         let delivered = self.delivered.clone();
@@ -391,9 +403,9 @@ impl Flood {
                             {
                                 sentinel.fetch_max(u64::from_be_bytes(n), Relaxed);
                             } else if let Ok(env) = decode(&p.payload, Channel::Challenge, MAX_PAYLOAD)
-                                && let Message::Challenge(c) = env.msg
+                                && let Msg::Challenge { challenge, .. } = env.msg
                             {
-                                seen.lock().unwrap().insert(env.from, c);
+                                seen.lock().unwrap().insert(env.from, challenge);
                             }
                         }
                         Ok(_) => {}
@@ -412,7 +424,7 @@ impl Flood {
     /// Publishes payloads above the broker's limit, each from a fresh connection (the broker is
     /// expected to refuse them by closing it); returns what happened, for the log.
     fn oversized(&mut self, sizes: &[usize]) -> String {
-        let topic = self.topics.challenge.clone();
+        let topic = self.topic(Target::Challenge);
         let port = self.port;
         let outcomes: Vec<String> = sizes
             .iter()
@@ -516,6 +528,19 @@ impl Snapshot {
         }
     }
 
+    /// The controller's open challenge (as the snapshot knows it), in `term`.
+    fn challenge(&self, term: Term) -> Challenge {
+        Challenge {
+            term,
+            tx: self.height,
+            alg: HashAlg::Sha1,
+            difficulty: DIFFICULTY,
+            pace: Pace::Fixed(DIFFICULTY),
+            issued_ms: peer::events::now_ms(),
+            prev: self.tip,
+        }
+    }
+
     /// A block at the controller's height on its tip, with a random nonce and hash.
     fn block_template(&self, rng: &mut StdRng) -> Block {
         let now = peer::events::now_ms();
@@ -583,7 +608,7 @@ fn next_payload(
             let mut bytes = random_bytes(rng, len);
             // Half start with the right version byte, to get past the first check.
             if rng.random() && !bytes.is_empty() {
-                bytes[0] = peer::protocol::VERSION;
+                bytes[0] = hashvote_core::room::VERSION;
             }
             redirect_if_valid("random_bytes", target, bytes, rng)
         }
@@ -598,8 +623,12 @@ fn next_payload(
         }
         _ => {
             let (kind, env) = forgery(snap, forge, rng);
-            if let Message::Result { outcome: Outcome::Accepted(b), .. } = &env.msg {
-                forged_hashes.insert(b.hash.to_hex());
+            match &env.msg {
+                Msg::Result { outcome: Outcome::Accepted(b), .. } => {
+                    forged_hashes.insert(b.hash.to_hex());
+                }
+                Msg::SyncReply { blocks, .. } => forged_hashes.extend(blocks.iter().map(|b| b.hash.to_hex())),
+                _ => {}
             }
             (kind, Target::of(env.msg.channel()), encode(&env))
         }
@@ -628,33 +657,45 @@ fn redirect_if_valid(
 fn real_message(snap: &Snapshot, rng: &mut StdRng) -> Vec<u8> {
     let from = snap.members[rng.random_range(0..snap.members.len())];
     let (term, tx) = (snap.term, snap.height);
-    let challenge = Challenge {
-        term,
-        tx,
-        alg: HashAlg::Sha1,
-        difficulty: DIFFICULTY,
-        pace: Pace::Fixed(DIFFICULTY),
-        issued_ms: peer::events::now_ms(),
-        prev: snap.tip,
-    };
+    let challenge = snap.challenge(term);
     let block = snap.block_template(rng);
-    let msg = match rng.random_range(0..9) {
-        0 => Message::Hello {
+    let pos = Pos { last_term: term, height: tx };
+    let key = rng.random();
+    let msg = match rng.random_range(0..13) {
+        0 => Msg::Hello {
+            to: None,
             want_reply: rng.random(),
-            view: View { term, leader: Some(snap.leader), height: tx },
+            key,
             incarnation: rng.random(),
             since_ms: rng.random(),
+            term,
+            controller: Some(snap.leader),
+            height: tx,
         },
-        1 => Message::Leave,
-        2 => Message::SyncRequest { to: snap.leader, from: tx.saturating_sub(3) },
-        3 => Message::SyncReply { to: from, term, blocks: vec![block], height: tx + 1, open: Some(challenge) },
-        4 => Message::Vote { term, vote: rng.random(), height: tx },
-        5 => Message::Challenge(challenge),
-        6 => Message::Solution { tx, nonce: rng.random() },
-        7 => Message::Result { term, outcome: Outcome::Accepted(block) },
-        _ => Message::Result {
+        1 => Msg::Leave { incarnation: rng.random() },
+        2 => Msg::PreBallot { term: term + 1, key, pos },
+        3 => Msg::Ballot { term, ballot: rng.random(), key, pos, proposal: None },
+        4 => Msg::Grant { to: snap.leader, to_key: rng.random(), term, key },
+        5 => Msg::Heartbeat { term, height: tx, commit: tx, tip: snap.tip, open: Some(tx) },
+        6 => Msg::Challenge { challenge, commit: tx, config: None },
+        7 => Msg::Solution { tx, nonce: rng.random() },
+        8 => Msg::Result { term, outcome: Outcome::Accepted(block), commit: tx },
+        9 => Msg::Ack { to: snap.leader, term, height: tx, key },
+        10 => Msg::SyncRequest { to: snap.leader, from: tx.saturating_sub(3), req: rng.random() },
+        11 => Msg::SyncReply {
+            to: from,
+            req: rng.random(),
+            term,
+            config: None,
+            blocks: vec![block],
+            height: tx + 1,
+            commit: tx,
+            open: Some(challenge),
+        },
+        _ => Msg::Result {
             term,
             outcome: Outcome::Rejected { tx, miner: from, nonce: rng.random(), reason: RejectReason::InsufficientWork },
+            commit: tx,
         },
     };
     encode(&Envelope::new(from, msg))
@@ -665,56 +706,42 @@ fn forgery(snap: &Snapshot, forge: &mut Forger, rng: &mut StdRng) -> (&'static s
     let stranger = snap.stranger(rng);
     let (term, h) = (snap.term, snap.height);
     let old_term = term - 1; // the flood starts in term 2 or later
-    let challenge = Challenge {
-        term,
-        tx: h,
-        alg: HashAlg::Sha1,
-        difficulty: DIFFICULTY,
-        pace: Pace::Fixed(DIFFICULTY),
-        issued_ms: peer::events::now_ms(),
-        prev: snap.tip,
-    };
+    let challenge = snap.challenge(term);
     let block = snap.block_template(rng);
-    let (kind, from, msg) = match rng.random_range(0..13) {
-        0 => ("challenge_current_term_stranger", stranger, Message::Challenge(challenge)),
-        1 => ("challenge_old_term", stranger, Message::Challenge(Challenge { term: old_term, ..challenge })),
-        2 => ("result_current_term_stranger", stranger, Message::Result { term, outcome: Outcome::Accepted(block) }),
+    let member = snap.members[rng.random_range(0..snap.members.len())];
+    // A key no member has (keys are random 64-bit numbers).
+    let wrong_key = rng.random();
+    let accepted = |b: Block| Msg::Result { term, outcome: Outcome::Accepted(b), commit: h };
+    let (kind, from, msg) = match rng.random_range(0..17) {
+        0 => ("challenge_current_term_stranger", stranger, Msg::Challenge { challenge, commit: h, config: None }),
+        1 => {
+            let challenge = Challenge { term: old_term, ..challenge };
+            ("challenge_old_term", stranger, Msg::Challenge { challenge, commit: h, config: None })
+        }
+        2 => ("result_current_term_stranger", stranger, accepted(block)),
         3 => {
             let outcome =
                 Outcome::Rejected { tx: h, miner: snap.members[0], nonce: 1, reason: RejectReason::AlreadySolved };
-            ("rejection_current_term_stranger", stranger, Message::Result { term, outcome })
+            ("rejection_current_term_stranger", stranger, Msg::Result { term, outcome, commit: h })
         }
-        4 => {
-            ("result_bad_hash_as_controller", snap.leader, Message::Result { term, outcome: Outcome::Accepted(block) })
-        }
+        4 => ("result_bad_hash_as_controller", snap.leader, accepted(block)),
         5 => {
             // The hash is the real proof of the fields, but lacks the work (almost surely).
             let hash = pow::proof(&block.prev, block.tx, block.miner, block.nonce);
-            let b = Block { hash, ..block };
-            ("result_little_work_as_controller", snap.leader, Message::Result { term, outcome: Outcome::Accepted(b) })
+            ("result_little_work_as_controller", snap.leader, accepted(Block { hash, ..block }))
         }
         6 => match forge.unlinked.pop() {
-            Some(b) => {
-                ("result_unlinked_as_controller", snap.leader, Message::Result { term, outcome: Outcome::Accepted(b) })
-            }
-            None => (
-                "result_bad_hash_as_controller",
-                snap.leader,
-                Message::Result { term, outcome: Outcome::Accepted(block) },
-            ),
+            Some(b) => ("result_unlinked_as_controller", snap.leader, accepted(b)),
+            None => ("result_bad_hash_as_controller", snap.leader, accepted(block)),
         },
         7 => {
             let b = Block { tx: h.saturating_sub(1 + rng.random_range(0..h.max(1))), ..block };
-            ("result_old_block_as_controller", snap.leader, Message::Result { term, outcome: Outcome::Accepted(b) })
+            ("result_old_block_as_controller", snap.leader, accepted(b))
         }
-        8 => (
-            "solution_closed_tx",
-            stranger,
-            Message::Solution { tx: rng.random_range(0..h.max(1)), nonce: rng.random() },
-        ),
+        8 => ("solution_closed_tx", stranger, Msg::Solution { tx: rng.random_range(0..h.max(1)), nonce: rng.random() }),
         9 => {
             let tx = if rng.random() { h + 1 + rng.random_range(0..1000) } else { rng.random() };
-            ("solution_future_or_unknown_tx", stranger, Message::Solution { tx, nonce: rng.random() })
+            ("solution_future_or_unknown_tx", stranger, Msg::Solution { tx, nonce: rng.random() })
         }
         10 => {
             // For the open transaction, but without the work (checked: a lucky nonce would be a
@@ -725,13 +752,44 @@ fn forgery(snap: &Snapshot, forge: &mut Forger, rng: &mut StdRng) -> (&'static s
                     break n;
                 }
             };
-            ("solution_open_tx_no_work", stranger, Message::Solution { tx: h, nonce })
+            ("solution_open_tx_no_work", stranger, Msg::Solution { tx: h, nonce })
         }
-        11 => ("vote_old_term", stranger, Message::Vote { term: old_term, vote: rng.random(), height: h }),
-        _ => {
-            let to = snap.members[rng.random_range(0..snap.members.len())];
-            let msg = Message::SyncReply { to, term, blocks: vec![block], height: h + 1, open: Some(challenge) };
+        11 => {
+            let pos = Pos { last_term: term, height: h + 1000 };
+            let msg = Msg::Ballot { term: old_term, ballot: u32::MAX, key: wrong_key, pos, proposal: None };
+            ("ballot_old_term", stranger, msg)
+        }
+        12 => {
+            let msg = Msg::SyncReply {
+                to: member,
+                req: rng.random(),
+                term,
+                config: None,
+                blocks: vec![block],
+                height: h + 1,
+                commit: h + 1,
+                open: Some(challenge),
+            };
             ("sync_reply_unsolicited", stranger, msg)
+        }
+        13 => {
+            // In a member's name, with a key that is not its own: no vote for the controller.
+            let msg = Msg::Grant { to: snap.leader, to_key: wrong_key, term, key: wrong_key };
+            ("grant_wrong_key", member, msg)
+        }
+        14 => {
+            // "I hold far more than you": must not move the commit point.
+            let msg = Msg::Ack { to: snap.leader, term, height: h + 1000, key: wrong_key };
+            ("ack_wrong_key", member, msg)
+        }
+        15 => {
+            let height = h + 50;
+            let msg = Msg::Heartbeat { term, height, commit: height, tip: Digest::Sha1(rng.random()), open: None };
+            ("heartbeat_current_term_stranger", stranger, msg)
+        }
+        _ => {
+            let pos = Pos { last_term: term, height: h + 1000 };
+            ("pre_ballot_wrong_key", member, Msg::PreBallot { term: term + 1, key: wrong_key, pos })
         }
     };
     (kind, Envelope::new(from, msg))

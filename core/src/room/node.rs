@@ -1534,6 +1534,12 @@ impl RoomNode {
 
     /// An accepted block from the controller of our term.
     fn on_block(&mut self, from: PeerId, block: Block, commit: u64) {
+        // Anyone can publish in the controller's name: a block that is not its own proof of work
+        // is dropped before it can make us drop anything of ours.
+        if let Err(e) = crate::chain::verify_work(&block) {
+            self.drop_msg("invalid_block", format!("from {from}: {e}"));
+            return;
+        }
         let height = self.chain.height();
         if block.tx > height {
             self.saw_room();

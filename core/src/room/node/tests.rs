@@ -425,3 +425,28 @@ fn a_sync_request_to_a_dead_peer_does_not_starve_the_one_to_the_controller() {
     }
     assert!(sent_to.contains(&controller), "asked the controller at last: {sent_to:?}");
 }
+
+/// A result in the controller's name whose block does not verify (anyone can publish one) must
+/// never make a follower drop a block: it is checked before anything is truncated. A flood of
+/// such forgeries made followers try to drop committed blocks (refused, but reported), and would
+/// have dropped uncommitted ones.
+#[test]
+fn a_forged_result_that_does_not_verify_drops_no_block() {
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, 3);
+    let ctl = room.controllers()[0];
+    let follower = (ctl + 1) % 3;
+    let (term, ctl_id) = (room.nodes[ctl].term(), room.nodes[ctl].id());
+    let theirs = *room.nodes[follower].chain().blocks().last().expect("blocks");
+    // Same height and link as the follower's last block, but a made-up hash.
+    let forged = Block { nonce: theirs.nonce ^ 1, hash: Digest::Sha1([7; 20]), ..theirs };
+    let result = Msg::Result { term, outcome: Outcome::Accepted(forged), commit: 0 };
+    let actions = room.nodes[follower].handle(room.now, Input::Message(Envelope::new(ctl_id, result)));
+    let dropped = actions.iter().any(|a| {
+        matches!(a, Action::Emit(Event::ChainTruncated { .. } | Event::CommittedConflict { .. }))
+            || matches!(a, Action::Persist(Write::Truncate(_)))
+    });
+    assert!(!dropped, "{actions:?}");
+    assert_eq!(room.nodes[follower].chain().blocks().last(), Some(&theirs));
+}
