@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use hashvote_core::room::{self, Member, Msg, Pos, RoomConfig};
 use peer::pace::Pace;
 use peer::pow::{self, Digest, HashAlg, Template};
 use peer::protocol::{Block, Challenge, Envelope, Message, Outcome, RejectReason, View, encode};
@@ -73,6 +74,85 @@ fn samples() -> Vec<(&'static str, Envelope)> {
     samples.into_iter().map(|(name, msg)| (name, Envelope::new(from, msg))).collect()
 }
 
+/// Messages of the room protocol (wire version 2), files `room_<kind>.bin`.
+fn room_samples() -> Vec<(&'static str, room::Envelope)> {
+    let (from, to) = (0x0C0F_FEE0, 0x5EED_0001);
+    let fixed = Pace::Fixed(8);
+    let config =
+        RoomConfig::new(vec![Member { id: from, key: 11 }, Member { id: to, key: 22 }, Member { id: 7, key: 33 }])
+            .expect("a valid configuration");
+    let b0 = block(HashAlg::Sha1, 0, config.digest(HashAlg::Sha1), fixed);
+    let b1 = block(HashAlg::Sha1, 1, b0.hash, fixed);
+    let c = Challenge {
+        term: 2,
+        tx: 2,
+        alg: HashAlg::Sha1,
+        difficulty: 8,
+        pace: fixed,
+        issued_ms: 1_700_000_002_000,
+        prev: b1.hash,
+    };
+    let c0 = Challenge { tx: 0, prev: config.digest(HashAlg::Sha1), ..c };
+    let pos = Pos { last_term: 2, height: 2 };
+    let hello = |to| Msg::Hello {
+        to,
+        want_reply: to.is_none(),
+        key: 11,
+        incarnation: 0x1234_5678_9abc_def0,
+        since_ms: 1_795_000_000_000,
+        term: 2,
+        controller: Some(from),
+        height: 2,
+    };
+    let samples = [
+        ("room_hello", hello(None)),
+        ("room_hello_to", hello(Some(to))),
+        ("room_leave", Msg::Leave { incarnation: 0x1234_5678_9abc_def0 }),
+        ("room_pre_ballot", Msg::PreBallot { term: 3, key: 11, pos }),
+        ("room_ballot", Msg::Ballot { term: 3, ballot: 0xDEAD_BEEF, key: 11, pos, proposal: None }),
+        (
+            "room_ballot_proposal",
+            Msg::Ballot {
+                term: 1,
+                ballot: 7,
+                key: 11,
+                pos: Pos::default(),
+                proposal: Some(config.digest(HashAlg::Sha256)),
+            },
+        ),
+        ("room_grant", Msg::Grant { to, to_key: 22, term: 3, key: 11 }),
+        ("room_heartbeat", Msg::Heartbeat { term: 2, height: 2, commit: 2, tip: b1.hash, open: Some(2) }),
+        ("room_challenge", Msg::Challenge { challenge: c, commit: 2, config: None }),
+        ("room_challenge_0", Msg::Challenge { challenge: c0, commit: 0, config: Some(config.clone()) }),
+        ("room_solution", Msg::Solution { tx: 2, nonce: 1 << 40 }),
+        ("room_result_accepted", Msg::Result { term: 2, outcome: Outcome::Accepted(b1), commit: 1 }),
+        (
+            "room_result_rejected",
+            Msg::Result {
+                term: 2,
+                outcome: Outcome::Rejected { tx: 1, miner: to, nonce: 77, reason: RejectReason::AlreadySolved },
+                commit: 2,
+            },
+        ),
+        ("room_ack", Msg::Ack { to, term: 2, height: 2, key: 11 }),
+        ("room_sync_request", Msg::SyncRequest { to, from: 0, req: 99 }),
+        (
+            "room_sync_reply",
+            Msg::SyncReply {
+                to,
+                req: 99,
+                term: 2,
+                config: Some(config),
+                blocks: vec![b0, b1],
+                height: 2,
+                commit: 2,
+                open: Some(c),
+            },
+        ),
+    ];
+    samples.into_iter().map(|(name, msg)| (name, room::Envelope::new(from, msg))).collect()
+}
+
 fn main() -> ExitCode {
     let dir = std::env::args_os()
         .nth(1)
@@ -88,6 +168,18 @@ fn main() -> ExitCode {
         // still written (it exercises the rejection path) but reported, as it points at a bug.
         let channel = envelope.msg.channel();
         if let Err(e) = peer::protocol::decode(&bytes, channel, 64 * 1024) {
+            eprintln!("warning: the real message {name} does not decode: {e}");
+        }
+        if let Err(e) = std::fs::write(&path, &bytes) {
+            eprintln!("cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("{} ({} bytes)", path.display(), bytes.len());
+    }
+    for (name, envelope) in room_samples() {
+        let path = dir.join(format!("{name}.bin"));
+        let bytes = room::encode(&envelope);
+        if let Err(e) = room::decode(&bytes, envelope.msg.channel(), 64 * 1024) {
             eprintln!("warning: the real message {name} does not decode: {e}");
         }
         if let Err(e) = std::fs::write(&path, &bytes) {
