@@ -381,12 +381,21 @@ impl Checker {
         self.chains.get(&peer).map_or(0, |c| c.len() as u64)
     }
 
-    /// Checks that every peer's chain is a prefix of the longest, and sums up the run.
+    /// Checks that every peer's chain is a prefix of the longest, and sums up the run. With the
+    /// room protocol (peers report commits), each peer's chain up to its own commit point: beyond
+    /// it, a peer may end holding blocks it never took for committed (a deposed controller's last
+    /// block, on a peer that died before the new controller replaced it), which is no harm.
     pub fn finish(&self) -> Result<Summary, Violation> {
         let room: &[u32] = self.chains.values().max_by_key(|c| c.len()).map_or(&[], |c| c.as_slice());
+        let room_protocol = !self.commits.is_empty();
         for (&peer, chain) in &self.chains {
+            let agreed = match self.commits.get(&peer) {
+                Some(&commit) => usize::try_from(commit).unwrap_or(usize::MAX),
+                None if room_protocol => 0,
+                None => usize::MAX,
+            };
             let hash = |i: u32| &self.blocks[i as usize].hash;
-            if let Some(at) = chain.iter().zip(room).position(|(&a, &b)| hash(a) != hash(b)) {
+            if let Some(at) = chain.iter().zip(room).take(agreed).position(|(&a, &b)| hash(a) != hash(b)) {
                 let describe = |i: u32| {
                     let b = &self.blocks[i as usize];
                     format!("term {} winner {} hash {}", b.term, b.winner, b.hash)
@@ -669,5 +678,25 @@ mod tests {
         // Peer 3 kept its fork.
         records.extend(ours.iter().map(|e| record(3, e.clone())));
         assert!(matches!(check(&records), Err(Violation::Diverged { tx: 0, .. })));
+    }
+
+    #[test]
+    fn with_commits_only_committed_blocks_must_agree_at_the_end() {
+        // Block 0 is the room's; block 1 of term 1 (winner 7) was never committed: peer 1 died
+        // holding it, while the room replaced it in term 2 (winner 8) and committed that.
+        let ours = mine(2, 1, 7);
+        let prev = pow::Digest::Sha1(<[u8; 20]>::try_from(hex::decode(hash_of(&ours[0])).unwrap()).unwrap());
+        let nonce = Template::new(&prev, 1, 8).search(u32::from(DIFFICULTY), 0, u64::MAX).expect("a nonce");
+        let hash = pow::proof(&prev, 1, 8, nonce);
+        let theirs = accepted(2, 1, 8, DIFFICULTY, nonce, &hash.to_hex(), &prev.to_hex());
+        let mut records: Vec<Record> = ours.iter().map(|e| record(1, e.clone())).collect();
+        records.extend([record(1, committed(0)), record(2, ours[0].clone()), record(2, theirs)]);
+        records.extend([record(2, committed(0)), record(2, committed(1))]);
+        check(&records).expect("an uncommitted block on a dead peer is no violation");
+        // Had block 1 been committed before, peer 1 would hold a fork of a committed block.
+        records.push(record(3, ours[0].clone()));
+        records.push(record(3, ours[1].clone()));
+        records.push(record(3, committed(1)));
+        assert!(check(&records).is_err(), "two different blocks committed at tx 1");
     }
 }
