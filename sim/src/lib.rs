@@ -21,8 +21,8 @@ use std::sync::Arc;
 
 use hashvote_core::events::Event;
 use hashvote_core::pace::Pace;
-use hashvote_core::pow::HashAlg;
-use hashvote_core::protocol::{Block, PeerId, Term};
+use hashvote_core::pow::{Digest, HashAlg};
+use hashvote_core::protocol::{Block, Challenge, PeerId, Term};
 use hashvote_core::room::{Action, Channel, Envelope, Input, Msg, Restored, RoomNode, RoomNodeConfig, Timing, Write};
 use hashvote_core::work::Found;
 use rand::rngs::StdRng;
@@ -789,6 +789,11 @@ impl World {
                 node.chain().height()
             )));
         }
+        if let (Some(config), Some(c)) = (node.config(), node.controller())
+            && config.key_of(c).is_none()
+        {
+            return Err(self.fail(format!("peer {} follows {c}, who is not a member of the room", pr.id)));
+        }
         if node.is_controller()
             && let Some(&(other, _)) = self.controllers.get(&node.term())
             && other != pr.id
@@ -867,6 +872,51 @@ impl World {
             }
             let conn = self.procs[q].conn;
             self.schedule(at, Ev::Deliver { to: q, conn, env: env.clone() });
+        }
+    }
+
+    /// A stranger publishes a heartbeat and a challenge of the highest term, and a heartbeat of
+    /// the next, to every connected process.
+    /// Only once the room's configuration is committed: before block 0, nothing tells a member
+    /// from a stranger (see docs/PROTOCOL.md, "Fencing").
+    fn forge(&mut self) {
+        if self.room_config().is_none() {
+            return;
+        }
+        let stranger = loop {
+            let id = self.rng.random_range(1..=u32::MAX);
+            if !self.by_id.contains_key(&id) {
+                break id;
+            }
+        };
+        let term = self.procs.iter().map(|p| p.node.term()).max().unwrap_or(0);
+        self.log(|| format!("stranger {stranger} speaks as controller of terms {term} and {}", term + 1));
+        let tip = Digest::Sha1(self.rng.random());
+        let challenge = Challenge {
+            term,
+            tx: 0,
+            alg: HashAlg::Sha1,
+            difficulty: 1,
+            pace: Pace::Fixed(1),
+            issued_ms: self.now,
+            prev: tip,
+        };
+        let msgs = [
+            Msg::Heartbeat { term, height: 1_000, commit: 1_000, tip, open: None },
+            Msg::Challenge { challenge, commit: 0, config: None },
+            Msg::Heartbeat { term: term + 1, height: 1_000, commit: 1_000, tip, open: None },
+        ];
+        if !self.broker_up {
+            return;
+        }
+        for msg in msgs {
+            let env = Arc::new(Envelope::new(stranger, msg));
+            for q in 0..self.procs.len() {
+                if self.procs[q].connected && self.procs[q].alive {
+                    let (at, conn) = (self.now + 1 + self.rng.random_range(0..50), self.procs[q].conn);
+                    self.schedule(at, Ev::Deliver { to: q, conn, env: env.clone() });
+                }
+            }
         }
     }
 
@@ -951,7 +1001,7 @@ impl World {
     }
 
     fn fault(&mut self) {
-        let kind = self.rng.random_range(0..12);
+        let kind = self.rng.random_range(0..13);
         // Prefer the controller as a victim half of the time: that is where the protocol works hardest.
         let victim = if self.rng.random_bool(0.5) {
             self.controller_proc().or_else(|| self.random_alive())
@@ -984,7 +1034,8 @@ impl World {
             },
             9 => Fault::Newcomer,
             10 => Fault::Duplicate { p },
-            _ => Fault::RoomRestart,
+            11 => Fault::RoomRestart,
+            _ => Fault::Forgery,
         };
         self.apply(fault);
     }
@@ -1098,6 +1149,7 @@ impl World {
                     }
                 }
             }
+            Fault::Forgery => self.forge(),
         }
     }
 
@@ -1202,6 +1254,9 @@ pub enum Fault {
     },
     /// Every process killed, then started again from its disk.
     RoomRestart,
+    /// A stranger (an id outside the room's committed configuration) speaks as controller, in
+    /// the current term and the next.
+    Forgery,
 }
 
 /// One entry of the trace.

@@ -898,6 +898,8 @@ impl RoomNode {
         if height > 0 {
             self.saw_room();
         }
+        // A hint naming someone who cannot lead (its sender was fooled by a forger) is ignored.
+        let controller = controller.filter(|&c| self.may_lead(c));
         if let Some(c) = controller
             && term > self.term
             && c != self.cfg.id
@@ -1373,6 +1375,12 @@ impl RoomNode {
     /// Checks that a controller's message for `term` is from the current controller, adopting a
     /// newer term's. Returns false (and logs) when it must be ignored.
     fn accept_controller(&mut self, from: PeerId, term: Term, what: &str) -> bool {
+        // Only a voter can win an election: anyone else speaking as controller is a forger (or
+        // from another room), and must neither be followed nor move the term.
+        if !self.may_lead(from) {
+            self.drop_msg("not_member", format!("{what} from {from}, who is not a voting member of the room"));
+            return false;
+        }
         if term < self.term {
             // A stale controller (paused, cut off): tell it the room moved on, at most once per beat.
             if self.now >= self.last_stale_reply + self.cfg.timing.heartbeat_ms {
@@ -1387,6 +1395,12 @@ impl RoomNode {
             self.enter_term(term);
         }
         match self.controller {
+            // Without the configuration we cannot tell a stranger from a member, and may have
+            // followed a forger: one that fell silent gives way to whoever speaks as controller.
+            Some(c) if c != from && self.voters().is_none() && !self.controller_live() => {
+                self.follow_controller(from);
+                true
+            }
             Some(c) if c != from => {
                 self.drop_msg("not_controller", format!("{what} from {from} in term {term}, whose controller is {c}"));
                 false
@@ -1402,6 +1416,12 @@ impl RoomNode {
                 true
             }
         }
+    }
+
+    /// Whether `id` could be elected: a voter of the configuration (before block 0, of our
+    /// proposal). A peer that knows neither cannot tell.
+    fn may_lead(&self, id: PeerId) -> bool {
+        self.voters().is_none_or(|v| v.key_of(id).is_some())
     }
 
     fn follow_controller(&mut self, c: PeerId) {
@@ -1582,6 +1602,14 @@ impl RoomNode {
     fn take_config(&mut self, config: RoomConfig, alg: HashAlg) {
         self.chain = Chain::with_base(config.digest(alg));
         self.persist(Write::Config(config.clone()));
+        // Followed before we could tell (see `accept_controller`): a stranger is no controller.
+        if let Some(c) = self.controller.filter(|&c| config.key_of(c).is_none()) {
+            self.controller = None;
+            self.drop_msg(
+                "not_member",
+                format!("{c} was followed as controller but is not a voting member of the room"),
+            );
+        }
         self.config = Some(config);
         self.saw_room();
         self.refresh_voters();

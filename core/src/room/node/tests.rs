@@ -450,3 +450,29 @@ fn a_forged_result_that_does_not_verify_drops_no_block() {
     assert!(!dropped, "{actions:?}");
     assert_eq!(room.nodes[follower].chain().blocks().last(), Some(&theirs));
 }
+
+#[test]
+fn a_controller_message_from_outside_the_configuration_is_not_followed_nor_moves_the_term() {
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, 2);
+    let ctl = room.controllers()[0];
+    let follower = (ctl + 1) % 3;
+    let term = room.nodes[follower].term();
+    let stranger: PeerId = 999;
+    // A newer term, and the current one once the follower has lost its controller: both would
+    // name the stranger as controller if it were followed.
+    for t in [term + 1, term] {
+        let beat = Msg::Heartbeat { term: t, height: 9, commit: 9, tip: Digest::Sha1([7; 20]), open: None };
+        let actions = room.nodes[follower].handle(room.now, Input::Message(Envelope::new(stranger, beat)));
+        let named = actions
+            .iter()
+            .any(|a| matches!(a, Action::Emit(Event::LeaderElected { leader, .. }) if *leader == stranger));
+        let dropped = actions
+            .iter()
+            .any(|a| matches!(a, Action::Emit(Event::MessageDropped { reason, .. }) if reason == "not_member"));
+        assert!(!named && dropped, "{actions:?}");
+        assert_eq!(room.nodes[follower].term(), term);
+        room.nodes[follower].controller = None;
+    }
+}
