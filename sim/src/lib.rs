@@ -49,6 +49,8 @@ pub struct Scenario {
     pub timing: Timing,
     /// Keep the last this many trace lines (printed when a check fails).
     pub trace: usize,
+    /// The peers connect at random times within this window (ms) after the start.
+    pub connect_over_ms: u64,
 }
 
 impl Scenario {
@@ -68,6 +70,7 @@ impl Scenario {
             // Syncs of a few blocks take several replies, as the syncs of thousands do.
             timing: Timing { sync_blocks: rng.random_range(1..=8), ..Timing::default() },
             trace: 400,
+            connect_over_ms: 50,
         }
     }
 
@@ -83,6 +86,7 @@ impl Scenario {
             keepalive_ms: 2_000,
             timing: Timing::default(),
             trace: 200,
+            connect_over_ms: 50,
         }
     }
 }
@@ -98,6 +102,12 @@ pub struct Report {
     pub faults: usize,
     /// Messages delivered.
     pub delivered: u64,
+    /// Messages the peers published (a hello answered by 300 peers is 301).
+    pub published: u64,
+    /// Of which hellos (announcements and their answers).
+    pub hellos: u64,
+    /// Messages published, by kind.
+    pub by_kind: BTreeMap<&'static str, u64>,
     /// Simulated time at the end (ms).
     pub end_ms: u64,
     /// Elections won (terms with a controller).
@@ -360,7 +370,7 @@ impl World {
         }
         w.next_id = 0;
         for id in ids {
-            let at = w.rng.random_range(0..50);
+            let at = w.rng.random_range(0..w.sc.connect_over_ms.max(1));
             w.spawn(id, at);
         }
         if w.sc.fault_every_ms > 0 {
@@ -840,6 +850,11 @@ impl World {
             return;
         }
         let from = pr.id;
+        self.report.published += 1;
+        *self.report.by_kind.entry(msg.kind()).or_default() += 1;
+        if matches!(msg, Msg::Hello { .. }) {
+            self.report.hellos += 1;
+        }
         let channel = msg.channel();
         let env = Arc::new(Envelope::new(from, msg));
         let chaos = self.now < self.chaos_until;

@@ -26,6 +26,10 @@ struct Args {
     /// A room of this many peers (controller crashes only) instead of small rooms with every fault.
     #[arg(long)]
     peers: Option<usize>,
+    /// With --peers: the peers connect at random times within this many ms (a real room of
+    /// hundreds on one machine takes seconds).
+    #[arg(long, default_value_t = 50)]
+    connect_over_ms: u64,
     /// Threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -37,7 +41,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let scenario = |seed: u64| match args.peers {
-        Some(n) => Scenario::large(n),
+        Some(n) => Scenario { connect_over_ms: args.connect_over_ms, ..Scenario::large(n) },
         None => Scenario::small(seed),
     };
     if let Some(seed) = args.seed {
@@ -68,8 +72,10 @@ fn main() -> ExitCode {
     let blocks: u64 = reports.iter().map(|r| r.committed).sum();
     let faults: usize = reports.iter().map(|r| r.faults).sum();
     let delivered: u64 = reports.iter().map(|r| r.delivered).sum();
+    let published: u64 = reports.iter().map(|r| r.published).sum();
+    let hellos: u64 = reports.iter().map(|r| r.hellos).sum();
     println!(
-        "{} seeds passed, {} failed in {secs:.1} s ({threads} threads): {blocks} blocks committed, {faults} faults, {delivered} messages delivered",
+        "{} seeds passed, {} failed in {secs:.1} s ({threads} threads): {blocks} blocks committed, {faults} faults, {published} messages published ({hellos} hellos), {delivered} delivered",
         reports.len(),
         failures.len()
     );

@@ -291,6 +291,9 @@ impl Msg {
             Self::PreBallot { .. } | Self::Ballot { .. } => Channel::Voting,
             Self::Heartbeat { .. } | Self::Challenge { .. } => Channel::Challenge,
             Self::Solution { .. } => Channel::Solution,
+            // A rejection concerns its miner only: in a room of 300, the late solutions of every
+            // race would otherwise each reach all 300.
+            Self::Result { outcome: Outcome::Rejected { miner, .. }, .. } => Channel::Direct(miner),
             Self::Result { .. } => Channel::Result,
             Self::Grant { to, .. }
             | Self::Ack { to, .. }

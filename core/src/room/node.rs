@@ -194,6 +194,8 @@ pub struct RoomNode {
     // Durable.
     term: Term,
     voted_for: Option<PeerId>,
+    /// The last term in which this peer granted a vote (what its disk promises).
+    promised: Term,
     chain: Chain,
     config: Option<RoomConfig>,
     commit: u64,
@@ -256,8 +258,25 @@ pub struct RoomNode {
     commit_dirty: bool,
     last_stale_reply: u64,
     last_reach: Option<(usize, usize)>,
+    /// What [`RoomNode::waiting`] reports, as of the last tick.
+    waiting: Option<crate::status::Waiting>,
+    /// The last acknowledgement sent: controller, term, height, when. One that says nothing new
+    /// is not repeated within `ACK_QUIET_MS` (a room of 300 acks every heartbeat 3,000 times a
+    /// second otherwise).
+    last_ack: (PeerId, Term, u64, u64),
+    /// The periodic announcement of a peer that misses something: when next, and how many
+    /// times it was made since the last connect or controller (each doubles the wait).
+    next_hello: u64,
+    hellos_unanswered: u32,
     out: Vec<Action>,
 }
+
+/// An acknowledgement that moves nothing is sent at most this often (the controller's quorum
+/// check looks back `election_max_ms`).
+const ACK_QUIET_MS: u64 = 200;
+
+/// The periodic announcement backs off up to this many doublings of `election_min_ms`.
+const MAX_HELLO_BACKOFF: u32 = 5;
 
 impl RoomNode {
     /// A node recovering `restored` from its disk (`Restored::default()` for a new one).
@@ -281,6 +300,7 @@ impl RoomNode {
             now: 0,
             term: restored.term,
             voted_for: restored.voted_for,
+            promised: if restored.voted_for.is_some() { restored.term } else { 0 },
             chain,
             config: restored.config,
             commit,
@@ -317,6 +337,10 @@ impl RoomNode {
             last_solution_ms: 0,
             commit_dirty: false,
             last_stale_reply: 0,
+            last_ack: (0, 0, 0, 0),
+            waiting: None,
+            next_hello: 0,
+            hellos_unanswered: 0,
             last_reach: None,
             out: Vec::new(),
             cfg,
@@ -412,17 +436,15 @@ impl RoomNode {
     }
 
     /// How far this peer is from a quorum, while it has no controller and cannot reach one.
+    ///
+    /// As of the last [`Input::Tick`]: counting the reachable voters costs a lookup per voter,
+    /// and the status is built after every input (in a room of 300, that alone took a third of
+    /// the machine).
     pub fn waiting(&self) -> Option<crate::status::Waiting> {
         if self.controller_live() {
             return None;
         }
-        let r = self.reach()?;
-        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
-        (r.reachable < r.needed).then(|| crate::status::Waiting {
-            reachable: n(r.reachable),
-            needed: n(r.needed),
-            voters: n(r.voters),
-        })
+        self.waiting
     }
 
     /// The earliest time at which [`Input::Tick`] has something to do.
@@ -519,6 +541,8 @@ impl RoomNode {
         // Clean sessions: whatever was in flight may be lost. Say again everything the room may
         // be waiting on.
         self.publish(self.hello(None, true));
+        self.hellos_unanswered = 0;
+        self.next_hello = 0;
         // Whatever we heard of other peers before, an existing room may not have answered yet.
         self.discover_until = self.now + self.cfg.timing.discovery_ms;
         if let Some((peer, _, _, _)) = self.syncing.take() {
@@ -575,10 +599,13 @@ impl RoomNode {
             self.reset_election_timer();
             if self.is_voter() {
                 self.start_pre_vote();
-            } else if !self.controller_live() {
+            } else if !self.controller_live() && now >= self.next_hello {
                 // Not (yet) a voter and no controller in sight: our hello or the answers to it
                 // may have been lost. Announce ourselves again (this is the only periodic
-                // announcement, and only while something is missing).
+                // announcement, and only while something is missing), less and less often: in
+                // a room of hundreds still gathering, each one reaches every peer.
+                self.hellos_unanswered = (self.hellos_unanswered + 1).min(MAX_HELLO_BACKOFF);
+                self.next_hello = now + (self.cfg.timing.election_min_ms << self.hellos_unanswered);
                 self.publish(self.hello(None, true));
             }
         }
@@ -609,9 +636,19 @@ impl RoomNode {
         // A controller known gone (its will) or silent is no controller to wait with.
         if self.controller_live() {
             self.last_reach = None;
+            self.waiting = None;
             return;
         }
-        let Some(r) = self.reach() else { return };
+        let Some(r) = self.reach() else {
+            self.waiting = None;
+            return;
+        };
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        self.waiting = (r.reachable < r.needed).then(|| crate::status::Waiting {
+            reachable: n(r.reachable),
+            needed: n(r.needed),
+            voters: n(r.voters),
+        });
         let key = (r.reachable, r.needed);
         if self.last_reach != Some(key) && r.reachable < r.needed {
             self.emit(Event::QuorumWaiting { reachable: r.reachable, needed: r.needed, voters: r.voters });
@@ -868,6 +905,9 @@ impl RoomNode {
         height: u64,
     ) {
         let _ = since_ms;
+        // Whether it knows us already: then a repeated hello (its periodic one, see `tick`) is
+        // answered only by whoever knows more of the room than it says it does.
+        let known = self.peers.get(&from).is_some_and(|p| !p.gone && p.key == key && p.incarnation == incarnation);
         if !self.heard(from, Some(key)) {
             // A process under a member's id with another data directory (a copy of the id, or
             // the member back with its disk lost): not that member. It still learns from our
@@ -885,7 +925,8 @@ impl RoomNode {
         if let Some(p) = self.peers.get_mut(&from) {
             p.incarnation = incarnation;
         }
-        if want_reply {
+        let news = !known || self.is_controller() || (self.term, self.chain.height()) > (term, height);
+        if want_reply && news {
             self.publish(self.hello(Some(from), false));
             if self.is_controller() {
                 // It has just subscribed: what it missed of the open transaction, it gets now.
@@ -1051,7 +1092,8 @@ impl RoomNode {
         self.my_ballot = None;
         self.pre.clear();
         self.heard_ms = self.now;
-        self.grant_deadline = Some(self.now + self.cfg.timing.ballot_wait_ms);
+        // Longer after terms without a controller: ballots take that long to go round.
+        self.grant_deadline = Some(self.now + (self.cfg.timing.ballot_wait_ms << self.backoff));
         self.reset_election_timer();
     }
 
@@ -1110,7 +1152,10 @@ impl RoomNode {
         // The ballots held are voters' only (others are refused), ours included.
         let waiting = self.ballots.len() < voters.len().saturating_sub(self.gone_voters);
         let past = deadline || self.grant_deadline.is_none();
-        if waiting && !past {
+        // Past the deadline, still not before a quorum's ballots are in: a voter that grants on
+        // fewer grants the best of what reached it first, often its own, and in a room of
+        // hundreds whose ballots take seconds to go round, every voter then granted itself.
+        if waiting && !(past && self.ballots.len() >= voters.quorum()) {
             return;
         }
         let mine = self.pos();
@@ -1128,6 +1173,7 @@ impl RoomNode {
         let to_key = voters.key_of(to).unwrap_or_default();
         self.voted_for = Some(to);
         self.persist(Write::Vote { term: self.term, voted_for: Some(to) });
+        self.promised = self.term;
         self.emit(Event::VoteGranted { term: self.term, to });
         if to == self.cfg.id {
             self.grants.insert(to);
@@ -1381,6 +1427,14 @@ impl RoomNode {
             self.drop_msg("not_member", format!("{what} from {from}, who is not a voting member of the room"));
             return false;
         }
+        if term < self.term && term > self.promised && self.voters().is_none() && !self.controller_live() {
+            // We know no configuration, so we cannot tell a forger's newer term from the room's,
+            // and we promised nothing in the terms since `term`. Ours fell silent: follow
+            // whoever speaks as controller.
+            self.term = term;
+            self.term_since = self.now;
+            self.controller = None;
+        }
         if term < self.term {
             // A stale controller (paused, cut off): tell it the room moved on, at most once per beat.
             if self.now >= self.last_stale_reply + self.cfg.timing.heartbeat_ms {
@@ -1431,6 +1485,7 @@ impl RoomNode {
         self.controller = Some(c);
         self.controller_gone = false;
         self.backoff = 0;
+        self.hellos_unanswered = 0;
         self.heard_ms = self.now;
         self.grant_deadline = None;
         self.reset_election_timer();
@@ -1442,9 +1497,15 @@ impl RoomNode {
     fn matched(&mut self, controller: PeerId, upto: u64, commit: u64) {
         self.diverged = None;
         self.set_commit(commit.min(upto));
-        if self.is_voter() {
-            self.publish(Msg::Ack { to: controller, term: self.term, height: upto, key: self.cfg.key });
+        if !self.is_voter() {
+            return;
         }
+        let (to, term, height, at) = self.last_ack;
+        if (to, term, height) == (controller, self.term, upto) && self.now < at + ACK_QUIET_MS {
+            return;
+        }
+        self.last_ack = (controller, self.term, upto, self.now);
+        self.publish(Msg::Ack { to: controller, term: self.term, height: upto, key: self.cfg.key });
     }
 
     /// Whether our chain's first `h` blocks end in `hash` (for `h = 0`: block 0 links to it), so

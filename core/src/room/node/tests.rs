@@ -476,3 +476,66 @@ fn a_controller_message_from_outside_the_configuration_is_not_followed_nor_moves
         room.nodes[follower].controller = None;
     }
 }
+
+fn publishes(actions: &[Action]) -> Vec<&Msg> {
+    actions.iter().filter_map(|a| if let Action::Publish(m) = a { Some(m) } else { None }).collect()
+}
+
+#[test]
+fn a_repeated_hello_is_answered_only_by_a_peer_that_knows_more_than_the_asker() {
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, 1);
+    let ctl = room.controllers()[0];
+    let (a, b) = ((ctl + 1) % 3, (ctl + 2) % 3);
+    let (term, height) = (room.nodes[b].term(), room.nodes[b].chain().height());
+    let asker = room.nodes[b].id();
+    let hello = |term, height| Msg::Hello {
+        to: None,
+        want_reply: true,
+        key: 1000 + u64::from(asker),
+        incarnation: 7,
+        since_ms: 0,
+        term,
+        controller: None,
+        height,
+    };
+    let answers = |room: &mut Room, i: usize, msg: Msg| {
+        let actions = room.nodes[i].handle(room.now, Input::Message(Envelope::new(asker, msg)));
+        publishes(&actions).iter().filter(|m| matches!(m, Msg::Hello { to: Some(t), .. } if *t == asker)).count()
+    };
+    // A known peer as far as we are: its periodic hello gets no answer (in a room of 300
+    // gathering, each would get 299).
+    assert_eq!(answers(&mut room, a, hello(term, height)), 0);
+    // We know more than it says: answer.
+    assert_eq!(answers(&mut room, a, hello(term, 0)), 1);
+    // The controller always answers.
+    assert_eq!(answers(&mut room, ctl, hello(term, height)), 1);
+}
+
+#[test]
+fn an_acknowledgement_that_says_nothing_new_is_not_repeated_within_the_quiet_time() {
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, 1);
+    let ctl = room.controllers()[0];
+    let f = (ctl + 1) % 3;
+    let (term, ctl_id) = (room.nodes[ctl].term(), room.nodes[ctl].id());
+    let (height, commit) = (room.nodes[ctl].chain().height(), room.nodes[ctl].commit());
+    let tip = room.nodes[ctl].chain().tip_hash(HashAlg::Sha1);
+    let beat = Msg::Heartbeat { term, height, commit, tip, open: None };
+    let acks = |room: &mut Room, at: u64| {
+        let actions = room.nodes[f].handle(at, Input::Message(Envelope::new(ctl_id, beat.clone())));
+        publishes(&actions).iter().filter(|m| matches!(m, Msg::Ack { .. })).count()
+    };
+    let now = room.now + ACK_QUIET_MS;
+    assert_eq!(acks(&mut room, now), 1);
+    assert_eq!(acks(&mut room, now + 50), 0, "nothing new within the quiet time");
+    assert_eq!(acks(&mut room, now + ACK_QUIET_MS), 1, "still here, after it");
+}
+
+#[test]
+fn a_rejection_goes_to_its_miner_only() {
+    let outcome = Outcome::Rejected { tx: 3, miner: 42, nonce: 1, reason: RejectReason::AlreadySolved };
+    assert_eq!(Msg::Result { term: 1, outcome, commit: 3 }.channel(), Channel::Direct(42));
+}
