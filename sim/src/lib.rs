@@ -978,13 +978,16 @@ impl World {
         }
         // Sometimes one crashed peer stays dead for good, as a machine that never comes back: the
         // others must not wait on it (a sync request it will never answer, say). Only once
-        // another peer holds block 0, which records the configuration: before, a room waits for
+        // another peer holds block 0 committed, which records the configuration: before, a room waits for
         // all of its first `room_size` peers to meet (or for newcomers to complete it).
         let dead: Vec<usize> =
             (0..self.procs.len()).filter(|&p| !self.procs[p].alive && !self.procs[p].fatal).collect();
         let pick = (!dead.is_empty() && self.rng.random_bool(0.3)).then(|| dead[self.rng.random_range(0..dead.len())]);
-        let for_good =
-            pick.filter(|&d| self.procs.iter().enumerate().any(|(q, p)| q != d && p.node.chain().height() > 0));
+        let for_good = pick.filter(|&d| {
+            // Block 0 committed: the configuration is known, and with it whether a quorum is
+            // left to make progress (see `members_up`). Held but uncommitted, it may be lost.
+            self.procs.iter().enumerate().any(|(q, p)| q != d && p.node.commit() > 0)
+        });
         if let Some(p) = for_good {
             let id = self.procs[p].id;
             self.log(|| format!("{id} stays dead"));

@@ -1033,8 +1033,11 @@ impl RoomNode {
         }
         if term > self.term + 1 {
             // The sender reached term - 1 (through a quorum's pre-votes, or its controller): a
-            // newer term is always safe to enter, and we can then join its pre-vote.
+            // newer term is always safe to enter, and we can then join its pre-vote. Its
+            // election happened without us: no patience owed to it (see `patient`), or in a
+            // room of two whose ballot of that term was lost, both wait out ever longer timeouts.
             self.enter_term(term - 1);
+            self.term_since = self.now.saturating_sub(self.cfg.timing.election_min_ms << self.backoff);
         }
         if term <= self.term {
             // The sender is behind us. If we look for a controller too, our pre-ballot tells it

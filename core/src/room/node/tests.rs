@@ -539,3 +539,22 @@ fn a_rejection_goes_to_its_miner_only() {
     let outcome = Outcome::Rejected { tx: 3, miner: 42, nonce: 1, reason: RejectReason::AlreadySolved };
     assert_eq!(Msg::Result { term: 1, outcome, commit: 3 }.channel(), Channel::Direct(42));
 }
+
+#[test]
+fn a_voter_that_learns_of_a_newer_term_from_a_pre_ballot_joins_that_pre_vote_at_once() {
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, 1);
+    let ctl = room.controllers()[0];
+    let (f, g) = ((ctl + 1) % 3, (ctl + 2) % 3);
+    let term = room.nodes[f].term();
+    let (g_id, g_key, pos) = (room.nodes[g].id(), room.nodes[g].key(), room.nodes[g].pos());
+    // Long after the controller fell silent, g (which reached term + 1 without f) pre-votes.
+    let later = room.now + 10_000;
+    let pre = Msg::PreBallot { term: term + 2, key: g_key, pos };
+    let actions = room.nodes[f].handle(later, Input::Message(Envelope::new(g_id, pre)));
+    // It entered term + 1, joined the pre-vote, and with g's pre-ballot, a quorum: term + 2.
+    assert_eq!(room.nodes[f].term(), term + 2);
+    let joined = publishes(&actions).iter().any(|m| matches!(m, Msg::PreBallot { term: t, .. } if *t == term + 2));
+    assert!(joined, "the election of term {} happened without it: nothing to be patient for; {actions:?}", term + 1);
+}
