@@ -218,8 +218,12 @@ pub struct RoomNode {
     /// Terms in a row this peer entered without having seen a controller of the one before: each
     /// doubles the election timeouts (up to 16 times), so that in a room whose ballots take
     /// longer to go round than a timeout (hundreds of peers on a few cores) an election gets the
-    /// time it needs. Back to 0 once a controller is known.
+    /// time it needs. It stays while a controller holds (its lease, its quorum check and its
+    /// followers' timeouts are as long: a room slow enough to need it acknowledges as slowly),
+    /// and comes down one step per `BACKOFF_DECAY_MS` with a live controller.
     backoff: u32,
+    /// When `backoff` last changed, or a controller was last found.
+    backoff_since: u64,
     ballots: BTreeMap<PeerId, Ballot>,
     my_ballot: Option<u32>,
     grant_deadline: Option<u64>,
@@ -315,6 +319,7 @@ impl RoomNode {
             last_pre_sent: 0,
             term_since: 0,
             backoff: 0,
+            backoff_since: 0,
             ballots: BTreeMap::new(),
             my_ballot: None,
             grant_deadline: None,
@@ -589,6 +594,7 @@ impl RoomNode {
 
     fn tick(&mut self) {
         let now = self.now;
+        self.decay_backoff();
         self.report_reach();
         if self.is_controller() {
             if now >= self.next_beat {
@@ -623,6 +629,14 @@ impl RoomNode {
             self.syncing = None;
             let to = self.controller.filter(|&c| c != self.cfg.id).unwrap_or(peer);
             self.request_sync(to);
+        }
+    }
+
+    /// One step down of the election backoff per `BACKOFF_DECAY_MS` under a live controller.
+    fn decay_backoff(&mut self) {
+        if self.backoff > 0 && self.controller_live() && self.now >= self.backoff_since + BACKOFF_DECAY_MS {
+            self.backoff -= 1;
+            self.backoff_since = self.now;
         }
     }
 
@@ -988,7 +1002,9 @@ impl RoomNode {
     fn controller_live(&self) -> bool {
         match self.controller {
             Some(c) if c == self.cfg.id => self.is_controller(),
-            Some(_) => !self.controller_gone && self.now < self.heard_ms + self.cfg.timing.election_min_ms,
+            Some(_) => {
+                !self.controller_gone && self.now < self.heard_ms + (self.cfg.timing.election_min_ms << self.backoff)
+            }
             None => false,
         }
     }
@@ -1082,6 +1098,7 @@ impl RoomNode {
         }
         if self.controller.is_none() && self.term > 0 {
             self.backoff = (self.backoff + 1).min(MAX_BACKOFF);
+            self.backoff_since = self.now;
         }
         self.term = term;
         self.term_since = self.now;
@@ -1204,7 +1221,7 @@ impl RoomNode {
         }
         self.role = Role2::Controller;
         self.controller = Some(self.cfg.id);
-        self.backoff = 0;
+        self.backoff_since = self.now;
         self.syncing = None;
         self.became_ms = self.now;
         self.acks.clear();
@@ -1242,7 +1259,7 @@ impl RoomNode {
     }
 
     fn check_quorum(&mut self) {
-        let window = self.cfg.timing.election_max_ms;
+        let window = self.cfg.timing.election_max_ms << self.backoff;
         if self.now < self.became_ms + window {
             return;
         }
@@ -1465,6 +1482,7 @@ impl RoomNode {
             Some(_) => {
                 self.heard_ms = self.now;
                 self.controller_gone = false;
+                self.decay_backoff();
                 self.reset_election_timer();
                 true
             }
@@ -1487,7 +1505,7 @@ impl RoomNode {
         }
         self.controller = Some(c);
         self.controller_gone = false;
-        self.backoff = 0;
+        self.backoff_since = self.now;
         self.hellos_unanswered = 0;
         self.heard_ms = self.now;
         self.grant_deadline = None;
@@ -1879,6 +1897,9 @@ struct Diverged {
     /// Our first blocks up to this height are the controller's.
     agreed: u64,
 }
+
+/// With a live controller, the election backoff comes down one step this often (see `backoff`).
+const BACKOFF_DECAY_MS: u64 = 5_000;
 
 /// Most doublings of the election timeouts after terms without a controller (see `backoff`).
 const MAX_BACKOFF: u32 = 4;

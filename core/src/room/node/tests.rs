@@ -558,3 +558,41 @@ fn a_voter_that_learns_of_a_newer_term_from_a_pre_ballot_joins_that_pre_vote_at_
     let joined = publishes(&actions).iter().any(|m| matches!(m, Msg::PreBallot { term: t, .. } if *t == term + 2));
     assert!(joined, "the election of term {} happened without it: nothing to be patient for; {actions:?}", term + 1);
 }
+
+#[test]
+fn after_slow_elections_a_controller_waits_as_long_for_its_quorum_and_the_wait_comes_down() {
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, 1);
+    let ctl = room.controllers()[0];
+    // As after two terms in a row without a controller (a room whose ballots go round slowly).
+    room.nodes[ctl].backoff = 2;
+    room.nodes[ctl].backoff_since = room.now;
+    let t = Timing::default();
+    // Its followers fall silent: it keeps its role for 4 × the usual window, then steps down.
+    let start = room.now;
+    let stepped_down = |room: &mut Room, at: u64| {
+        let actions = room.nodes[ctl].handle(at, Input::Tick);
+        actions.iter().any(|a| matches!(a, Action::Emit(Event::QuorumLost { .. })))
+    };
+    assert!(!stepped_down(&mut room, start + t.election_max_ms * 2));
+    assert!(room.nodes[ctl].is_controller());
+    assert!(stepped_down(&mut room, start + (t.election_max_ms << 2) + 2 * t.heartbeat_ms));
+
+    // Under a live controller the backoff comes down a step per BACKOFF_DECAY_MS.
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    for n in &mut room.nodes {
+        n.backoff = 2;
+        n.backoff_since = room.now;
+    }
+    mine_blocks(&mut room, 1);
+    room.run(BACKOFF_DECAY_MS + 200);
+    assert!(
+        room.nodes.iter().all(|n| n.backoff == 1),
+        "{:?}",
+        room.nodes.iter().map(|n| n.backoff).collect::<Vec<_>>()
+    );
+    room.run(BACKOFF_DECAY_MS);
+    assert!(room.nodes.iter().all(|n| n.backoff == 0));
+}
