@@ -551,7 +551,7 @@ impl RoomNode {
         // Whatever we heard of other peers before, an existing room may not have answered yet.
         self.discover_until = self.now + self.cfg.timing.discovery_ms;
         if let Some((peer, _, _, _)) = self.syncing.take() {
-            self.request_sync(self.controller.filter(|&c| c != self.cfg.id).unwrap_or(peer));
+            self.request_sync(self.sync_target(peer));
         }
         if self.is_controller() {
             self.beat();
@@ -627,8 +627,7 @@ impl RoomNode {
         {
             // Unanswered: ask again, our controller if we know one (the peer asked may be gone).
             self.syncing = None;
-            let to = self.controller.filter(|&c| c != self.cfg.id).unwrap_or(peer);
-            self.request_sync(to);
+            self.request_sync(self.sync_target(peer));
         }
     }
 
@@ -1752,6 +1751,12 @@ impl RoomNode {
         if !self.diverged.is_some_and(|d| d.controller == controller && d.term == term) {
             self.diverged = Some(Diverged { controller, term, agreed: self.commit });
         }
+    }
+
+    /// Whom to ask again for what `peer` was asked: our controller if we know one (`peer` may be
+    /// gone), else `peer`.
+    fn sync_target(&self, peer: PeerId) -> PeerId {
+        self.controller.filter(|&c| c != self.cfg.id).unwrap_or(peer)
     }
 
     fn request_sync(&mut self, peer: PeerId) {
