@@ -317,6 +317,14 @@ fn a_restarted_voter_keeps_its_vote() {
 }
 
 /// Mines `blocks` blocks in `room`, each by a node that is not the controller.
+/// A room of three, founded, with `blocks` committed.
+fn founded_with_blocks(blocks: usize) -> Room {
+    let mut room = Room::new(3);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, blocks);
+    room
+}
+
 fn mine_blocks(room: &mut Room, blocks: usize) {
     for _ in 0..blocks {
         let ctl = room.controllers()[0];
@@ -327,9 +335,7 @@ fn mine_blocks(room: &mut Room, blocks: usize) {
 
 #[test]
 fn a_peer_whose_last_block_lost_syncs_past_more_than_one_reply_of_agreeing_blocks() {
-    let mut room = Room::new(3);
-    room.run(FOUNDED_MS);
-    mine_blocks(&mut room, MAX_SYNC_BLOCKS + 40);
+    let mut room = founded_with_blocks(MAX_SYNC_BLOCKS + 40);
     let ctl = room.controllers()[0];
     let (config, term) = (room.nodes[ctl].config().cloned(), room.nodes[ctl].term());
     // A peer that held the room's first blocks and, last, a block of its own at the height of
@@ -432,9 +438,7 @@ fn a_sync_request_to_a_dead_peer_does_not_starve_the_one_to_the_controller() {
 /// have dropped uncommitted ones.
 #[test]
 fn a_forged_result_that_does_not_verify_drops_no_block() {
-    let mut room = Room::new(3);
-    room.run(FOUNDED_MS);
-    mine_blocks(&mut room, 3);
+    let mut room = founded_with_blocks(3);
     let ctl = room.controllers()[0];
     let follower = (ctl + 1) % 3;
     let (term, ctl_id) = (room.nodes[ctl].term(), room.nodes[ctl].id());
@@ -453,9 +457,7 @@ fn a_forged_result_that_does_not_verify_drops_no_block() {
 
 #[test]
 fn a_controller_message_from_outside_the_configuration_is_not_followed_nor_moves_the_term() {
-    let mut room = Room::new(3);
-    room.run(FOUNDED_MS);
-    mine_blocks(&mut room, 2);
+    let mut room = founded_with_blocks(2);
     let ctl = room.controllers()[0];
     let follower = (ctl + 1) % 3;
     let term = room.nodes[follower].term();
@@ -483,9 +485,7 @@ fn publishes(actions: &[Action]) -> Vec<&Msg> {
 
 #[test]
 fn a_repeated_hello_is_answered_only_by_a_peer_that_knows_more_than_the_asker() {
-    let mut room = Room::new(3);
-    room.run(FOUNDED_MS);
-    mine_blocks(&mut room, 1);
+    let mut room = founded_with_blocks(1);
     let ctl = room.controllers()[0];
     let (a, b) = ((ctl + 1) % 3, (ctl + 2) % 3);
     let (term, height) = (room.nodes[b].term(), room.nodes[b].chain().height());
@@ -515,9 +515,7 @@ fn a_repeated_hello_is_answered_only_by_a_peer_that_knows_more_than_the_asker() 
 
 #[test]
 fn an_acknowledgement_that_says_nothing_new_is_not_repeated_within_the_quiet_time() {
-    let mut room = Room::new(3);
-    room.run(FOUNDED_MS);
-    mine_blocks(&mut room, 1);
+    let mut room = founded_with_blocks(1);
     let ctl = room.controllers()[0];
     let f = (ctl + 1) % 3;
     let (term, ctl_id) = (room.nodes[ctl].term(), room.nodes[ctl].id());
@@ -542,9 +540,7 @@ fn a_rejection_goes_to_its_miner_only() {
 
 #[test]
 fn a_voter_that_learns_of_a_newer_term_from_a_pre_ballot_joins_that_pre_vote_at_once() {
-    let mut room = Room::new(3);
-    room.run(FOUNDED_MS);
-    mine_blocks(&mut room, 1);
+    let mut room = founded_with_blocks(1);
     let ctl = room.controllers()[0];
     let (f, g) = ((ctl + 1) % 3, (ctl + 2) % 3);
     let term = room.nodes[f].term();
@@ -561,9 +557,7 @@ fn a_voter_that_learns_of_a_newer_term_from_a_pre_ballot_joins_that_pre_vote_at_
 
 #[test]
 fn after_slow_elections_a_controller_waits_as_long_for_its_quorum_and_the_wait_comes_down() {
-    let mut room = Room::new(3);
-    room.run(FOUNDED_MS);
-    mine_blocks(&mut room, 1);
+    let mut room = founded_with_blocks(1);
     let ctl = room.controllers()[0];
     // As after two terms in a row without a controller (a room whose ballots go round slowly).
     room.nodes[ctl].backoff = 2;
