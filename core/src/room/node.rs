@@ -196,6 +196,8 @@ pub struct RoomNode {
     voted_for: Option<PeerId>,
     /// The last term in which this peer granted a vote (what its disk promises).
     promised: Term,
+    /// Whom it granted that vote.
+    promised_to: Option<PeerId>,
     chain: Chain,
     config: Option<RoomConfig>,
     commit: u64,
@@ -305,6 +307,7 @@ impl RoomNode {
             term: restored.term,
             voted_for: restored.voted_for,
             promised: if restored.voted_for.is_some() { restored.term } else { 0 },
+            promised_to: restored.voted_for,
             chain,
             config: restored.config,
             commit,
@@ -1193,6 +1196,7 @@ impl RoomNode {
         self.voted_for = Some(to);
         self.persist(Write::Vote { term: self.term, voted_for: Some(to) });
         self.promised = self.term;
+        self.promised_to = Some(to);
         self.emit(Event::VoteGranted { term: self.term, to });
         if to == self.cfg.id {
             self.grants.insert(to);
@@ -1446,17 +1450,22 @@ impl RoomNode {
             self.drop_msg("not_member", format!("{what} from {from}, who is not a voting member of the room"));
             return false;
         }
-        if term < self.term && term > self.promised && self.voters().is_none() && !self.controller_live() {
+        if term < self.term && term >= self.promised && self.voters().is_none() && !self.controller_live() {
             // We know no configuration, so we cannot tell a forger's newer term from the room's,
-            // and we promised nothing in the terms since `term`. Ours fell silent: follow
-            // whoever speaks as controller.
+            // and we promised nothing in the terms after `term`. Ours fell silent: follow
+            // whoever speaks as controller, keeping the vote we promised in `term`, if any.
             self.term = term;
             self.term_since = self.now;
+            self.voted_for = if term == self.promised { self.promised_to } else { None };
             self.controller = None;
         }
         if term < self.term {
             // A stale controller (paused, cut off): tell it the room moved on, at most once per beat.
-            if self.now >= self.last_stale_reply + self.cfg.timing.heartbeat_ms {
+            // Unless our term is hearsay: without the configuration we may have taken it from a
+            // forger, and we promised nothing in it; the room's own controller of that term, if
+            // there is one, will tell the stale one itself.
+            let hearsay = self.voters().is_none() && self.term > self.promised;
+            if !hearsay && self.now >= self.last_stale_reply + self.cfg.timing.heartbeat_ms {
                 self.last_stale_reply = self.now;
                 self.publish(Msg::Ack { to: from, term: self.term, height: 0, key: self.cfg.key });
             }

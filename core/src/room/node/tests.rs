@@ -590,3 +590,42 @@ fn after_slow_elections_a_controller_waits_as_long_for_its_quorum_and_the_wait_c
     room.run(BACKOFF_DECAY_MS);
     assert!(room.nodes.iter().all(|n| n.backoff == 0));
 }
+
+/// A member that lost its chain (so knows no configuration) but kept the vote it granted in
+/// the room's current term, as its disk has it: it is its own node, outside `room`'s delivery.
+fn member_without_chain(room: &Room, i: usize) -> RoomNode {
+    let node = &room.nodes[i];
+    let restored = Restored { term: node.term(), voted_for: node.voted_for(), ..Restored::default() };
+    let mut again = RoomNode::new(node.cfg.clone(), restored);
+    again.handle(room.now, Input::Connected);
+    again
+}
+
+/// What a peer that knows no configuration does with a controller message at `now`.
+fn hear(node: &mut RoomNode, now: u64, from: PeerId, term: Term) -> Vec<Action> {
+    let beat = Msg::Heartbeat { term, height: 9, commit: 9, tip: Digest::Sha1([7; 20]), open: None };
+    node.handle(now, Input::Message(Envelope::new(from, beat)))
+}
+
+#[test]
+fn a_term_heard_from_a_possible_forger_deposes_no_controller_and_keeps_the_vote_promised() {
+    let room = founded_with_blocks(1);
+    let ctl = room.nodes[room.controllers()[0]].id();
+    let follower = (room.controllers()[0] + 1) % 3;
+    let term = room.nodes[follower].term();
+    let mut node = member_without_chain(&room, follower);
+    assert_eq!(node.voted_for(), Some(ctl));
+    // Without the configuration, an outsider's newer term cannot be told from the room's.
+    let stranger: PeerId = 999;
+    hear(&mut node, room.now, stranger, term + 1);
+    assert_eq!((node.term(), node.controller()), (term + 1, Some(stranger)));
+    // The room's controller speaks: a peer whose term is hearsay does not tell it to step down
+    // (it used to, with an acknowledgement of the forged term, and the room re-elected).
+    let actions = hear(&mut node, room.now + 1, ctl, term);
+    assert!(!publishes(&actions).iter().any(|m| matches!(m, Msg::Ack { .. })), "{actions:?}");
+    // Once the stranger is silent past its lease, the peer goes back to the room's term (in
+    // which its disk holds a vote: it keeps it) and follows its controller.
+    let later = room.now + 10 * Timing::default().election_max_ms;
+    hear(&mut node, later, ctl, term);
+    assert_eq!((node.term(), node.controller(), node.voted_for()), (term, Some(ctl), Some(ctl)));
+}
