@@ -51,6 +51,10 @@ pub struct Scenario {
     pub trace: usize,
     /// The peers connect at random times within this window (ms) after the start.
     pub connect_over_ms: u64,
+    /// How many deliveries the broker and the peers' processes get through per second, all
+    /// together (0: no limit). A room of hundreds of processes on a machine of two cores gets
+    /// through some tens of thousands: beyond that, deliveries queue and arrive late.
+    pub deliveries_per_s: u64,
 }
 
 impl Scenario {
@@ -71,6 +75,7 @@ impl Scenario {
             timing: Timing { sync_blocks: rng.random_range(1..=8), ..Timing::default() },
             trace: 400,
             connect_over_ms: 50,
+            deliveries_per_s: 0,
         }
     }
 
@@ -87,6 +92,7 @@ impl Scenario {
             timing: Timing::default(),
             trace: 200,
             connect_over_ms: 50,
+            deliveries_per_s: 0,
         }
     }
 }
@@ -108,10 +114,19 @@ pub struct Report {
     pub hellos: u64,
     /// Messages published, by kind.
     pub by_kind: BTreeMap<&'static str, u64>,
+    /// Of which sent to one peer (its own topic): one delivery each.
+    pub direct: u64,
+    /// Messages published to the whole room, by kind.
+    pub broadcast_by_kind: BTreeMap<&'static str, u64>,
     /// Simulated time at the end (ms).
     pub end_ms: u64,
     /// Elections won (terms with a controller).
     pub controllers: usize,
+    /// When block 0 was committed (ms), if it was.
+    pub first_commit_ms: Option<u64>,
+    /// The longest a delivery waited for the broker's capacity (ms; see
+    /// [`Scenario::deliveries_per_s`]).
+    pub max_queue_ms: u64,
     /// Blocks committed after the faults ended.
     pub committed_after_faults: u64,
     /// Too many members lost their data directories: no quorum of the configuration exists any
@@ -306,6 +321,8 @@ pub struct World {
     dup: u32,
     delay: u32,
     chaos_until: u64,
+    /// When the broker is next free to deliver (µs; see [`Scenario::deliveries_per_s`]).
+    broker_free_us: u64,
     /// A fresh peer listens for the room until then: no message loss begins before.
     listening_until: u64,
     // Checker state.
@@ -349,6 +366,7 @@ impl World {
             dup: 0,
             delay: 0,
             chaos_until: 0,
+            broker_free_us: 0,
             listening_until: 0,
             controllers: BTreeMap::new(),
             committed: Vec::new(),
@@ -518,9 +536,12 @@ impl World {
                 })
                 .collect();
             return Err(self.fail(format!(
-                "no block committed in the {} ms after the faults ended (committed {}); {}",
+                "no block committed in the {} ms after the faults ended (committed {}; published {:?}, to the whole room {:?}; broker queue up to {} ms); {}",
                 self.sc.settle_ms,
                 self.committed.len(),
+                self.report.by_kind,
+                self.report.broadcast_by_kind,
+                self.report.max_queue_ms,
                 state.join("; ")
             )));
         }
@@ -828,6 +849,7 @@ impl World {
                 None => {
                     debug_assert_eq!(self.committed.len() as u64, h);
                     self.committed.push(block);
+                    self.report.first_commit_ms.get_or_insert(self.now);
                 }
             }
         }
@@ -862,6 +884,10 @@ impl World {
             Channel::Direct(to) => Some(self.by_id.get(&to).cloned().unwrap_or_default()),
             _ => None,
         };
+        self.report.direct += u64::from(direct.is_some());
+        if direct.is_none() {
+            *self.report.broadcast_by_kind.entry(env.msg.kind()).or_default() += 1;
+        }
         let count = direct.as_ref().map_or(self.procs.len(), Vec::len);
         for i in 0..count {
             let q = direct.as_ref().map_or(i, |d| d[i]);
@@ -869,9 +895,17 @@ impl World {
             if !sub.connected || !sub.alive {
                 continue;
             }
-            // A fixed latency per (publisher, subscriber) keeps each pair's messages in order.
+            // A fixed latency per (publisher, subscriber) keeps each pair's messages in order,
+            // and so does the broker's queue (it only grows later).
             let base = 1 + (hash3(self.seed, p as u64, q as u64) % 4);
             let mut at = self.now + base;
+            if let Some(us) = 1_000_000u64.checked_div(self.sc.deliveries_per_s) {
+                let free = self.broker_free_us.max(self.now * 1000) + us;
+                self.broker_free_us = free;
+                let queued = free.div_ceil(1000);
+                self.report.max_queue_ms = self.report.max_queue_ms.max(queued.saturating_sub(at));
+                at = at.max(queued);
+            }
             if chaos {
                 let roll = self.rng.random_range(0..1000);
                 if roll < self.loss {

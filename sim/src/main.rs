@@ -30,6 +30,11 @@ struct Args {
     /// hundreds on one machine takes seconds).
     #[arg(long, default_value_t = 50)]
     connect_over_ms: u64,
+    /// With --peers: the broker and the peers together deliver at most this many messages per
+    /// second (0: no limit); a real room of hundreds on two cores gets through some tens of
+    /// thousands.
+    #[arg(long, default_value_t = 0)]
+    deliveries_per_s: u64,
     /// Threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -41,7 +46,13 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let scenario = |seed: u64| match args.peers {
-        Some(n) => Scenario { connect_over_ms: args.connect_over_ms, ..Scenario::large(n) },
+        // The faults (crashes of the controller) begin once the last peer connected.
+        Some(n) => Scenario {
+            fault_ms: Scenario::large(n).fault_ms + args.connect_over_ms,
+            connect_over_ms: args.connect_over_ms,
+            deliveries_per_s: args.deliveries_per_s,
+            ..Scenario::large(n)
+        },
         None => Scenario::small(seed),
     };
     if let Some(seed) = args.seed {

@@ -151,3 +151,18 @@ fn fresh_peers_that_meet_each_other_first_do_not_found_a_second_room() {
         w.script(2_001, Fault::Newcomer);
     });
 }
+
+/// Measured on real processes: 300 peers on two cores, joining over some ten seconds, elected no
+/// controller for a minute. Their broker (and their own processes) get through some tens of
+/// thousands of deliveries a second; every peer repeated its pre-ballot on every hello it heard,
+/// and answered each stale one to the whole room, so the queue grew faster than it drained. The
+/// room must elect and commit within the settle time after the last peer connected.
+#[test]
+fn three_hundred_peers_joining_over_ten_seconds_through_a_busy_broker_elect_and_commit() {
+    assert_all_pass("300 peers, 50,000 deliveries/s", 0..4, |_| Scenario {
+        connect_over_ms: 10_000,
+        fault_ms: 14_000,
+        deliveries_per_s: 50_000,
+        ..Scenario::large(300)
+    });
+}

@@ -681,7 +681,7 @@ fn real_message(snap: &Snapshot, rng: &mut StdRng) -> Vec<u8> {
             height: tx,
         },
         1 => Msg::Leave { incarnation: rng.random() },
-        2 => Msg::PreBallot { term: term + 1, key, pos },
+        2 => Msg::PreBallot { to: None, term: term + 1, key, pos },
         3 => Msg::Ballot { term, ballot: rng.random(), key, pos, proposal: None },
         4 => Msg::Grant { to: snap.leader, to_key: rng.random(), term, key },
         5 => Msg::Heartbeat { term, height: tx, commit: tx, tip: snap.tip, open: Some(tx) },
@@ -797,7 +797,7 @@ fn forgery(snap: &Snapshot, forge: &mut Forger, rng: &mut StdRng) -> (&'static s
         }
         _ => {
             let pos = Pos { last_term: term, height: h + 1000 };
-            ("pre_ballot_wrong_key", member, Msg::PreBallot { term: term + 1, key: wrong_key, pos })
+            ("pre_ballot_wrong_key", member, Msg::PreBallot { to: None, term: term + 1, key: wrong_key, pos })
         }
     };
     (kind, Envelope::new(from, msg))

@@ -121,7 +121,10 @@ pub enum Msg {
         incarnation: u64,
     },
     /// `voting`: the sender finds the room without a live controller and would move to `term`.
+    /// Sent to one peer only (on its own topic) as the answer to a pre-ballot of an older term.
     PreBallot {
+        /// The peer answered, if this is an answer.
+        to: Option<PeerId>,
         /// The term proposed (the sender's term + 1).
         term: Term,
         /// The sender's key.
@@ -286,7 +289,7 @@ impl Msg {
     /// The channel this message must travel on.
     pub fn channel(&self) -> Channel {
         match *self {
-            Self::Hello { to: Some(to), .. } => Channel::Direct(to),
+            Self::Hello { to: Some(to), .. } | Self::PreBallot { to: Some(to), .. } => Channel::Direct(to),
             Self::Hello { .. } | Self::Leave { .. } => Channel::Init,
             Self::PreBallot { .. } | Self::Ballot { .. } => Channel::Voting,
             Self::Heartbeat { .. } | Self::Challenge { .. } => Channel::Challenge,
@@ -360,7 +363,7 @@ fn validate(env: &Envelope) -> Result<(), DecodeError> {
     match &env.msg {
         Msg::Hello { to, controller, .. } => check(*controller != Some(0) && *to != Some(0), "controller or recipient"),
         Msg::Leave { .. } | Msg::Solution { .. } => Ok(()),
-        Msg::PreBallot { term, .. } => check(*term > 0, "term"),
+        Msg::PreBallot { term, to, .. } => check(*term > 0 && *to != Some(0), "term or recipient"),
         Msg::Ballot { term, proposal, .. } => {
             check(*term > 0, "term")?;
             check(proposal.is_none_or(|d| d.alg() == HashAlg::Sha256), "proposal")
@@ -489,7 +492,8 @@ mod tests {
                 height: 6,
             },
             Msg::Leave { incarnation: 2 },
-            Msg::PreBallot { term: 2, key: 1, pos: Pos::default() },
+            Msg::PreBallot { to: None, term: 2, key: 1, pos: Pos::default() },
+            Msg::PreBallot { to: Some(3), term: 2, key: 1, pos: Pos::default() },
             Msg::Ballot {
                 term: 2,
                 ballot: 7,
@@ -528,7 +532,7 @@ mod tests {
     fn invalid_fields_are_refused() {
         let bad = [
             Envelope::new(0, Msg::Leave { incarnation: 1 }),
-            Envelope::new(1, Msg::PreBallot { term: 0, key: 1, pos: Pos::default() }),
+            Envelope::new(1, Msg::PreBallot { to: None, term: 0, key: 1, pos: Pos::default() }),
             Envelope::new(1, Msg::Grant { to: 0, to_key: 1, term: 1, key: 1 }),
             Envelope::new(
                 1,

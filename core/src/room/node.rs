@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::msg::{Envelope, Member, Msg, Pos, RoomConfig};
+use super::msg::{Channel, Envelope, Member, Msg, Pos, RoomConfig};
 use crate::chain::Chain;
 use crate::events::Event;
 use crate::pace::Pace;
@@ -215,6 +215,8 @@ pub struct RoomNode {
     pre: BTreeSet<PeerId>,
     /// When this peer last sent a pre-ballot.
     last_pre_sent: u64,
+    /// When this peer last answered a pre-ballot of an older term.
+    last_pre_answer: u64,
     /// When this peer entered its current term (its election in it gets that long, at least).
     term_since: u64,
     /// Terms in a row this peer entered without having seen a controller of the one before: each
@@ -229,6 +231,8 @@ pub struct RoomNode {
     ballots: BTreeMap<PeerId, Ballot>,
     my_ballot: Option<u32>,
     grant_deadline: Option<u64>,
+    /// The grant deadline passed; it was set again for our broadcast's echo (see `try_grant`).
+    grant_awaits_echo: bool,
     grants: BTreeSet<PeerId>,
     /// Evidence that the room already has a chain (do not bootstrap, sync).
     room_seen: bool,
@@ -274,6 +278,14 @@ pub struct RoomNode {
     /// times it was made since the last connect or controller (each doubles the wait).
     next_hello: u64,
     hellos_unanswered: u32,
+    /// How many peers this one knew when it last considered announcing itself again.
+    peers_at_hello: usize,
+    /// How long our own broadcasts take to come back to us through the broker (rises at once,
+    /// comes down slowly): in a room of hundreds on a busy machine, the broker's queue delays
+    /// every message by as much, and the election's timers stretch with it (see `wait_ms`).
+    lag_ms: u64,
+    /// The broadcast of ours being timed, and when it left.
+    echo: Option<(Msg, u64)>,
     out: Vec<Action>,
 }
 
@@ -283,6 +295,10 @@ const ACK_QUIET_MS: u64 = 200;
 
 /// The periodic announcement backs off up to this many doublings of `election_min_ms`.
 const MAX_HELLO_BACKOFF: u32 = 5;
+
+/// The most the broker's lag stretches a timer by: an echo lost (QoS 0) or a broker that stopped
+/// must not stretch them for good.
+const MAX_LAG_MS: u64 = 10_000;
 
 impl RoomNode {
     /// A node recovering `restored` from its disk (`Restored::default()` for a new one).
@@ -320,12 +336,14 @@ impl RoomNode {
             pre_term: 0,
             pre: BTreeSet::new(),
             last_pre_sent: 0,
+            last_pre_answer: 0,
             term_since: 0,
             backoff: 0,
             backoff_since: 0,
             ballots: BTreeMap::new(),
             my_ballot: None,
             grant_deadline: None,
+            grant_awaits_echo: false,
             grants: BTreeSet::new(),
             room_seen,
             discover_until: 0,
@@ -349,7 +367,10 @@ impl RoomNode {
             waiting: None,
             next_hello: 0,
             hellos_unanswered: 0,
+            peers_at_hello: 0,
             last_reach: None,
+            lag_ms: 0,
+            echo: None,
             out: Vec::new(),
             cfg,
         };
@@ -517,7 +538,52 @@ impl RoomNode {
     }
 
     fn publish(&mut self, msg: Msg) {
+        // Time one small broadcast at a time; one not back after `MAX_LAG_MS` was lost (QoS 0).
+        let small =
+            matches!(msg, Msg::Hello { .. } | Msg::PreBallot { .. } | Msg::Ballot { .. } | Msg::Heartbeat { .. });
+        if small
+            && !matches!(msg.channel(), Channel::Direct(_))
+            && self.echo.as_ref().is_none_or(|(_, sent)| self.now >= sent + MAX_LAG_MS)
+        {
+            self.echo = Some((msg.clone(), self.now));
+        }
         self.out.push(Action::Publish(msg));
+    }
+
+    /// One of our own messages came back through the broker: if it is the one being timed, the
+    /// time it took is the broker's lag.
+    fn echoed(&mut self, msg: &Msg) {
+        if let Some((sent, at)) = &self.echo
+            && sent == msg
+        {
+            let lag = self.now.saturating_sub(*at).min(MAX_LAG_MS);
+            self.lag_ms = if lag > self.lag_ms { lag } else { (self.lag_ms * 7 + lag) / 8 };
+            self.echo = None;
+        }
+    }
+
+    /// How long the broadcast being timed has been out, while it is not presumed lost.
+    fn echo_out(&self) -> Option<u64> {
+        let (_, sent) = self.echo.as_ref()?;
+        let out = self.now.saturating_sub(*sent);
+        (out < self.echo_lost_after()).then_some(out)
+    }
+
+    /// A broadcast of ours out for this long is presumed lost: twice the lag measured last and
+    /// an election timeout.
+    fn echo_lost_after(&self) -> u64 {
+        2 * self.lag_ms + self.cfg.timing.election_max_ms
+    }
+
+    /// The broker's lag as it stands: what was measured, or longer while a broadcast is out.
+    fn lag(&self) -> u64 {
+        self.lag_ms.max(self.echo_out().unwrap_or(0))
+    }
+
+    /// A timer of `base` ms, doubled per step of the election backoff and stretched by twice the
+    /// broker's lag: a message and its answer each wait that long in its queue.
+    fn wait_ms(&self, base: u64) -> u64 {
+        (base << self.backoff) + 2 * self.lag()
     }
 
     fn persist(&mut self, write: Write) {
@@ -548,6 +614,7 @@ impl RoomNode {
     fn connected(&mut self) {
         // Clean sessions: whatever was in flight may be lost. Say again everything the room may
         // be waiting on.
+        self.echo = None;
         self.publish(self.hello(None, true));
         self.hellos_unanswered = 0;
         self.next_hello = 0;
@@ -614,8 +681,16 @@ impl RoomNode {
                 // announcement, and only while something is missing), less and less often: in
                 // a room of hundreds still gathering, each one reaches every peer.
                 self.hellos_unanswered = (self.hellos_unanswered + 1).min(MAX_HELLO_BACKOFF);
-                self.next_hello = now + (self.cfg.timing.election_min_ms << self.hellos_unanswered);
-                self.publish(self.hello(None, true));
+                self.next_hello = now + (self.cfg.timing.election_min_ms << self.hellos_unanswered) + 2 * self.lag();
+                // Not while peers new to us keep coming (the room is gathering, and each one
+                // learns of us from our answer to its hello), nor while our last one is still in
+                // the broker's queue (see `lag`).
+                let gathering = self.peers.len() > self.peers_at_hello;
+                let queued = matches!((&self.echo, self.echo_out()), (Some((Msg::Hello { .. }, _)), Some(_)));
+                self.peers_at_hello = self.peers.len();
+                if !gathering && !queued {
+                    self.publish(self.hello(None, true));
+                }
             }
         }
         if self.grant_deadline.is_some_and(|g| now >= g) {
@@ -644,8 +719,8 @@ impl RoomNode {
 
     fn reset_election_timer(&mut self) {
         let t = self.cfg.timing;
-        self.election_deadline = self.now
-            + (self.rng.random_range(t.election_min_ms..=t.election_max_ms.max(t.election_min_ms)) << self.backoff);
+        let base = self.rng.random_range(t.election_min_ms..=t.election_max_ms.max(t.election_min_ms));
+        self.election_deadline = self.now + self.wait_ms(base);
     }
 
     fn report_reach(&mut self) {
@@ -807,6 +882,10 @@ impl RoomNode {
                 && (key != self.cfg.key || incarnation != self.cfg.incarnation)
             {
                 self.impostor(key, incarnation, since_ms);
+            } else {
+                self.echoed(&env.msg);
+                // A grant may have waited for it (see `try_grant`).
+                self.try_grant(false);
             }
             return;
         }
@@ -820,8 +899,8 @@ impl RoomNode {
                     self.gone(from);
                 }
             }
-            Msg::PreBallot { term, key, pos } => {
-                if self.heard(from, Some(key)) {
+            Msg::PreBallot { to, term, key, pos } => {
+                if to.is_none_or(|t| t == self.cfg.id) && self.heard(from, Some(key)) {
                     self.on_pre_ballot(from, key, term, pos);
                 }
             }
@@ -1005,7 +1084,7 @@ impl RoomNode {
         match self.controller {
             Some(c) if c == self.cfg.id => self.is_controller(),
             Some(_) => {
-                !self.controller_gone && self.now < self.heard_ms + (self.cfg.timing.election_min_ms << self.backoff)
+                !self.controller_gone && self.now < self.heard_ms + self.wait_ms(self.cfg.timing.election_min_ms)
             }
             None => false,
         }
@@ -1016,7 +1095,7 @@ impl RoomNode {
     fn patient(&self) -> bool {
         self.term > 0
             && !self.controller_gone
-            && self.now < self.term_since + (self.cfg.timing.election_min_ms << self.backoff)
+            && self.now < self.term_since + self.wait_ms(self.cfg.timing.election_min_ms)
     }
 
     fn start_pre_vote(&mut self) {
@@ -1032,12 +1111,21 @@ impl RoomNode {
             self.pre_term = next;
             self.pre.clear();
         }
-        if self.pre.insert(self.cfg.id) {
+        let first = self.pre.insert(self.cfg.id);
+        if first {
             self.emit(Event::PreVote { term: next });
         }
-        // Sent on every attempt: a lost pre-ballot must not stall the room.
-        self.last_pre_sent = self.now;
-        self.publish(Msg::PreBallot { term: next, key: self.cfg.key, pos: self.pos() });
+        // Sent again when an election timeout passed since the last one: a lost pre-ballot must
+        // not stall the room. Not more often (this runs on every hello of a room gathering),
+        // nor while the last one is still in the broker's queue: in a room of hundreds on a busy
+        // machine, repeats would only lengthen it.
+        let due = self.now >= self.last_pre_sent + self.wait_ms(self.cfg.timing.election_min_ms);
+        let queued =
+            self.echo_out().is_some() && matches!(self.echo, Some((Msg::PreBallot { term, .. }, _)) if term == next);
+        if first || (due && !queued) {
+            self.last_pre_sent = self.now;
+            self.publish(Msg::PreBallot { to: None, term: next, key: self.cfg.key, pos: self.pos() });
+        }
         self.check_pre_vote();
     }
 
@@ -1055,13 +1143,17 @@ impl RoomNode {
             // election happened without us: no patience owed to it (see `patient`), or in a
             // room of two whose ballot of that term was lost, both wait out ever longer timeouts.
             self.enter_term(term - 1);
-            self.term_since = self.now.saturating_sub(self.cfg.timing.election_min_ms << self.backoff);
+            self.term_since = self.now.saturating_sub(self.wait_ms(self.cfg.timing.election_min_ms));
         }
         if term <= self.term {
             // The sender is behind us. If we look for a controller too, our pre-ballot tells it
-            // our term, so the two of us do not each wait in a term of our own.
-            if !self.controller_live() && self.now >= self.last_pre_sent + self.cfg.timing.heartbeat_ms {
-                self.start_pre_vote();
+            // our term, so the two of us do not each wait in a term of our own. To it alone: in a
+            // room of 300 whose broker lags, answers to everyone snowball.
+            let looking = self.is_voter() && !self.controller_live() && !self.patient();
+            if looking && self.now >= self.last_pre_answer + self.cfg.timing.heartbeat_ms {
+                self.last_pre_answer = self.now;
+                let next = self.term + 1;
+                self.publish(Msg::PreBallot { to: Some(from), term: next, key: self.cfg.key, pos: self.pos() });
             }
             return;
         }
@@ -1079,7 +1171,7 @@ impl RoomNode {
             self.pre.insert(self.cfg.id);
             self.emit(Event::PreVote { term });
             self.last_pre_sent = self.now;
-            self.publish(Msg::PreBallot { term, key: self.cfg.key, pos: self.pos() });
+            self.publish(Msg::PreBallot { to: None, term, key: self.cfg.key, pos: self.pos() });
         }
         self.check_pre_vote();
     }
@@ -1115,7 +1207,8 @@ impl RoomNode {
         self.pre.clear();
         self.heard_ms = self.now;
         // Longer after terms without a controller: ballots take that long to go round.
-        self.grant_deadline = Some(self.now + (self.cfg.timing.ballot_wait_ms << self.backoff));
+        self.grant_deadline = Some(self.now + self.wait_ms(self.cfg.timing.ballot_wait_ms));
+        self.grant_awaits_echo = false;
         self.reset_election_timer();
     }
 
@@ -1173,11 +1266,18 @@ impl RoomNode {
         let Some(voters) = self.voters() else { return };
         // The ballots held are voters' only (others are refused), ours included.
         let waiting = self.ballots.len() < voters.len().saturating_sub(self.gone_voters);
-        let past = deadline || self.grant_deadline.is_none();
+        let past = deadline || self.grant_deadline.is_none() || self.grant_awaits_echo;
         // Past the deadline, still not before a quorum's ballots are in: a voter that grants on
         // fewer grants the best of what reached it first, often its own, and in a room of
         // hundreds whose ballots take seconds to go round, every voter then granted itself.
         if waiting && !(past && self.ballots.len() >= voters.quorum()) {
+            return;
+        }
+        // Nor while a broadcast of ours is still in the broker's queue: the ballots sent before
+        // ours (most, in an election that starts everywhere at once) reach us before it does.
+        if let Some(out) = self.echo_out().filter(|_| waiting) {
+            self.grant_deadline = Some(self.now + self.echo_lost_after() - out);
+            self.grant_awaits_echo = true;
             return;
         }
         let mine = self.pos();
@@ -1262,7 +1362,7 @@ impl RoomNode {
     }
 
     fn check_quorum(&mut self) {
-        let window = self.cfg.timing.election_max_ms << self.backoff;
+        let window = self.wait_ms(self.cfg.timing.election_max_ms);
         if self.now < self.became_ms + window {
             return;
         }

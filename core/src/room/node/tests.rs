@@ -281,9 +281,9 @@ fn a_young_term_is_not_left_for_the_next_before_its_election_timeout() {
     let pre_votes = |actions: &[Action]| actions.iter().any(|a| matches!(a, Action::Publish(Msg::PreBallot { .. })));
     // A stale pre-ballot, then ticks, within the election timeout: no pre-vote for term + 1.
     t += 10;
-    let stale = Msg::PreBallot { term, key: b_key, pos };
+    let stale = Msg::PreBallot { to: None, term, key: b_key, pos };
     assert!(!pre_votes(&node.handle(t, Input::Message(Envelope::new(b_id, stale.clone())))));
-    let next = Msg::PreBallot { term: term + 1, key: b_key, pos };
+    let next = Msg::PreBallot { to: None, term: term + 1, key: b_key, pos };
     assert!(!pre_votes(&node.handle(t, Input::Message(Envelope::new(b_id, next.clone())))), "joined too early");
     assert_eq!(node.term(), term);
     // Past its election timeout it joins the next term's pre-vote.
@@ -547,11 +547,12 @@ fn a_voter_that_learns_of_a_newer_term_from_a_pre_ballot_joins_that_pre_vote_at_
     let (g_id, g_key, pos) = (room.nodes[g].id(), room.nodes[g].key(), room.nodes[g].pos());
     // Long after the controller fell silent, g (which reached term + 1 without f) pre-votes.
     let later = room.now + 10_000;
-    let pre = Msg::PreBallot { term: term + 2, key: g_key, pos };
+    let pre = Msg::PreBallot { to: None, term: term + 2, key: g_key, pos };
     let actions = room.nodes[f].handle(later, Input::Message(Envelope::new(g_id, pre)));
     // It entered term + 1, joined the pre-vote, and with g's pre-ballot, a quorum: term + 2.
     assert_eq!(room.nodes[f].term(), term + 2);
-    let joined = publishes(&actions).iter().any(|m| matches!(m, Msg::PreBallot { term: t, .. } if *t == term + 2));
+    let joined =
+        publishes(&actions).iter().any(|m| matches!(m, Msg::PreBallot { to: None, term: t, .. } if *t == term + 2));
     assert!(joined, "the election of term {} happened without it: nothing to be patient for; {actions:?}", term + 1);
 }
 
@@ -628,4 +629,101 @@ fn a_term_heard_from_a_possible_forger_deposes_no_controller_and_keeps_the_vote_
     let later = room.now + 10 * Timing::default().election_max_ms;
     hear(&mut node, later, ctl, term);
     assert_eq!((node.term(), node.controller(), node.voted_for()), (term, Some(ctl), Some(ctl)));
+}
+
+/// A node alone (its messages go nowhere), for a room of `room_size`, connected at 0.
+fn lone(room_size: usize) -> RoomNode {
+    let cfg = RoomNodeConfig {
+        id: 100,
+        key: 1100,
+        incarnation: 7,
+        since_ms: 0,
+        room_size,
+        pace: Pace::Fixed(2),
+        alg: HashAlg::Sha1,
+        seed: 42,
+        timing: Timing::default(),
+    };
+    let mut node = RoomNode::new(cfg, Restored::default());
+    node.handle(0, Input::Connected);
+    node
+}
+
+fn hello_from(id: PeerId) -> Input {
+    let hello = Msg::Hello {
+        to: None,
+        want_reply: true,
+        key: 1000 + u64::from(id),
+        incarnation: 7,
+        since_ms: 0,
+        term: 0,
+        controller: None,
+        height: 0,
+    };
+    Input::Message(Envelope::new(id, hello))
+}
+
+fn pre_ballots(actions: &[Action]) -> Vec<Option<PeerId>> {
+    publishes(actions).iter().filter_map(|m| if let Msg::PreBallot { to, .. } = m { Some(*to) } else { None }).collect()
+}
+
+#[test]
+fn a_room_gathering_does_not_repeat_a_pre_ballot_on_every_hello() {
+    let mut node = lone(3);
+    let mut t = Timing::default().discovery_ms + 1;
+    // The room is complete: the pre-vote for term 1 starts, with one pre-ballot.
+    node.handle(t, hello_from(101));
+    assert_eq!(pre_ballots(&node.handle(t, hello_from(102))), vec![None]);
+    // More peers keep coming (a room of 300 gathering): each hello used to send it again, to
+    // everyone, and the broker's queue grew faster than it drained.
+    let mut again = 0;
+    for id in 103..120 {
+        t += 10;
+        again += pre_ballots(&node.handle(t, hello_from(id))).len();
+    }
+    assert_eq!(again, 0);
+    // After an election timeout without a quorum's answer, it is sent again.
+    t += Timing::default().election_max_ms;
+    assert_eq!(pre_ballots(&node.handle(t, Input::Tick)), vec![None]);
+}
+
+#[test]
+fn a_pre_ballot_of_an_older_term_is_answered_to_its_sender_alone() {
+    let mut room = founded_with_blocks(1);
+    let ctl = room.controllers()[0];
+    let (a, b) = ((ctl + 1) % 3, (ctl + 2) % 3);
+    // The controller is gone, and `a` is past its patience.
+    room.nodes.remove(ctl);
+    let (a, b) = (if a > ctl { a - 1 } else { a }, if b > ctl { b - 1 } else { b });
+    let now = room.now + 10 * Timing::default().election_max_ms;
+    let (b_id, b_key, pos) = (room.nodes[b].id(), room.nodes[b].key(), room.nodes[b].pos());
+    let term = room.nodes[a].term();
+    let behind = Msg::PreBallot { to: None, term, key: b_key, pos };
+    let actions = room.nodes[a].handle(now, Input::Message(Envelope::new(b_id, behind)));
+    assert_eq!(pre_ballots(&actions), vec![Some(b_id)], "{actions:?}");
+    let answer = publishes(&actions).into_iter().find(|m| matches!(m, Msg::PreBallot { .. })).unwrap().clone();
+    assert_eq!(answer.channel(), Channel::Direct(b_id));
+}
+
+#[test]
+fn a_broker_that_lags_stretches_the_election_timers_by_as_much() {
+    let mut node = lone(3);
+    // Our hello (on connecting) comes back at once.
+    node.handle(1, Input::Message(Envelope::new(100, node.hello(None, true))));
+    assert_eq!(node.lag_ms, 1);
+    let t = Timing::default().discovery_ms + 1;
+    node.handle(t, hello_from(101));
+    let actions = node.handle(t, hello_from(102));
+    let sent = publishes(&actions).into_iter().find(|m| matches!(m, Msg::PreBallot { .. })).unwrap().clone();
+    // Our pre-ballot comes back through the broker 3 s later: its queue is that long.
+    let lag = 3_000;
+    let back = t + lag;
+    node.handle(back, Input::Message(Envelope::new(100, sent)));
+    assert_eq!(node.lag_ms, lag);
+    node.reset_election_timer();
+    assert!(node.election_deadline >= back + Timing::default().election_min_ms + 2 * lag, "{}", node.election_deadline);
+    // The lag measured comes down as the echoes come back faster.
+    node.echo = Some((node.hello(None, true), back));
+    node.handle(back + 10, Input::Message(Envelope::new(100, node.hello(None, true))));
+    assert!(node.lag_ms < lag, "{}", node.lag_ms);
 }
