@@ -484,7 +484,7 @@ impl RoomNode {
             t = t.min(g);
         }
         if let Some((_, at, _, _)) = self.syncing {
-            t = t.min(at + self.cfg.timing.sync_retry_ms);
+            t = t.min(at + self.sync_retry_ms());
         }
         if self.may_bootstrap() && self.discover_until > self.now {
             t = t.min(self.discover_until);
@@ -701,7 +701,7 @@ impl RoomNode {
             self.try_start_bootstrap();
         }
         if let Some((peer, at, _, _)) = self.syncing
-            && now >= at + self.cfg.timing.sync_retry_ms
+            && now >= at + self.sync_retry_ms()
         {
             // Unanswered: ask again, our controller if we know one (the peer asked may be gone).
             self.syncing = None;
@@ -1868,14 +1868,20 @@ impl RoomNode {
         self.controller.filter(|&c| c != self.cfg.id).unwrap_or(peer)
     }
 
+    /// How long a sync request may go unanswered: `sync_retry_ms` and twice the broker's lag
+    /// (a reply behind a long queue would otherwise be asked for again, and come twice).
+    fn sync_retry_ms(&self) -> u64 {
+        self.cfg.timing.sync_retry_ms + 2 * self.lag()
+    }
+
     fn request_sync(&mut self, peer: PeerId) {
         if peer == self.cfg.id {
             return;
         }
-        // One request at a time, sent again after `sync_retry_ms`; but one to a peer that may
+        // One request at a time, sent again after `sync_retry_ms()`; but one to a peer that may
         // never answer (it died) never holds back one to our controller.
         if let Some((to, at, _, _)) = self.syncing
-            && self.now < at + self.cfg.timing.sync_retry_ms
+            && self.now < at + self.sync_retry_ms()
             && (to == peer || self.controller != Some(peer))
         {
             return;
