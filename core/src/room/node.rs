@@ -281,9 +281,12 @@ pub struct RoomNode {
     /// How many peers this one knew when it last considered announcing itself again.
     peers_at_hello: usize,
     /// How long our own broadcasts take to come back to us through the broker (rises at once,
-    /// comes down slowly): in a room of hundreds on a busy machine, the broker's queue delays
-    /// every message by as much, and the election's timers stretch with it (see `wait_ms`).
+    /// comes down slowly, and halves every `LAG_HALF_LIFE_MS` without a new sample): in a room of
+    /// hundreds on a busy machine, the broker's queue delays every message by as much, and the
+    /// election's timers stretch with it (see `wait_ms`).
     lag_ms: u64,
+    /// When `lag_ms` was last sampled.
+    lag_at: u64,
     /// The broadcast of ours being timed, and when it left.
     echo: Option<(Msg, u64)>,
     out: Vec<Action>,
@@ -299,6 +302,10 @@ const MAX_HELLO_BACKOFF: u32 = 5;
 /// The most the broker's lag stretches a timer by: an echo lost (QoS 0) or a broker that stopped
 /// must not stretch them for good.
 const MAX_LAG_MS: u64 = 10_000;
+
+/// The lag measured halves this often without a new sample: a follower times few broadcasts of
+/// its own, and one measured while its room gathered must not slow its failovers for good.
+const LAG_HALF_LIFE_MS: u64 = 5_000;
 
 impl RoomNode {
     /// A node recovering `restored` from its disk (`Restored::default()` for a new one).
@@ -370,6 +377,7 @@ impl RoomNode {
             peers_at_hello: 0,
             last_reach: None,
             lag_ms: 0,
+            lag_at: 0,
             echo: None,
             out: Vec::new(),
             cfg,
@@ -538,9 +546,8 @@ impl RoomNode {
     }
 
     fn publish(&mut self, msg: Msg) {
-        // Time one small broadcast at a time; one not back after `MAX_LAG_MS` was lost (QoS 0).
-        let small =
-            matches!(msg, Msg::Hello { .. } | Msg::PreBallot { .. } | Msg::Ballot { .. } | Msg::Heartbeat { .. });
+        // Time one broadcast at a time; one not back after `MAX_LAG_MS` was lost (QoS 0).
+        let small = !matches!(msg, Msg::Challenge { .. } | Msg::Result { .. });
         if small
             && !matches!(msg.channel(), Channel::Direct(_))
             && self.echo.as_ref().is_none_or(|(_, sent)| self.now >= sent + MAX_LAG_MS)
@@ -557,7 +564,9 @@ impl RoomNode {
             && sent == msg
         {
             let lag = self.now.saturating_sub(*at).min(MAX_LAG_MS);
-            self.lag_ms = if lag > self.lag_ms { lag } else { (self.lag_ms * 7 + lag) / 8 };
+            let before = self.measured_lag();
+            self.lag_ms = if lag > before { lag } else { (before * 7 + lag) / 8 };
+            self.lag_at = self.now;
             self.echo = None;
         }
     }
@@ -572,12 +581,18 @@ impl RoomNode {
     /// A broadcast of ours out for this long is presumed lost: twice the lag measured last and
     /// an election timeout.
     fn echo_lost_after(&self) -> u64 {
-        2 * self.lag_ms + self.cfg.timing.election_max_ms
+        2 * self.measured_lag() + self.cfg.timing.election_max_ms
+    }
+
+    /// The lag measured, halved per `LAG_HALF_LIFE_MS` since.
+    fn measured_lag(&self) -> u64 {
+        let halvings = self.now.saturating_sub(self.lag_at) / LAG_HALF_LIFE_MS;
+        self.lag_ms.checked_shr(u32::try_from(halvings).unwrap_or(u32::MAX)).unwrap_or(0)
     }
 
     /// The broker's lag as it stands: what was measured, or longer while a broadcast is out.
     fn lag(&self) -> u64 {
-        self.lag_ms.max(self.echo_out().unwrap_or(0))
+        self.measured_lag().max(self.echo_out().unwrap_or(0))
     }
 
     /// A timer of `base` ms, doubled per step of the election backoff and stretched by twice the
