@@ -422,7 +422,7 @@ fn peer_args(args: &RoomArgs, host: &str, port: u16) -> Vec<String> {
         "--wire".into(),
         args.wire.clone(),
         "--keepalive".into(),
-        args.keepalive.to_string(),
+        args.keepalive_s().to_string(),
         "--events".into(),
         "-".into(),
         "--log".into(),

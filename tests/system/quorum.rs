@@ -52,10 +52,10 @@ impl QuorumRoom {
         let (size, prefix) = (self.size.to_string(), format!("hv{}q{}", std::process::id(), self.port));
         let data = data.to_str().expect("a UTF-8 temporary path").to_string();
         // A short keepalive makes a hung peer's will come fast (the SIGSTOP failovers); a room of
-        // hundreds on two cores needs the launcher's default, or its broker's queue outlasts
-        // rumqttc's ping: the client gives the connection up, reconnects under the same id, and
-        // the broker publishes the will of a live peer.
-        let keepalive = if self.size > 100 { "2" } else { "1" };
+        // hundreds on two cores needs the launcher's (2 s, one more per 25 peers beyond 50), or
+        // its broker's queue outlasts rumqttc's ping: the client gives the connection up,
+        // reconnects under the same id, and the broker publishes the will of a live peer.
+        let keepalive = if self.size > 10 { (2 + self.size.saturating_sub(50) / 25).to_string() } else { "1".into() };
         let args = [
             "--wire",
             "room",
@@ -68,7 +68,7 @@ impl QuorumRoom {
             "--threads",
             "1",
             "--keepalive",
-            keepalive,
+            &keepalive,
             "--prefix",
             &prefix,
         ];
@@ -369,6 +369,25 @@ fn figures() {
         }
         assert_quorum_invariants(&room.records());
     }
+}
+
+/// Issue 11, measured: `launcher --peers 300` on two cores had about 200 wills fire at start-up,
+/// named two controllers in term 1 and went 46 s without a block; later, no controller held for a
+/// minute. A room of 300 real processes elects one controller per term and commits. 300 processes
+/// take both cores for a minute: `.ci/run` runs it, beside the README's quick test command.
+/// On the embedded broker only, for now: on Mosquitto the 300 peers take some 15 s to meet, then
+/// their clients' pings time out behind its queues and they reconnect by the thousand (issue 11's
+/// notes; open).
+#[test]
+#[ignore = "300 processes: `cargo test -p launcher --test system -- --ignored three_hundred`"]
+fn three_hundred_peers_elect_one_controller_per_term_and_commit() {
+    let room = QuorumRoom::start(Broker::Embedded, 300);
+    let elected = elected_after_last_connect(&room, Duration::from_secs(120));
+    room.wait_commit(5, 0);
+    let records = room.records();
+    let departures = records.iter().filter(|r| matches!(r.event, Event::PeerLeft { .. })).count();
+    println!("300 peers: elected {elected} ms after the last peer connected; {departures} departures seen");
+    assert_quorum_invariants(&records);
 }
 
 fn elected_after_last_connect(room: &QuorumRoom, timeout: Duration) -> u64 {

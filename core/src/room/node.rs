@@ -1015,9 +1015,12 @@ impl RoomNode {
         height: u64,
     ) {
         let _ = since_ms;
-        // Whether it knows us already: then a repeated hello (its periodic one, see `tick`) is
-        // answered only by whoever knows more of the room than it says it does.
-        let known = self.peers.get(&from).is_some_and(|p| !p.gone && p.key == key && p.incarnation == incarnation);
+        // Whether it knows us already: then a repeated hello (its periodic one, see `tick`, or
+        // after a reconnect of the same process, even one its will called gone) is answered only
+        // by whoever knows more of the room than it says it does. In a room of 300 whose broker
+        // lagged, clients gave up on their pings and reconnected by the thousand, and 299
+        // answers to each fed the lag.
+        let known = self.peers.get(&from).is_some_and(|p| p.key == key && p.incarnation == incarnation);
         if !self.heard(from, Some(key)) {
             // A process under a member's id with another data directory (a copy of the id, or
             // the member back with its disk lost): not that member. It still learns from our

@@ -511,6 +511,20 @@ fn a_repeated_hello_is_answered_only_by_a_peer_that_knows_more_than_the_asker() 
     assert_eq!(answers(&mut room, a, hello(term, 0)), 1);
     // The controller always answers.
     assert_eq!(answers(&mut room, ctl, hello(term, height)), 1);
+    // Its will came (its connection dropped), then the same process says hello again: it still
+    // knows the room, so no answer either (in a room of 300 whose clients reconnected by the
+    // thousand, 299 answers to each fed the broker's queue).
+    let will = Msg::Leave { incarnation: 7 };
+    room.nodes[a].handle(room.now, Input::Message(Envelope::new(asker, will)));
+    assert_eq!(answers(&mut room, a, hello(term, height)), 0);
+    // A new process under its id (a restart: another incarnation) knows nothing: answer.
+    let restarted = match hello(term, height) {
+        Msg::Hello { to, want_reply, key, since_ms, term, controller, height, .. } => {
+            Msg::Hello { to, want_reply, key, incarnation: 8, since_ms, term, controller, height }
+        }
+        _ => unreachable!(),
+    };
+    assert_eq!(answers(&mut room, a, restarted), 1);
 }
 
 #[test]
