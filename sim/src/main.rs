@@ -35,6 +35,9 @@ struct Args {
     /// thousands.
     #[arg(long, default_value_t = 0)]
     deliveries_per_s: u64,
+    /// With --peers: how long after the faults end a block must be committed (ms).
+    #[arg(long, default_value_t = 6_000)]
+    settle_ms: u64,
     /// Threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
             fault_ms: Scenario::large(n).fault_ms + args.connect_over_ms,
             connect_over_ms: args.connect_over_ms,
             deliveries_per_s: args.deliveries_per_s,
+            settle_ms: args.settle_ms,
             ..Scenario::large(n)
         },
         None => Scenario::small(seed),
