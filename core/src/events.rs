@@ -34,20 +34,6 @@ pub enum Event {
         /// Why.
         reason: String,
     },
-    /// The room took this peer for gone (its Last Will was published while it was paused, hung
-    /// or cut off): it stepped down from `term` and announces itself again.
-    Withdrawn {
-        /// Its term at the time.
-        term: Term,
-    },
-    /// The controller said nothing (no message, no status) for `silent_ms` while this peer was
-    /// connected: taken for gone, as if its will had come (it may have died while disconnected).
-    ControllerSilent {
-        /// The controller.
-        id: PeerId,
-        /// How long it was silent.
-        silent_ms: u64,
-    },
     /// A peer became known.
     PeerJoined {
         /// Its client id.
@@ -266,10 +252,6 @@ pub fn describe(event: &Event) -> String {
         }
         Event::Connected { broker } => format!("connected to {broker}"),
         Event::Disconnected { reason } => format!("lost the broker: {reason}"),
-        Event::Withdrawn { term } => format!("the room took us for gone (our will) in term {term}: rejoining"),
-        Event::ControllerSilent { id, silent_ms } => {
-            format!("controller {id} silent for {silent_ms} ms: taken for gone")
-        }
         Event::PeerJoined { id, members } => format!("peer {id} joined ({members} known)"),
         Event::PeerLeft { id, members } => format!("peer {id} left ({members} known)"),
         Event::VoteCast { term, vote } => format!("voted {vote} in term {term}"),

@@ -3,7 +3,7 @@
 //! clients.
 //!
 //! Feed a [`LabNode`] inputs (a connection, a decoded message, a miner's [`work::LabFound`]) and it
-//! returns [`LabAction`]s, like [`crate::node::Node`]. It keeps the lab's rules (announce, vote once
+//! returns [`LabAction`]s, like [`crate::room::RoomNode`]. It keeps the lab's rules (announce, vote once
 //! everyone is known, the highest `(VoteID, ClientID)` controls, challenges with growing
 //! transaction ids, first valid solution wins) and adds what the lab lacks and a mixed room does
 //! not notice: validation of every message, a check of every result against the proof of work,

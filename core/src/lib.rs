@@ -1,9 +1,9 @@
 //! hashvote's sans-IO protocol core: everything a peer decides, and nothing it does.
 //!
-//! It owns the messages and their codec ([`protocol`]), the proof of work ([`pow`]), the
-//! difficulty policies ([`pace`]), the verified chain ([`chain`]), membership and elections
-//! ([`election`]), the node state machine combining them ([`node`]), what the node asks a miner to
-//! do ([`work`]), the lab's node and wire format ([`lab`]), and the types the node reports through:
+//! It owns the wire types shared by every protocol ([`protocol`]), the proof of work ([`pow`]),
+//! the difficulty policies ([`pace`]), the verified chain ([`chain`]), the room protocol's
+//! messages and node state machine ([`room`]), what a node asks a miner to do ([`work`]), the
+//! lab's node and wire format ([`lab`]), and the types the nodes report through:
 //! [`events::Event`] and [`status::Status`].
 //!
 //! No IO, no clock, no threads: time and randomness are inputs (a `now_ms` argument; a seed, or
@@ -12,10 +12,8 @@
 //! neither tokio nor an MQTT client, and CI checks that it stays so.
 
 pub mod chain;
-pub mod election;
 pub mod events;
 pub mod lab;
-pub mod node;
 pub mod pace;
 pub mod pow;
 pub mod protocol;

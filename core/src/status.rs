@@ -5,8 +5,7 @@
 //! Each peer republishes its status on every connection, when its role, term, controller or open
 //! transaction changes (the peer's `status::Schedule`) and once a second otherwise (with its hash rate), always
 //! retained, so a watcher that subscribes late gets the latest status of every peer at once. The peer's Last Will is its status with
-//! [`Role::Offline`], also retained: a peer that dies is shown offline, and the other peers treat
-//! that will as the peer's departure.
+//! [`Role::Offline`], also retained: a peer that dies is shown offline.
 //!
 //! The payload is postcard, like the protocol's messages, and decoded the same careful way: size
 //! limit first, then the version, then validation.
@@ -15,7 +14,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{DecodeError, PeerId, Term, TxId, VERSION};
+use crate::protocol::{DecodeError, PeerId, Term, TxId};
+
+/// The version of the status payload (its first byte), checked before anything else.
+pub const VERSION: u8 = 1;
 
 /// Largest encoded status accepted; a real one is well under 100 bytes.
 pub const MAX_STATUS_BYTES: usize = 256;
@@ -65,7 +67,7 @@ impl std::fmt::Display for Role {
 /// One peer's status, as published on `<prefix>/status/<id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
-    /// Protocol version; always [`VERSION`] when encoded by this build.
+    /// Payload version; always [`VERSION`] when encoded by this build.
     pub version: u8,
     /// The peer's client id (also the last level of the topic; the two must agree).
     pub id: PeerId,

@@ -1,5 +1,5 @@
 //! What the node asks a miner to do and what a miner reports back: the plain data between the
-//! sans-IO [`node`](crate::node) and the peer's mining threads (`peer::miner`).
+//! sans-IO [`RoomNode`](crate::room::RoomNode) and the peer's mining threads (`peer::miner`).
 
 use crate::pow::Template;
 use crate::protocol::TxId;

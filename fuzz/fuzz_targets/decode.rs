@@ -8,5 +8,4 @@ mod decode_check;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     decode_check::check_decode(data);
-    decode_check::check_room_decode(data);
 });

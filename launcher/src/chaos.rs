@@ -1,14 +1,15 @@
 //! `launcher chaos`: a room under random faults, checked for safety and progress.
 //!
 //! It starts a broker and a room, waits for the election and the first block, then runs cycles of
-//! one random fault each: a peer killed with SIGKILL (and a replacement started), a peer paused
-//! with SIGSTOP until the room has noticed (then SIGCONT), the broker killed and restarted on the
-//! same port, or a peer leaving cleanly (SIGTERM) and a new one joining. Peer faults sometimes
-//! target the controller. After each fault it waits, under a deadline, for the room to make
-//! progress: every live peer follows one controller and holds a block no live peer held before.
-//! At the end it stops everything and reports the faults, the re-elections, the failover times
-//! (controller lost → first challenge of a newer term, from the peers' event clocks), the blocks
-//! and the invariants ([`crate::invariants`]) over every event of the run.
+//! one random fault each: a peer killed with SIGKILL (and started again on its data directory), a
+//! peer paused with SIGSTOP until the room has noticed (then SIGCONT), the broker killed and
+//! restarted on the same port, a peer leaving cleanly (SIGTERM) and coming back, or one of the
+//! combined faults (see [`Fault`]). Peer faults sometimes target the controller. After each fault
+//! it waits, under a deadline, for the room to make progress: every live peer follows one
+//! controller and holds a block no live peer held before. At the end it stops everything and
+//! reports the faults, the re-elections, the failover times (controller lost → first challenge of
+//! a newer term, from the peers' event clocks), the blocks and the invariants
+//! ([`crate::invariants`]) over every event of the run.
 
 pub mod room;
 
@@ -31,11 +32,11 @@ use room::{Failure, Room, RoomConfig};
 /// Exit code when interrupted by Ctrl-C (128 + SIGINT).
 const INTERRUPTED: u8 = 130;
 
-/// The peers' protocol in a fault run.
+/// The peers' protocol in a fault run: the room protocol, the only one with failover (the lab's
+/// has none). A value of its own so that `--wire room` says what is run, and any other name is
+/// refused with the choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Wire {
-    /// Wire version 1: a killed or departed peer is replaced by a new one.
-    Hashvote,
     /// The room protocol: every peer has a data directory and comes back on it.
     Room,
 }
@@ -43,26 +44,25 @@ pub enum Wire {
 /// One kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Fault {
-    /// SIGKILL a peer, start a replacement.
+    /// SIGKILL a peer, start it again.
     Kill,
     /// SIGSTOP a peer until the room notices, then SIGCONT.
     Pause,
     /// SIGKILL the broker, start a new one on the same port.
     #[value(name = "broker")]
     BrokerRestart,
-    /// SIGTERM a peer (it leaves cleanly), start a new one.
+    /// SIGTERM a peer (it leaves cleanly), start it again.
     #[value(name = "leave")]
     LeaveJoin,
     /// Kill the broker; while it is down, SIGKILL a peer; start the broker again, then the peer.
     #[value(name = "outage")]
     KillInOutage,
-    /// SIGKILL the controller and start a peer with a new data directory during the election
-    /// (room protocol: a non-voting newcomer; the previous newcomer leaves).
+    /// SIGKILL the controller and start a peer with a new data directory during the election (a
+    /// non-voting newcomer; the previous newcomer leaves).
     Newcomer,
-    /// Start a second process under a member's id with its own data directory (room protocol).
+    /// Start a second process under a member's id with its own data directory.
     Duplicate,
-    /// SIGKILL every peer at once and start them all again from their data directories (room
-    /// protocol).
+    /// SIGKILL every peer at once and start them all again from their data directories.
     #[value(name = "restart")]
     RoomRestart,
 }
@@ -80,26 +80,13 @@ impl Fault {
         Fault::RoomRestart,
     ];
 
-    /// The kinds a run of `wire` injects when none are named.
-    pub fn defaults(wire: Wire) -> &'static [Fault] {
-        match wire {
-            Wire::Hashvote => &Self::ALL[..4],
-            Wire::Room => &Self::ALL,
-        }
-    }
-
-    /// Whether this kind needs the room protocol (data directories).
-    pub fn room_only(self) -> bool {
-        matches!(self, Fault::Duplicate | Fault::RoomRestart)
-    }
-
     /// Short name for the report.
     pub fn name(self) -> &'static str {
         match self {
-            Fault::Kill => "kill -9 + replacement",
+            Fault::Kill => "kill -9 + restart",
             Fault::Pause => "SIGSTOP/SIGCONT",
             Fault::BrokerRestart => "broker restart",
-            Fault::LeaveJoin => "clean leave + join",
+            Fault::LeaveJoin => "clean leave + return",
             Fault::KillInOutage => "kill -9 during a broker outage",
             Fault::Newcomer => "kill -9 controller + newcomer",
             Fault::Duplicate => "duplicate id",
@@ -144,7 +131,6 @@ pub(crate) fn room_config(peers: u16, args: &FaultRoomArgs) -> anyhow::Result<Ro
         deadline: Duration::from_secs(args.deadline),
         events: args.events.clone(),
         verbose: args.verbose,
-        room_protocol: args.wire == Wire::Room,
     })
 }
 
@@ -156,13 +142,7 @@ async fn run(args: ChaosArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let faults = if args.faults.is_empty() { Fault::defaults(args.room.wire).to_vec() } else { args.faults.clone() };
-    if args.room.wire != Wire::Room
-        && let Some(f) = faults.iter().find(|f| f.room_only())
-    {
-        eprintln!("launcher: error: the {} fault needs --wire room (peers with data directories)", f.name());
-        return ExitCode::FAILURE;
-    }
+    let faults = if args.faults.is_empty() { Fault::ALL.to_vec() } else { args.faults.clone() };
     let seed = args.room.seed.unwrap_or_else(rand::random);
     let mut rng = StdRng::seed_from_u64(seed);
     println!(
@@ -239,34 +219,27 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
             Fault::Kill => {
                 room.kill(target).await;
                 let _ = write!(line, "kill -9 peer #{target}{role}");
-                // Half the time the peer (or its replacement) comes back during the election.
-                let early = if rng.random_bool(0.5) { Some(come_back(room, target)?) } else { None };
+                // Half the time the peer comes back during the election.
+                let early = if rng.random_bool(0.5) { Some(room.restart(target)?) } else { None };
                 if on_controller {
                     failover(room, term, t0, fault, tally, &mut line).await?;
                 }
                 let (r, when) = match early {
                     Some(r) => (r, " at once"),
-                    None => (come_back(room, target)?, ""),
+                    None => (room.restart(target)?, ""),
                 };
-                let _ = write!(
-                    line,
-                    "; {} peer #{r}{when}",
-                    if room.room_protocol() { "restarted as" } else { "replacement" }
-                );
+                let _ = write!(line, "; restarted as peer #{r}{when}");
             }
             Fault::Pause => {
                 room.pause(target);
                 if on_controller {
                     let _ = write!(line, "SIGSTOP peer #{target}{role}");
                     failover(room, term, t0, fault, tally, &mut line).await?;
-                } else if room.room_protocol() {
+                } else {
                     let seen = room.wait_left_or_mined_on(target, t0).await?;
                     let what =
                         if seen { "the room saw it leave" } else { "no will came; the room mined on without it" };
                     let _ = write!(line, "SIGSTOP peer #{target}; {what}");
-                } else {
-                    room.wait_left(target, t0).await?;
-                    let _ = write!(line, "SIGSTOP peer #{target}; the room saw it leave");
                 }
                 room.resume(target);
                 let _ = write!(line, "; SIGCONT after {} ms", now_ms().saturating_sub(t0));
@@ -286,8 +259,8 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
                 if on_controller {
                     failover(room, term, t0, fault, tally, &mut line).await?;
                 }
-                let r = come_back(room, target)?;
-                let _ = write!(line, "; peer #{r} joins");
+                let r = room.restart(target)?;
+                let _ = write!(line, "; back as peer #{r}");
             }
             Fault::KillInOutage => {
                 room.kill_broker().await;
@@ -302,7 +275,7 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
                 }
                 // The room goes on without it first: the survivors must not wait for it.
                 let (t, _, h) = room.wait_progress().await?;
-                let r = come_back(room, target)?;
+                let r = room.restart(target)?;
                 let _ = write!(line, "; block {} in term {t} without it; peer #{r} back", h - 1);
             }
             Fault::Newcomer => {
@@ -310,15 +283,13 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
                 let r = room.add_peer()?;
                 let _ = write!(line, "kill -9 peer #{target}{role}; newcomer peer #{r} during the election");
                 failover(room, term, t0, fault, tally, &mut line).await?;
-                if room.room_protocol() {
-                    let back = room.restart(target)?;
-                    let _ = write!(line, "; peer #{target} restarted as #{back}");
-                    if let Some(old) = newcomer.replace(r) {
-                        // It may have been killed and restarted since, under another index.
-                        let old = room.latest(old);
-                        room.terminate(old).await?;
-                        let _ = write!(line, "; newcomer #{old} left");
-                    }
+                let back = room.restart(target)?;
+                let _ = write!(line, "; peer #{target} restarted as #{back}");
+                if let Some(old) = newcomer.replace(r) {
+                    // It may have been killed and restarted since, under another index.
+                    let old = room.latest(old);
+                    room.terminate(old).await?;
+                    let _ = write!(line, "; newcomer #{old} left");
                 }
             }
             Fault::Duplicate => match room.duplicate(target)? {
@@ -338,7 +309,7 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
                     room.kill(i).await;
                 }
                 for i in all {
-                    come_back(room, i)?;
+                    room.restart(i)?;
                 }
                 let _ = write!(line, "kill -9 of the whole room; every peer restarted from its data directory");
             }
@@ -356,12 +327,6 @@ async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tall
         room.idle(Duration::from_millis(rng.random_range(0..300))).await?;
     }
     Ok(())
-}
-
-/// Brings peer `index` back after it was killed or left: the same peer on its data directory
-/// (room protocol), or a replacement with a new id (wire version 1). Returns the new index.
-pub(crate) fn come_back(room: &mut Room, index: usize) -> Result<usize, Failure> {
-    if room.room_protocol() { room.restart(index) } else { room.add_peer() }
 }
 
 /// Waits for the first challenge of a term after `term` and records the failover time.

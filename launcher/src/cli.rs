@@ -80,10 +80,10 @@ pub struct RoomArgs {
     /// Topic prefix of the room.
     #[arg(long, default_value = "sd", value_parser = parse_prefix)]
     pub prefix: String,
-    /// Wire format of the peers: room (the quorum protocol, its state on disk: see --run-dir),
-    /// lab (the course lab's JSON messages), or hashvote (wire version 1, superseded by room).
-    #[arg(long, default_value = "room")]
-    pub wire: String,
+    /// Wire format of the peers: room (the quorum protocol, its state on disk: see --run-dir) or
+    /// lab (the course lab's JSON messages).
+    #[arg(long, default_value_t = peer::config::Wire::Room)]
+    pub wire: peer::config::Wire,
     /// With --wire room: the run directory, one data directory per peer (`peer-0`, `peer-1`, ...).
     /// An existing one resumes its room; without it, a new one under the temporary directory,
     /// printed at start and kept at exit so the room can be resumed.
@@ -198,8 +198,8 @@ pub struct ChaosArgs {
     /// Faults to inject, one per cycle.
     #[arg(long, default_value_t = 20)]
     pub cycles: u32,
-    /// Kinds of fault to choose from at random, comma-separated (default: kill, pause, broker,
-    /// leave; with --wire room also outage, newcomer, duplicate, restart).
+    /// Kinds of fault to choose from at random, comma-separated (default: all of them: kill, pause,
+    /// broker, leave, outage, newcomer, duplicate, restart).
     #[arg(long, value_delimiter = ',')]
     pub faults: Vec<crate::chaos::Fault>,
     /// The room.
@@ -224,8 +224,8 @@ pub struct FailoverBenchArgs {
 /// The room a fault test starts.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FaultRoomArgs {
-    /// The peers' protocol: hashvote (wire version 1; a lost peer is replaced by a new one) or
-    /// room (the room protocol; every peer has a data directory and comes back on it).
+    /// The peers' protocol: room (the room protocol; every peer has a data directory and comes
+    /// back on it), the only one fault runs support.
     #[arg(long, value_enum, default_value_t = crate::chaos::Wire::Room)]
     pub wire: crate::chaos::Wire,
     /// Leading zero bits of each challenge (low: many blocks, so progress shows fast).

@@ -26,7 +26,6 @@ pub fn line(topics: &Topics, prefix: &str, input: &str) -> serde_json::Value {
         hex::decode(hex).map_err(|_| "not_hex").and_then(|payload| observe::decode(topics, prefix, topic, &payload));
     match decoded {
         Ok(Observed::Message(envelope)) => serde_json::json!({ "topic": topic, "message": envelope }),
-        Ok(Observed::Room(envelope)) => serde_json::json!({ "topic": topic, "message": envelope }),
         Ok(Observed::Status(status)) => serde_json::json!({ "topic": topic, "status": status }),
         Err(reason) => serde_json::json!({ "topic": topic, "dropped": reason }),
     }
@@ -51,12 +50,12 @@ pub fn main(args: DecodeArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use peer::protocol::{self, Envelope, Message};
+    use hashvote_core::room::{Envelope, Msg, encode};
 
     #[test]
     fn mosquitto_sub_lines_become_json() {
         let topics = Topics::new("sd");
-        let leave = hex::encode(protocol::encode(&Envelope::new(7, Message::Leave)));
+        let leave = hex::encode(encode(&Envelope::new(7, Msg::Leave { incarnation: 1 })));
         let v = line(&topics, "sd", &format!("sd/init {leave}\n"));
         assert_eq!(v["message"]["from"], 7, "{v}");
         assert_eq!(line(&topics, "sd", "sd/init zz")["dropped"], "not_hex");

@@ -3,7 +3,8 @@
 //! Each trial waits until the room works (every live peer follows one controller and holds a new
 //! block), kills the controller with SIGKILL, and measures from the kill (this process's wall
 //! clock, in ms) to the first `challenge_issued` of a newer term (the new controller's event
-//! clock: the same machine's wall clock). A replacement peer then keeps the room's size.
+//! clock: the same machine's wall clock). The killed controller then comes back on its data
+//! directory.
 
 use std::process::ExitCode;
 
@@ -42,8 +43,8 @@ async fn run(args: FailoverBenchArgs) -> ExitCode {
         }
     };
     println!(
-        "failover-bench: {} peers ({:?} wire), difficulty {}, keepalive {} s, {} trials",
-        cfg.peers, args.room.wire, cfg.difficulty, cfg.keepalive, args.trials
+        "failover-bench: {} peers, difficulty {}, keepalive {} s, {} trials",
+        cfg.peers, cfg.difficulty, cfg.keepalive, args.trials
     );
     let mut room = match Room::start(cfg).await {
         Ok(r) => r,
@@ -97,7 +98,7 @@ async fn trials(room: &mut Room, n: u32, samples: &mut Vec<u64>) -> Result<(), F
              term {} challenged after {ms} ms",
             room.latest_term()
         );
-        crate::chaos::come_back(room, leader)?;
+        room.restart(leader)?;
     }
     // The room still works after the last failover.
     room.wait_progress().await?;

@@ -4,7 +4,7 @@
 //!   that term's controller issues its challenges.
 //! - **One chain**: each peer's chain (its `block_accepted` events, with its `chain_truncated`
 //!   applied) grows one transaction at a time, every block links to the one before it (block 0 to
-//!   the zero hash), its hash is the proof of work of `(prev, tx, winner, nonce)` and has the
+//!   the room's configuration, which the events do not show: block 0 must be the room's), its hash is the proof of work of `(prev, tx, winner, nonce)` and has the
 //!   block's difficulty in leading zero bits; and every peer's final chain is a prefix of one chain,
 //!   the room's.
 //! - **One block per term and transaction**: a controller accepts one solution per transaction,
@@ -289,8 +289,8 @@ impl Checker {
                 }
                 let tip = match chain.last() {
                     Some(&i) => self.blocks[i as usize].hash.clone(),
-                    // Block 0 links to the zero hash (wire version 1) or to the room's
-                    // configuration (the room protocol): the common prefix judges it.
+                    // Block 0 links to the room's configuration, which the events do not show:
+                    // the common prefix judges it.
                     None if prev.len() == 40 || prev.len() == 64 => prev.clone(),
                     None => zero_like(prev),
                 };

@@ -26,6 +26,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use peer::config::Wire;
 use ratatui::crossterm::event::KeyEvent;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -377,7 +378,7 @@ pub(crate) fn write_report(dir: &Path, view: &RoomView, title: &str) -> anyhow::
 
 /// With `--wire room`: the run directory (given, or new), said on the console; `None` otherwise.
 fn run_dir(args: &RoomArgs) -> anyhow::Result<Option<PathBuf>> {
-    if args.wire != "room" {
+    if args.wire != Wire::Room {
         anyhow::ensure!(args.run_dir.is_none(), "--run-dir holds the peers' data directories of --wire room only");
         return Ok(None);
     }
@@ -420,7 +421,7 @@ fn peer_args(args: &RoomArgs, host: &str, port: u16) -> Vec<String> {
         "--hash".into(),
         args.hash.clone(),
         "--wire".into(),
-        args.wire.clone(),
+        args.wire.to_string(),
         "--keepalive".into(),
         args.keepalive_s().to_string(),
         "--events".into(),

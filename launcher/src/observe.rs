@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use hashvote_core::room;
-use peer::protocol::{self, Topics};
+use peer::protocol::Topics;
 use peer::status::{self, Status};
 
 use crate::view::Observed;
@@ -56,13 +56,7 @@ pub enum Seen {
 /// Decodes one payload seen on `topic` under `topics`/`prefix`.
 pub fn decode(topics: &Topics, prefix: &str, topic: &str, payload: &[u8]) -> Result<Observed, &'static str> {
     if let Some(channel) = topics.channel(topic) {
-        // The first byte is the wire version: a room of either protocol can be watched.
-        let decoded = if payload.first() == Some(&room::VERSION) {
-            room::decode(payload, channel.into(), MAX_PAYLOAD).map(Observed::Room)
-        } else {
-            protocol::decode(payload, channel, MAX_PAYLOAD).map(Observed::Message)
-        };
-        return decoded.map_err(|e| e.reason());
+        return room::decode(payload, channel.into(), MAX_PAYLOAD).map(Observed::Message).map_err(|e| e.reason());
     }
     if let Some(id) = status::topic_peer(prefix, topic) {
         if payload.is_empty() {
@@ -161,16 +155,19 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use peer::protocol::{Envelope, Message};
 
     #[test]
     fn payloads_are_decoded_by_topic_and_garbage_is_named() {
         let topics = Topics::new("sd");
-        let leave = protocol::encode(&Envelope::new(7, Message::Leave));
+        let leave = room::encode(&room::Envelope::new(7, room::Msg::Leave { incarnation: 1 }));
         assert!(matches!(decode(&topics, "sd", "sd/init", &leave), Ok(Observed::Message(e)) if e.from == 7));
         assert_eq!(decode(&topics, "sd", "sd/voting", &leave).unwrap_err(), "wrong_topic");
-        assert_eq!(decode(&topics, "sd", "sd/init", b"\x01\xff\xff").unwrap_err(), "malformed");
-        assert_eq!(decode(&topics, "sd", "sd/status/7", &leave).unwrap_err(), "malformed");
+        assert_eq!(decode(&topics, "sd", "sd/init", b"\x02\xff\xff").unwrap_err(), "malformed");
+        // Another wire version (wire version 1's first byte) is named as such.
+        assert_eq!(decode(&topics, "sd", "sd/init", b"\x01\x07\x01").unwrap_err(), "bad_version");
+        // A status is a payload of its own version, not a message.
+        assert_eq!(decode(&topics, "sd", "sd/status/7", &leave).unwrap_err(), "bad_version");
+        assert_eq!(decode(&topics, "sd", "sd/status/7", b"\x01\xff\xff").unwrap_err(), "malformed");
         assert_eq!(decode(&topics, "sd", "sd/status/7", b"").unwrap_err(), "cleared_status");
         assert_eq!(decode(&topics, "sd", "sd/other", &leave).unwrap_err(), "unexpected_topic");
     }

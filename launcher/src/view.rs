@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
-use hashvote_core::room::{Envelope as RoomEnvelope, Msg as RoomMsg};
-use peer::protocol::{Block, Challenge, Envelope, Message, Outcome, PeerId, RejectReason, Term, TxId};
+use hashvote_core::room::{Envelope, Msg};
+use peer::protocol::{Block, Challenge, Outcome, PeerId, RejectReason, Term, TxId};
 use peer::status::{Role, Status, Waiting};
 
 /// Most peers kept; past it the peer heard from least recently (offline ones first) is forgotten.
@@ -31,10 +31,8 @@ const MAX_LEADERS: usize = 1024;
 /// One thing the observer received, already decoded and validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Observed {
-    /// A protocol message (wire version 1) from one of the room's topics.
+    /// A room protocol message from one of the room's topics.
     Message(Envelope),
-    /// A room protocol message (wire version 2) from one of the room's topics.
-    Room(RoomEnvelope),
     /// A peer's status from `<prefix>/status/<id>`.
     Status(Status),
 }
@@ -401,7 +399,6 @@ impl RoomView {
         match seen {
             Observed::Status(s) => self.status(now_ms, s, &mut out),
             Observed::Message(env) => self.message(now_ms, env, &mut out),
-            Observed::Room(env) => self.room_message(now_ms, env, &mut out),
         }
         out
     }
@@ -617,63 +614,19 @@ impl RoomView {
         }
     }
 
+    /// The story the room's messages tell: a ballot opens the term's election, a heartbeat or
+    /// challenge names its controller.
     fn message(&mut self, now_ms: u64, env: Envelope, out: &mut Vec<Happening>) {
         let from = env.from;
         match env.msg {
-            Message::Leave => {
+            Msg::Leave { .. } => {
                 let mut said = Vec::new();
                 if self.heard(now_ms, from, false, &mut said) {
                     out.push(Happening::Left { id: from });
                 }
                 out.append(&mut said);
             }
-            Message::Hello { view, .. } => {
-                self.heard(now_ms, from, true, out);
-                if let Some(p) = self.peer_mut(from) {
-                    p.term = Some(view.term);
-                    p.height = Some(view.height);
-                }
-                if let Some(leader) = view.leader {
-                    self.leader_known(now_ms, view.term, leader, out);
-                }
-            }
-            Message::Vote { term, height, .. } => {
-                self.heard(now_ms, from, true, out);
-                if let Some(p) = self.peer_mut(from) {
-                    p.term = Some(term);
-                    p.height = Some(height);
-                }
-                self.vote(now_ms, term, out);
-            }
-            Message::SyncRequest { .. } | Message::Solution { .. } => {
-                self.heard(now_ms, from, true, out);
-            }
-            Message::SyncReply { term, blocks, .. } => {
-                self.heard(now_ms, from, true, out);
-                self.synced(term, from, blocks);
-            }
-            Message::Challenge(c) => {
-                self.heard(now_ms, from, true, out);
-                self.challenge(now_ms, from, c, out);
-            }
-            Message::Result { term, outcome } => {
-                self.heard(now_ms, from, true, out);
-                if self.leader_of(term) != Some(from) {
-                    self.ignored += 1;
-                    return;
-                }
-                self.result(now_ms, term, outcome, out);
-            }
-        }
-    }
-
-    /// The same story told from the room protocol's messages: a ballot opens the term's
-    /// election, a heartbeat or challenge names its controller.
-    fn room_message(&mut self, now_ms: u64, env: RoomEnvelope, out: &mut Vec<Happening>) {
-        let from = env.from;
-        match env.msg {
-            RoomMsg::Leave { .. } => self.message(now_ms, Envelope::new(from, Message::Leave), out),
-            RoomMsg::Hello { term, controller, height, .. } => {
+            Msg::Hello { term, controller, height, .. } => {
                 self.heard(now_ms, from, true, out);
                 if let Some(p) = self.peer_mut(from) {
                     p.term = Some(term);
@@ -683,7 +636,7 @@ impl RoomView {
                     self.leader_known(now_ms, term, c, out);
                 }
             }
-            RoomMsg::Ballot { term, pos, .. } => {
+            Msg::Ballot { term, pos, .. } => {
                 self.heard(now_ms, from, true, out);
                 if let Some(p) = self.peer_mut(from) {
                     p.term = Some(term);
@@ -691,7 +644,7 @@ impl RoomView {
                 }
                 self.vote(now_ms, term, out);
             }
-            RoomMsg::Heartbeat { term, height, .. } => {
+            Msg::Heartbeat { term, height, .. } => {
                 self.heard(now_ms, from, true, out);
                 if let Some(p) = self.peer_mut(from) {
                     p.term = Some(term);
@@ -701,22 +654,27 @@ impl RoomView {
                     self.ignored += 1;
                 }
             }
-            RoomMsg::Challenge { challenge, .. } => {
+            Msg::Challenge { challenge, .. } => {
                 self.heard(now_ms, from, true, out);
                 self.challenge(now_ms, from, challenge, out);
             }
-            RoomMsg::Result { term, outcome, .. } => {
-                self.message(now_ms, Envelope::new(from, Message::Result { term, outcome }), out);
+            Msg::Result { term, outcome, .. } => {
+                self.heard(now_ms, from, true, out);
+                if self.leader_of(term) != Some(from) {
+                    self.ignored += 1;
+                    return;
+                }
+                self.result(now_ms, term, outcome, out);
             }
-            RoomMsg::SyncReply { term, blocks, .. } => {
+            Msg::SyncReply { term, blocks, .. } => {
                 self.heard(now_ms, from, true, out);
                 self.synced(term, from, blocks);
             }
-            RoomMsg::PreBallot { .. }
-            | RoomMsg::Grant { .. }
-            | RoomMsg::Ack { .. }
-            | RoomMsg::Solution { .. }
-            | RoomMsg::SyncRequest { .. } => {
+            Msg::PreBallot { .. }
+            | Msg::Grant { .. }
+            | Msg::Ack { .. }
+            | Msg::Solution { .. }
+            | Msg::SyncRequest { .. } => {
                 self.heard(now_ms, from, true, out);
             }
         }
@@ -901,7 +859,6 @@ pub(crate) mod script;
 
 #[cfg(test)]
 mod tests {
-    use peer::protocol::{Message, Outcome, RejectReason};
     use peer::status::Role;
     use proptest::prelude::*;
 
@@ -913,30 +870,28 @@ mod tests {
     }
 
     #[test]
-    fn a_room_protocol_room_tells_the_same_story() {
-        let v1 = lines(&mut RoomView::new(), room());
-        let mut view = RoomView::new();
-        let v2 = lines(&mut view, room().into_iter().map(|(at, seen)| (at, in_room_protocol(seen))).collect());
-        assert_eq!(v1, v2);
-        assert!(v2.iter().any(|l| l == "term 2: controller 3333 elected in 150 ms"), "{v2:?}");
+    fn a_heartbeat_names_its_terms_controller_and_a_contradicting_one_is_ignored() {
+        let mut view = room_view();
         assert_eq!(view.controller(), Some((2, C)));
-        assert_eq!(view.height(), 3);
-        // A heartbeat names its term's controller; a contradicting one is ignored.
         let beat = |from, term| {
-            Observed::Room(RoomEnvelope::new(
+            msg(
                 from,
-                RoomMsg::Heartbeat {
+                Msg::Heartbeat {
                     term,
                     height: 3,
                     commit: 3,
                     tip: peer::pow::Digest::zero(peer::pow::HashAlg::Sha1),
                     open: None,
                 },
-            ))
+            )
         };
         assert!(view.observe(4_100, beat(C, 2)).is_empty());
         view.observe(4_200, beat(A, 2));
         assert_eq!((view.controller(), view.ignored()), (Some((2, C)), 1));
+        // A heartbeat of a newer term is the first word of its controller.
+        let said: Vec<String> = view.observe(4_300, beat(A, 3)).iter().map(ToString::to_string).collect();
+        assert_eq!(said, ["term 3: controller 1111"]);
+        assert_eq!(view.controller(), Some((3, A)));
     }
 
     #[test]
@@ -1040,13 +995,7 @@ mod tests {
     fn rejections_are_kept_once() {
         let mut view = RoomView::new();
         view.observe(0, status(B, Role::Controller, 1, Some(B), 0));
-        let rejected = msg(
-            B,
-            Message::Result {
-                term: 1,
-                outcome: Outcome::Rejected { tx: 3, miner: A, nonce: 9, reason: RejectReason::AlreadySolved },
-            },
-        );
+        let rejected = rejected(B, 1, 3, A, 9);
         let said = lines(&mut view, vec![(1, rejected.clone()), (2, rejected)]);
         assert_eq!(said, ["tx 3: solution from 1111 rejected (already_solved)"]);
         assert_eq!(view.results().len(), 1);
@@ -1062,7 +1011,7 @@ mod tests {
         assert_eq!(silent[0].to_string(), "peer 1111 silent for 5.0 s");
         assert!(view.tick(SILENT_MS + 2).is_empty());
         assert_eq!(view.peer(A).unwrap().presence(SILENT_MS + 2), Presence::Silent);
-        let back = lines(&mut view, vec![(6_000, hello(A)), (6_001, msg(A, Message::Leave))]);
+        let back = lines(&mut view, vec![(6_000, hello(A)), (6_001, leave(A))]);
         assert_eq!(back, ["peer 1111 is back", "peer 1111 left"]);
         assert_eq!(view.peer(A).unwrap().role(), Some(Role::Offline));
         // An offline status retained from an earlier run is no news.

@@ -6,7 +6,8 @@
 //! cargo run -p peer --example fuzz_corpus -- DIR     # elsewhere
 //! ```
 //!
-//! File names are `<kind>.bin`, so regenerating overwrites the same files.
+//! File names are `room_<kind>.bin` (the room protocol's messages), so regenerating overwrites the
+//! same files.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 use hashvote_core::room::{self, Member, Msg, Pos, RoomConfig};
 use peer::pace::Pace;
 use peer::pow::{self, Digest, HashAlg, Template};
-use peer::protocol::{Block, Challenge, Envelope, Message, Outcome, RejectReason, View, encode};
+use peer::protocol::{Block, Challenge, Outcome, RejectReason};
 
 /// A block of `alg` at `tx` on top of `prev`, with real proof of work at a low difficulty.
 fn block(alg: HashAlg, tx: u64, prev: Digest, pace: Pace) -> Block {
@@ -25,59 +26,12 @@ fn block(alg: HashAlg, tx: u64, prev: Digest, pace: Pace) -> Block {
     Block { tx, term, alg, difficulty, pace, issued_ms, solved_ms, prev, miner, nonce, hash }
 }
 
-fn samples() -> Vec<(&'static str, Envelope)> {
-    let from = 0x0C0F_FEE0;
+/// The room protocol's messages, with every outcome, pace and hash function.
+fn samples() -> Vec<(&'static str, room::Envelope)> {
+    let (from, to) = (0x0C0F_FEE0, 0x5EED_0001);
     let fixed = Pace::Fixed(8);
     let range = Pace::Range { lo: 4, hi: 12 };
     let retarget = Pace::Retarget { target_ms: 1000, start: 8, lo: 4, hi: 30 };
-    let b0 = block(HashAlg::Sha1, 0, Digest::zero(HashAlg::Sha1), fixed);
-    let b1 = block(HashAlg::Sha1, 1, b0.hash, fixed);
-    let s0 = block(HashAlg::Sha256, 0, Digest::zero(HashAlg::Sha256), retarget);
-    let challenge =
-        |alg, pace, prev| Challenge { term: 2, tx: 2, alg, difficulty: 8, pace, issued_ms: 1_700_000_002_000, prev };
-    let c = challenge(HashAlg::Sha1, fixed, b1.hash);
-    let rejected = |reason| Outcome::Rejected { tx: 1, miner: 0x5EED_0002, nonce: 77, reason };
-    let samples = [
-        (
-            "hello",
-            Message::Hello {
-                want_reply: true,
-                view: View { term: 2, leader: Some(from), height: 2 },
-                incarnation: 0x1234_5678_9abc_def0,
-                since_ms: 1_795_000_000_000,
-            },
-        ),
-        (
-            "hello_no_leader",
-            Message::Hello {
-                want_reply: false,
-                view: View { term: 0, leader: None, height: 0 },
-                incarnation: 1,
-                since_ms: 0,
-            },
-        ),
-        ("leave", Message::Leave),
-        ("sync_request", Message::SyncRequest { to: 0x5EED_0001, from: 0 }),
-        ("sync_reply", Message::SyncReply { to: 0x5EED_0001, term: 2, blocks: vec![b0, b1], height: 2, open: Some(c) }),
-        ("sync_reply_empty", Message::SyncReply { to: 0x5EED_0001, term: 2, blocks: vec![], height: 2, open: None }),
-        ("vote", Message::Vote { term: 2, vote: 0xDEAD_BEEF, height: 2 }),
-        ("challenge", Message::Challenge(c)),
-        ("challenge_range", Message::Challenge(challenge(HashAlg::Sha1, range, b1.hash))),
-        ("challenge_sha256_retarget", Message::Challenge(challenge(HashAlg::Sha256, retarget, s0.hash))),
-        ("solution", Message::Solution { tx: 2, nonce: 1 << 40 }),
-        ("result_accepted", Message::Result { term: 2, outcome: Outcome::Accepted(b1) }),
-        ("result_accepted_sha256", Message::Result { term: 2, outcome: Outcome::Accepted(s0) }),
-        ("result_already_solved", Message::Result { term: 2, outcome: rejected(RejectReason::AlreadySolved) }),
-        ("result_unknown_tx", Message::Result { term: 2, outcome: rejected(RejectReason::UnknownTransaction) }),
-        ("result_insufficient_work", Message::Result { term: 2, outcome: rejected(RejectReason::InsufficientWork) }),
-    ];
-    samples.into_iter().map(|(name, msg)| (name, Envelope::new(from, msg))).collect()
-}
-
-/// Messages of the room protocol (wire version 2), files `room_<kind>.bin`.
-fn room_samples() -> Vec<(&'static str, room::Envelope)> {
-    let (from, to) = (0x0C0F_FEE0, 0x5EED_0001);
-    let fixed = Pace::Fixed(8);
     let config =
         RoomConfig::new(vec![Member { id: from, key: 11 }, Member { id: to, key: 22 }, Member { id: 7, key: 33 }])
             .expect("a valid configuration");
@@ -93,6 +47,10 @@ fn room_samples() -> Vec<(&'static str, room::Envelope)> {
         prev: b1.hash,
     };
     let c0 = Challenge { tx: 0, prev: config.digest(HashAlg::Sha1), ..c };
+    let s0 = block(HashAlg::Sha256, 0, config.digest(HashAlg::Sha256), retarget);
+    let s1 = block(HashAlg::Sha256, 1, s0.hash, retarget);
+    let c_range = Challenge { pace: range, ..c };
+    let c_sha256 = Challenge { alg: HashAlg::Sha256, pace: retarget, prev: s1.hash, ..c };
     let pos = Pos { last_term: 2, height: 2 };
     let hello = |to| Msg::Hello {
         to,
@@ -124,8 +82,11 @@ fn room_samples() -> Vec<(&'static str, room::Envelope)> {
         ("room_heartbeat", Msg::Heartbeat { term: 2, height: 2, commit: 2, tip: b1.hash, open: Some(2) }),
         ("room_challenge", Msg::Challenge { challenge: c, commit: 2, config: None }),
         ("room_challenge_0", Msg::Challenge { challenge: c0, commit: 0, config: Some(config.clone()) }),
+        ("room_challenge_range", Msg::Challenge { challenge: c_range, commit: 2, config: None }),
+        ("room_challenge_sha256_retarget", Msg::Challenge { challenge: c_sha256, commit: 2, config: None }),
         ("room_solution", Msg::Solution { tx: 2, nonce: 1 << 40 }),
         ("room_result_accepted", Msg::Result { term: 2, outcome: Outcome::Accepted(b1), commit: 1 }),
+        ("room_result_accepted_sha256", Msg::Result { term: 2, outcome: Outcome::Accepted(s1), commit: 1 }),
         (
             "room_result_rejected",
             Msg::Result {
@@ -163,22 +124,9 @@ fn main() -> ExitCode {
     }
     for (name, envelope) in samples() {
         let path = dir.join(format!("{name}.bin"));
-        let bytes = encode(&envelope);
+        let bytes = room::encode(&envelope);
         // Every seed is a message a peer really sends, so it should decode; one that does not is
         // still written (it exercises the rejection path) but reported, as it points at a bug.
-        let channel = envelope.msg.channel();
-        if let Err(e) = peer::protocol::decode(&bytes, channel, 64 * 1024) {
-            eprintln!("warning: the real message {name} does not decode: {e}");
-        }
-        if let Err(e) = std::fs::write(&path, &bytes) {
-            eprintln!("cannot write {}: {e}", path.display());
-            return ExitCode::FAILURE;
-        }
-        println!("{} ({} bytes)", path.display(), bytes.len());
-    }
-    for (name, envelope) in room_samples() {
-        let path = dir.join(format!("{name}.bin"));
-        let bytes = room::encode(&envelope);
         if let Err(e) = room::decode(&bytes, envelope.msg.channel(), 64 * 1024) {
             eprintln!("warning: the real message {name} does not decode: {e}");
         }

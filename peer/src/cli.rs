@@ -32,9 +32,6 @@ pub struct Args {
     /// Peers that must know each other before the first election.
     #[arg(long, env = "HASHVOTE_ROOM_SIZE")]
     pub room_size: Option<usize>,
-    /// Fewest members for which a lost controller is replaced.
-    #[arg(long, env = "HASHVOTE_MIN_PEERS")]
-    pub min_peers: Option<usize>,
     /// Mining threads (0: one per core).
     #[arg(long, env = "HASHVOTE_THREADS")]
     pub threads: Option<usize>,
@@ -54,8 +51,8 @@ pub struct Args {
     /// Topic prefix.
     #[arg(long, env = "HASHVOTE_PREFIX")]
     pub prefix: Option<String>,
-    /// Wire format: hashvote (the default), lab (the course lab's JSON messages) or room (the
-    /// quorum protocol, wire version 2, with state on disk).
+    /// Wire format: room (the default: the quorum protocol, with state on disk) or lab (the course
+    /// lab's JSON messages).
     #[arg(long, env = "HASHVOTE_WIRE")]
     pub wire: Option<Wire>,
     /// Data directory (--wire room): identity, term and vote, chain. Created if missing; a
@@ -91,7 +88,7 @@ impl Args {
         macro_rules! set {
             ($($field:ident => $key:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$key = v; } )* };
         }
-        set!(host => host, port => port, room_size => room_size, min_peers => min_peers, threads => threads,
+        set!(host => host, port => port, room_size => room_size, threads => threads,
              difficulty => difficulty, hash => hash, target_block_ms => target_block_ms, prefix => prefix, keepalive => keepalive_s,
              connect_timeout => connect_timeout_s, wire => wire);
         if let Some(range) = self.difficulty_range {
@@ -141,7 +138,6 @@ pub fn main(args: Args) -> ExitCode {
 fn run(args: &Args) -> anyhow::Result<()> {
     use anyhow::Context;
     let cfg = args.to_config()?;
-    let id = cfg.id.unwrap_or_else(|| rand::random_range(1..=u32::MAX));
     let out: Option<Box<dyn Write + Send>> = match args.events.as_deref() {
         None => None,
         // Buffered, so that the lines of a held batch go out in one write (stdout alone is
@@ -151,20 +147,21 @@ fn run(args: &Args) -> anyhow::Result<()> {
             std::fs::File::create(path).with_context(|| format!("cannot create events file {path}"))?,
         ))),
     };
-    if cfg.wire == Wire::Room {
-        return run_room(cfg, out);
+    match cfg.wire {
+        Wire::Room => run_room(cfg, out),
+        Wire::Lab => run_lab(cfg, out),
     }
+}
+
+/// Runs a peer of the lab's wire format: no data directory, an id drawn at random if none is set.
+fn run_lab(cfg: crate::config::PeerConfig, out: Option<Box<dyn Write + Send>>) -> anyhow::Result<()> {
+    let id = cfg.id.unwrap_or_else(|| rand::random_range(1..=u32::MAX));
     runtime()?.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        let span = tracing::info_span!("peer", id);
-        let _enter = span.enter();
         let events = EventSink::new(id, out);
-        match cfg.wire {
-            Wire::Hashvote => crate::transport::run(cfg, id, events, shutdown).await,
-            Wire::Lab => crate::lab::transport::run(cfg, id, events, shutdown).await,
-            Wire::Room => unreachable!("handled before the runtime starts"),
-        }
+        let run = crate::lab::transport::run(cfg, id, events, shutdown);
+        tracing::Instrument::instrument(run, tracing::info_span!("peer", id)).await
     })?;
     Ok(())
 }

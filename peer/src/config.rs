@@ -20,8 +20,6 @@ pub struct PeerConfig {
     pub port: u16,
     /// Peers that must know each other before the first election.
     pub room_size: usize,
-    /// Fewest members for which a lost controller is replaced.
-    pub min_peers: usize,
     /// Mining threads; 0 means one per available core.
     pub threads: usize,
     /// Leading zero bits of challenges issued as controller.
@@ -50,7 +48,7 @@ pub struct PeerConfig {
     /// Broker password (prefer the `HASHVOTE_PASSWORD` environment variable to a file).
     #[serde(default)]
     pub password: Option<String>,
-    /// The wire format: hashvote's own protocol, or the original lab's JSON messages.
+    /// The wire format: the room protocol, or the original lab's JSON messages.
     #[serde(default)]
     pub wire: Wire,
     /// The data directory (`--wire room`): identity, term and vote, chain. Absent: a new
@@ -59,13 +57,12 @@ pub struct PeerConfig {
     pub data_dir: Option<std::path::PathBuf>,
 }
 
-/// The protocol a peer speaks on the room's topics.
+/// The protocol a peer speaks on the room's topics. Parsed from its name (config files,
+/// `--wire`, `HASHVOTE_WIRE`) by [`FromStr`](std::str::FromStr), so a name that is not one gives
+/// one line naming the choices.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum Wire {
-    /// hashvote's wire version 1 (terms and failover by unanimous vote, no quorum, no state on
-    /// disk): superseded by [`Wire::Room`], kept only until its last users move.
-    Hashvote,
     /// The course lab's JSON messages, to share a room with its Python clients (see `crate::lab`).
     Lab,
     /// The room protocol (wire version 2: quorum elections, committed blocks, state on disk; see
@@ -74,16 +71,41 @@ pub enum Wire {
     Room,
 }
 
+impl Wire {
+    /// Its name, as `--wire` and config files take it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lab => "lab",
+            Self::Room => "room",
+        }
+    }
+}
+
+impl std::fmt::Display for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for Wire {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
-            "hashvote" => Ok(Self::Hashvote),
             "lab" => Ok(Self::Lab),
             "room" => Ok(Self::Room),
-            other => Err(format!("unknown wire format '{other}' (expected hashvote, lab or room)")),
+            // Wire version 1's name: removed, its rooms speak the room protocol now.
+            "hashvote" => Err("'hashvote' (wire version 1) was removed: expected room or lab".into()),
+            other => Err(format!("unknown wire format '{other}' (expected room or lab)")),
         }
+    }
+}
+
+impl TryFrom<String> for Wire {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 
@@ -125,9 +147,10 @@ impl PeerConfig {
         };
         let mut merged = parse(DEFAULT_TOML, "(embedded defaults)")?;
         merged.extend(parse(text, origin)?);
-        merged
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.into(), message: e.to_string() })
+        merged.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.into(),
+            message: one_line(&e.to_string()),
+        })
     }
 
     /// Loads the embedded defaults, overridden by `path` if given.
@@ -153,9 +176,6 @@ impl PeerConfig {
         }
         if self.room_size == 0 || self.room_size > 10_000 {
             return bad("room_size", format!("{} is not in 1..=10000", self.room_size));
-        }
-        if self.min_peers == 0 || self.min_peers > self.room_size {
-            return bad("min_peers", format!("{} is not in 1..=room_size ({})", self.min_peers, self.room_size));
         }
         if self.threads > 1024 {
             return bad("threads", format!("{} is more than 1024", self.threads));
@@ -237,6 +257,18 @@ impl PeerConfig {
     }
 }
 
+/// A deserialization error of the merged table on one line: toml puts the key it was reading on
+/// a line of its own (`message` then ``in `key` ``), which would break the error's line.
+fn one_line(message: &str) -> String {
+    let mut lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let key = lines.last().and_then(|l| l.strip_prefix("in `")?.strip_suffix('`'));
+    if let Some(key) = key {
+        lines.pop();
+        return format!("{key}: {}", lines.join(" "));
+    }
+    lines.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,9 +294,6 @@ mod tests {
         c.difficulty = 161;
         assert!(c.validate().unwrap_err().to_string().contains("difficulty"));
         c.difficulty = 20;
-        c.min_peers = 11;
-        assert!(c.validate().unwrap_err().to_string().contains("min_peers"));
-        c.min_peers = 2;
         c.keepalive_s = 0;
         assert!(c.validate().unwrap_err().to_string().contains("keepalive_s"));
     }
@@ -278,5 +307,23 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("1..=32"));
         assert_eq!(PeerConfig::load(None).unwrap().wire, Wire::Room);
         assert!("LAB".parse::<Wire>().is_ok() && "json".parse::<Wire>().is_err());
+    }
+
+    #[test]
+    fn the_removed_wire_version_1_is_a_one_line_error_naming_the_choices() {
+        for text in ["wire = \"hashvote\"", "wire = \"HashVote\""] {
+            let e = PeerConfig::from_toml(text, "old.toml").unwrap_err().to_string();
+            assert_eq!(
+                e,
+                "invalid config old.toml: wire: 'hashvote' (wire version 1) was removed: expected room or lab"
+            );
+        }
+        let e = PeerConfig::from_toml("wire = \"json\"", "t").unwrap_err().to_string();
+        assert!(e.contains("unknown wire format 'json' (expected room or lab)") && !e.trim_end().contains('\n'), "{e}");
+        assert_eq!(
+            "hashvote".parse::<Wire>().unwrap_err(),
+            "'hashvote' (wire version 1) was removed: expected room or lab"
+        );
+        assert_eq!(PeerConfig::from_toml("wire = \"room\"", "t").unwrap().wire, Wire::Room);
     }
 }

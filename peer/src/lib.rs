@@ -1,12 +1,13 @@
 //! hashvote's peer: joins a room of peers over MQTT, elects a controller with them, and mines
 //! blocks of a small proof-of-work chain (or, as controller, issues and judges the challenges).
 //!
-//! The protocol core ([`node`], built on [`election`], [`chain`] and [`pow`]) is sans-IO and lives
-//! in the `hashvote-core` crate, re-exported here under its old paths; [`transport`] connects it to
-//! a broker and to the [`miner`]'s threads. [`lab`] speaks the original course lab's JSON messages
-//! instead (`--wire lab`). See `docs/ARCHITECTURE.md`.
+//! The protocol core (the room protocol's node, [`chain`], [`pow`], [`protocol`]) is sans-IO and
+//! lives in the `hashvote-core` crate, some of it re-exported here; [`room`] connects the room
+//! protocol's node to a broker (through [`transport`], the MQTT plumbing), to the peer's data
+//! directory ([`store`]) and to the [`miner`]'s threads. [`lab`] speaks the original course lab's
+//! JSON messages instead (`--wire lab`). See `docs/ARCHITECTURE.md`.
 
-pub use hashvote_core::{chain, election, node, pace, pow, protocol};
+pub use hashvote_core::{chain, pace, pow, protocol};
 
 pub mod bench;
 pub mod cli;

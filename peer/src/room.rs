@@ -1,12 +1,13 @@
-//! The MQTT glue of the room protocol (`--wire room`, wire version 2): connects to the broker,
+//! The peer's driver of the room protocol (`--wire room`, the default): connects to the broker,
 //! turns packets into [`Input`]s for the [`RoomNode`], makes every [`Action::Persist`] durable in
 //! the peer's data directory ([`Store`]) before anything that follows it, and carries out the rest.
 //!
-//! It reuses [`crate::transport`]'s network task, client ids, options, drop log and mining clock.
+//! It uses [`crate::transport`]'s network task, client ids, options, drop log and mining clock.
 //! Each peer subscribes to the five room topics and to its own topic `<prefix>/peer/<id>`, not to
 //! the other peers' statuses: it learns of departures from their `Leave`, which is the Last Will
-//! of their protocol connection. The status beacon still publishes this peer's retained status,
-//! with the offline status as its will, for whoever watches.
+//! of their protocol connection. A second connection, the status beacon, publishes this peer's
+//! retained status (see [`crate::status`]), with the offline status as its will, for whoever
+//! watches.
 
 use std::time::{Duration, Instant};
 
@@ -22,8 +23,8 @@ use crate::protocol::{PeerId, Topics};
 use crate::status::{Role, STATUS_MIN_GAP, Schedule, Status};
 use crate::store::{Identity, Store};
 use crate::transport::{
-    DropLog, FirstConnect, MiningClock, Net, PeerError, StatusPublisher, beacon_client_id, connect, log_event,
-    mqtt_client_id, mqtt_options, poll_network,
+    DropLog, FirstConnect, MiningClock, Net, PeerError, beacon_client_id, connect, log_event, mqtt_client_id,
+    mqtt_options, poll_network,
 };
 use hashvote_core::room::{self, Action, Channel, Input, Msg, Restored, RoomNode, RoomNodeConfig, Timing};
 
@@ -105,6 +106,7 @@ pub async fn run(
     let first =
         FirstConnect { addr: addr.clone(), timeout_s: cfg.connect_timeout_s, credentials: cfg.username.is_some() };
     let net = tokio::spawn(poll_network(eventloop, net_tx, stop_net.clone(), first.clone()));
+    // The beacon's own failures to connect are the protocol connection's too, which reports them.
     let (beacon_tx, mut beacon_rx) = mpsc::channel(16);
     let beacon_net = tokio::spawn(poll_network(beacon_loop, beacon_tx, stop_net.clone(), first));
 
@@ -115,7 +117,10 @@ pub async fn run(
     let mut drops = DropLog::default();
     let mut mining = MiningClock::default();
     let mut connected_once = false;
+    // Whether the beacon is connected: statuses are not queued while it is down (rumqttc's
+    // request channel would fill, and block us, during a long outage); the next CONNACK sends one.
     let mut online = false;
+    // Whether the protocol connection is up: the node's timers run only meanwhile.
     let mut main_up = false;
     // A gap between ticks this long means the process stood still (SIGSTOP, a frozen machine).
     let stall_after = Duration::from_millis(cfg.keepalive_s * 1500);
@@ -186,7 +191,7 @@ pub async fn run(
                     events.emit(Event::Connected { broker: addr.clone() });
                     Input::Connected
                 }
-                Some(Net::Publish { topic, payload, .. }) => {
+                Some(Net::Publish { topic, payload }) => {
                     let channel = if topic == direct { Some(Channel::Direct(id)) } else { topics.channel(&topic).map(Channel::from) };
                     let Some(channel) = channel else {
                         drops.count("unexpected_topic", || format!("message on {topic}"));
@@ -295,6 +300,7 @@ pub async fn run(
         // the departure of the peer whose id it shares.
         let _ = client.disconnect().await;
         let _ = beacon.disconnect().await;
+        // Give the event loops a moment to flush the goodbye and the DISCONNECTs.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let _ = net.await;
             let _ = beacon_net.await;
@@ -327,6 +333,40 @@ impl Clock {
     fn instant(&self, ms: u64) -> tokio::time::Instant {
         let ahead = ms.saturating_sub(self.now_ms()).min(1000);
         tokio::time::Instant::now() + Duration::from_millis(ahead)
+    }
+}
+
+/// Publishes this peer's retained status when its [`Schedule`] says so.
+struct StatusPublisher {
+    /// `<prefix>/status/<id>`.
+    topic: String,
+    threads: u16,
+    schedule: Schedule,
+}
+
+impl StatusPublisher {
+    /// Publishes `status` (the node's, built after every input: no field costs more than a map
+    /// lookup) if it is due, or at once if `force`.
+    async fn send(&mut self, client: &AsyncClient, status: Status, miner: &Miner, force: bool) {
+        let now = Instant::now();
+        if !force && !self.schedule.due(&status, now) {
+            return;
+        }
+        let status = self.fill(status, miner, now);
+        // Retained, so a watcher that subscribes later gets it; QoS 1 like everything else.
+        if let Err(e) = client.publish(&self.topic, QoS::AtLeastOnce, true, status.encode()).await {
+            warn!(error = %e, "status publish failed");
+        }
+        self.schedule.published(&status, now);
+    }
+
+    /// Adds the mining figures the node does not know.
+    fn fill(&mut self, mut status: Status, miner: &Miner, now: Instant) -> Status {
+        let hashes = miner.hashes();
+        status.hash_rate = self.schedule.hash_rate(hashes, now);
+        status.hashes = hashes;
+        status.threads = self.threads;
+        status
     }
 }
 

@@ -65,7 +65,6 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::VERSION;
     use std::time::Duration;
 
     fn sample() -> Status {

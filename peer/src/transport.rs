@@ -1,31 +1,28 @@
-//! The MQTT glue: connects to the broker, turns packets into [`Input`]s for the [`Node`], and
-//! carries out its [`Action`]s (publish, mine, log).
+//! The MQTT plumbing the peer's drivers share: the connection options and client ids, the network
+//! task that polls rumqttc's event loop and reconnects with backoff ([`poll_network`], reporting
+//! [`Net`]s), the peer's errors ([`PeerError`]), and the drop log and mining clock each driver
+//! keeps. The drivers are [`crate::room`] (the room protocol, the default) and
+//! [`crate::lab::transport`] (the lab's JSON messages).
 //!
 //! rumqttc's event loop runs in its own task and is polled without pause (it only reconnects while
-//! polled, and a blocked poll would stall `publish`). Subscriptions are renewed on every CONNACK
-//! because rumqttc does not restore them after a reconnect.
+//! polled, and a blocked poll would stall `publish`). The drivers renew their subscriptions on
+//! every CONNACK because rumqttc does not restore them after a reconnect.
 //!
 //! Nothing here depends on the embedded broker's (rumqttd's) departures from MQTT 3.1.1; each place
 //! that is careful about one says so ("Broker independence" in docs/PROTOCOL.md lists them), and
 //! the fault and flood system tests run on rumqttd and on Mosquitto.
-//!
-//! It also publishes the peer's retained status (see [`crate::status`]) and registers the offline
-//! status as the Last Will.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS, StateError};
+use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, LastWill, MqttOptions, Packet, StateError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::PeerConfig;
-use crate::events::{Event, EventSink};
-use crate::miner::{Found, Miner};
-use crate::node::{Action, Input, Node, NodeConfig};
-use crate::protocol::{self, Envelope, Message, PeerId, Topics};
-use crate::status::{Role, STATUS_MIN_GAP, Schedule, Status};
+use crate::events::Event;
+use crate::protocol::PeerId;
 
 /// Why a peer stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -69,268 +66,9 @@ pub enum PeerError {
 /// What the network task tells the protocol loop.
 pub(crate) enum Net {
     Connected,
-    Publish { topic: String, payload: bytes::Bytes, retain: bool },
+    Publish { topic: String, payload: bytes::Bytes },
     Lost(String),
     Fatal(PeerError),
-}
-
-/// Runs a peer until `shutdown` is cancelled (clean exit: announces its departure) or a fatal
-/// error. Every event goes to `events`.
-pub async fn run(
-    cfg: PeerConfig,
-    id: PeerId,
-    mut events: EventSink,
-    shutdown: CancellationToken,
-) -> Result<(), PeerError> {
-    let topics = Topics::new(&cfg.prefix);
-    let threads = cfg.mining_threads();
-    events.emit(Event::Started { pid: std::process::id(), client_id: id, room_size: cfg.room_size, threads });
-    info!(id, room_size = cfg.room_size, threads, "peer starting");
-
-    // The MQTT client id includes the incarnation: two processes started with one peer id must not
-    // take over each other's session at the broker; the protocol tells them apart instead.
-    let incarnation: u64 = rand::random();
-    let mut node = Node::new(NodeConfig {
-        id,
-        room_size: cfg.room_size,
-        min_peers: cfg.min_peers,
-        pace: cfg.pace(),
-        alg: cfg.hash,
-        seed: None,
-        incarnation,
-        since_ms: crate::events::now_ms(),
-        silence_ms: controller_silence_ms(cfg.keepalive_s),
-    });
-    let mut status = StatusPublisher {
-        topic: topics.status_topic(id),
-        threads: u16::try_from(threads).unwrap_or(u16::MAX),
-        schedule: Schedule::default(),
-    };
-    // Our status marked offline, retained: watchers see that we are gone, and the other peers
-    // take it as our departure (the incarnation in it keeps a late will from removing a later
-    // run of this peer). MQTT fixes a will at CONNECT, so its figures are those at start.
-    let will = LastWill::new(
-        &status.topic,
-        Status { threads: status.threads, ..node.offline_status(crate::events::now_ms()) }.encode(),
-        QoS::AtLeastOnce,
-        true,
-    );
-    // Two connections. The protocol's, subscribed to the whole room, and the status beacon's,
-    // subscribed to nothing, both with that will. rumqttd restarts a connection's keepalive
-    // countdown whenever it *sends* to it, so in a busy room a stopped or cut-off peer's protocol
-    // connection can outlive it for half a minute; the beacon receives nothing, so every broker
-    // sends its will 1.5 x keepalive after the peer falls silent, as MQTT says.
-    let (client, eventloop) = connect(mqtt_options(&cfg, mqtt_client_id(id, incarnation), Some(will.clone())), 1024);
-    let (beacon, beacon_loop) = connect(mqtt_options(&cfg, beacon_client_id(id, incarnation), Some(will)), 64);
-
-    let (net_tx, mut net_rx) = mpsc::channel(4096);
-    let stop_net = CancellationToken::new();
-    let addr = format!("{}:{}", cfg.host, cfg.port);
-    let first =
-        FirstConnect { addr: addr.clone(), timeout_s: cfg.connect_timeout_s, credentials: cfg.username.is_some() };
-    let net = tokio::spawn(poll_network(eventloop, net_tx, stop_net.clone(), first.clone()));
-    // The beacon's own failures to connect are the protocol connection's too, which reports them.
-    let (beacon_tx, mut beacon_rx) = mpsc::channel(16);
-    let beacon_net = tokio::spawn(poll_network(beacon_loop, beacon_tx, stop_net.clone(), first));
-
-    let (found_tx, mut found_rx) = mpsc::unbounded_channel::<Found>();
-    let miner = Miner::new(threads, move |f| {
-        let _ = found_tx.send(f);
-    });
-    let mut drops = DropLog::default();
-    let mut mining = MiningClock::default();
-    let mut connected_once = false;
-    // Whether the beacon is connected: statuses are not queued while it is down (rumqttc's
-    // request channel would fill, and block us, during a long outage); the next CONNACK sends one.
-    let mut online = false;
-    // Whether the protocol connection is up: the controller's silence is judged only meanwhile.
-    let mut main_up = false;
-    // Catches up with statuses that changed within STATUS_MIN_GAP of the last one, and sends the
-    // once-a-second status.
-    // A gap between ticks this long means the process stood still (SIGSTOP, a frozen machine):
-    // our will may have gone out, and the room may have gone on without us.
-    let stall_after = Duration::from_millis(cfg.keepalive_s * 1500);
-    let mut last_tick = Instant::now();
-    let mut status_tick = tokio::time::interval(STATUS_MIN_GAP);
-    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-
-    let result = loop {
-        let input = tokio::select! {
-            // In this order: after the process stood still, the overdue tick comes first and tells
-            // the node so before it reads the backlog of what happened meanwhile.
-            biased;
-            () = shutdown.cancelled() => break Ok(()),
-            _ = status_tick.tick() => {
-                let stalled = last_tick.elapsed() > stall_after;
-                last_tick = Instant::now();
-                if online {
-                    status.send(&beacon, node.status(crate::events::now_ms()), &miner, false).await;
-                }
-                if stalled && connected_once {
-                    warn!(ms = stall_after.as_millis() as u64, "this process stood still for longer than the room waits");
-                    Input::Stalled
-                } else if main_up {
-                    Input::Tick
-                } else {
-                    continue;
-                }
-            }
-            Some(found) = found_rx.recv() => Input::Mined(found),
-            Some(up) = beacon_rx.recv() => {
-                match up {
-                    // Retained statuses are lost when a broker without persistence restarts
-                    // (rumqttd keeps them in memory only): every connection sends ours again.
-                    Net::Connected => {
-                        online = true;
-                        status.send(&beacon, node.status(crate::events::now_ms()), &miner, true).await;
-                    }
-                    Net::Lost(_) => online = false,
-                    Net::Publish { .. } | Net::Fatal(_) => {}
-                }
-                continue;
-            }
-            net = net_rx.recv() => match net {
-                None => break Ok(()),
-                Some(Net::Fatal(e)) => break Err(e),
-                Some(Net::Lost(reason)) => {
-                    main_up = false;
-                    events.emit(Event::Disconnected { reason });
-                    continue;
-                }
-                Some(Net::Connected) => {
-                    // Every CONNACK, first or not: with a clean session the broker kept no
-                    // subscription, whatever rumqttc or the broker would otherwise do.
-                    let subs =
-                        topics.subscriptions().map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
-                    if let Err(e) = client.subscribe_many(subs).await {
-                        warn!(error = %e, "subscribe failed");
-                        continue;
-                    }
-                    if !connected_once {
-                        info!(broker = %addr, "connected");
-                    }
-                    connected_once = true;
-                    main_up = true;
-                    events.emit(Event::Connected { broker: addr.clone() });
-                    Input::Connected
-                }
-                Some(Net::Publish { topic, payload, retain }) => {
-                    let Some(input) = decode_input(&topics, &topic, &payload, cfg.max_payload, &mut drops) else {
-                        continue;
-                    };
-                    // Our own will, kept by the broker from a cut we have already come back from and
-                    // handed to our new subscription (RETAIN = 1, as MQTT requires for a retained
-                    // message sent on subscribing; live deliveries carry 0): the room has seen it
-                    // long ago. Only put our status back in its place.
-                    if retain
-                        && let Input::Status(s) = &input
-                        && (s.id, s.incarnation, s.role) == (id, incarnation, Role::Offline)
-                    {
-                        if online {
-                            status.send(&beacon, node.status(crate::events::now_ms()), &miner, true).await;
-                        }
-                        continue;
-                    }
-                    input
-                }
-            },
-        };
-        // A reconnection may follow a broker restart or our own will (see Node's handling of
-        // statuses under our id): send our status again with it.
-        let mut force_status = matches!(input, Input::Connected);
-        let mut fatal = None;
-        for action in node.handle(crate::events::now_ms(), input) {
-            match action {
-                Action::Publish(msg) => publish(&client, &topics, id, msg).await,
-                Action::Mine(job) => {
-                    miner.start(job);
-                    if let Some(e) = mining.switch(Some(job.tx), miner.hashes()) {
-                        events.emit(e);
-                    }
-                }
-                Action::StopMining => {
-                    miner.stop();
-                    if let Some(e) = mining.switch(None, miner.hashes()) {
-                        events.emit(e);
-                    }
-                }
-                Action::Emit(Event::MessageDropped { reason, detail }) => {
-                    // Forgeries can come by the thousand: log and record each reason at most once
-                    // a second, with the running count.
-                    if let Some(total) = drops.count(&reason, || detail.clone()) {
-                        events.emit(Event::MessageDropped { reason, detail: format!("{detail} ({total} so far)") });
-                    }
-                }
-                Action::Emit(event) => {
-                    log_event(&event);
-                    events.emit(event);
-                }
-                Action::Fatal(reason) => fatal = Some(reason),
-                Action::PublishStatus => force_status = true,
-            }
-        }
-        if let Some(reason) = fatal {
-            break Err(PeerError::Protocol(reason));
-        }
-        if online {
-            status.send(&beacon, node.status(crate::events::now_ms()), &miner, force_status).await;
-        }
-    };
-
-    miner.stop();
-    if connected_once {
-        if result.is_ok() {
-            // A clean goodbye, so the room does not wait for the keepalive to notice, and our
-            // status marked offline (the DISCONNECT below discards the will that would say so).
-            publish(&client, &topics, id, Node::farewell()).await;
-            // A retained status marked offline replaces the online one. Never an empty publish to
-            // clear it: rumqttd deletes a retained message on an empty publish *without* RETAIN,
-            // which MQTT says must not touch it.
-            let offline = status.fill(node.offline_status(crate::events::now_ms()), &miner, Instant::now());
-            if let Err(e) = beacon.publish(&status.topic, QoS::AtLeastOnce, true, offline.encode()).await {
-                warn!(error = %e, "publishing the offline status failed");
-            }
-        }
-        // A DISCONNECT also discards our Last Will: a duplicate giving way must not announce
-        // the departure of the peer whose id it shares.
-        let _ = client.disconnect().await;
-        let _ = beacon.disconnect().await;
-        // Give the event loops a moment to flush the goodbye and the DISCONNECTs.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = net.await;
-            let _ = beacon_net.await;
-        })
-        .await;
-    }
-    stop_net.cancel();
-    events.emit(Event::Stopped);
-    info!(height = node.chain().height(), "peer stopped");
-    result
-}
-
-async fn publish(client: &AsyncClient, topics: &Topics, id: PeerId, msg: Message) {
-    let topic = topics.topic(msg.channel()).to_string();
-    let payload = protocol::encode(&Envelope::new(id, msg));
-    // QoS 1 everywhere: every message is idempotent, and QoS 0 may be dropped under load. Published
-    // at QoS 1 to QoS 1 subscriptions, so delivered at QoS 1 by any broker: we never count on
-    // rumqttd delivering a QoS 0 publish at QoS 1 to a QoS 1 subscriber (MQTT says the lower wins).
-    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, payload).await {
-        warn!(error = %e, "publish failed");
-    }
-}
-
-/// Decodes a delivery on `topic` (a protocol topic or a status topic) into an input for the node;
-/// anything else, or anything that does not decode, is counted in `drops` and gives `None`.
-fn decode_input(topics: &Topics, topic: &str, payload: &[u8], limit: usize, drops: &mut DropLog) -> Option<Input> {
-    let decoded = if let Some(peer) = topics.status_peer(topic) {
-        Status::decode(payload, peer).map(Input::Status)
-    } else if let Some(channel) = topics.channel(topic) {
-        protocol::decode(payload, channel, limit).map(Input::Message)
-    } else {
-        drops.count("unexpected_topic", || format!("message on {topic}"));
-        return None;
-    };
-    decoded.map_err(|e| drops.count(e.reason(), || format!("on {topic}: {e}"))).ok()
 }
 
 /// The MQTT client id of process `incarnation` of peer `id`: unique per process (two processes
@@ -340,12 +78,6 @@ fn decode_input(topics: &Topics, topic: &str, payload: &[u8], limit: usize, drop
 /// of the incarnation keep it unique.
 pub fn mqtt_client_id(id: PeerId, incarnation: u64) -> String {
     format!("h{id:08x}{:014x}", incarnation & ((1 << 52) - 1))
-}
-
-/// How long a controller may stay silent before its peers take it for gone: well over its
-/// once-a-second status, and over the 1.5 x keepalive after which its will would have come.
-pub fn controller_silence_ms(keepalive_s: u64) -> u64 {
-    (3 * keepalive_s).max(5) * 1000
 }
 
 /// The MQTT client id of the status beacon of process `incarnation` of peer `id` (see
@@ -390,40 +122,6 @@ pub(crate) fn connect(options: MqttOptions, capacity: usize) -> (AsyncClient, ru
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
     (client, eventloop)
-}
-
-/// Publishes this peer's retained status when its [`Schedule`] says so.
-pub(crate) struct StatusPublisher {
-    /// `<prefix>/status/<id>`.
-    pub(crate) topic: String,
-    pub(crate) threads: u16,
-    pub(crate) schedule: Schedule,
-}
-
-impl StatusPublisher {
-    /// Publishes `status` (the node's, built after every input: no field costs more than a map
-    /// lookup) if it is due, or at once if `force`.
-    pub(crate) async fn send(&mut self, client: &AsyncClient, status: Status, miner: &Miner, force: bool) {
-        let now = Instant::now();
-        if !force && !self.schedule.due(&status, now) {
-            return;
-        }
-        let status = self.fill(status, miner, now);
-        // Retained, so a watcher that subscribes later gets it; QoS 1 like everything else.
-        if let Err(e) = client.publish(&self.topic, QoS::AtLeastOnce, true, status.encode()).await {
-            warn!(error = %e, "status publish failed");
-        }
-        self.schedule.published(&status, now);
-    }
-
-    /// Adds the mining figures the node does not know.
-    pub(crate) fn fill(&mut self, mut status: Status, miner: &Miner, now: Instant) -> Status {
-        let hashes = miner.hashes();
-        status.hash_rate = self.schedule.hash_rate(hashes, now);
-        status.hashes = hashes;
-        status.threads = self.threads;
-        status
-    }
 }
 
 /// Consecutive first-connection attempts closed before a CONNACK after which the login is taken
@@ -487,8 +185,7 @@ pub(crate) async fn poll_network(
                 }
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                let topic = p.topic;
-                if tx.send(Net::Publish { topic, payload: p.payload, retain: p.retain }).await.is_err() {
+                if tx.send(Net::Publish { topic: p.topic, payload: p.payload }).await.is_err() {
                     return;
                 }
             }

@@ -503,7 +503,7 @@ impl RoomNode {
     /// This peer's status at `at_ms` (mining figures are the owner's to fill in).
     pub fn status(&self, at_ms: u64) -> Status {
         Status {
-            version: crate::protocol::VERSION,
+            version: crate::status::VERSION,
             id: self.cfg.id,
             incarnation: self.cfg.incarnation,
             role: self.role(),

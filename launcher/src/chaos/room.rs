@@ -52,10 +52,6 @@ pub struct RoomConfig {
     pub events: Option<PathBuf>,
     /// Print the peers' and the broker's stderr.
     pub verbose: bool,
-    /// The peers speak the room protocol (`--wire room`), each with its own data directory, and
-    /// a killed or stopped peer comes back on its directory (same id, vote and chain) rather
-    /// than being replaced: the room's configuration is fixed by its first election.
-    pub room_protocol: bool,
 }
 
 /// Why a room run ended early.
@@ -168,8 +164,8 @@ enum Msg {
 struct Slot {
     proc: Option<Proc>,
     state: State,
-    /// Its data directory (room protocol).
-    data: Option<PathBuf>,
+    /// Its data directory.
+    data: PathBuf,
     /// Expected to exit on its own (a duplicate of another peer's id).
     may_exit: bool,
     id: Option<PeerId>,
@@ -200,8 +196,8 @@ pub struct Room {
     interrupted: bool,
     events: Option<std::io::BufWriter<std::fs::File>>,
     started: Instant,
-    /// The peers' data directories (room protocol), removed with the room.
-    run_dir: Option<tempfile::TempDir>,
+    /// The peers' data directories, removed with the room.
+    run_dir: tempfile::TempDir,
 }
 
 impl Room {
@@ -217,16 +213,11 @@ impl Room {
             )),
             None => None,
         };
-        let run_dir = match cfg.room_protocol {
-            true => Some(
-                tempfile::Builder::new()
-                    .prefix("hashvote-chaos")
-                    .tempdir()
-                    .context("cannot create the peers' run directory")
-                    .map_err(Failure::Setup)?,
-            ),
-            false => None,
-        };
+        let run_dir = tempfile::Builder::new()
+            .prefix("hashvote-chaos")
+            .tempdir()
+            .context("cannot create the peers' run directory")
+            .map_err(Failure::Setup)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let interrupt = tx.clone();
         tokio::spawn(async move {
@@ -283,29 +274,29 @@ impl Room {
         self.started.elapsed()
     }
 
-    /// Starts one more peer (a replacement keeps the room's size; with the room protocol, a new
-    /// data directory: a newcomer, not a voter once the room is configured); returns its index.
+    /// Starts one more peer with a new data directory (a newcomer, not a voter once the room is
+    /// configured); returns its index.
     pub fn add_peer(&mut self) -> Result<usize, Failure> {
-        let data = self.run_dir.as_ref().map(|d| d.path().join(format!("peer-{}", self.slots.len())));
+        let data = self.run_dir.path().join(format!("peer-{}", self.slots.len()));
         self.spawn_peer(data, None)
     }
 
-    /// Starts peer `index` again on its data directory (room protocol): the same peer, with its
-    /// id, vote and chain; returns its new index.
+    /// Starts peer `index` again on its data directory: the same peer, with its id, vote and
+    /// chain; returns its new index.
     pub fn restart(&mut self, index: usize) -> Result<usize, Failure> {
         let data = self.slots[index].data.clone();
         self.spawn_peer(data, None)
     }
 
-    /// Starts a second process under peer `index`'s id with a data directory of its own (room
-    /// protocol). It must not disturb the room; it may exit, refused. Returns its index.
+    /// Starts a second process under peer `index`'s id with a data directory of its own. It must
+    /// not disturb the room; it may exit, refused. Returns its index.
     pub fn duplicate(&mut self, index: usize) -> Result<Option<usize>, Failure> {
-        let (Some(id), Some(dir)) = (self.id(index), self.run_dir.as_ref()) else { return Ok(None) };
-        let data = dir.path().join(format!("duplicate-{}", self.slots.len()));
-        self.spawn_peer(Some(data), Some(id)).map(Some)
+        let Some(id) = self.id(index) else { return Ok(None) };
+        let data = self.run_dir.path().join(format!("duplicate-{}", self.slots.len()));
+        self.spawn_peer(data, Some(id)).map(Some)
     }
 
-    fn spawn_peer(&mut self, data: Option<PathBuf>, id: Option<PeerId>) -> Result<usize, Failure> {
+    fn spawn_peer(&mut self, data: PathBuf, id: Option<PeerId>) -> Result<usize, Failure> {
         let index = self.slots.len();
         let mut args = vec![
             "--host".into(),
@@ -326,10 +317,11 @@ impl Room {
             "-".into(),
             "--log".into(),
             "warn".into(),
+            "--wire".into(),
+            "room".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
         ];
-        if let Some(dir) = &data {
-            args.extend(["--wire".into(), "room".into(), "--data-dir".into(), dir.display().to_string()]);
-        }
         if let Some(id) = id {
             args.extend(["--id".into(), id.to_string()]);
         }
@@ -447,11 +439,6 @@ impl Room {
         self.id(index).and_then(|id| self.ids.get(&id).copied()).unwrap_or(index)
     }
 
-    /// Whether the room's peers come back on their data directories (room protocol).
-    pub fn room_protocol(&self) -> bool {
-        self.cfg.room_protocol
-    }
-
     /// Where peer `index` is.
     pub fn state(&self, index: usize) -> State {
         self.slots.get(index).map_or(State::Gone, |s| s.state)
@@ -513,19 +500,12 @@ impl Room {
         Ok(self.first_challenge_after(term).expect("checked by the wait"))
     }
 
-    /// Waits until some peer reports that peer `index` left, at or after `since_ms`.
-    pub async fn wait_left(&mut self, index: usize, since_ms: u64) -> Result<(), Failure> {
-        let Some(id) = self.id(index) else { return Ok(()) };
-        self.wait_for(&format!("peer_left of peer #{index}"), |room| room.left.get(&id).is_some_and(|&t| t >= since_ms))
-            .await
-    }
-
-    /// With the room protocol, for a paused peer that is not the controller: waits until some
-    /// peer reports that it left, or, once its will is overdue (it may have had no connection to
-    /// leave a will on: paused while it reconnected after a broker restart), until every other
-    /// running peer holds two blocks more than the room had at `since_ms`: the room mines on
-    /// without it, which is what the room protocol needs (it never waits for departures).
-    /// Returns whether its departure was seen.
+    /// For a paused peer that is not the controller: waits until some peer reports that it left,
+    /// or, once its will is overdue (it may have had no connection to leave a will on: paused
+    /// while it reconnected after a broker restart), until every other running peer holds two
+    /// blocks more than the room had at `since_ms`: the room mines on without it, which is what
+    /// the room protocol needs (it never waits for departures). Returns whether its departure
+    /// was seen.
     pub async fn wait_left_or_mined_on(&mut self, index: usize, since_ms: u64) -> Result<bool, Failure> {
         let Some(id) = self.id(index) else { return Ok(true) };
         let others: Vec<usize> = self.running().into_iter().filter(|&i| i != index).collect();

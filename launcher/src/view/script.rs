@@ -1,9 +1,10 @@
 //! Scripted rooms for the tests of the view, the dashboard and the report.
 
+use hashvote_core::room::{Envelope, Msg, Pos};
 use peer::pace::Pace;
 use peer::pow::{Digest, HashAlg};
-use peer::protocol::{Block, Challenge, Envelope, Message, Outcome, PeerId, RejectReason, Term, TxId, VERSION, View};
-use peer::status::{Role, Status};
+use peer::protocol::{Block, Challenge, Outcome, PeerId, RejectReason, Term, TxId};
+use peer::status::{Role, Status, VERSION};
 use proptest::prelude::*;
 
 use super::{Observed, RoomView};
@@ -31,7 +32,7 @@ pub fn status(id: PeerId, role: Role, term: Term, leader: Option<PeerId>, hash_r
 }
 
 /// A message from `from`.
-pub fn msg(from: PeerId, msg: Message) -> Observed {
+pub fn msg(from: PeerId, msg: Msg) -> Observed {
     Observed::Message(Envelope::new(from, msg))
 }
 
@@ -39,35 +40,35 @@ pub fn msg(from: PeerId, msg: Message) -> Observed {
 pub fn hello(from: PeerId) -> Observed {
     msg(
         from,
-        Message::Hello {
+        Msg::Hello {
+            to: None,
             want_reply: true,
-            view: View { term: 0, leader: None, height: 0 },
+            key: 1,
             incarnation: 1,
             since_ms: 0,
+            term: 0,
+            controller: None,
+            height: 0,
         },
     )
 }
 
-/// A vote of `from` for `term`.
+/// `from` leaving.
+pub fn leave(from: PeerId) -> Observed {
+    msg(from, Msg::Leave { incarnation: 1 })
+}
+
+/// A ballot of `from` for `term`.
 pub fn vote(from: PeerId, term: Term) -> Observed {
-    msg(from, Message::Vote { term, vote: from, height: 0 })
+    msg(from, Msg::Ballot { term, ballot: from, key: 1, pos: Pos { last_term: 0, height: 0 }, proposal: None })
 }
 
 /// A challenge of `from` for `tx`, issued at `issued_ms`.
 pub fn challenge(from: PeerId, term: Term, tx: TxId, difficulty: u8, issued_ms: u64) -> Observed {
     let alg = HashAlg::Sha1;
-    msg(
-        from,
-        Message::Challenge(Challenge {
-            term,
-            tx,
-            alg,
-            difficulty,
-            pace: Pace::Fixed(difficulty),
-            issued_ms,
-            prev: Digest::zero(alg),
-        }),
-    )
+    let challenge =
+        Challenge { term, tx, alg, difficulty, pace: Pace::Fixed(difficulty), issued_ms, prev: Digest::zero(alg) };
+    msg(from, Msg::Challenge { challenge, commit: tx, config: None })
 }
 
 /// A block of `tx` mined by `miner` in `solve` ms.
@@ -92,7 +93,13 @@ pub fn block(term: Term, tx: TxId, miner: PeerId, difficulty: u8, issued_ms: u64
 
 /// An accepted result from `from`.
 pub fn accepted(from: PeerId, block: Block) -> Observed {
-    msg(from, Message::Result { term: block.term, outcome: Outcome::Accepted(block) })
+    msg(from, Msg::Result { term: block.term, outcome: Outcome::Accepted(block), commit: 0 })
+}
+
+/// A result of `from` rejecting `miner`'s solution for `tx`.
+pub fn rejected(from: PeerId, term: Term, tx: TxId, miner: PeerId, nonce: u64) -> Observed {
+    let outcome = Outcome::Rejected { tx, miner, nonce, reason: RejectReason::AlreadySolved };
+    msg(from, Msg::Result { term, outcome, commit: 0 })
 }
 
 /// Peers of the scripted room.
@@ -133,35 +140,6 @@ pub fn room() -> Vec<(u64, Observed)> {
     ]
 }
 
-/// The same thing as the room protocol (wire version 2) says it: hellos, ballots, challenges,
-/// results and leaves translated; statuses as they are.
-pub fn in_room_protocol(seen: Observed) -> Observed {
-    use hashvote_core::room::{Envelope as E, Msg, Pos};
-    let Observed::Message(env) = seen else { return seen };
-    let pos = |height| Pos { last_term: 0, height };
-    let msg = match env.msg {
-        Message::Hello { want_reply, view, incarnation, since_ms } => Msg::Hello {
-            to: None,
-            want_reply,
-            key: 1,
-            incarnation,
-            since_ms,
-            term: view.term,
-            controller: view.leader,
-            height: view.height,
-        },
-        Message::Leave => Msg::Leave { incarnation: 1 },
-        Message::Vote { term, vote, height } => {
-            Msg::Ballot { term, ballot: vote, key: 1, pos: pos(height), proposal: None }
-        }
-        Message::Challenge(challenge) => Msg::Challenge { challenge, commit: challenge.tx, config: None },
-        Message::Result { term, outcome } => Msg::Result { term, outcome, commit: 0 },
-        Message::Solution { tx, nonce } => Msg::Solution { tx, nonce },
-        other => panic!("no room protocol twin for {other:?}"),
-    };
-    Observed::Room(E::new(env.from, msg))
-}
-
 /// Any message or status, from few ids and terms (so that they collide) and extremes.
 pub fn any_observed() -> impl Strategy<Value = (u64, Observed)> {
     let id = prop_oneof![1u32..6, Just(u32::MAX)];
@@ -174,27 +152,20 @@ pub fn any_observed() -> impl Strategy<Value = (u64, Observed)> {
         Just(Role::Offline)
     ];
     let at = prop_oneof![0u64..20_000, Just(u64::MAX)];
-    (at, 0u8..16, id.clone(), id, num.clone(), num.clone(), num, role).prop_map(
+    (at, 0u8..8, id.clone(), id, num.clone(), num.clone(), num, role).prop_map(
         |(at, kind, from, other, term, tx, n, role)| {
             let term = term.max(1);
-            let seen = match kind % 8 {
+            let seen = match kind {
                 0 => status(from, role, term, Some(other), n),
                 1 => hello(from),
-                2 => msg(from, Message::Leave),
+                2 => leave(from),
                 3 => vote(from, term),
                 4 => challenge(from, term, tx, 20, n),
                 5 => accepted(from, block(term, tx, other, 20, n.min(u64::MAX / 2), n / 2)),
-                6 => msg(
-                    from,
-                    Message::Result {
-                        term,
-                        outcome: Outcome::Rejected { tx, miner: other, nonce: n, reason: RejectReason::AlreadySolved },
-                    },
-                ),
-                _ => msg(from, Message::Solution { tx, nonce: n }),
+                6 => rejected(from, term, tx, other, n),
+                _ => msg(from, Msg::Solution { tx, nonce: n }),
             };
-            // Half of them in the room protocol's words.
-            (at, if kind >= 8 { in_room_protocol(seen) } else { seen })
+            (at, seen)
         },
     )
 }

@@ -81,7 +81,7 @@ pub async fn run(
                     events.emit(Event::Connected { broker: addr.clone() });
                     LabInput::Connected
                 }
-                Some(Net::Publish { topic, payload, .. }) => {
+                Some(Net::Publish { topic, payload }) => {
                     let Some(channel) = topics.channel(&topic) else {
                         drops.count("unexpected_topic", || format!("message on {topic}"));
                         continue;
