@@ -66,7 +66,8 @@ fn samples() -> Vec<(&'static str, room::Envelope)> {
         ("room_hello", hello(None)),
         ("room_hello_to", hello(Some(to))),
         ("room_leave", Msg::Leave { incarnation: 0x1234_5678_9abc_def0 }),
-        ("room_pre_ballot", Msg::PreBallot { term: 3, key: 11, pos }),
+        ("room_pre_ballot", Msg::PreBallot { to: None, term: 3, key: 11, pos }),
+        ("room_pre_ballot_answer", Msg::PreBallot { to: Some(7), term: 3, key: 11, pos }),
         ("room_ballot", Msg::Ballot { term: 3, ballot: 0xDEAD_BEEF, key: 11, pos, proposal: None }),
         (
             "room_ballot_proposal",
