@@ -115,11 +115,15 @@ pub(crate) fn mqtt_options(cfg: &PeerConfig, client_id: String, will: Option<Las
 
 /// A client and its event loop, with Nagle's algorithm off: rumqttc leaves it on, and every small
 /// publish would wait for the broker's delayed ACK (~40 ms), which alone capped the room at ~20
-/// blocks/s.
+/// blocks/s. The broker's CONNACK may take the keepalive and 5 s more (rumqttc's 5 s alone):
+/// with 300 peers starting on two cores, connections given up after 5 s were opened again under
+/// the same client id, and the broker took the new one over the old, publishing a live peer's will.
 pub(crate) fn connect(options: MqttOptions, capacity: usize) -> (AsyncClient, rumqttc::EventLoop) {
+    let patience = options.keep_alive().as_secs() + 5;
     let (client, mut eventloop) = AsyncClient::new(options, capacity);
     let mut network = eventloop.network_options();
     network.set_tcp_nodelay(true);
+    network.set_connection_timeout(patience);
     eventloop.set_network_options(network);
     (client, eventloop)
 }
