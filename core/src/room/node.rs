@@ -234,6 +234,8 @@ pub struct RoomNode {
     /// The grant deadline passed; it was set again for our broadcast's echo (see `try_grant`).
     grant_awaits_echo: bool,
     grants: BTreeSet<PeerId>,
+    /// This peer was controller of the current term and stood down: not again in this term.
+    deposed: bool,
     /// Evidence that the room already has a chain (do not bootstrap, sync).
     room_seen: bool,
     /// Before this time (set on every connect) this peer does not found a room: it listens.
@@ -301,7 +303,7 @@ const MAX_HELLO_BACKOFF: u32 = 5;
 
 /// The most the broker's lag stretches a timer by: an echo lost (QoS 0) or a broker that stopped
 /// must not stretch them for good.
-const MAX_LAG_MS: u64 = 10_000;
+const MAX_LAG_MS: u64 = 3_000;
 
 /// The lag measured halves this often without a new sample: a follower times few broadcasts of
 /// its own, and one measured while its room gathered must not slow its failovers for good.
@@ -324,11 +326,18 @@ impl RoomNode {
         commit = commit.max(restored.commit.min(chain.height()));
         let rng = StdRng::seed_from_u64(cfg.seed);
         let room_seen = chain.height() > 0;
+        // The disk holds the term of the last vote, and blocks: a block of a later term was taken
+        // from (and acknowledged to) that term's controller, so the term is at least the last
+        // block's. Back in an older term, a restarted peer followed a deposed controller of it
+        // and was asked to drop a committed block (simulator, 1 seed in a million).
+        let last_term = chain.tip().map_or(0, |b| b.term);
+        let (term, voted_for) =
+            if last_term > restored.term { (last_term, None) } else { (restored.term, restored.voted_for) };
         let mut node = Self {
             rng,
             now: 0,
-            term: restored.term,
-            voted_for: restored.voted_for,
+            term,
+            voted_for,
             promised: if restored.voted_for.is_some() { restored.term } else { 0 },
             promised_to: restored.voted_for,
             chain,
@@ -351,6 +360,7 @@ impl RoomNode {
             my_ballot: None,
             grant_deadline: None,
             grant_awaits_echo: false,
+            deposed: false,
             grants: BTreeSet::new(),
             room_seen,
             discover_until: 0,
@@ -669,6 +679,8 @@ impl RoomNode {
     }
 
     fn stalled(&mut self) {
+        // Our broadcast's echo would time our own standstill, not the broker.
+        self.echo = None;
         // What comes next is a backlog; a controller that stood still this long may have been
         // replaced, and must not act on it as controller.
         if self.is_controller() {
@@ -1221,6 +1233,7 @@ impl RoomNode {
         self.controller_gone = false;
         self.ballots.clear();
         self.grants.clear();
+        self.deposed = false;
         self.my_ballot = None;
         self.pre.clear();
         self.heard_ms = self.now;
@@ -1333,7 +1346,7 @@ impl RoomNode {
     }
 
     fn check_won(&mut self) {
-        if self.is_controller() || self.controller.is_some() || self.grants.len() < self.quorum() {
+        if self.deposed || self.is_controller() || self.controller.is_some() || self.grants.len() < self.quorum() {
             return;
         }
         let Some(voters) = self.voters().cloned() else { return };
@@ -1368,6 +1381,11 @@ impl RoomNode {
         self.emit(Event::QuorumLost { term: self.term, reason: why.into() });
         self.role = Role2::Follower;
         self.controller = None;
+        // Not controller of this term again: a grant sent again late (a voter back from a
+        // restart) would otherwise complete the old quorum, and a controller that stood down
+        // would act in a term the room has left.
+        self.grants.clear();
+        self.deposed = true;
         self.open = None;
         self.pending = None;
         if self.chain.height() == 0 {

@@ -741,3 +741,41 @@ fn a_broker_that_lags_stretches_the_election_timers_by_as_much() {
     node.handle(back + 10, Input::Message(Envelope::new(100, node.hello(None, true))));
     assert!(node.lag_ms < lag, "{}", node.lag_ms);
 }
+
+#[test]
+fn a_restarted_peer_is_in_the_term_of_its_last_block_at_least() {
+    let room = founded_with_blocks(2);
+    let node = &room.nodes[(room.controllers()[0] + 1) % 3];
+    let newer = node.chain().tip().unwrap().term;
+    // Its disk holds blocks of a term later than its last vote (here: no vote at all, as a peer
+    // that took the blocks of a term it did not vote in).
+    let restored = Restored {
+        term: newer - 1,
+        voted_for: Some(999),
+        config: node.config().cloned(),
+        blocks: node.chain().blocks().to_vec(),
+        commit: node.commit(),
+    };
+    let again = RoomNode::new(node.cfg.clone(), restored);
+    // Back in the older term it would follow that term's deposed controller; it is not.
+    assert_eq!((again.term(), again.voted_for()), (newer, None));
+}
+
+#[test]
+fn a_controller_that_stood_down_is_not_controller_of_that_term_again() {
+    let mut room = founded_with_blocks(1);
+    let ctl = room.controllers()[0];
+    let term = room.nodes[ctl].term();
+    let now = room.now;
+    // Cut off: no acknowledgement for longer than the quorum check's window.
+    let later = now + 10 * Timing::default().election_max_ms;
+    room.nodes[ctl].handle(later, Input::Tick);
+    assert!(!room.nodes[ctl].is_controller());
+    // A voter of that term, restarted, sends its grant again: the old quorum must not come back.
+    let voter = (ctl + 1) % 3;
+    let (id, key) = (room.nodes[voter].id(), room.nodes[voter].key());
+    let (to, to_key) = (room.nodes[ctl].id(), room.nodes[ctl].key());
+    let grant = Msg::Grant { to, to_key, term, key };
+    room.nodes[ctl].handle(later + 1, Input::Message(Envelope::new(id, grant)));
+    assert!(!room.nodes[ctl].is_controller());
+}
