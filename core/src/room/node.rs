@@ -588,6 +588,12 @@ impl RoomNode {
         (out < self.echo_lost_after()).then_some(out)
     }
 
+    /// Whether the broadcast being timed is one that `is` picks and is still in the broker's
+    /// queue (out, not presumed lost).
+    fn queued(&self, is: impl Fn(&Msg) -> bool) -> bool {
+        self.echo_out().is_some() && self.echo.as_ref().is_some_and(|(m, _)| is(m))
+    }
+
     /// A broadcast of ours out for this long is presumed lost: twice the lag measured last and
     /// an election timeout.
     fn echo_lost_after(&self) -> u64 {
@@ -713,7 +719,7 @@ impl RoomNode {
                 // learns of us from our answer to its hello), nor while our last one is still in
                 // the broker's queue (see `lag`).
                 let gathering = self.peers.len() > self.peers_at_hello;
-                let queued = matches!((&self.echo, self.echo_out()), (Some((Msg::Hello { .. }, _)), Some(_)));
+                let queued = self.queued(|m| matches!(m, Msg::Hello { .. }));
                 self.peers_at_hello = self.peers.len();
                 if !gathering && !queued {
                     self.publish(self.hello(None, true));
@@ -1150,8 +1156,7 @@ impl RoomNode {
         // nor while the last one is still in the broker's queue: in a room of hundreds on a busy
         // machine, repeats would only lengthen it.
         let due = self.now >= self.last_pre_sent + self.wait_ms(self.cfg.timing.election_min_ms);
-        let queued =
-            self.echo_out().is_some() && matches!(self.echo, Some((Msg::PreBallot { term, .. }, _)) if term == next);
+        let queued = self.queued(|m| matches!(m, Msg::PreBallot { term, .. } if *term == next));
         if first || (due && !queued) {
             self.last_pre_sent = self.now;
             self.publish(Msg::PreBallot { to: None, term: next, key: self.cfg.key, pos: self.pos() });
