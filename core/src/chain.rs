@@ -31,6 +31,12 @@ pub enum ChainError {
         /// Its difficulty.
         difficulty: u8,
     },
+    /// A change of members whose hash is not its digest, or that carries work fields.
+    #[error("block {0} changes the room's members but is not well formed")]
+    Change(TxId),
+    /// A change of members that does not apply to the configuration it follows.
+    #[error("block {0} changes the room's members in a way its configuration does not allow")]
+    Members(TxId),
     /// The proof of work has fewer leading zero bits than the block's difficulty.
     #[error("block {tx} has {zeros} leading zero bits, needs {difficulty}")]
     Work {
@@ -111,7 +117,7 @@ impl Chain {
         if block.prev != self.tip_hash(block.alg) {
             return Err(ChainError::Link(block.tx));
         }
-        if !block.pace.allows(&self.blocks, block.difficulty) {
+        if block.is_mined() && !block.pace.allows(&self.blocks, block.difficulty) {
             return Err(ChainError::Difficulty { tx: block.tx, difficulty: block.difficulty });
         }
         verify_work(block)
@@ -120,7 +126,9 @@ impl Chain {
     /// Verifies and appends `block`.
     pub fn append(&mut self, block: Block) -> Result<(), ChainError> {
         self.check(&block)?;
-        *self.wins.entry(block.miner).or_default() += 1;
+        if block.is_mined() {
+            *self.wins.entry(block.miner).or_default() += 1;
+        }
         self.blocks.push(block);
         Ok(())
     }
@@ -134,7 +142,7 @@ impl Chain {
     /// shows that this peer's suffix was never accepted by the room (see `docs/PROTOCOL.md`).
     pub fn truncate(&mut self, tx: TxId) {
         let keep = usize::try_from(tx).unwrap_or(usize::MAX).min(self.blocks.len());
-        for block in self.blocks.drain(keep..) {
+        for block in self.blocks.drain(keep..).filter(Block::is_mined) {
             if let Some(n) = self.wins.get_mut(&block.miner) {
                 *n -= 1;
                 if *n == 0 {
@@ -147,6 +155,13 @@ impl Chain {
 
 /// Verifies a block's proof of work on its own (not its link to a chain).
 pub fn verify_work(block: &Block) -> Result<(), ChainError> {
+    if let Some(change) = &block.change {
+        let plain = (block.difficulty, block.miner, block.nonce) == (0, 0, 0);
+        if !plain || block.hash != change.digest(block.alg, &block.prev, block.tx) {
+            return Err(ChainError::Change(block.tx));
+        }
+        return Ok(());
+    }
     let hash = pow::proof(&block.prev, block.tx, block.miner, block.nonce);
     if hash != block.hash {
         return Err(ChainError::Proof(block.tx));
@@ -171,7 +186,7 @@ pub(crate) mod tests {
         let nonce = t.search(u32::from(difficulty), 0, u64::MAX).expect("found");
         let pace = crate::pace::Pace::Fixed(difficulty);
         let hash = t.digest(nonce);
-        Block { tx, term: 1, alg, difficulty, pace, issued_ms: 0, solved_ms: 1, prev, miner, nonce, hash }
+        Block { tx, term: 1, alg, difficulty, pace, issued_ms: 0, solved_ms: 1, prev, miner, nonce, hash, change: None }
     }
 
     #[test]

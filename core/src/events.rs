@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{PeerId, Term, TxId};
+use crate::protocol::{Change, PeerId, Term, TxId};
 
 /// Something a peer did or saw.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,6 +121,9 @@ pub enum Event {
         hash: String,
         /// Previous block hash (hex).
         prev: String,
+        /// A change of the room's members instead of a solved transaction (no winner: 0).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        change: Option<Change>,
     },
     /// The miner stopped or replaced a job; cumulative totals, for hash rates.
     MiningStopped {
@@ -270,6 +273,9 @@ pub fn describe(event: &Event) -> String {
         Event::MiningStopped { tx, total_hashes, total_mining_ms } => {
             let rate = *total_hashes as f64 / (*total_mining_ms).max(1) as f64 / 1000.0;
             format!("stopped mining tx {tx}; {rate:.1} MH/s so far")
+        }
+        Event::BlockAccepted { tx, change: Some(change), .. } => {
+            format!("block {tx}: the room's members change: {change}")
         }
         Event::BlockAccepted { tx, winner, difficulty, nonce, hash, .. } => {
             format!(

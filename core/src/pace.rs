@@ -63,8 +63,9 @@ impl Pace {
             Self::Fixed(d) => Some(d),
             Self::Range { .. } => None,
             Self::Retarget { target_ms, start, lo, hi } => {
-                let Some(last) = chain.last() else { return Some(start) };
-                let recent = &chain[chain.len().saturating_sub(WINDOW)..];
+                // Only mined blocks: a change of members has no solve time.
+                let recent: Vec<&Block> = chain.iter().rev().filter(|b| b.is_mined()).take(WINDOW).collect();
+                let Some(last) = recent.first() else { return Some(start) };
                 let total: u64 = recent.iter().map(|b| b.solved_ms.saturating_sub(b.issued_ms).max(1)).sum();
                 let mean = total as f64 / recent.len() as f64;
                 // One bit doubles the expected work: step by the rounded log2 of the ratio, capped
@@ -104,6 +105,7 @@ mod tests {
             miner: 1,
             nonce: 0,
             hash: zero,
+            change: None,
         }
     }
 

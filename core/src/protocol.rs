@@ -138,8 +138,85 @@ pub struct Block {
     pub miner: PeerId,
     /// The solution found by the miner.
     pub nonce: u64,
-    /// `alg(prev, tx, miner, nonce)`: the proof of work and the block's identity.
+    /// `alg(prev, tx, miner, nonce)`: the proof of work and the block's identity; for a change
+    /// of members, [`Change::digest`] instead.
     pub hash: Digest,
+    /// A change of the room's voting members instead of a solved transaction: no proof of work
+    /// (difficulty, miner and nonce 0), issued by the controller between two challenges.
+    pub change: Option<Change>,
+}
+
+impl Block {
+    /// A block that changes the room's members, on top of `prev`.
+    pub fn change(tx: TxId, term: Term, alg: HashAlg, pace: Pace, now_ms: u64, prev: Digest, change: Change) -> Self {
+        let hash = change.digest(alg, &prev, tx);
+        Self {
+            tx,
+            term,
+            alg,
+            difficulty: 0,
+            pace,
+            issued_ms: now_ms,
+            solved_ms: now_ms,
+            prev,
+            miner: 0,
+            nonce: 0,
+            hash,
+            change: Some(change),
+        }
+    }
+
+    /// Whether the block is a solved transaction (not a change of members).
+    pub fn is_mined(&self) -> bool {
+        self.change.is_none()
+    }
+}
+
+/// A change of the room's voting members: one member out, or one peer in, per block (Raft's
+/// single-server change: the majorities of two configurations that differ by one member always
+/// share a member).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Change {
+    /// The member leaves the configuration.
+    Remove {
+        /// Its client id.
+        id: PeerId,
+        /// Its key.
+        key: u64,
+    },
+    /// The peer joins the configuration.
+    Add {
+        /// Its client id.
+        id: PeerId,
+        /// Its key.
+        key: u64,
+    },
+}
+
+impl Change {
+    /// The identity of the block that makes this change at `tx` on top of `prev`: a digest with
+    /// `alg` of a tagged encoding, which no proof of work's preimage equals.
+    pub fn digest(&self, alg: HashAlg, prev: &Digest, tx: TxId) -> Digest {
+        let bytes = postcard::to_stdvec(&("hashvote/change", prev, tx, self))
+            .expect("postcard serialization into a Vec is infallible");
+        Digest::of(alg, &bytes)
+    }
+
+    /// The peer the change is about.
+    pub fn id(&self) -> PeerId {
+        match *self {
+            Self::Remove { id, .. } | Self::Add { id, .. } => id,
+        }
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Remove { id, .. } => write!(f, "remove {id}"),
+            Self::Add { id, .. } => write!(f, "add {id}"),
+        }
+    }
 }
 
 /// Why a controller rejected a solution.

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use peer::events::{Event, Record};
 use peer::pow::{self, Digest};
-use peer::protocol::{PeerId, Term, TxId};
+use peer::protocol::{Change, PeerId, Term, TxId};
 
 /// A block as the events describe it (`block_accepted`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -42,6 +42,8 @@ pub struct SeenBlock {
     pub hash: String,
     /// The previous block's hash (hex).
     pub prev: String,
+    /// A change of members instead of a solved transaction.
+    pub change: Option<Change>,
 }
 
 /// An invariant the events show was broken.
@@ -282,7 +284,7 @@ impl Checker {
                     return Err(Violation::SeveralIssuers { term: *term, first, second: r.peer });
                 }
             }
-            Event::BlockAccepted { term, tx, winner, difficulty, nonce, hash, prev, .. } => {
+            Event::BlockAccepted { term, tx, winner, difficulty, nonce, hash, prev, change, .. } => {
                 let height = chain.len() as u64;
                 if *tx != height {
                     return Err(Violation::Gap { peer: r.peer, tx: *tx, height });
@@ -305,6 +307,7 @@ impl Checker {
                     nonce: *nonce,
                     hash: hash.clone(),
                     prev: prev.clone(),
+                    change: *change,
                 };
                 let index = match self.known.get(&block) {
                     Some(&i) => i,
@@ -461,7 +464,11 @@ fn digest(tx: TxId, field: &'static str, value: &str) -> Result<Digest, Violatio
 fn verify(b: &SeenBlock) -> Result<(), Violation> {
     let prev = digest(b.tx, "prev", &b.prev)?;
     let hash = digest(b.tx, "hash", &b.hash)?;
-    let proof = pow::proof(&prev, b.tx, b.winner, b.nonce);
+    // A change of members is identified by its digest; it carries no work.
+    let proof = match b.change {
+        Some(change) => change.digest(hash.alg(), &prev, b.tx),
+        None => pow::proof(&prev, b.tx, b.winner, b.nonce),
+    };
     if proof != hash {
         return Err(Violation::WrongHash {
             tx: b.tx,

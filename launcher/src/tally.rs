@@ -34,6 +34,8 @@ pub struct Tally {
     leaders: BTreeMap<Term, PeerId>,
     announced_terms: BTreeSet<(Term, PeerId)>,
     blocks: BTreeMap<TxId, BlockInfo>,
+    /// Blocks that changed the room's members (announced once).
+    changes: BTreeSet<TxId>,
     all_known: bool,
     left: BTreeSet<PeerId>,
     late_solutions: u64,
@@ -49,6 +51,7 @@ impl Tally {
             leaders: BTreeMap::new(),
             announced_terms: BTreeSet::new(),
             blocks: BTreeMap::new(),
+            changes: BTreeSet::new(),
             all_known: false,
             left: BTreeSet::new(),
             late_solutions: 0,
@@ -96,6 +99,12 @@ impl Tally {
             Event::MiningStopped { total_hashes, total_mining_ms, .. } => {
                 state.hashes = total_hashes;
                 state.mining_ms = total_mining_ms;
+            }
+            Event::BlockAccepted { tx, change: Some(change), .. } => {
+                state.height = state.height.max(tx + 1);
+                if self.changes.insert(tx) {
+                    say(format!("block {tx}: the room's members change: {change}"));
+                }
             }
             Event::BlockAccepted { tx, winner, difficulty, nonce, solve_ms, .. } => {
                 state.height = state.height.max(tx + 1);

@@ -23,7 +23,7 @@ fn block(alg: HashAlg, tx: u64, prev: Digest, pace: Pace) -> Block {
     let nonce = Template::new(&prev, tx, miner).search(u32::from(difficulty), 0, 1 << 24).expect("8 bits within 2^24");
     let hash = pow::proof(&prev, tx, miner, nonce);
     let (issued_ms, solved_ms) = (1_700_000_000_000 + tx * 1000, 1_700_000_000_000 + tx * 1000 + 420);
-    Block { tx, term, alg, difficulty, pace, issued_ms, solved_ms, prev, miner, nonce, hash }
+    Block { tx, term, alg, difficulty, pace, issued_ms, solved_ms, prev, miner, nonce, hash, change: None }
 }
 
 /// The room protocol's messages, with every outcome, pace and hash function.
@@ -97,7 +97,7 @@ fn samples() -> Vec<(&'static str, room::Envelope)> {
             },
         ),
         ("room_ack", Msg::Ack { to, term: 2, height: 2, key: 11 }),
-        ("room_sync_request", Msg::SyncRequest { to, from: 0, req: 99 }),
+        ("room_sync_request", Msg::SyncRequest { to, from: 0, req: 99, key: 7 }),
         (
             "room_sync_reply",
             Msg::SyncReply {

@@ -32,6 +32,10 @@ pub struct Args {
     /// Peers that must know each other before the first election.
     #[arg(long, env = "HASHVOTE_ROOM_SIZE")]
     pub room_size: Option<usize>,
+    /// As controller, replace a voting member not heard from for SECS seconds by a live peer
+    /// beyond the room's size (0: never).
+    #[arg(long, env = "HASHVOTE_REPLACE_AFTER", value_name = "SECS")]
+    pub replace_after: Option<u64>,
     /// Mining threads (0: one per core).
     #[arg(long, env = "HASHVOTE_THREADS")]
     pub threads: Option<usize>,
@@ -88,7 +92,7 @@ impl Args {
         macro_rules! set {
             ($($field:ident => $key:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$key = v; } )* };
         }
-        set!(host => host, port => port, room_size => room_size, threads => threads,
+        set!(host => host, port => port, room_size => room_size, replace_after => replace_after_s, threads => threads,
              difficulty => difficulty, hash => hash, target_block_ms => target_block_ms, prefix => prefix, keepalive => keepalive_s,
              connect_timeout => connect_timeout_s, wire => wire);
         if let Some(range) = self.difficulty_range {

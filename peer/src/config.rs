@@ -20,6 +20,8 @@ pub struct PeerConfig {
     pub port: u16,
     /// Peers that must know each other before the first election.
     pub room_size: usize,
+    /// As controller, replace a member silent this many seconds by a live non-voter (0: never).
+    pub replace_after_s: u64,
     /// Mining threads; 0 means one per available core.
     pub threads: usize,
     /// Leading zero bits of challenges issued as controller.
@@ -176,6 +178,9 @@ impl PeerConfig {
         }
         if self.room_size == 0 || self.room_size > 10_000 {
             return bad("room_size", format!("{} is not in 1..=10000", self.room_size));
+        }
+        if self.replace_after_s > 86_400 {
+            return bad("replace_after_s", format!("{} is more than a day (86400)", self.replace_after_s));
         }
         if self.threads > 1024 {
             return bad("threads", format!("{} is more than 1024", self.threads));

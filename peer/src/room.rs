@@ -65,7 +65,7 @@ pub async fn run(
             pace: cfg.pace(),
             alg: cfg.hash,
             seed: rand::random(),
-            timing: Timing::default(),
+            timing: Timing { replace_after_ms: cfg.replace_after_s.saturating_mul(1_000), ..Timing::default() },
         },
         restored,
     );

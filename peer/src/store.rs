@@ -21,8 +21,9 @@ use crate::pow::Digest;
 use crate::protocol::{Block, PeerId, Term};
 use hashvote_core::room::{Restored, RoomConfig};
 
-/// The version of the layout below; a directory written by a newer layout is refused.
-pub const FORMAT: u64 = 1;
+/// The version of the layout below; a directory written by another layout is refused.
+/// 2: blocks carry a change of members (`Block::change`).
+pub const FORMAT: u64 = 2;
 
 /// The database in a data directory.
 const DB_FILE: &str = "peer.redb";
@@ -127,6 +128,17 @@ pub enum StoreError {
         .dir.display()
     )]
     TooNew {
+        /// The directory.
+        dir: PathBuf,
+        /// Its format version.
+        found: u64,
+    },
+    /// The directory was written by an older build, whose blocks this one does not decode.
+    #[error(
+        "data directory {} has format version {found}, older than this build reads ({FORMAT}); move it aside to start the peer afresh",
+        .dir.display()
+    )]
+    TooOld {
         /// The directory.
         dir: PathBuf,
         /// Its format version.
@@ -529,6 +541,7 @@ fn read(dir: &Path, db: &Database, create: &NewIdentity) -> Result<(Identity, Du
     match number("format")? {
         0 => return Err(damaged("format version 0".into())),
         found if found > FORMAT => return Err(StoreError::TooNew { dir: dir.to_owned(), found }),
+        found if found < FORMAT => return Err(StoreError::TooOld { dir: dir.to_owned(), found }),
         _ => {}
     }
     let id = row("id")?.ok_or_else(|| damaged("meta row `id` is missing".into()))?;

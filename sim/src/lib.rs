@@ -22,7 +22,7 @@ use std::sync::Arc;
 use hashvote_core::events::Event;
 use hashvote_core::pace::Pace;
 use hashvote_core::pow::{Digest, HashAlg};
-use hashvote_core::protocol::{Block, Challenge, PeerId, Term};
+use hashvote_core::protocol::{Block, Challenge, Change, PeerId, Term};
 use hashvote_core::room::{Action, Channel, Envelope, Input, Msg, Restored, RoomNode, RoomNodeConfig, Timing, Write};
 use hashvote_core::work::Found;
 use rand::rngs::StdRng;
@@ -72,7 +72,12 @@ impl Scenario {
             block_ms: 150,
             keepalive_ms: 1_000,
             // Syncs of a few blocks take several replies, as the syncs of thousands do.
-            timing: Timing { sync_blocks: rng.random_range(1..=8), ..Timing::default() },
+            timing: Timing {
+                sync_blocks: rng.random_range(1..=8),
+                // Members lost for good are replaced within the run.
+                replace_after_ms: rng.random_range(1_000..=4_000),
+                ..Timing::default()
+            },
             trace: 400,
             connect_over_ms: 50,
             deliveries_per_s: 0,
@@ -102,6 +107,8 @@ impl Scenario {
 pub struct Report {
     /// Blocks committed at the end (the longest committed prefix).
     pub committed: u64,
+    /// Of those, changes of members.
+    pub changes: u64,
     /// The highest term reached.
     pub terms: Term,
     /// Faults injected.
@@ -178,8 +185,8 @@ struct Proc {
     cut_until: u64,
     /// Inputs that arrived while paused.
     backlog: VecDeque<Input>,
-    /// How long the last pause lasted.
-    paused_for: u64,
+    /// When the current (or last) standstill began: pauses that overlap make one.
+    paused_since: u64,
     /// The current mining job's generation (0: none).
     job: u64,
     job_tx: u64,
@@ -413,7 +420,7 @@ impl World {
             paused_until: 0,
             cut_until: 0,
             backlog: VecDeque::new(),
-            paused_for: 0,
+            paused_since: 0,
             job: 0,
             job_tx: 0,
             job_difficulty: 0,
@@ -509,6 +516,7 @@ impl World {
         self.now = end;
         let after = self.committed.len() as u64 - self.commit_at_fault_end.unwrap_or(0);
         self.report.committed = self.committed.len() as u64;
+        self.report.changes = self.committed.iter().filter(|b| b.change.is_some()).count() as u64;
         self.report.committed_after_faults = after;
         self.report.end_ms = end;
         self.report.controllers = self.controllers.len();
@@ -560,6 +568,24 @@ impl World {
                 self.commit_at_fault_end.unwrap_or(0)
             )));
         }
+        // A member lost for good (dead, or back with its disk lost: another key) is replaced by
+        // a peer that can take its place: the controller removes it after `replace_after_ms` of
+        // silence, then adds the other, one committed change at a time.
+        let replace = self.sc.timing.replace_after_ms;
+        // Given the time: its silence, then a block of the controller's term, then two changes.
+        let elected = self.controllers.last_key_value().map_or(u64::MAX, |(_, &(_, at))| at);
+        let time = elected.saturating_add(replace + 3_000) <= end;
+        if let Some(config) = self.room_config().filter(|_| quorum_exists && replace > 0 && time) {
+            let lost =
+                config.members().iter().find(|m| !self.procs.iter().any(|p| p.alive && p.id == m.id && p.key == m.key));
+            let heir = self.procs.iter().find(|p| p.alive && p.connected && config.key_of(p.id) != Some(p.key));
+            if let (Some(m), Some(h)) = (lost, heir) {
+                return Err(self.fail(format!(
+                    "member {} is lost for good and not replaced {} ms after the faults ended, though {} could take its place",
+                    m.id, self.sc.settle_ms, h.id
+                )));
+            }
+        }
         Ok(report)
     }
 
@@ -602,7 +628,7 @@ impl World {
                     return Ok(());
                 }
                 // The peer's own check: its tick came more than 1.5 x keepalive late.
-                if self.procs[p].paused_for > self.sc.keepalive_ms * 3 / 2 {
+                if self.now - self.procs[p].paused_since > self.sc.keepalive_ms * 3 / 2 {
                     self.input(p, Input::Stalled)?;
                 }
                 while let Some(input) = self.procs[p].backlog.pop_front() {
@@ -820,10 +846,19 @@ impl World {
                 node.chain().height()
             )));
         }
+        // A controller is a member; whom a peer follows was one at some point of its chain (a
+        // peer catching up follows the controller through blocks from before it joined).
+        let added = |c: PeerId| {
+            node.chain().blocks().iter().any(|b| matches!(b.change, Some(Change::Add { id, .. }) if id == c))
+        };
         if let (Some(config), Some(c)) = (node.config(), node.controller())
             && config.key_of(c).is_none()
+            && !added(c)
         {
             return Err(self.fail(format!("peer {} follows {c}, who is not a member of the room", pr.id)));
+        }
+        if node.is_controller() && node.members().is_some_and(|m| m.key_of(pr.id) != Some(pr.key)) {
+            return Err(self.fail(format!("peer {} is controller but not a member of the room", pr.id)));
         }
         if node.is_controller()
             && let Some(&(other, _)) = self.controllers.get(&node.term())
@@ -1125,14 +1160,23 @@ impl World {
                 let p = self.resolve(p);
                 let id = self.procs[p].id;
                 self.log(|| format!("{id} paused for {ms} ms"));
-                self.procs[p].paused_until = self.now + ms;
-                self.procs[p].paused_for = ms;
-                if self.procs[p].connected && ms > self.sc.keepalive_ms * 3 / 2 {
-                    // Its keepalive expires while it stands still.
-                    let (conn, epoch) = (self.procs[p].conn, self.epoch);
-                    self.schedule(self.now + self.sc.keepalive_ms * 3 / 2, Ev::KeepaliveExpired { p, conn, epoch });
+                // A pause of a process already paused lengthens its standstill, never shortens it.
+                let limit = self.sc.keepalive_ms * 3 / 2;
+                let pr = &mut self.procs[p];
+                let paused = pr.paused_until > self.now;
+                let expired_before = paused && pr.paused_until - pr.paused_since > limit;
+                if !paused {
+                    pr.paused_since = self.now;
                 }
-                self.schedule(self.now + ms, Ev::Resume { p });
+                pr.paused_until = pr.paused_until.max(self.now + ms);
+                if pr.connected && !expired_before && pr.paused_until - pr.paused_since > limit {
+                    // Its keepalive expires while it stands still.
+                    let (conn, epoch) = (pr.conn, self.epoch);
+                    let at = self.now.max(pr.paused_since + limit);
+                    self.schedule(at, Ev::KeepaliveExpired { p, conn, epoch });
+                }
+                let until = self.procs[p].paused_until;
+                self.schedule(until, Ev::Resume { p });
             }
             Fault::Cut { procs, ms } => {
                 for q in procs {
@@ -1206,8 +1250,10 @@ impl World {
     }
 
     /// The room's committed configuration (from block 0), if the room has one.
+    /// The voting members as of the most blocks any peer knows committed.
     fn room_config(&self) -> Option<hashvote_core::room::RoomConfig> {
-        self.procs.iter().filter(|p| p.node.commit() > 0).find_map(|p| p.node.config().cloned())
+        let p = self.procs.iter().filter(|p| p.node.commit() > 0).max_by_key(|p| p.node.commit())?;
+        p.node.members_at(p.node.commit())
     }
 
     /// Members of the configuration that run with their own data directory (and, if `connected`,

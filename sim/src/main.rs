@@ -85,12 +85,13 @@ fn main() -> ExitCode {
     let (reports, failures) = run_seeds(range, threads, scenario);
     let secs = started.elapsed().as_secs_f64();
     let blocks: u64 = reports.iter().map(|r| r.committed).sum();
+    let changes: u64 = reports.iter().map(|r| r.changes).sum();
     let faults: usize = reports.iter().map(|r| r.faults).sum();
     let delivered: u64 = reports.iter().map(|r| r.delivered).sum();
     let published: u64 = reports.iter().map(|r| r.published).sum();
     let hellos: u64 = reports.iter().map(|r| r.hellos).sum();
     println!(
-        "{} seeds passed, {} failed in {secs:.1} s ({threads} threads): {blocks} blocks committed, {faults} faults, {published} messages published ({hellos} hellos), {delivered} delivered",
+        "{} seeds passed, {} failed in {secs:.1} s ({threads} threads): {blocks} blocks committed ({changes} changes of members), {faults} faults, {published} messages published ({hellos} hellos), {delivered} delivered",
         reports.len(),
         failures.len()
     );

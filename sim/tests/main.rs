@@ -166,3 +166,24 @@ fn three_hundred_peers_joining_over_ten_seconds_through_a_busy_broker_elect_and_
         ..Scenario::large(300)
     });
 }
+
+/// A process paused again before it resumed stands still for both pauses, and is told so on
+/// resuming: its broadcasts' echoes would time its standstill, not the broker. Seed 640272 of the
+/// random faults: a miner that stood still 4 s in three pauses, each shorter than the room's
+/// keepalive, took its standstill for a broker lag of 3 s and stretched its timers by 6 s.
+#[test]
+fn a_process_paused_twice_in_a_row_stands_still_for_both() {
+    let mut sc = Scenario::small(1);
+    sc.peers = 3;
+    sc.room_size = 3;
+    sc.fault_every_ms = 0;
+    sc.fault_ms = 5_000;
+    sc.trace = 1_000_000;
+    let pause = sc.keepalive_ms;
+    let mut w = World::new(1, sc);
+    w.script(2_000, Fault::Pause { p: 1, ms: pause });
+    w.script(2_000 + pause - 10, Fault::Pause { p: 1, ms: pause });
+    let (result, trace) = w.run_with_trace();
+    result.unwrap_or_else(|f| panic!("{f}"));
+    assert!(trace.iter().any(|l| l.ends_with("<- Stalled")), "never told it stood still");
+}

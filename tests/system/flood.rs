@@ -554,6 +554,7 @@ impl Snapshot {
             miner: self.members[rng.random_range(0..self.members.len())],
             nonce: rng.random(),
             hash: Digest::Sha1(rng.random()),
+            change: None,
         }
     }
 
@@ -679,7 +680,7 @@ fn real_message(snap: &Snapshot, rng: &mut StdRng) -> Vec<u8> {
         7 => Msg::Solution { tx, nonce: rng.random() },
         8 => Msg::Result { term, outcome: Outcome::Accepted(block), commit: tx },
         9 => Msg::Ack { to: snap.leader, term, height: tx, key },
-        10 => Msg::SyncRequest { to: snap.leader, from: tx.saturating_sub(3), req: rng.random() },
+        10 => Msg::SyncRequest { to: snap.leader, from: tx.saturating_sub(3), req: rng.random(), key: rng.random() },
         11 => Msg::SyncReply {
             to: from,
             req: rng.random(),

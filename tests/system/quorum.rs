@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use peer::events::{Event, Record};
-use peer::protocol::{PeerId, Term, TxId};
+use peer::protocol::{Change, PeerId, Term, TxId};
 
 use crate::support::*;
 
@@ -18,6 +18,7 @@ const T: Duration = Duration::from_secs(60);
 on_both_brokers!(
     a_quorum_room_elects_commits_fails_over_and_restarts_from_disk,
     a_member_killed_while_the_broker_is_down_does_not_stall_the_next_election,
+    a_member_lost_for_good_is_replaced_and_the_room_outlives_the_next_loss,
 );
 
 /// A room of `--wire room` peers, each with its own data directory and events file per run.
@@ -26,6 +27,10 @@ struct QuorumRoom {
     port: u16,
     broker: RunningBroker,
     size: usize,
+    /// The room's size (`--room-size`): the peers beyond it do not vote.
+    room_size: usize,
+    /// More arguments for every peer.
+    extra: Vec<String>,
     peers: Vec<Option<Proc>>,
     /// Events files of every run of every peer: `files[i]` is peer i's, in run order.
     files: Vec<Vec<PathBuf>>,
@@ -33,10 +38,16 @@ struct QuorumRoom {
 
 impl QuorumRoom {
     fn start(broker: Broker, n: usize) -> Self {
+        Self::start_with(broker, n, n, &[])
+    }
+
+    /// `n` peers for a room of `room_size`, each started with `extra` arguments too.
+    fn start_with(broker: Broker, n: usize, room_size: usize, extra: &[&str]) -> Self {
         let port = free_port();
         let broker = broker.start(port);
         let dir = tempfile::Builder::new().prefix("hashvote-quorum").tempdir().unwrap();
-        let mut room = Self { dir, port, broker, size: n, peers: Vec::new(), files: Vec::new() };
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut room = Self { dir, port, broker, size: n, room_size, extra, peers: Vec::new(), files: Vec::new() };
         for i in 0..n {
             room.peers.push(None);
             room.files.push(Vec::new());
@@ -49,14 +60,14 @@ impl QuorumRoom {
     fn run(&mut self, i: usize) {
         let data = self.dir.path().join(format!("data{i}"));
         let file = self.dir.path().join(format!("peer{i}-run{}.jsonl", self.files[i].len()));
-        let (size, prefix) = (self.size.to_string(), format!("hv{}q{}", std::process::id(), self.port));
+        let (size, prefix) = (self.room_size.to_string(), format!("hv{}q{}", std::process::id(), self.port));
         let data = data.to_str().expect("a UTF-8 temporary path").to_string();
         // A short keepalive makes a hung peer's will come fast (the SIGSTOP failovers); a room of
         // hundreds on two cores needs the launcher's (2 s, one more per 25 peers beyond 50), or
         // its broker's queue outlasts rumqttc's ping: the client gives the connection up,
         // reconnects under the same id, and the broker publishes the will of a live peer.
         let keepalive = if self.size > 10 { (2 + self.size.saturating_sub(50) / 25).to_string() } else { "1".into() };
-        let args = [
+        let mut args = vec![
             "--wire",
             "room",
             "--data-dir",
@@ -72,6 +83,7 @@ impl QuorumRoom {
             "--prefix",
             &prefix,
         ];
+        args.extend(self.extra.iter().map(String::as_str));
         self.peers[i] = Some(start_peer(self.port, &file, &args));
         self.files[i].push(file);
     }
@@ -297,6 +309,60 @@ fn a_member_killed_while_the_broker_is_down_does_not_stall_the_next_election(bro
     room.kill(ctl);
     let (tx3, new_term) = room.wait_commit(tx2 + 1, term);
     println!("3 of 5 after a broker outage and two kills: block {tx3} committed in term {new_term}");
+    assert_quorum_invariants(&room.records());
+}
+
+/// Member replacement: a room of 3 with a fourth peer that does not vote. A voter is killed for
+/// good; after `--replace-after` the controller removes it and adds the fourth peer, each change
+/// a block of the chain, committed. Then a second original voter is killed: 2 of the 3 members
+/// are left, still a quorum, and the room commits on (without the replacement, 1 of 3 would be
+/// left, and the room would wait for ever).
+fn a_member_lost_for_good_is_replaced_and_the_room_outlives_the_next_loss(broker: Broker) {
+    let mut room = QuorumRoom::start_with(broker, 4, 3, &["--replace-after", "2"]);
+    let (tx, _) = room.wait_commit(1, 0);
+    let (_, controller) = room.controller().expect("a controller");
+    let ctl = room.index_of(controller).expect("ours");
+    // The voters are the peers that cast ballots; the one that never did is the spare.
+    let voted = |room: &QuorumRoom, i: usize| {
+        room.files[i].iter().flat_map(|f| read_events(f)).any(|r| matches!(r.event, Event::VoteCast { .. }))
+    };
+    let spare = (0..4).find(|&i| !voted(&room, i)).expect("a peer beyond the room's size");
+    let victim = (0..4).find(|&i| i != ctl && i != spare).expect("another voter");
+    let (victim_id, spare_id) =
+        (started_id(&read_events(&room.files[victim][0])), started_id(&read_events(&room.files[spare][0])));
+    room.kill(victim);
+    let killed_at = peer::events::now_ms();
+    // Out, then in: two blocks that change the members, both committed.
+    let mut changed = None;
+    wait_until(T, &format!("{victim_id} replaced by {spare_id}"), || {
+        let records = room.records();
+        let change_tx = |want: fn(&Change) -> PeerId, id: PeerId| {
+            records.iter().find_map(|r| match &r.event {
+                Event::BlockAccepted { tx, change: Some(c), .. } if r.peer == controller && want(c) == id => Some(*tx),
+                _ => None,
+            })
+        };
+        let removed = change_tx(|c| if let Change::Remove { id, .. } = c { *id } else { 0 }, victim_id);
+        let added = change_tx(|c| if let Change::Add { id, .. } = c { *id } else { 0 }, spare_id);
+        changed = removed.zip(added);
+        let committed = room.committed().map_or(0, |(tx, _)| tx + 1);
+        changed.is_some_and(|(_, added)| committed > added)
+    });
+    let (removed, added) = changed.expect("found");
+    let at = room.records().iter().filter(|r| r.peer == controller).find_map(|r| match &r.event {
+        Event::BlockAccepted { tx, .. } if *tx == removed => Some(r.ts_ms),
+        _ => None,
+    });
+    println!(
+        "{victim_id} (killed) removed in block {removed}, {} ms after the kill; {spare_id} added in block {added}",
+        at.map_or(0, |at| at.saturating_sub(killed_at))
+    );
+    assert!(removed > tx && added == removed + 1, "one change at a time: {removed}, {added}");
+    // Now a second original voter goes: the controller and the new member are a quorum of 3.
+    let second = (0..4).find(|&i| i != ctl && i != spare && i != victim).expect("the third voter");
+    room.kill(second);
+    let (last, _) = room.wait_commit(added + 2, 0);
+    println!("after losing 2 of the 3 original voters: block {last} committed");
     assert_quorum_invariants(&room.records());
 }
 

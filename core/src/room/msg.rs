@@ -8,7 +8,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::pow::{Digest, HashAlg};
-use crate::protocol::{Block, Challenge, DecodeError, MAX_SYNC_BLOCKS, Outcome, PeerId, Term, TxId, max_difficulty};
+use crate::protocol::{
+    Block, Challenge, Change, DecodeError, MAX_SYNC_BLOCKS, Outcome, PeerId, Term, TxId, max_difficulty,
+};
 
 /// The wire version of the room protocol.
 pub const VERSION: u8 = 2;
@@ -72,6 +74,18 @@ impl RoomConfig {
     /// Whether `(id, key)` is a member.
     pub fn contains(&self, id: PeerId, key: u64) -> bool {
         self.key_of(id) == Some(key)
+    }
+
+    /// The configuration after `change`, if it applies: a member (with its key) removed, never
+    /// the last; a peer whose id is no member added, up to [`MAX_ROOM`].
+    pub fn apply(&self, change: Change) -> Option<Self> {
+        let mut members = self.members.clone();
+        match change {
+            Change::Remove { id, key } if self.contains(id, key) && self.len() > 1 => members.retain(|m| m.id != id),
+            Change::Add { id, key } if self.key_of(id).is_none() && id != 0 => members.push(Member { id, key }),
+            _ => return None,
+        }
+        Self::new(members)
     }
 
     /// The digest block 0 links to (`prev`): the hash of the encoded configuration with `alg`.
@@ -218,6 +232,8 @@ pub enum Msg {
         /// A random number the reply repeats: it tells this request's reply from an older one,
         /// and from one meant for another process under the asker's id.
         req: u64,
+        /// The asker's key: a member's request counts as a sign of life to its controller.
+        key: u64,
     },
     /// Direct: the answer to a [`Msg::SyncRequest`].
     SyncReply {
@@ -413,8 +429,10 @@ fn check_challenge(c: &Challenge) -> Result<(), DecodeError> {
 }
 
 fn check_block(b: &Block) -> Result<(), DecodeError> {
+    // A change of members has no miner; a solved block always has one.
     let ok = b.term > 0
-        && b.miner != 0
+        && (b.miner != 0) == b.is_mined()
+        && b.change.is_none_or(|c| c.id() != 0)
         && b.difficulty <= max_difficulty(b.alg)
         && b.pace.is_valid(max_difficulty(b.alg))
         && b.prev.alg() == b.alg
@@ -506,7 +524,7 @@ mod tests {
             Msg::Challenge { challenge, commit: 0, config: Some(config()) },
             Msg::Solution { tx: 0, nonce: 1 },
             Msg::Ack { to: 9, term: 2, height: 3, key: 1 },
-            Msg::SyncRequest { to: 9, from: 0, req: 5 },
+            Msg::SyncRequest { to: 9, from: 0, req: 5, key: 6 },
             Msg::SyncReply {
                 to: 9,
                 req: 5,

@@ -17,7 +17,7 @@ use crate::chain::Chain;
 use crate::events::Event;
 use crate::pace::Pace;
 use crate::pow::{self, Digest, HashAlg, Template};
-use crate::protocol::{Block, Challenge, MAX_SYNC_BLOCKS, Outcome, PeerId, RejectReason, Term, TxId};
+use crate::protocol::{Block, Challenge, Change, MAX_SYNC_BLOCKS, Outcome, PeerId, RejectReason, Term, TxId};
 use crate::status::Role;
 use crate::status::Status;
 use crate::work::{Found, Job};
@@ -42,6 +42,9 @@ pub struct Timing {
     /// Most blocks in one sync reply of ours (at most [`MAX_SYNC_BLOCKS`]; the simulator makes
     /// it small, so that syncs of a few blocks already take several replies).
     pub sync_blocks: usize,
+    /// A controller replaces a voting member it has not heard from for this long by a live
+    /// non-voting peer, if there is one (0: never).
+    pub replace_after_ms: u64,
 }
 
 impl Default for Timing {
@@ -54,6 +57,7 @@ impl Default for Timing {
             discovery_ms: 300,
             sync_retry_ms: 500,
             sync_blocks: MAX_SYNC_BLOCKS,
+            replace_after_ms: 30_000,
         }
     }
 }
@@ -164,6 +168,18 @@ struct Peer {
     gone: bool,
     /// Last time anything came from it.
     heard_ms: u64,
+    /// Since when it has been in the room without a break (the oldest is promoted first).
+    since: u64,
+}
+
+/// A non-voting peer as the controller last heard of it.
+#[derive(Debug, Clone, Copy)]
+struct Learner {
+    key: u64,
+    /// Blocks it holds (the controller's).
+    height: u64,
+    /// When it last acknowledged.
+    at: u64,
 }
 
 /// A ballot of the current term.
@@ -199,7 +215,11 @@ pub struct RoomNode {
     /// Whom it granted that vote.
     promised_to: Option<PeerId>,
     chain: Chain,
+    /// The configuration recorded with block 0.
     config: Option<RoomConfig>,
+    /// The voting members: `config` with the chain's changes applied, the uncommitted ones
+    /// included (Raft's rule: a configuration counts from the moment it is in the log).
+    members: Option<RoomConfig>,
     commit: u64,
     // Volatile.
     role: Role2,
@@ -249,6 +269,8 @@ pub struct RoomNode {
     gone_peers: usize,
     // Controller.
     acks: BTreeMap<PeerId, (u64, u64)>,
+    /// Non-voting peers that acknowledged our blocks in this term: who may replace a member.
+    learners: BTreeMap<PeerId, Learner>,
     became_ms: u64,
     next_beat: u64,
     open: Option<Challenge>,
@@ -298,6 +320,10 @@ pub struct RoomNode {
 /// check looks back `election_max_ms`).
 const ACK_QUIET_MS: u64 = 200;
 
+/// A non-voting peer acknowledges the controller's blocks at most this often: enough for the
+/// controller to know who could take a member's place.
+const LEARNER_ACK_MS: u64 = 1_000;
+
 /// The periodic announcement backs off up to this many doublings of `election_min_ms`.
 const MAX_HELLO_BACKOFF: u32 = 5;
 
@@ -342,6 +368,7 @@ impl RoomNode {
             promised_to: restored.voted_for,
             chain,
             config: restored.config,
+            members: None,
             commit,
             role: Role2::Follower,
             controller: None,
@@ -368,6 +395,7 @@ impl RoomNode {
             gone_voters: 0,
             gone_peers: 0,
             acks: BTreeMap::new(),
+            learners: BTreeMap::new(),
             became_ms: 0,
             next_beat: 0,
             open: None,
@@ -393,7 +421,7 @@ impl RoomNode {
             cfg,
         };
         node.reset_election_timer();
-        node.refresh_voters();
+        node.refresh_members();
         node
     }
 
@@ -437,6 +465,20 @@ impl RoomNode {
     /// The configuration recorded in block 0.
     pub fn config(&self) -> Option<&RoomConfig> {
         self.config.as_ref()
+    }
+
+    /// The voting members: block 0's configuration with the chain's changes of members.
+    pub fn members(&self) -> Option<&RoomConfig> {
+        self.members.as_ref()
+    }
+
+    /// The voting members as of the chain's first `height` blocks (the committed ones, say).
+    pub fn members_at(&self, height: u64) -> Option<RoomConfig> {
+        let blocks =
+            &self.chain.blocks()[..usize::try_from(height).unwrap_or(usize::MAX).min(self.chain.blocks().len())];
+        self.config
+            .as_ref()
+            .map(|base| blocks.iter().filter_map(|b| b.change).fold(base.clone(), |m, c| m.apply(c).unwrap_or(m)))
     }
 
     /// Blocks known committed.
@@ -558,7 +600,12 @@ impl RoomNode {
     fn publish(&mut self, msg: Msg) {
         // Time one broadcast at a time; one not back after `MAX_LAG_MS` was lost (QoS 0).
         let small = !matches!(msg, Msg::Challenge { .. } | Msg::Result { .. });
-        if small
+        if self.echo.as_ref().is_some_and(|(timed, _)| *timed == msg) {
+            // Sent again, so its echo no longer says which copy came back (the first may have
+            // been lost): no sample, as TCP takes none from a retransmission (Karn's rule). One
+            // such echo once measured a re-sent pre-ballot's period as the lag (seed 524450).
+            self.echo = None;
+        } else if small
             && !matches!(msg.channel(), Channel::Direct(_))
             && self.echo.as_ref().is_none_or(|(_, sent)| self.now >= sent + MAX_LAG_MS)
         {
@@ -702,6 +749,14 @@ impl RoomNode {
         if self.is_controller() {
             if now >= self.next_beat {
                 self.beat();
+                // A change of members does not wait for a hard challenge to be solved: it takes
+                // the open transaction's place (its solutions come too late), which is issued
+                // again on top of it once it is committed.
+                if self.pending.is_none()
+                    && let Some(change) = self.change_due()
+                {
+                    self.propose(change);
+                }
             }
             self.check_quorum();
         } else if now >= self.election_deadline {
@@ -788,11 +843,11 @@ impl RoomNode {
         let now = self.now;
         match (self.peers.get_mut(&id), key) {
             (Some(p), Some(k)) if p.key != k => {
-                // Another key under a known id: keep the configuration's (or the first) one.
-                let cfg_key = self.config.as_ref().and_then(|c| c.key_of(id));
+                // Another key under a known id: keep the member's (or the first) one.
+                let cfg_key = self.members.as_ref().and_then(|c| c.key_of(id));
                 if cfg_key == Some(k) {
                     let revived = p.gone;
-                    *p = Peer { key: k, incarnation: 0, gone: false, heard_ms: now };
+                    *p = Peer { key: k, incarnation: 0, gone: false, heard_ms: now, since: now };
                     if revived {
                         self.revived(id);
                     }
@@ -806,12 +861,15 @@ impl RoomNode {
                 p.gone = false;
                 p.heard_ms = now;
                 if revived {
+                    p.since = now;
+                }
+                if revived {
                     self.revived(id);
                     self.refresh_voters();
                 }
             }
             (None, Some(k)) => {
-                self.peers.insert(id, Peer { key: k, incarnation: 0, gone: false, heard_ms: now });
+                self.peers.insert(id, Peer { key: k, incarnation: 0, gone: false, heard_ms: now, since: now });
                 let members = self.peers.len() + 1;
                 self.emit(Event::PeerJoined { id, members });
                 self.refresh_voters();
@@ -851,7 +909,14 @@ impl RoomNode {
     /// The voters: the configuration of block 0, or before it the proposal (the `room_size`
     /// lowest ids among the live peers known, this one included) once enough are known.
     fn voters(&self) -> Option<&RoomConfig> {
-        self.config.as_ref().or(self.proposal.as_ref().map(|(c, _)| c))
+        self.members.as_ref().or(self.proposal.as_ref().map(|(c, _)| c))
+    }
+
+    /// Recomputes the voting members from block 0's configuration and the chain's changes
+    /// (after the configuration or the chain changed other than by an append).
+    fn refresh_members(&mut self) {
+        self.members = self.members_at(self.chain.height());
+        self.refresh_voters();
     }
 
     /// The digest of the proposal a ballot carries, before block 0.
@@ -950,12 +1015,29 @@ impl RoomNode {
             Msg::Ack { to, term, height, key } => {
                 if to == self.cfg.id && self.heard(from, Some(key)) {
                     self.on_ack(from, key, term, height);
+                } else if to == self.cfg.id && term == self.term && self.is_controller() {
+                    // A member's id under another key: the member back with its disk lost (or a
+                    // copy). Not that member, but it may take its place once the member is out.
+                    self.learner_ack(from, key, height);
                 }
             }
             Msg::Heartbeat { term, height, commit, tip, open } => {
                 self.heard(from, None);
                 if self.accept_controller(from, term, "heartbeat") {
                     self.on_heartbeat(from, height, commit, tip, open);
+                } else if self.config.is_some()
+                    && !self.may_lead(from)
+                    && term >= self.term
+                    && height > self.chain.height()
+                {
+                    // A controller that our chain does not show as a member (yet): the room may
+                    // have added it in blocks we lack. We take them, appended only (as from any
+                    // peer that is not our controller), and follow it once they say it is one.
+                    // It has them: a request to anyone else gives way.
+                    if self.syncing.is_some_and(|(to, ..)| to != from) {
+                        self.syncing = None;
+                    }
+                    self.request_sync(from);
                 }
             }
             Msg::Challenge { challenge, commit, config } => {
@@ -973,10 +1055,12 @@ impl RoomNode {
                 }
             }
             Msg::Solution { tx, nonce } => self.on_solution(from, tx, nonce),
-            Msg::SyncRequest { to, from: start, req } => {
+            Msg::SyncRequest { to, from: start, req, key } => {
                 if to == self.cfg.id {
-                    self.heard(from, None);
-                    self.on_sync_request(from, start, req);
+                    // Answered whoever asks (a member back with its disk lost catches up too),
+                    // but only the member's own key says the member is alive.
+                    let member = self.heard(from, Some(key)) && self.is_voter_id(from, key);
+                    self.on_sync_request(from, start, req, member);
                 }
             }
             Msg::SyncReply { to, req, term, config, blocks, height, commit, open } => {
@@ -1090,9 +1174,10 @@ impl RoomNode {
         if height > self.chain.height() {
             match self.controller {
                 Some(c) if c != self.cfg.id => self.request_sync(c),
-                // Without block 0 we know neither the room's voters nor whether we are one: take
-                // the blocks of whoever has them (only a controller can make us drop any).
-                None if self.config.is_none() => self.request_sync(from),
+                // Without a controller, take the blocks of whoever has them (only a controller
+                // can make us drop any): without block 0 we know neither the room's voters nor
+                // whether we are one, and a member added in blocks we lack does not know it votes.
+                None => self.request_sync(from),
                 _ => {}
             }
         }
@@ -1168,6 +1253,10 @@ impl RoomNode {
         if pos.height > 0 && self.config.is_none() {
             self.saw_room();
             self.request_sync(from);
+        } else if pos.height > self.chain.height() && !self.controller_live() {
+            // No controller to take blocks from, and the room elects: a member added in blocks
+            // we lack does not know it votes until it has them (seed 75280).
+            self.request_sync(from);
         }
         if !self.is_voter_id(from, key) {
             return;
@@ -1242,8 +1331,10 @@ impl RoomNode {
         self.my_ballot = None;
         self.pre.clear();
         self.heard_ms = self.now;
-        // Longer after terms without a controller: ballots take that long to go round.
-        self.grant_deadline = Some(self.now + self.wait_ms(self.cfg.timing.ballot_wait_ms));
+        // Longer when the broker lags: ballots take that long to go round. Not doubled by the
+        // backoff, as the election timer is: the voters' backoffs differ, and a deadline of one
+        // voter past another's election timeout splits every term (seed 128203).
+        self.grant_deadline = Some(self.now + self.cfg.timing.ballot_wait_ms + 2 * self.lag());
         self.grant_awaits_echo = false;
         self.reset_election_timer();
     }
@@ -1364,6 +1455,7 @@ impl RoomNode {
         self.syncing = None;
         self.became_ms = self.now;
         self.acks.clear();
+        self.learners.clear();
         self.pending = None;
         self.grant_deadline = None;
         self.emit(Event::LeaderElected { term: self.term, leader: self.cfg.id, votes: self.grants.len() });
@@ -1373,7 +1465,7 @@ impl RoomNode {
         if self.config.is_none() {
             // The first controller records the configuration it was elected by.
             self.config = Some(voters);
-            self.refresh_voters();
+            self.refresh_members();
         }
         self.beat();
         self.issue();
@@ -1396,7 +1488,7 @@ impl RoomNode {
         if self.chain.height() == 0 {
             // The configuration is recorded only with block 0: none was taken yet.
             self.config = None;
-            self.refresh_voters();
+            self.refresh_members();
         }
         self.heard_ms = self.now;
         self.reset_election_timer();
@@ -1441,6 +1533,10 @@ impl RoomNode {
         if !self.is_controller() || self.pending.is_some() {
             return;
         }
+        if let Some(change) = self.change_due() {
+            self.propose(change);
+            return;
+        }
         let tx = self.chain.height();
         let alg = self.chain.alg(self.cfg.alg);
         let prev = match (&self.config, tx) {
@@ -1464,6 +1560,68 @@ impl RoomNode {
         self.publish_challenge(c);
     }
 
+    fn learner_ack(&mut self, from: PeerId, key: u64, height: u64) {
+        let height = height.min(self.chain.height());
+        self.learners.insert(from, Learner { key, height, at: self.now });
+    }
+
+    /// The change of members due now, if any (controller, between two blocks): a live
+    /// non-voting peer in for a missing member; or out, a member not heard from for
+    /// `replace_after_ms`, when a live non-voting peer can take its place. One change at a
+    /// time: none while one is uncommitted (every block is, here), and none before a block of
+    /// this term is committed (the condition Raft's single-server changes need, §4.1).
+    fn change_due(&self) -> Option<Change> {
+        let after = self.cfg.timing.replace_after_ms;
+        let members = self.members.as_ref()?;
+        if after == 0 || self.commit < self.chain.height() {
+            return None;
+        }
+        if self.chain.get(self.commit.checked_sub(1)?).is_none_or(|b| b.term != self.term) {
+            return None;
+        }
+        let live = |at: u64| self.now < at + after;
+        // The live non-voting peer longest in the room; the furthest behind last (a newcomer
+        // still syncing, say: it acknowledges once a second, so its height is a little old).
+        let newcomer = self
+            .learners
+            .iter()
+            .filter(|(id, l)| live(l.at) && members.key_of(**id).is_none())
+            .min_by_key(|(id, l)| {
+                let behind = self.commit.saturating_sub(l.height) > MAX_SYNC_BLOCKS as u64;
+                (behind, self.peers.get(id).map_or(self.now, |p| p.since), **id)
+            })
+            .map(|(&id, l)| Change::Add { id, key: l.key });
+        if members.len() < self.cfg.room_size {
+            return newcomer;
+        }
+        let since = |id: PeerId| self.acks.get(&id).map_or(0, |a| a.1).max(self.became_ms);
+        let heir = |m: &Member| self.learners.get(&m.id).is_some_and(|l| live(l.at) && l.key != m.key);
+        let silent = members
+            .members()
+            .iter()
+            .find(|m| m.id != self.cfg.id && !live(since(m.id)) && (newcomer.is_some() || heir(m)))?;
+        Some(Change::Remove { id: silent.id, key: silent.key })
+    }
+
+    /// Appends and sends a block that changes the room's members; the next challenge waits
+    /// until it is committed.
+    fn propose(&mut self, change: Change) {
+        let (tx, alg) = (self.chain.height(), self.chain.alg(self.cfg.alg));
+        let block = Block::change(tx, self.term, alg, self.cfg.pace, self.now, self.tip(), change);
+        // A member just added has `replace_after_ms` to be heard from, as any at an election.
+        match change {
+            Change::Add { id, .. } => self.acks.insert(id, (0, self.now)),
+            Change::Remove { id, .. } => self.acks.remove(&id),
+        };
+        self.publish(Msg::Result { term: self.term, outcome: Outcome::Accepted(block), commit: self.commit });
+        if let Err(e) = self.append(block) {
+            self.drop_msg("invalid_block", format!("our own change of members {tx}: {e}"));
+            return;
+        }
+        self.pending = Some(tx);
+        self.check_commit();
+    }
+
     fn on_solution(&mut self, miner: PeerId, tx: TxId, nonce: u64) {
         if !self.is_controller() {
             return;
@@ -1476,7 +1634,20 @@ impl RoomNode {
                 if hash.leading_zeros() >= u32::from(c.difficulty) {
                     let solved_ms = self.now.max(c.issued_ms);
                     let (alg, difficulty, pace, issued_ms, prev) = (c.alg, c.difficulty, c.pace, c.issued_ms, c.prev);
-                    Ok(Block { tx, term, alg, difficulty, pace, issued_ms, solved_ms, prev, miner, nonce, hash })
+                    Ok(Block {
+                        tx,
+                        term,
+                        alg,
+                        difficulty,
+                        pace,
+                        issued_ms,
+                        solved_ms,
+                        prev,
+                        miner,
+                        nonce,
+                        hash,
+                        change: None,
+                    })
                 } else {
                     Err(RejectReason::InsufficientWork)
                 }
@@ -1510,7 +1681,11 @@ impl RoomNode {
             self.enter_term(term);
             return;
         }
-        if term < self.term || !self.is_controller() || !self.is_voter_id(from, key) {
+        if term < self.term || !self.is_controller() {
+            return;
+        }
+        if !self.is_voter_id(from, key) {
+            self.learner_ack(from, key, height);
             return;
         }
         let entry = self.acks.entry(from).or_insert((0, 0));
@@ -1561,7 +1736,7 @@ impl RoomNode {
         }
     }
 
-    fn on_sync_request(&mut self, asker: PeerId, start: TxId, req: u64) {
+    fn on_sync_request(&mut self, asker: PeerId, start: TxId, req: u64, member: bool) {
         if start > 0 {
             // The asker holds blocks: a room with a chain exists.
             self.saw_room();
@@ -1574,7 +1749,7 @@ impl RoomNode {
         let config = if start == 0 { self.config.clone() } else { None };
         let open = if self.is_controller() { self.open } else { None };
         let (term, commit) = (self.term.max(1), self.commit);
-        if self.is_controller() {
+        if self.is_controller() && member {
             self.acks.entry(asker).or_insert((0, 0)).1 = self.now;
         }
         self.publish(Msg::SyncReply { to: asker, req, term, config, blocks, height, commit, open });
@@ -1595,10 +1770,7 @@ impl RoomNode {
             // We know no configuration, so we cannot tell a forger's newer term from the room's,
             // and we promised nothing in the terms after `term`. Ours fell silent: follow
             // whoever speaks as controller, keeping the vote we promised in `term`, if any.
-            self.term = term;
-            self.term_since = self.now;
-            self.voted_for = if term == self.promised { self.promised_to } else { None };
-            self.controller = None;
+            self.fall_back_to(term);
         }
         if term < self.term {
             // A stale controller (paused, cut off): tell it the room moved on, at most once per beat.
@@ -1642,6 +1814,21 @@ impl RoomNode {
         }
     }
 
+    /// Leaves a term we only heard of (we promised nothing in it, and took it before we could
+    /// tell a forger) for the older `term`, keeping the vote we promised in it, if any. Votes
+    /// stay one per term: nothing was promised after `promised`.
+    fn fall_back_to(&mut self, term: Term) {
+        debug_assert!(term >= self.promised && term < self.term);
+        self.term = term;
+        self.term_since = self.now;
+        self.voted_for = if term == self.promised { self.promised_to } else { None };
+        self.controller = None;
+        self.ballots.clear();
+        self.grants.clear();
+        self.my_ballot = None;
+        self.pre.clear();
+    }
+
     /// Whether `id` could be elected: a voter of the configuration (before block 0, of our
     /// proposal). A peer that knows neither cannot tell.
     fn may_lead(&self, id: PeerId) -> bool {
@@ -1667,10 +1854,10 @@ impl RoomNode {
     fn matched(&mut self, controller: PeerId, upto: u64, commit: u64) {
         self.diverged = None;
         self.set_commit(commit.min(upto));
-        if !self.is_voter() {
+        let (to, term, height, at) = self.last_ack;
+        if !self.is_voter() && (to, term) == (controller, self.term) && self.now < at + LEARNER_ACK_MS {
             return;
         }
-        let (to, term, height, at) = self.last_ack;
         if (to, term, height) == (controller, self.term, upto) && self.now < at + ACK_QUIET_MS {
             return;
         }
@@ -1840,10 +2027,16 @@ impl RoomNode {
                 "not_member",
                 format!("{c} was followed as controller but is not a voting member of the room"),
             );
+            if self.term > self.promised {
+                // So was its term, which we promised nothing in: kept, it would make us drop
+                // the room's controller as stale for good (seed 937136). Were it the room's, a
+                // member would move us to it again.
+                self.fall_back_to(self.promised);
+            }
         }
         self.config = Some(config);
         self.saw_room();
-        self.refresh_voters();
+        self.refresh_members();
     }
 
     /// Verifies, appends and persists a block; bookkeeping for mining and events.
@@ -1855,9 +2048,34 @@ impl RoomNode {
                 self.persist(Write::Config(config));
             }
         }
+        let members = match block.change {
+            None => None,
+            // Applied from the moment it is in the chain, committed or not (Raft §4.1).
+            Some(change) => Some(
+                self.members
+                    .as_ref()
+                    .and_then(|m| m.apply(change))
+                    .ok_or(crate::chain::ChainError::Members(block.tx))?,
+            ),
+        };
         self.chain.append(block)?;
         self.persist(Write::Append(vec![block]));
+        if let Some(members) = members {
+            self.members = Some(members);
+            if let Some(Change::Remove { id, key }) = block.change
+                && let Some(p) = self.peers.get(&id).filter(|p| p.key == key)
+            {
+                // Forget the member that left: a process under its id with another key (the
+                // member back with its disk lost) is then a peer like any other.
+                if p.gone {
+                    self.gone_peers -= 1;
+                }
+                self.peers.remove(&id);
+            }
+            self.refresh_voters();
+        }
         self.emit(Event::BlockAccepted {
+            change: block.change,
             term: block.term,
             tx: block.tx,
             winner: block.miner,
@@ -1888,8 +2106,8 @@ impl RoomNode {
         if tx == 0 {
             self.chain = Chain::new();
             self.config = None;
-            self.refresh_voters();
         }
+        self.refresh_members();
         true
     }
 
@@ -1933,7 +2151,7 @@ impl RoomNode {
         };
         let req = self.rng.random();
         self.syncing = Some((peer, self.now, from, req));
-        self.publish(Msg::SyncRequest { to: peer, from, req });
+        self.publish(Msg::SyncRequest { to: peer, from, req, key: self.cfg.key });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1982,12 +2200,17 @@ impl RoomNode {
         }
         let before = self.chain.height();
         let mut linked = true;
+        // A block below the replier's commit point is committed: one of ours that conflicts
+        // with it never can be, and goes, whoever tells us (above our own commit point only). A
+        // peer behind a change of members needs this: the controller it cannot yet tell from a
+        // stranger is a member by blocks that its own stale suffix keeps out.
+        let overrides = |tx: TxId| authoritative || tx < commit;
         for block in blocks {
             if let Some(mine) = self.chain.get(block.tx) {
                 if mine.hash == block.hash {
                     continue;
                 }
-                if !authoritative || !self.truncate(block.tx) {
+                if !overrides(block.tx) || !self.truncate(block.tx) {
                     linked = false;
                     break;
                 }
@@ -2006,17 +2229,19 @@ impl RoomNode {
             self.emit(Event::Synced { from: tx, height: self.chain.height() });
         }
         if !linked {
-            if authoritative && self.diverged.is_none() {
+            if first.is_some_and(overrides) && self.diverged.is_none() {
                 self.diverge();
                 self.request_sync(from);
             }
             return;
         }
         let mut agreed_more = false;
-        if let (true, Some(last), Some(d)) = (authoritative, last, self.diverged.as_mut()) {
-            // Every block of the reply is now ours, and the reply is our controller's: the next
-            // request starts after them.
-            let agreed = if d.controller == Some(from) && d.term == term { d.agreed } else { 0 };
+        let committed = last.is_some_and(|l| l < commit);
+        if let (true, Some(last), Some(d)) = (authoritative || committed, last, self.diverged.as_mut()) {
+            // Every block of the reply is now ours, and the reply is our controller's (or its
+            // blocks are committed, the same for all): the next request starts after them.
+            let same = d.controller == Some(from) && d.term == term;
+            let agreed = if same || committed { d.agreed } else { 0 };
             agreed_more = last + 1 > agreed;
             *d = Diverged { controller: Some(from), term, agreed: agreed.max(last + 1) };
         }

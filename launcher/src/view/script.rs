@@ -88,6 +88,7 @@ pub fn block(term: Term, tx: TxId, miner: PeerId, difficulty: u8, issued_ms: u64
         miner,
         nonce: tx,
         hash,
+        change: None,
     }
 }
 

@@ -46,6 +46,7 @@ fn block_after(tip: Option<&Block>, term: Term) -> Block {
         miner: 7,
         nonce: tx,
         hash: Digest::Sha1(hash),
+        change: None,
     }
 }
 
@@ -262,8 +263,20 @@ fn a_newer_format_is_refused() {
         txn.open_table(META).unwrap().insert("format", (FORMAT + 1).to_le_bytes().as_slice()).unwrap();
     });
     let e = open_err(tmp.path(), room(None));
-    assert!(matches!(e, StoreError::TooNew { found: 2, .. }));
-    assert_message(&e, tmp.path(), "has format version 2, newer than this build reads (1)");
+    assert!(matches!(e, StoreError::TooNew { found: 3, .. }));
+    assert_message(&e, tmp.path(), "has format version 3, newer than this build reads (2)");
+}
+
+#[test]
+fn an_older_format_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    drop(Store::open(tmp.path(), room(None)).unwrap());
+    tamper(tmp.path(), |txn| {
+        txn.open_table(META).unwrap().insert("format", 1u64.to_le_bytes().as_slice()).unwrap();
+    });
+    let e = open_err(tmp.path(), room(None));
+    assert!(matches!(e, StoreError::TooOld { found: 1, .. }));
+    assert_message(&e, tmp.path(), "has format version 1, older than this build reads (2); move it aside");
 }
 
 #[test]

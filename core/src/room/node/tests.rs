@@ -15,6 +15,11 @@ struct Room {
 
 impl Room {
     fn new(n: usize) -> Self {
+        Self::with_room_size(n, n, Timing::default())
+    }
+
+    /// `n` peers for a room of `room_size` (the peers beyond it do not vote).
+    fn with_room_size(n: usize, room_size: usize, timing: Timing) -> Self {
         let nodes = (0..n)
             .map(|i| {
                 let id = 100 + i as PeerId;
@@ -23,11 +28,11 @@ impl Room {
                     key: 1000 + u64::from(id),
                     incarnation: 7,
                     since_ms: 0,
-                    room_size: n,
+                    room_size,
                     pace: Pace::Fixed(2),
                     alg: HashAlg::Sha1,
                     seed: 42 + i as u64,
-                    timing: Timing::default(),
+                    timing,
                 };
                 RoomNode::new(cfg, Restored::default())
             })
@@ -778,4 +783,134 @@ fn a_controller_that_stood_down_is_not_controller_of_that_term_again() {
     let grant = Msg::Grant { to, to_key, term, key };
     room.nodes[ctl].handle(later + 1, Input::Message(Envelope::new(id, grant)));
     assert!(!room.nodes[ctl].is_controller());
+}
+
+#[test]
+fn a_broadcast_sent_again_gives_no_sample_of_the_lag() {
+    let mut node = lone(3);
+    node.handle(1, Input::Message(Envelope::new(100, node.hello(None, true))));
+    assert_eq!(node.lag_ms, 1);
+    let pre = Msg::PreBallot { to: None, term: 1, key: node.cfg.key, pos: node.pos() };
+    node.echo = Some((pre.clone(), 1_000));
+    // The first copy is lost (QoS 0); the same message goes out again 700 ms later and comes
+    // back at once. Timed from the first copy, it would say the broker lags 700 ms.
+    node.now = 1_700;
+    node.publish(pre.clone());
+    node.handle(1_702, Input::Message(Envelope::new(100, pre)));
+    assert_eq!(node.lag_ms, 1);
+}
+
+#[test]
+fn a_voter_after_terms_without_a_controller_grants_after_the_ballot_wait_alone() {
+    let mut node = lone(3);
+    // Another voter's backoff may be lower: its election timeout must not fall before our grant.
+    node.backoff = MAX_BACKOFF;
+    node.now = 5_000;
+    node.enter_term(node.term() + 1);
+    assert_eq!(node.grant_deadline, Some(5_000 + Timing::default().ballot_wait_ms + 2 * node.lag()));
+}
+
+#[test]
+fn a_term_heard_before_the_configuration_is_left_once_it_is_known() {
+    let room = founded_with_blocks(1);
+    let ctl = room.nodes[room.controllers()[0]].id();
+    let follower = (room.controllers()[0] + 1) % 3;
+    let term = room.nodes[follower].term();
+    let mut node = member_without_chain(&room, follower);
+    hear(&mut node, room.now, 999, term + 1);
+    assert_eq!(node.term(), term + 1);
+    // The chain's first block brings the configuration: 999 is no member, and the term it
+    // brought may be forged. Kept, it would make the peer drop the room's controller as stale.
+    let config = room.nodes[follower].config().cloned().unwrap();
+    node.take_config(config, HashAlg::Sha1);
+    assert_eq!((node.term(), node.voted_for(), node.controller()), (term, Some(ctl), None));
+    hear(&mut node, room.now + 1, ctl, term);
+    assert_eq!(node.controller(), Some(ctl));
+}
+
+fn changes(node: &RoomNode) -> Vec<Change> {
+    node.chain().blocks().iter().filter_map(|b| b.change).collect()
+}
+
+#[test]
+fn a_member_silent_past_the_replacement_time_is_replaced_by_a_live_non_voter_one_change_at_a_time() {
+    let timing = Timing { replace_after_ms: 2_000, ..Timing::default() };
+    let mut room = Room::with_room_size(4, 3, timing);
+    room.run(FOUNDED_MS);
+    let ctl = room.controllers()[0];
+    let spare = 3;
+    assert!(!room.nodes[spare].is_voter(), "the fourth peer does not vote");
+    let miner = (0..3).find(|&i| i != ctl).unwrap();
+    room.mine(miner);
+    room.run(10);
+    // A voter dies with its will lost: nothing more comes from it. (Its index is the last voter
+    // that is neither the controller nor the miner; the spare keeps index 2 once it is removed.)
+    let dead = (0..3).find(|&i| i != ctl && i != miner).unwrap();
+    let dead_member = Member { id: room.nodes[dead].id(), key: room.nodes[dead].key() };
+    let ctl_id = room.nodes[ctl].id();
+    room.nodes.remove(dead);
+    let ctl = room.nodes.iter().position(|n| n.id() == ctl_id).unwrap();
+    let spare = room.nodes.len() - 1;
+    let (spare_id, spare_key) = (room.nodes[spare].id(), room.nodes[spare].key());
+    // Before the replacement time, nothing changes.
+    room.run(1_500);
+    assert!(changes(&room.nodes[ctl]).is_empty());
+    room.run(1_000);
+    // Out, then in, each committed before the next: the new member's vote counts from its block.
+    let expected =
+        [Change::Remove { id: dead_member.id, key: dead_member.key }, Change::Add { id: spare_id, key: spare_key }];
+    for node in &room.nodes {
+        assert_eq!(changes(node), expected, "{}", node.id());
+        assert_eq!(node.commit(), node.chain().height(), "{}: committed", node.id());
+    }
+    assert!(room.nodes[spare].is_voter());
+    assert_eq!(room.nodes[ctl].members().unwrap().len(), 3);
+    // The room goes on mining, and the new member acknowledges blocks as a voter.
+    let miner = (0..room.nodes.len()).find(|&i| i != ctl).unwrap();
+    let before = room.nodes[ctl].commit();
+    room.mine(miner);
+    room.run(10);
+    assert_eq!(room.nodes[ctl].commit(), before + 1);
+}
+
+#[test]
+fn a_member_back_with_its_disk_lost_takes_its_own_place() {
+    let timing = Timing { replace_after_ms: 2_000, ..Timing::default() };
+    let mut room = Room::with_room_size(3, 3, timing);
+    room.run(FOUNDED_MS);
+    let ctl = room.controllers()[0];
+    let miner = (ctl + 1) % 3;
+    room.mine(miner);
+    room.run(10);
+    // The third voter comes back under its id with an empty data directory: another key.
+    let lost = (ctl + 2) % 3;
+    let old = Member { id: room.nodes[lost].id(), key: room.nodes[lost].key() };
+    let cfg = RoomNodeConfig { key: old.key + 1, incarnation: 8, ..room.nodes[lost].cfg.clone() };
+    room.nodes[lost] = RoomNode::new(cfg, Restored::default());
+    room.input(lost, Input::Connected);
+    room.run(3_000);
+    let expected = [Change::Remove { id: old.id, key: old.key }, Change::Add { id: old.id, key: old.key + 1 }];
+    assert_eq!(changes(&room.nodes[ctl]), expected);
+    assert_eq!(room.nodes[ctl].commit(), room.nodes[ctl].chain().height());
+    assert!(room.nodes[lost].is_voter(), "a member again, under its new key");
+}
+
+#[test]
+fn a_change_of_members_that_does_not_apply_is_refused_and_truncation_reverts_one() {
+    let mut room = founded_with_blocks(1);
+    let ctl = room.controllers()[0];
+    let follower = (ctl + 1) % 3;
+    let node = &mut room.nodes[follower];
+    let (term, alg) = (node.term(), HashAlg::Sha1);
+    let stranger = Change::Remove { id: 999, key: 1 };
+    let block = Block::change(1, term, alg, Pace::Fixed(2), 0, node.tip(), stranger);
+    assert_eq!(node.append(block), Err(crate::chain::ChainError::Members(1)));
+    // A well-formed one applies at once, uncommitted, and goes with the block.
+    let member = node.members().unwrap().members()[0];
+    let out = Change::Remove { id: member.id, key: member.key };
+    let block = Block::change(1, term, alg, Pace::Fixed(2), 0, node.tip(), out);
+    node.append(block).unwrap();
+    assert_eq!(node.members().unwrap().len(), 2);
+    assert!(node.truncate(1));
+    assert_eq!(node.members().unwrap().len(), 3);
 }
