@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use hashvote_core::room::{self, Member, Msg, Pos, RoomConfig};
 use peer::pace::Pace;
 use peer::pow::{self, Digest, HashAlg, Template};
-use peer::protocol::{Block, Challenge, Outcome, RejectReason};
+use peer::protocol::{Block, Challenge, Change, Outcome, RejectReason};
 
 /// A block of `alg` at `tx` on top of `prev`, with real proof of work at a low difficulty.
 fn block(alg: HashAlg, tx: u64, prev: Digest, pace: Pace) -> Block {
@@ -49,6 +49,9 @@ fn samples() -> Vec<(&'static str, room::Envelope)> {
     let c0 = Challenge { tx: 0, prev: config.digest(HashAlg::Sha1), ..c };
     let s0 = block(HashAlg::Sha256, 0, config.digest(HashAlg::Sha256), retarget);
     let s1 = block(HashAlg::Sha256, 1, s0.hash, retarget);
+    // A change of members at height 2: no proof of work, its digest as its hash.
+    let change =
+        Block::change(2, 2, HashAlg::Sha1, fixed, 1_700_000_000_000, b1.hash, Change::Add { id: 77, key: 7_700 });
     let c_range = Challenge { pace: range, ..c };
     let c_sha256 = Challenge { alg: HashAlg::Sha256, pace: retarget, prev: s1.hash, ..c };
     let pos = Pos { last_term: 2, height: 2 };
@@ -88,6 +91,7 @@ fn samples() -> Vec<(&'static str, room::Envelope)> {
         ("room_solution", Msg::Solution { tx: 2, nonce: 1 << 40 }),
         ("room_result_accepted", Msg::Result { term: 2, outcome: Outcome::Accepted(b1), commit: 1 }),
         ("room_result_accepted_sha256", Msg::Result { term: 2, outcome: Outcome::Accepted(s1), commit: 1 }),
+        ("room_result_change", Msg::Result { term: 2, outcome: Outcome::Accepted(change), commit: 2 }),
         (
             "room_result_rejected",
             Msg::Result {
