@@ -78,6 +78,13 @@ pub enum Action {
     Grant(PeerId),
     /// The controller `peer` appends an entry.
     ClientRequest(PeerId),
+    /// The controller `peer` appends an entry that toggles `target`'s membership.
+    ChangeMembers {
+        /// The controller.
+        peer: PeerId,
+        /// The peer out or in.
+        target: PeerId,
+    },
     /// The controller `peer` publishes its log after `prev_len`.
     Replicate {
         /// The controller.
@@ -153,12 +160,15 @@ impl Model for RoomModel {
             if p.term() < s.max_term {
                 actions.extend((0..s.ballots).map(|ballot| Action::TimeOut { peer, ballot }));
             }
-            if p.grant_choice(s).is_some() {
+            if p.grant_choice(peer, s).is_some() {
                 actions.push(Action::Grant(peer));
             }
             if p.role == Role::Controller {
                 if p.log().len() < usize::from(s.max_log) {
                     actions.push(Action::ClientRequest(peer));
+                }
+                for target in (0..PEERS as PeerId).filter(|&t| p.may_change(peer, t, s)) {
+                    actions.push(Action::ChangeMembers { peer, target });
                 }
                 let longest = if s.any_prefix { p.log().len() as u8 } else { 0 };
                 actions.extend((0..=longest).map(|prev_len| Action::Replicate { peer, prev_len }));
@@ -179,6 +189,7 @@ impl Model for RoomModel {
             Action::TimeOut { peer, ballot } => next.peers[usize::from(peer)].time_out(peer, s, ballot, &mut out),
             Action::Grant(peer) => next.peers[usize::from(peer)].grant(peer, s, &mut out),
             Action::ClientRequest(peer) => next.peers[usize::from(peer)].client_request(s),
+            Action::ChangeMembers { peer, target } => next.peers[usize::from(peer)].change_members(peer, target, s),
             Action::Replicate { peer, prev_len } => next.peers[usize::from(peer)].replicate(peer, prev_len, &mut out),
             Action::Restart(peer) => {
                 next.peers[usize::from(peer)].restart(s);
@@ -246,6 +257,11 @@ impl Model for RoomModel {
                 s.peers
                     .iter()
                     .any(|c| c.role == Role::Controller && s.ghost.committed.iter().any(|&(_, when)| when < c.term()))
+            }));
+        }
+        if self.settings.changes {
+            p.push(Property::sometimes("a change of members is committed", |_, s: &State| {
+                s.peers.iter().any(|p| (0..usize::from(p.commit)).any(|i| p.log().change(i) != 0))
             }));
         }
         if self.settings.wait_for_all_ballots {

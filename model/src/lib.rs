@@ -2,7 +2,8 @@
 //! "Chain replication and commit"), with the [`stateright`] model checker.
 //!
 //! # What is modelled
-//! - Three voters (indices 0..3 for the spec's ids 1..3) in a fixed configuration, quorum 2.
+//! - Three peers (indices 0..3 for the spec's ids 1..3), all voters at first, quorum 2; with
+//!   [`Settings::changes`], the configuration of a log is all three with its changes applied.
 //! - Terms, durable with the vote (`voted_for`) and the log; each log entry is just the term of the
 //!   controller that appended it (by log matching, (index, term) names a whole prefix).
 //! - Election: a peer's timer expires -> term + 1, it publishes `Ballot{term, ballot, pos}` with a
@@ -30,7 +31,11 @@
 //!   check-quorum). Again a superset of the real behaviours, for safety.
 //! - Blocks, hashes, mining, challenges, sync requests: an entry is its term; the controller's
 //!   `Append` for every prefix stands for the sync protocol's replies.
-//! - Bootstrap proposals, keys, non-voting members and configuration changes (the config is fixed).
+//! - Bootstrap proposals, keys, and the replacement policy: with [`Settings::changes`], a
+//!   controller may toggle any other peer's membership (one entry per change) whenever the rules
+//!   allow one, which is a superset of when the room's policy proposes one. Peers count votes and
+//!   copies against the configuration of their whole log, uncommitted changes included; a peer
+//!   outside its own configuration neither grants nor keeps others' ballots, as in the room.
 //! - The commit hint in durable storage (commit is volatile here: a weaker assumption).
 //!
 //! # State-space reductions (each sound for the safety properties)

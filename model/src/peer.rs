@@ -20,12 +20,24 @@ pub const LOG_CAPACITY: usize = 4;
 /// A peer index, 0..[`PEERS`]; it stands for the spec's ids 1..=3 (only their order matters).
 pub type PeerId = u8;
 
-/// A log: the term of each entry. By log matching, (index, term) names a whole prefix.
+/// A log: the term of each entry, and whether it changes the members. By log matching,
+/// (index, term) names a whole prefix.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Log {
     len: u8,
     // Invariant: every slot at or past `len` is 0, so equal logs hash equally.
     terms: [Term; LOG_CAPACITY],
+    /// Per entry: 0, or `1 + p`, a change of members that toggles peer `p` (out if it is a
+    /// member, in if not), as the room's `Change::Remove` and `Change::Add`.
+    changes: [u8; LOG_CAPACITY],
+}
+
+/// Every peer: the configuration before any change.
+pub const ALL: u8 = (1 << PEERS) - 1;
+
+/// Votes (or stored copies) that make a majority of the members `mask`.
+pub fn quorum_of(mask: u8) -> usize {
+    mask.count_ones() as usize / 2 + 1
 }
 
 impl Log {
@@ -46,20 +58,37 @@ impl Log {
 
     /// Appends an entry of `term`.
     pub fn push(&mut self, term: Term) {
+        self.push_entry(term, 0);
+    }
+
+    /// Appends an entry of `term` with `change` (0, or `1 + p`: toggles peer `p`).
+    pub fn push_entry(&mut self, term: Term, change: u8) {
         self.terms[self.len()] = term;
+        self.changes[self.len()] = change;
         self.len += 1;
+    }
+
+    /// Entry `i`'s change (0: none).
+    pub fn change(&self, i: usize) -> u8 {
+        self.changes[i]
+    }
+
+    /// The members: every peer, with the log's changes applied, uncommitted ones included.
+    pub fn members(&self) -> u8 {
+        self.changes[..self.len()].iter().filter(|&&c| c > 0).fold(ALL, |m, &c| m ^ (1 << (c - 1)))
     }
 
     /// Keeps the first `len` entries.
     pub fn truncate(&mut self, len: usize) {
         self.terms[len..].fill(0);
+        self.changes[len..].fill(0);
         self.len = self.len.min(len as u8);
     }
 
     /// The entries from `start` on, as a log of their own.
     pub fn suffix(&self, start: usize) -> Log {
         let mut l = Log::default();
-        self.entries()[start..].iter().for_each(|&t| l.push(t));
+        (start..self.len()).for_each(|i| l.push_entry(self.terms[i], self.changes[i]));
         l
     }
 
@@ -97,6 +126,9 @@ pub enum Variant {
     /// Broken: the controller commits an index whose entry is of an earlier term once a quorum
     /// stores it (the Raft paper's figure 8).
     CommitOldTerm,
+    /// Broken: a controller changes the members while an entry (a change among them) is not yet
+    /// committed, so configurations two changes apart are in use at once.
+    ChangeUncommitted,
 }
 
 /// The bounds and rules of one model instance.
@@ -119,6 +151,8 @@ pub struct Settings {
     /// Liveness mode: a voter grants only once it holds a ballot from every member (ROOM.md's
     /// first grant condition, without the `ballot_wait` escape).
     pub wait_for_all_ballots: bool,
+    /// Whether a controller may change the members (one peer out or in per entry).
+    pub changes: bool,
 }
 
 /// A message. `Ballot` and `Append` are published to the whole room (MQTT pub/sub: every other
@@ -284,8 +318,12 @@ impl PeerState {
         if self.role != Role::Candidate {
             return;
         }
+        let members = self.durable.log.members();
+        if members & (1 << from) == 0 {
+            return; // not a member in the candidate's configuration: its vote does not count
+        }
         self.grants |= 1 << from;
-        if self.grants.count_ones() as usize >= QUORUM {
+        if (self.grants & members).count_ones() as usize >= quorum_of(members) {
             self.role = Role::Controller;
             self.grants = 0; // no longer needed; cleared so that equal situations are equal states
             self.matched = [0; PEERS];
@@ -302,9 +340,12 @@ impl PeerState {
 
     /// The candidate this voter would grant to now: among the ballots it holds whose position is
     /// at least its own, the most up-to-date, then the highest (ballot, id). `None` if it has voted or holds none eligible.
-    pub fn grant_choice(&self, s: &Settings) -> Option<PeerId> {
+    pub fn grant_choice(&self, me: PeerId, s: &Settings) -> Option<PeerId> {
         if self.durable.voted_for.is_some() || (s.wait_for_all_ballots && self.ballots.iter().any(Option::is_none)) {
             return None;
+        }
+        if self.durable.log.members() & (1 << me) == 0 {
+            return None; // not a voter in its own view: it grants no one (as the room's peers)
         }
         let own = self.durable.log.pos();
         let check_pos = s.variant != Variant::NoUpToDateCheck;
@@ -319,7 +360,7 @@ impl PeerState {
 
     /// The voter grants its vote of this term now (persisted with the term).
     pub fn grant(&mut self, me: PeerId, s: &Settings, out: &mut Vec<Msg>) {
-        if let Some(to) = self.grant_choice(s) {
+        if let Some(to) = self.grant_choice(me, s) {
             self.durable.voted_for = Some(to);
             // The ballots held only serve this one grant of the term: drop them (smaller states).
             self.ballots = [None; PEERS];
@@ -328,6 +369,31 @@ impl PeerState {
             } else {
                 out.push(Msg::Grant { term: self.term(), from: me, to });
             }
+        }
+    }
+
+    /// Whether the controller may now toggle `target`'s membership: one change at a time, once
+    /// every entry is committed and the last of its own term (the room's rule), or at any moment
+    /// in the broken variant; never itself out; never the last member out.
+    pub fn may_change(&self, me: PeerId, target: PeerId, s: &Settings) -> bool {
+        let log = &self.durable.log;
+        let members = log.members();
+        let settled = usize::from(self.commit) == log.len() && log.entries().last() == Some(&self.term());
+        let allowed = settled || s.variant == Variant::ChangeUncommitted;
+        let out = members & (1 << target) != 0;
+        s.changes
+            && self.role == Role::Controller
+            && log.len() < usize::from(s.max_log)
+            && target != me
+            && allowed
+            && !(out && members.count_ones() == 1)
+    }
+
+    /// The controller appends an entry of its term that toggles `target`'s membership.
+    pub fn change_members(&mut self, me: PeerId, target: PeerId, s: &Settings) {
+        if self.may_change(me, target, s) {
+            let term = self.term();
+            self.durable.log.push_entry(term, 1 + target);
         }
     }
 
@@ -374,7 +440,9 @@ impl PeerState {
                     self.enter_term(term);
                     self.publish(me, ballot, out);
                 }
-                if term == self.term() && self.durable.voted_for.is_none() {
+                // A ballot from a peer that is no member in our view is refused.
+                let member = self.durable.log.members() & (1 << from) != 0;
+                if term == self.term() && self.durable.voted_for.is_none() && member {
                     self.ballots[usize::from(from)] = Some((theirs, pos));
                 }
             }
@@ -401,11 +469,11 @@ impl PeerState {
                 }
                 for (k, &e) in entries.entries().iter().enumerate() {
                     let i = prev + k;
-                    if i < log.len() && log.entries()[i] != e {
+                    if i < log.len() && (log.entries()[i], log.change(i)) != (e, entries.change(k)) {
                         log.truncate(i); // only a conflicting suffix, never a matching one
                     }
                     if i >= log.len() {
-                        log.push(e);
+                        log.push_entry(e, entries.change(k));
                     }
                 }
                 let matched = prev_len + entries.len() as u8;
@@ -428,11 +496,15 @@ impl PeerState {
     /// The controller's commit rule: the largest h whose entry h-1 is of its own term (unless
     /// [`Variant::CommitOldTerm`]) and which a quorum, itself included, stores.
     fn advance_commit(&mut self, me: PeerId, s: &Settings) {
+        // Counted against the configuration of the controller's whole log (its latest).
+        let members = self.durable.log.members();
         let log = self.durable.log.entries();
         for h in (usize::from(self.commit) + 1..=log.len()).rev() {
-            let stored = 1 + (0..PEERS).filter(|&p| p != usize::from(me) && usize::from(self.matched[p]) >= h).count();
+            let holds =
+                |p: usize| members & (1 << p) != 0 && (p == usize::from(me) || usize::from(self.matched[p]) >= h);
+            let stored = (0..PEERS).filter(|&p| holds(p)).count();
             let own_term = log[h - 1] == self.term() || s.variant == Variant::CommitOldTerm;
-            if stored >= QUORUM && own_term {
+            if stored >= quorum_of(members) && own_term {
                 self.commit = h as u8;
                 return;
             }

@@ -13,7 +13,7 @@ use stateright::{Expectation, Model};
 const THREADS: usize = 2;
 
 fn settings(max_term: u8, max_log: u8, ballots: u8, variant: Variant) -> Settings {
-    Settings { max_term, max_log, ballots, variant, any_prefix: false, wait_for_all_ballots: false }
+    Settings { max_term, max_log, ballots, variant, any_prefix: false, wait_for_all_ballots: false, changes: false }
 }
 
 fn faults(max_restarts: u8) -> Faults {
@@ -100,6 +100,26 @@ fn a_vote_lost_in_a_restart_is_caught() {
 fn a_grant_without_the_up_to_date_check_is_caught() {
     let model = RoomModel::new(settings(2, 1, 1, Variant::NoUpToDateCheck), faults(0));
     assert_caught("no up-to-date check", model, "controller holds committed entries");
+}
+
+/// Changes of members (docs/PROTOCOL.md, "Changes of members"): a controller may toggle one
+/// peer's membership per entry, only once every entry of its log is committed and the last is of
+/// its own term; every peer counts votes and copies against the configuration of its whole log,
+/// uncommitted changes included. Terms <= 2 and logs of 2 entries (an entry, then a change; 1.3 M
+/// states, about 20 s).
+#[test]
+fn changes_of_members_are_safe() {
+    let s = Settings { changes: true, ..settings(2, 2, 1, Variant::Correct) };
+    assert_holds("changes of members", RoomModel::new(s, faults(0)));
+}
+
+/// Broken: a controller changes the members again before its last change is committed, so two
+/// configurations two changes apart are in use at once: {0} alone elects 0 while {0, 1, 2}
+/// elects another controller of the same term.
+#[test]
+fn a_change_while_the_last_is_uncommitted_is_caught() {
+    let s = Settings { changes: true, ..settings(2, 2, 1, Variant::ChangeUncommitted) };
+    assert_caught("change while one is uncommitted", RoomModel::new(s, faults(0)), "one controller per term");
 }
 
 /// Broken: the controller commits a quorum-stored entry of an earlier term (Raft's figure 8).

@@ -1258,22 +1258,31 @@ impl World {
 
     /// Members of the configuration that run with their own data directory (and, if `connected`,
     /// are connected), against the quorum.
+    /// With changes of members, each peer's configuration is its chain's (uncommitted changes
+    /// included): a controller needs a quorum of its own, so the room can go on if some peer
+    /// that is up holds a configuration of which a quorum is up. The best such margin is
+    /// returned (the committed configuration's when no peer that is up holds one).
     fn members_up(&self, connected: bool) -> Option<(usize, usize)> {
-        let config = self.room_config()?;
-        let up = config
-            .members()
-            .iter()
-            .filter(|m| {
-                self.procs.iter().any(|p| {
-                    p.id == m.id
-                        && p.key == m.key
-                        && p.alive
-                        && (!connected || p.connected && p.paused_until <= self.now)
-                        && p.node.chain().height() > 0
+        let up_in = |config: &hashvote_core::room::RoomConfig| {
+            let up = config
+                .members()
+                .iter()
+                .filter(|m| {
+                    self.procs.iter().any(|p| {
+                        p.id == m.id
+                            && p.key == m.key
+                            && p.alive
+                            && (!connected || p.connected && p.paused_until <= self.now)
+                            && p.node.chain().height() > 0
+                    })
                 })
-            })
-            .count();
-        Some((up, config.quorum()))
+                .count();
+            (up, config.quorum())
+        };
+        let committed = self.room_config()?;
+        let held =
+            self.procs.iter().filter(|p| p.alive && p.node.chain().height() > 0).filter_map(|p| p.node.members());
+        held.map(up_in).max_by_key(|&(up, quorum)| up as i64 - quorum as i64).or(Some(up_in(&committed)))
     }
 
     /// Whether a peer with an empty data directory may start now. The documented assumption: a

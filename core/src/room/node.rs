@@ -1025,14 +1025,12 @@ impl RoomNode {
                 self.heard(from, None);
                 if self.accept_controller(from, term, "heartbeat") {
                     self.on_heartbeat(from, height, commit, tip, open);
-                } else if self.config.is_some()
-                    && !self.may_lead(from)
-                    && term >= self.term
-                    && height > self.chain.height()
-                {
+                } else if self.config.is_some() && !self.may_lead(from) && height > self.chain.height() {
                     // A controller that our chain does not show as a member (yet): the room may
                     // have added it in blocks we lack. We take them, appended only (as from any
                     // peer that is not our controller), and follow it once they say it is one.
+                    // Whatever its term: a member removed in those blocks may have gone on to
+                    // terms of its own, which its pre-votes never win (seed 106535).
                     // It has them: a request to anyone else gives way.
                     if self.syncing.is_some_and(|(to, ..)| to != from) {
                         self.syncing = None;

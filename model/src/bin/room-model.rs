@@ -13,6 +13,7 @@ enum Rules {
     VoteNotDurable,
     NoUpToDateCheck,
     CommitOldTerm,
+    ChangeUncommitted,
 }
 
 /// Exhaustive BFS of the room's election and commit rules (3 peers).
@@ -39,6 +40,9 @@ struct Args {
     /// Voters grant only once they hold every member's ballot (adds the liveness property).
     #[arg(long)]
     wait_for_all_ballots: bool,
+    /// A controller may change the members (one peer out or in per entry).
+    #[arg(long)]
+    changes: bool,
     /// Which rules the peers follow (the broken ones stop at the first counterexample).
     #[arg(long, value_enum, default_value_t = Rules::Correct)]
     rules: Rules,
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         Rules::VoteNotDurable => Variant::VoteNotDurable,
         Rules::NoUpToDateCheck => Variant::NoUpToDateCheck,
         Rules::CommitOldTerm => Variant::CommitOldTerm,
+        Rules::ChangeUncommitted => Variant::ChangeUncommitted,
     };
     let settings = Settings {
         max_term: args.max_term,
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         variant,
         any_prefix: args.any_prefix,
         wait_for_all_ballots: args.wait_for_all_ballots,
+        changes: args.changes || variant == Variant::ChangeUncommitted,
     };
     let model = RoomModel::new(settings, Faults { max_restarts: args.max_restarts, lossy: args.lossy });
     let report = check(model.clone(), args.threads, variant != Variant::Correct);
