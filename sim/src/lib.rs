@@ -624,7 +624,10 @@ impl World {
                 self.input(p, Input::Mined(found))?;
             }
             Ev::Resume { p } => {
-                if self.procs[p].paused_until > self.now || !self.procs[p].alive {
+                // Only the resumption due now: an earlier pause's (overlapped by a later one), or
+                // one that the end of the faults brought forward, is past (seed 788197: a
+                // controller told twice that it stood still stepped down again 2 s later).
+                if self.procs[p].paused_until != self.now || !self.procs[p].alive {
                     return Ok(());
                 }
                 // The peer's own check: its tick came more than 1.5 x keepalive late.

@@ -187,3 +187,22 @@ fn a_process_paused_twice_in_a_row_stands_still_for_both() {
     result.unwrap_or_else(|f| panic!("{f}"));
     assert!(trace.iter().any(|l| l.ends_with("<- Stalled")), "never told it stood still");
 }
+
+/// A pause that the end of the faults cut short resumes the process once: the resumption it
+/// was scheduled with is past (seed 788197 of a million: a controller told a second time, 2 s
+/// after the faults, that it stood still stepped down in a room of two).
+#[test]
+fn a_pause_cut_short_by_the_end_of_the_faults_resumes_once() {
+    let mut sc = Scenario::small(1);
+    sc.peers = 3;
+    sc.room_size = 3;
+    sc.fault_every_ms = 0;
+    sc.fault_ms = 5_000;
+    sc.trace = 1_000_000;
+    let mut w = World::new(1, sc);
+    w.script(3_000, Fault::Pause { p: 1, ms: 4_000 });
+    let (result, trace) = w.run_with_trace();
+    result.unwrap_or_else(|f| panic!("{f}"));
+    let told = trace.iter().filter(|l| l.ends_with("<- Stalled")).count();
+    assert_eq!(told, 1, "told it stood still {told} times");
+}
