@@ -1253,7 +1253,11 @@ impl RoomNode {
             self.request_sync(from);
         } else if pos.height > self.chain.height() && !self.controller_live() {
             // No controller to take blocks from, and the room elects: a member added in blocks
-            // we lack does not know it votes until it has them (seed 75280).
+            // we lack does not know it votes until it has them (seed 75280). A voter that has
+            // them goes before whoever we asked last (it may be gone for good: seed 883269).
+            if self.syncing.is_some_and(|(to, ..)| to != from) {
+                self.syncing = None;
+            }
             self.request_sync(from);
         }
         if !self.is_voter_id(from, key) {

@@ -914,3 +914,21 @@ fn a_change_of_members_that_does_not_apply_is_refused_and_truncation_reverts_one
     assert!(node.truncate(1));
     assert_eq!(node.members().unwrap().len(), 3);
 }
+
+#[test]
+fn without_a_controller_a_voter_with_a_longer_chain_is_asked_before_a_peer_that_never_answered() {
+    let mut room = founded_with_blocks(2);
+    let ctl = room.controllers()[0];
+    let (f, v) = ((ctl + 1) % 3, (ctl + 2) % 3);
+    let (id, key) = (room.nodes[v].id(), room.nodes[v].key());
+    let node = &mut room.nodes[f];
+    let (height, term) = (node.chain().height(), node.term());
+    // The controller fell silent; our last sync request went to a peer gone for good.
+    let later = room.now + 10 * Timing::default().election_max_ms;
+    node.syncing = Some((999, later - 10, height, 1));
+    let pos = Pos { last_term: term, height: height + 5 };
+    let pre = Msg::PreBallot { to: None, term: term + 1, key, pos };
+    let actions = node.handle(later, Input::Message(Envelope::new(id, pre)));
+    let asked = publishes(&actions).iter().any(|m| matches!(m, Msg::SyncRequest { to, .. } if *to == id));
+    assert!(asked, "{actions:?}");
+}
