@@ -173,14 +173,8 @@ fn three_hundred_peers_joining_over_ten_seconds_through_a_busy_broker_elect_and_
 /// keepalive, took its standstill for a broker lag of 3 s and stretched its timers by 6 s.
 #[test]
 fn a_process_paused_twice_in_a_row_stands_still_for_both() {
-    let mut sc = Scenario::small(1);
-    sc.peers = 3;
-    sc.room_size = 3;
-    sc.fault_every_ms = 0;
-    sc.fault_ms = 5_000;
-    sc.trace = 1_000_000;
-    let pause = sc.keepalive_ms;
-    let mut w = World::new(1, sc);
+    let mut w = traced_room_of_three();
+    let pause = Scenario::small(1).keepalive_ms;
     w.script(2_000, Fault::Pause { p: 1, ms: pause });
     w.script(2_000 + pause - 10, Fault::Pause { p: 1, ms: pause });
     let (result, trace) = w.run_with_trace();
@@ -193,16 +187,21 @@ fn a_process_paused_twice_in_a_row_stands_still_for_both() {
 /// after the faults, that it stood still stepped down in a room of two).
 #[test]
 fn a_pause_cut_short_by_the_end_of_the_faults_resumes_once() {
+    let mut w = traced_room_of_three();
+    w.script(3_000, Fault::Pause { p: 1, ms: 4_000 });
+    let (result, trace) = w.run_with_trace();
+    result.unwrap_or_else(|f| panic!("{f}"));
+    let told = trace.iter().filter(|l| l.ends_with("<- Stalled")).count();
+    assert_eq!(told, 1, "told it stood still {told} times");
+}
+
+/// A room of three without random faults (those scripted end at 5 s), whose whole trace is kept.
+fn traced_room_of_three() -> World {
     let mut sc = Scenario::small(1);
     sc.peers = 3;
     sc.room_size = 3;
     sc.fault_every_ms = 0;
     sc.fault_ms = 5_000;
     sc.trace = 1_000_000;
-    let mut w = World::new(1, sc);
-    w.script(3_000, Fault::Pause { p: 1, ms: 4_000 });
-    let (result, trace) = w.run_with_trace();
-    result.unwrap_or_else(|f| panic!("{f}"));
-    let told = trace.iter().filter(|l| l.ends_with("<- Stalled")).count();
-    assert_eq!(told, 1, "told it stood still {told} times");
+    World::new(1, sc)
 }

@@ -1615,12 +1615,20 @@ impl RoomNode {
             Change::Add { id, .. } => self.acks.insert(id, (0, self.now)),
             Change::Remove { id, .. } => self.acks.remove(&id),
         };
+        self.accept_own(block, "change of members");
+    }
+
+    /// Sends, appends and counts a block of ours; the next transaction waits for its commit.
+    fn accept_own(&mut self, block: Block, what: &str) {
+        // The result goes out before our own write, so the followers write the block while we
+        // do (Raft's leader may write in parallel with replication, §10.2.1). Whatever a commit
+        // makes us do (the next challenge) comes after the write.
         self.publish(Msg::Result { term: self.term, outcome: Outcome::Accepted(block), commit: self.commit });
         if let Err(e) = self.append(block) {
-            self.drop_msg("invalid_block", format!("our own change of members {tx}: {e}"));
+            self.drop_msg("invalid_block", format!("our own {what} {}: {e}", block.tx));
             return;
         }
-        self.pending = Some(tx);
+        self.pending = Some(block.tx);
         self.check_commit();
     }
 
@@ -1657,18 +1665,7 @@ impl RoomNode {
             _ => Err(RejectReason::UnknownTransaction),
         };
         match verdict {
-            Ok(block) => {
-                // The result goes out before our own write, so the followers write the block
-                // while we do (Raft's leader may write in parallel with replication, §10.2.1).
-                // Whatever a commit makes us do (the next challenge) comes after the write.
-                self.publish(Msg::Result { term, outcome: Outcome::Accepted(block), commit: self.commit });
-                if let Err(e) = self.append(block) {
-                    self.drop_msg("invalid_block", format!("our own block {tx}: {e}"));
-                    return;
-                }
-                self.pending = Some(tx);
-                self.check_commit();
-            }
+            Ok(block) => self.accept_own(block, "block"),
             Err(reason) => {
                 self.emit(Event::SolutionRejected { tx, miner, reason: reason.as_str().into() });
                 let outcome = Outcome::Rejected { tx, miner, nonce, reason };
