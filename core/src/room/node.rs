@@ -304,6 +304,9 @@ pub struct RoomNode {
     hellos_unanswered: u32,
     /// How many peers this one knew when it last considered announcing itself again.
     peers_at_hello: usize,
+    /// Another process under our id that we told we stay (its key and incarnation): told once,
+    /// and we give way if our chain's changes come to name it the member.
+    rival: Option<(u64, u64)>,
     /// How long our own broadcasts take to come back to us through the broker (rises at once,
     /// comes down slowly, and halves every `LAG_HALF_LIFE_MS` without a new sample): in a room of
     /// hundreds on a busy machine, the broker's queue delays every message by as much, and the
@@ -413,6 +416,7 @@ impl RoomNode {
             next_hello: 0,
             hellos_unanswered: 0,
             peers_at_hello: 0,
+            rival: None,
             last_reach: None,
             lag_ms: 0,
             lag_at: 0,
@@ -916,6 +920,7 @@ impl RoomNode {
     /// (after the configuration or the chain changed other than by an append).
     fn refresh_members(&mut self) {
         self.members = self.members_at(self.chain.height());
+        self.check_rival();
         self.refresh_voters();
     }
 
@@ -1012,15 +1017,19 @@ impl RoomNode {
                     self.on_grant(from, key, term);
                 }
             }
-            Msg::Ack { to, term, height, key } => {
-                if to == self.cfg.id && self.heard(from, Some(key)) {
-                    self.on_ack(from, key, term, height);
-                } else if to == self.cfg.id && term == self.term && self.is_controller() {
-                    // A member's id under another key: the member back with its disk lost (or a
-                    // copy). Not that member, but it may take its place once the member is out.
+            Msg::Ack { to, term, height, key } if to == self.cfg.id => {
+                if self.heard(from, Some(key)) && self.is_voter_id(from, key) {
+                    self.on_ack(term, from, height);
+                } else if self.is_controller() {
+                    // A non-voting peer, or a member's id under another key (the member back with
+                    // its disk lost, or a copy): it may take a place. Whatever its term: none of
+                    // its terms was granted by a quorum of ours, and a process that once believed
+                    // it voted may have gone on to terms of its own (seed 764004).
                     self.learner_ack(from, key, height);
                 }
             }
+            // To another controller.
+            Msg::Ack { .. } => {}
             Msg::Heartbeat { term, height, commit, tip, open } => {
                 self.heard(from, None);
                 if self.accept_controller(from, term, "heartbeat") {
@@ -1083,22 +1092,38 @@ impl RoomNode {
             }
             return;
         }
-        // Two data directories under one id. The one the configuration names is the member and
-        // stays; otherwise the process that started first stays.
-        let member = self.config.as_ref().and_then(|c| c.key_of(self.cfg.id));
+        // Two data directories under one id. The one the members name (as our chain's changes
+        // leave them, not as block 0 had them) stays; otherwise the process that started first.
+        let member = self.members.as_ref().and_then(|c| c.key_of(self.cfg.id));
         let we_stay = match member {
             Some(k) if k == self.cfg.key => true,
             Some(k) if k == key => false,
             _ => (since_ms, incarnation) > (self.cfg.since_ms, self.cfg.incarnation),
         };
         let id = self.cfg.id;
-        if we_stay {
+        if !we_stay {
+            self.give_way();
+        } else if self.rival != Some((key, incarnation)) {
+            // Once per process: when our chain is behind, both sides may think they stay, and
+            // each answer would draw another (seed 764004). The chain we then sync decides.
+            self.rival = Some((key, incarnation));
             self.drop_msg("duplicate_id", format!("another process claims our client id {id}; it gives way"));
             self.publish(self.hello(None, false));
-        } else {
-            self.out.push(Action::Fatal(format!(
-                "client id {id} is already used by another peer in this room; pick another with --id"
-            )));
+        }
+    }
+
+    fn give_way(&mut self) {
+        let id = self.cfg.id;
+        self.out.push(Action::Fatal(format!(
+            "client id {id} is already used by another peer in this room; pick another with --id"
+        )));
+    }
+
+    /// The members changed: a process under our id that we thought gave way may be the member.
+    fn check_rival(&mut self) {
+        let member = self.members.as_ref().and_then(|m| m.key_of(self.cfg.id));
+        if member.is_some() && member == self.rival.map(|(key, _)| key) {
+            self.give_way();
         }
     }
 
@@ -1674,17 +1699,14 @@ impl RoomNode {
         }
     }
 
-    fn on_ack(&mut self, from: PeerId, key: u64, term: Term, height: u64) {
+    /// A voter's acknowledgement.
+    fn on_ack(&mut self, term: Term, from: PeerId, height: u64) {
         if term > self.term {
             // A peer that moved on: this controller (or follower) is stale.
             self.enter_term(term);
             return;
         }
         if term < self.term || !self.is_controller() {
-            return;
-        }
-        if !self.is_voter_id(from, key) {
-            self.learner_ack(from, key, height);
             return;
         }
         let entry = self.acks.entry(from).or_insert((0, 0));
@@ -2061,6 +2083,7 @@ impl RoomNode {
         self.persist(Write::Append(vec![block]));
         if let Some(members) = members {
             self.members = Some(members);
+            self.check_rival();
             if let Some(Change::Remove { id, key }) = block.change
                 && let Some(p) = self.peers.get(&id).filter(|p| p.key == key)
             {
