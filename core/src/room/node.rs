@@ -710,10 +710,12 @@ impl RoomNode {
             if let Some(c) = self.open {
                 self.publish_challenge(c);
             }
-            if let Some(tx) = self.pending
-                && let Some(block) = self.chain.get(tx).copied()
-            {
-                self.publish(Msg::Result { term: self.term, outcome: Outcome::Accepted(block), commit: self.commit });
+            // Our blocks not yet committed (two at most, see `accept_own`).
+            for tx in self.commit..self.chain.height() {
+                if let Some(block) = self.chain.get(tx).copied().filter(|b| b.term == self.term) {
+                    let commit = self.commit;
+                    self.publish(Msg::Result { term: self.term, outcome: Outcome::Accepted(block), commit });
+                }
             }
             return;
         }
@@ -1643,11 +1645,14 @@ impl RoomNode {
         self.accept_own(block, "change of members");
     }
 
-    /// Sends, appends and counts a block of ours; the next transaction waits for its commit.
+    /// Sends, appends and counts a block of ours. The next transaction is issued at once when
+    /// every block below this one is committed (a pipeline of one: the quorum writes the block
+    /// while the miners search for the next), and otherwise waits for this one's commit; so is
+    /// the next after a change of members (one change at a time, and each alone in flight).
     fn accept_own(&mut self, block: Block, what: &str) {
         // The result goes out before our own write, so the followers write the block while we
-        // do (Raft's leader may write in parallel with replication, §10.2.1). Whatever a commit
-        // makes us do (the next challenge) comes after the write.
+        // do (Raft's leader may write in parallel with replication, §10.2.1). The next challenge
+        // comes after the write (see the peer's store: a message waits for the writes before it).
         self.publish(Msg::Result { term: self.term, outcome: Outcome::Accepted(block), commit: self.commit });
         if let Err(e) = self.append(block) {
             self.drop_msg("invalid_block", format!("our own {what} {}: {e}", block.tx));
@@ -1655,6 +1660,10 @@ impl RoomNode {
         }
         self.pending = Some(block.tx);
         self.check_commit();
+        if self.pending.is_some() && block.change.is_none() && self.commit >= block.tx {
+            self.pending = None;
+            self.issue();
+        }
     }
 
     fn on_solution(&mut self, miner: PeerId, tx: TxId, nonce: u64) {
@@ -1737,6 +1746,10 @@ impl RoomNode {
         if self.pending.is_some_and(|tx| tx < held) {
             self.pending = None;
             self.issue();
+        } else {
+            // The next challenge went out before this commit (see `accept_own`): the room
+            // learns of it now, not at the next beat.
+            self.beat();
         }
     }
 

@@ -318,7 +318,6 @@ fn a_restarted_voter_keeps_its_vote() {
     assert!(!actions.iter().any(|a| matches!(a, Action::Publish(Msg::Grant { .. }))));
 }
 
-/// Mines `blocks` blocks in `room`, each by a node that is not the controller.
 /// A room of three, founded, with `blocks` committed.
 fn founded_with_blocks(blocks: usize) -> Room {
     let mut room = Room::new(3);
@@ -327,6 +326,7 @@ fn founded_with_blocks(blocks: usize) -> Room {
     room
 }
 
+/// Mines `blocks` blocks in `room`, each by a node that is not the controller.
 fn mine_blocks(room: &mut Room, blocks: usize) {
     for _ in 0..blocks {
         let ctl = room.controllers()[0];
@@ -1001,4 +1001,56 @@ fn a_non_voter_in_a_newer_term_may_still_take_a_lost_members_place() {
     room.mine((ctl + 1) % 3);
     room.run(10);
     assert_eq!(room.nodes[ctl].commit(), before + 1, "the room goes on");
+}
+
+/// A solution of `miner` to the controller's open challenge, delivered to the controller alone.
+fn solve_at_controller(node: &mut RoomNode, now: u64, miner: PeerId) -> Vec<Action> {
+    let c = *node.open().expect("an open challenge");
+    let nonce = Template::new(&c.prev, c.tx, miner).search(u32::from(c.difficulty), 0, 1 << 20).expect("found");
+    node.handle(now, Input::Message(Envelope::new(miner, Msg::Solution { tx: c.tx, nonce })))
+}
+
+fn challenges(actions: &[Action]) -> Vec<TxId> {
+    publishes(actions)
+        .iter()
+        .filter_map(|m| if let Msg::Challenge { challenge, .. } = m { Some(challenge.tx) } else { None })
+        .collect()
+}
+
+#[test]
+fn the_next_challenge_goes_out_with_the_result_and_a_second_block_waits_for_the_first_ones_commit() {
+    let room = founded_with_blocks(1);
+    let ctl = room.controllers()[0];
+    let miner = room.nodes[(ctl + 1) % 3].id();
+    let voter = room.nodes[(ctl + 2) % 3].id();
+    let mut node = room.nodes.into_iter().nth(ctl).unwrap();
+    let (now, term) = (room.now, node.term());
+    // Block 1, uncommitted: the quorum writes it while the miners search for block 2.
+    let actions = solve_at_controller(&mut node, now, miner);
+    assert!(publishes(&actions).iter().any(|m| matches!(m, Msg::Result { .. })));
+    assert_eq!(challenges(&actions), [2]);
+    assert_eq!((node.commit(), node.chain().height()), (1, 2));
+    // Block 2 comes before block 1 is committed: no third challenge, two blocks in flight at most.
+    let actions = solve_at_controller(&mut node, now + 1, miner);
+    assert!(challenges(&actions).is_empty(), "{actions:?}");
+    assert_eq!(node.chain().height(), 3);
+    // A voter holds both: both committed, the next challenge goes out.
+    let ack = Msg::Ack { to: node.id(), term, height: 3, key: 1000 + u64::from(voter) };
+    let actions = node.handle(now + 2, Input::Message(Envelope::new(voter, ack)));
+    assert_eq!(node.commit(), 3);
+    assert_eq!(challenges(&actions), [3]);
+}
+
+#[test]
+fn a_commit_after_the_next_challenge_is_announced_at_once() {
+    let room = founded_with_blocks(1);
+    let ctl = room.controllers()[0];
+    let (miner, voter) = (room.nodes[(ctl + 1) % 3].id(), room.nodes[(ctl + 2) % 3].id());
+    let mut node = room.nodes.into_iter().nth(ctl).unwrap();
+    let (now, term) = (room.now, node.term());
+    solve_at_controller(&mut node, now, miner);
+    let ack = Msg::Ack { to: node.id(), term, height: 2, key: 1000 + u64::from(voter) };
+    let actions = node.handle(now + 1, Input::Message(Envelope::new(voter, ack)));
+    let said = publishes(&actions).iter().any(|m| matches!(m, Msg::Heartbeat { commit: 2, .. }));
+    assert!(said, "{actions:?}");
 }
