@@ -239,15 +239,20 @@ pub struct RoomNode {
     last_pre_answer: u64,
     /// When this peer entered its current term (its election in it gets that long, at least).
     term_since: u64,
-    /// Terms in a row this peer entered without having seen a controller of the one before: each
-    /// doubles the election timeouts (up to 16 times), so that in a room whose ballots take
-    /// longer to go round than a timeout (hundreds of peers on a few cores) an election gets the
-    /// time it needs. It stays while a controller holds (its lease, its quorum check and its
+    /// Terms in a row whose election this peer took part in (it cast a ballot) and that ended
+    /// without a controller: each doubles the election timeouts (up to 16 times), so that in a
+    /// room whose ballots take longer to go round than a timeout (hundreds of peers on a few
+    /// cores) an election gets the time it needs. Not a term merely joined late (a restart) nor
+    /// one whose controller was lost: those say nothing of how long elections take, and a
+    /// backoff they left slowed the next failovers (a pause of the controller after a few
+    /// restarts took 1.1 s instead of 0.5). It stays while a controller holds (its lease, its quorum check and its
     /// followers' timeouts are as long: a room slow enough to need it acknowledges as slowly),
     /// and comes down one step per `BACKOFF_DECAY_MS` with a live controller.
     backoff: u32,
     /// When `backoff` last changed, or a controller was last found.
     backoff_since: u64,
+    /// A controller of the current term was known (elected here, or followed).
+    term_led: bool,
     ballots: BTreeMap<PeerId, Ballot>,
     my_ballot: Option<u32>,
     grant_deadline: Option<u64>,
@@ -386,6 +391,7 @@ impl RoomNode {
             term_since: 0,
             backoff: 0,
             backoff_since: 0,
+            term_led: false,
             ballots: BTreeMap::new(),
             my_ballot: None,
             grant_deadline: None,
@@ -1343,12 +1349,13 @@ impl RoomNode {
         if self.is_controller() {
             self.step_down("newer term");
         }
-        if self.controller.is_none() && self.term > 0 {
+        if !self.term_led && self.my_ballot.is_some() {
             self.backoff = (self.backoff + 1).min(MAX_BACKOFF);
             self.backoff_since = self.now;
         }
         self.term = term;
         self.term_since = self.now;
+        self.term_led = false;
         self.voted_for = None;
         // Not written now: a new term promises nothing until this peer grants in it, and the
         // grant writes the term with the vote (one fsync instead of two on an election's path).
@@ -1480,6 +1487,7 @@ impl RoomNode {
         }
         self.role = Role2::Controller;
         self.controller = Some(self.cfg.id);
+        self.term_led = true;
         self.backoff_since = self.now;
         self.syncing = None;
         self.became_ms = self.now;
@@ -1857,6 +1865,7 @@ impl RoomNode {
         self.term_since = self.now;
         self.voted_for = if term == self.promised { self.promised_to } else { None };
         self.controller = None;
+        self.term_led = false;
         self.ballots.clear();
         self.grants.clear();
         self.my_ballot = None;
@@ -1874,6 +1883,7 @@ impl RoomNode {
             return;
         }
         self.controller = Some(c);
+        self.term_led = true;
         self.controller_gone = false;
         self.backoff_since = self.now;
         self.hellos_unanswered = 0;

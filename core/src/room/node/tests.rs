@@ -1054,3 +1054,27 @@ fn a_commit_after_the_next_challenge_is_announced_at_once() {
     let said = publishes(&actions).iter().any(|m| matches!(m, Msg::Heartbeat { commit: 2, .. }));
     assert!(said, "{actions:?}");
 }
+
+#[test]
+fn neither_a_lost_controller_nor_a_restart_into_a_newer_term_backs_off_the_election_timers() {
+    let mut room = founded_with_blocks(1);
+    let ctl = room.controllers()[0];
+    let old = room.nodes.remove(ctl);
+    room.run(3 * Timing::default().election_max_ms);
+    let ctl = room.controllers();
+    assert_eq!(ctl.len(), 1, "a new controller");
+    assert!(room.nodes.iter().all(|n| n.backoff == 0), "a term whose controller was lost");
+    // The old controller comes back from its disk, in the term it led, and joins the newer one.
+    let restored = Restored {
+        term: old.term(),
+        voted_for: old.voted_for(),
+        config: old.config().cloned(),
+        blocks: old.chain().blocks().to_vec(),
+        commit: old.commit(),
+    };
+    room.nodes.push(RoomNode::new(old.cfg.clone(), restored));
+    room.input(2, Input::Connected);
+    room.run(500);
+    assert_eq!(room.nodes[2].controller(), room.nodes[ctl[0]].controller());
+    assert_eq!(room.nodes[2].backoff, 0, "a term joined late");
+}
