@@ -337,7 +337,7 @@ const MAX_HELLO_BACKOFF: u32 = 5;
 
 /// The most the broker's lag stretches a timer by: an echo lost (QoS 0) or a broker that stopped
 /// must not stretch them for good.
-const MAX_LAG_MS: u64 = 3_000;
+const MAX_LAG_MS: u64 = 10_000;
 
 /// The lag measured halves this often without a new sample: a follower times few broadcasts of
 /// its own, and one measured while its room gathered must not slow its failovers for good.
@@ -665,7 +665,10 @@ impl RoomNode {
 
     /// The broker's lag as it stands: what was measured, or longer while a broadcast is out.
     fn lag(&self) -> u64 {
-        self.measured_lag().max(self.echo_out().unwrap_or(0))
+        let measured = self.measured_lag();
+        let most = (2 * measured).max(self.cfg.timing.election_max_ms).min(MAX_LAG_MS);
+        let out = self.echo.as_ref().map_or(0, |(_, sent)| self.now.saturating_sub(*sent).min(most));
+        measured.max(out)
     }
 
     /// A timer of `base` ms, doubled per step of the election backoff and stretched by twice the
@@ -1026,13 +1029,13 @@ impl RoomNode {
                 }
             }
             Msg::Ack { to, term, height, key } if to == self.cfg.id => {
-                if self.heard(from, Some(key)) && self.is_voter_id(from, key) {
-                    self.on_ack(term, from, height);
+                if self.heard(from, Some(key)) {
+                    self.on_ack(from, key, term, height);
                 } else if self.is_controller() {
-                    // A non-voting peer, or a member's id under another key (the member back with
-                    // its disk lost, or a copy): it may take a place. Whatever its term: none of
-                    // its terms was granted by a quorum of ours, and a process that once believed
-                    // it voted may have gone on to terms of its own (seed 764004).
+                    // A member's id under another key (the member back with its disk lost, or a
+                    // copy): not that member, but it may take its place. Whatever its term: it
+                    // never voted in the room, though it may have gone on to terms of its own
+                    // while it took itself for the member (seed 764004).
                     self.learner_ack(from, key, height);
                 }
             }
@@ -1413,8 +1416,17 @@ impl RoomNode {
             self.saw_room();
             self.request_sync(from);
         }
-        // One ballot per voter and term: the first stands.
-        self.ballots.entry(from).or_insert(ballot);
+        // One ballot per voter and term: the first stands. A new one says the election is still
+        // under way: the term's patience and our election timer start again from it (at most
+        // once per voter and term). In a room of hundreds on a broker that takes seconds to
+        // deliver a term's ballots, voters otherwise gave up on the term before its ballots were
+        // all in, and the next term's pre-votes lengthened the broker's queue further.
+        if let std::collections::btree_map::Entry::Vacant(e) = self.ballots.entry(from) {
+            e.insert(ballot);
+            if self.controller.is_none() {
+                self.term_since = self.now;
+            }
+        }
         if self.controller.is_none() {
             self.cast_ballot();
         }
@@ -1716,14 +1728,19 @@ impl RoomNode {
         }
     }
 
-    /// A voter's acknowledgement.
-    fn on_ack(&mut self, term: Term, from: PeerId, height: u64) {
+    fn on_ack(&mut self, from: PeerId, key: u64, term: Term, height: u64) {
         if term > self.term {
-            // A peer that moved on: this controller (or follower) is stale.
+            // A peer that moved on: this controller (or follower) is stale. (A member removed in
+            // blocks it lacks, say, that went on to terms of its own: it follows us only once we
+            // are in a term after them, seed 38056.)
             self.enter_term(term);
             return;
         }
         if term < self.term || !self.is_controller() {
+            return;
+        }
+        if !self.is_voter_id(from, key) {
+            self.learner_ack(from, key, height);
             return;
         }
         let entry = self.acks.entry(from).or_insert((0, 0));
@@ -2201,6 +2218,31 @@ impl RoomNode {
 
     #[allow(clippy::too_many_arguments)]
     fn on_sync_reply(
+        &mut self,
+        from: PeerId,
+        req: u64,
+        term: Term,
+        config: Option<RoomConfig>,
+        blocks: Vec<Block>,
+        height: u64,
+        commit: u64,
+        open: Option<Challenge>,
+    ) {
+        let (asked, before) = (self.syncing, (self.chain.height(), self.tip()));
+        self.take_sync_reply(from, req, term, config, blocks, height, commit, open);
+        // Two processes under the replier's id (the member and a copy with another data
+        // directory) both answer a request to it. One that has nothing beyond where we asked
+        // from (we asked because the replier seemed to) leaves the request open for the other's
+        // answer (seeds 2764 and 52115: the copy's short chain answered first, every time, and
+        // the member's was dropped as unsolicited).
+        let nothing = asked.is_some_and(|(.., from, _)| height <= from);
+        if self.syncing.is_none() && nothing && (self.chain.height(), self.tip()) == before {
+            self.syncing = asked;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn take_sync_reply(
         &mut self,
         from: PeerId,
         req: u64,
