@@ -3,8 +3,8 @@
 //! the peer's data directory ([`Store`]) before anything that follows it, and carries out the rest.
 //!
 //! It uses [`crate::transport`]'s network task, client ids, options, drop log and mining clock.
-//! Each peer subscribes to the five room topics and to its own topic `<prefix>/peer/<id>`, not to
-//! the other peers' statuses: it learns of departures from their `Leave`, which is the Last Will
+//! Each peer subscribes to the room topics (the solutions topic only while it is controller) and
+//! to its own topic `<prefix>/peer/<id>`, not to the other peers' statuses: it learns of departures from their `Leave`, which is the Last Will
 //! of their protocol connection. A second connection, the status beacon, publishes this peer's
 //! retained status (see [`crate::status`]), with the offline status as its will, for whoever
 //! watches.
@@ -122,6 +122,10 @@ pub async fn run(
     let mut online = false;
     // Whether the protocol connection is up: the node's timers run only meanwhile.
     let mut main_up = false;
+    // Whether we subscribe to the solutions: only as controller. Every miner's solution to every
+    // peer was 300 deliveries per solution in a room of 300, where dozens of miners solve an
+    // easy challenge before its result reaches them; only the controller reads them.
+    let mut solutions = false;
     // A gap between ticks this long means the process stood still (SIGSTOP, a frozen machine).
     let stall_after = Duration::from_millis(cfg.keepalive_s * 1500);
     let mut last_tick = Instant::now();
@@ -173,16 +177,20 @@ pub async fn run(
                 }
                 Some(Net::Connected) => {
                     // Every CONNACK, first or not: with a clean session the broker kept no
-                    // subscription, whatever rumqttc or the broker would otherwise do.
+                    // subscription, whatever rumqttc or the broker would otherwise do. The
+                    // solutions go to the controller alone (see `solutions`).
+                    let solution = topics.topic(crate::protocol::Channel::Solution);
                     let subs = topics
                         .all()
                         .into_iter()
+                        .filter(|t| *t != solution || node.is_controller())
                         .chain(std::iter::once(direct.as_str()))
                         .map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
                     if let Err(e) = client.subscribe_many(subs).await {
                         warn!(error = %e, "subscribe failed");
                         continue;
                     }
+                    solutions = node.is_controller();
                     if !connected_once {
                         info!(broker = %addr, "connected");
                     }
@@ -211,7 +219,14 @@ pub async fn run(
         let mut fatal = None;
         let mut writes = Vec::new();
         events.hold();
-        for action in node.handle(clock.now_ms(), input) {
+        let actions = node.handle(clock.now_ms(), input);
+        if main_up && solutions != node.is_controller() {
+            // Before this batch's messages: a new controller's first challenge goes out after
+            // its subscription, on the same connection, so no solution to it is missed.
+            solutions = node.is_controller();
+            follow_solutions(&client, &topics, solutions).await;
+        }
+        for action in actions {
             // What a message promises (a vote, a block held) is on disk before it goes out: the
             // writes of a batch are committed together before the first action after them, and
             // made durable (with all staged before) before the first message that is not a
@@ -373,6 +388,15 @@ impl StatusPublisher {
 /// `status` marked offline: the beacon's Last Will, and our last word on a clean exit.
 fn offline_status(status: Status) -> Status {
     Status { role: Role::Offline, tx: None, difficulty: None, ..status }
+}
+
+/// Subscribes to the solutions topic (or unsubscribes from it).
+async fn follow_solutions(client: &AsyncClient, topics: &Topics, on: bool) {
+    let topic = topics.topic(crate::protocol::Channel::Solution).to_string();
+    let done = if on { client.subscribe(topic, QoS::AtLeastOnce).await } else { client.unsubscribe(topic).await };
+    if let Err(e) = done {
+        warn!(error = %e, "cannot change the subscription to the solutions");
+    }
 }
 
 async fn publish(client: &AsyncClient, topics: &Topics, id: PeerId, msg: Msg) {

@@ -933,6 +933,11 @@ impl World {
             if !sub.connected || !sub.alive {
                 continue;
             }
+            // A peer subscribes to the solutions only while it is controller (the peer's driver
+            // does so before its first challenge goes out).
+            if matches!(env.msg, Msg::Solution { .. }) && !sub.node.is_controller() {
+                continue;
+            }
             // A fixed latency per (publisher, subscriber) keeps each pair's messages in order,
             // and so does the broker's queue (it only grows later).
             let base = 1 + (hash3(self.seed, p as u64, q as u64) % 4);

@@ -444,21 +444,35 @@ fn figures() {
 
 /// Issue 11, measured: `launcher --peers 300` on two cores had about 200 wills fire at start-up,
 /// named two controllers in term 1 and went 46 s without a block; later, no controller held for a
-/// minute. A room of 300 real processes elects one controller per term and commits. 300 processes
-/// take both cores for a minute: `.ci/run` runs it, beside the README's quick test command.
-/// On the embedded broker only, for now: on Mosquitto the 300 peers take some 15 s to meet, then
-/// their clients' pings time out behind its queues and they reconnect by the thousand (issue 11's
-/// notes; open).
-#[test]
-#[ignore = "300 processes: `cargo test -p launcher --test system -- --ignored three_hundred`"]
-fn three_hundred_peers_elect_one_controller_per_term_and_commit() {
-    let room = QuorumRoom::start(Broker::Embedded, 300);
+/// minute. A room of 300 real processes elects one controller per term and commits, with no
+/// departure seen while every peer runs. 300 processes take both cores for a minute: `.ci/run`
+/// runs it on both brokers, beside the README's quick test command. On Mosquitto the room used to
+/// elect once a minute and commit nothing (its queue outgrew the peers' lag estimate, and every
+/// miner's solution went to all 300 peers): see docs/PROTOCOL.md, "The broker's lag".
+fn three_hundred_peers(broker: Broker) {
+    let room = QuorumRoom::start(broker, 300);
     let elected = elected_after_last_connect(&room, Duration::from_secs(120));
     room.wait_commit(5, 0);
     let records = room.records();
     let departures = records.iter().filter(|r| matches!(r.event, Event::PeerLeft { .. })).count();
-    println!("300 peers: elected {elected} ms after the last peer connected; {departures} departures seen");
+    println!(
+        "300 peers on {}: elected {elected} ms after the last peer connected; {departures} departures seen",
+        broker.name()
+    );
+    assert_eq!(departures, 0, "a will fired for a live peer");
     assert_quorum_invariants(&records);
+}
+
+#[test]
+#[ignore = "300 processes: `cargo test -p launcher --test system -- --ignored three_hundred`"]
+fn three_hundred_peers_elect_one_controller_per_term_and_commit() {
+    three_hundred_peers(Broker::Embedded);
+}
+
+#[test]
+#[ignore = "300 processes: `cargo test -p launcher --test system -- --ignored three_hundred`"]
+fn three_hundred_peers_on_mosquitto_elect_one_controller_per_term_and_commit() {
+    three_hundred_peers(Broker::Mosquitto);
 }
 
 fn elected_after_last_connect(room: &QuorumRoom, timeout: Duration) -> u64 {

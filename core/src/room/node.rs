@@ -608,8 +608,9 @@ impl RoomNode {
     }
 
     fn publish(&mut self, msg: Msg) {
-        // Time one broadcast at a time; one not back after `MAX_LAG_MS` was lost (QoS 0).
-        let small = !matches!(msg, Msg::Challenge { .. } | Msg::Result { .. });
+        // Time one broadcast at a time; one not back after `MAX_LAG_MS` was lost (QoS 0). Not a
+        // solution: only the controller subscribes to them (a miner's never comes back to it).
+        let small = !matches!(msg, Msg::Challenge { .. } | Msg::Result { .. } | Msg::Solution { .. });
         if self.echo.as_ref().is_some_and(|(timed, _)| *timed == msg) {
             // Sent again, so its echo no longer says which copy came back (the first may have
             // been lost): no sample, as TCP takes none from a retransmission (Karn's rule). One
