@@ -245,9 +245,10 @@ pub struct RoomNode {
     /// cores) an election gets the time it needs. Not a term merely joined late (a restart) nor
     /// one whose controller was lost: those say nothing of how long elections take, and a
     /// backoff they left slowed the next failovers (a pause of the controller after a few
-    /// restarts took 1.1 s instead of 0.5). It stays while a controller holds (its lease, its quorum check and its
-    /// followers' timeouts are as long: a room slow enough to need it acknowledges as slowly),
-    /// and comes down one step per `BACKOFF_DECAY_MS` with a live controller.
+    /// restarts took 1.1 s instead of 0.5). It stays while a controller holds (its lease, its
+    /// quorum check and its followers' timeouts are as long: a room slow enough to need it
+    /// acknowledges as slowly), and comes down one step per `BACKOFF_DECAY_MS` with a live
+    /// controller.
     backoff: u32,
     /// When `backoff` last changed, or a controller was last found.
     backoff_since: u64,
@@ -1418,8 +1419,9 @@ impl RoomNode {
             self.request_sync(from);
         }
         // One ballot per voter and term: the first stands. A new one says the election is still
-        // under way: the term's patience and our election timer start again from it (at most
-        // once per voter and term). In a room of hundreds on a broker that takes seconds to
+        // under way: the term's patience (see `patient`) starts again from it (at most once per
+        // voter and term; not our election timer, or a voter that moved past a deposed
+        // controller's term waited on it with the rest, seed 23207). In a room of hundreds on a broker that takes seconds to
         // deliver a term's ballots, voters otherwise gave up on the term before its ballots were
         // all in, and the next term's pre-votes lengthened the broker's queue further.
         if let std::collections::btree_map::Entry::Vacant(e) = self.ballots.entry(from) {
@@ -2236,7 +2238,7 @@ impl RoomNode {
         // from (we asked because the replier seemed to) leaves the request open for the other's
         // answer (seeds 2764 and 52115: the copy's short chain answered first, every time, and
         // the member's was dropped as unsolicited).
-        let nothing = asked.is_some_and(|(.., from, _)| height <= from);
+        let nothing = asked.is_some_and(|(.., start, _)| height <= start);
         if self.syncing.is_none() && nothing && (self.chain.height(), self.tip()) == before {
             self.syncing = asked;
         }
