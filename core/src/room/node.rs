@@ -1496,6 +1496,11 @@ impl RoomNode {
         if self.deposed || self.is_controller() || self.controller.is_some() || self.grants.len() < self.quorum() {
             return;
         }
+        if !self.is_voter() {
+            // Our chain took a block that removed us after we ran (a sync of blocks the voters
+            // that granted us did not have yet): no member, no controller (seed 573124).
+            return;
+        }
         let Some(voters) = self.voters().cloned() else { return };
         if !self.grants.iter().all(|&g| voters.key_of(g).is_some()) {
             return;

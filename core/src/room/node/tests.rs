@@ -1176,3 +1176,26 @@ fn a_miners_solution_which_never_comes_back_to_it_does_not_stretch_its_timers() 
     room.nodes[miner].now = later;
     assert_eq!(room.nodes[miner].lag(), before);
 }
+
+#[test]
+fn a_candidate_whose_chain_removed_it_is_not_controller_whatever_its_grants() {
+    let mut room = founded_with_blocks(1);
+    let ctl = room.controllers()[0];
+    let (a, b) = ((ctl + 1) % 3, (ctl + 2) % 3);
+    let (ctl_id, ctl_key, b_id, b_key) =
+        (room.nodes[ctl].id(), room.nodes[ctl].key(), room.nodes[b].id(), room.nodes[b].key());
+    let node = &mut room.nodes[a];
+    let (id, key, term) = (node.id(), node.key(), node.term());
+    // `a` ran in the next term; then a sync brought it the (uncommitted) block that removes it.
+    node.enter_term(term + 1);
+    node.my_ballot = Some(1);
+    let out = Block::change(1, term, HashAlg::Sha1, Pace::Fixed(2), 0, node.tip(), Change::Remove { id, key });
+    node.append(out).unwrap();
+    assert!(!node.is_voter());
+    // The voters that grant it have not seen that block yet.
+    for (from, from_key) in [(ctl_id, ctl_key), (b_id, b_key)] {
+        let grant = Msg::Grant { to: id, to_key: key, term: term + 1, key: from_key };
+        node.handle(room.now, Input::Message(Envelope::new(from, grant)));
+    }
+    assert!(!node.is_controller(), "seed 573124: a controller that is no member of the room");
+}
