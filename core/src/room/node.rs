@@ -1289,19 +1289,12 @@ impl RoomNode {
         if pos.height > 0 && self.config.is_none() {
             self.saw_room();
             self.request_sync(from);
-        } else if pos > self.pos() && !self.controller_live() {
+        } else if pos.height > self.chain.height() && !self.controller_live() {
             // No controller to take blocks from, and the room elects: a member added in blocks
             // we lack does not know it votes until it has them (seed 75280). A voter that has
             // them goes before whoever we asked last (it may be gone for good: seed 883269).
             if self.syncing.is_some_and(|(to, ..)| to != from) {
                 self.syncing = None;
-            }
-            if pos.last_term > self.pos().last_term {
-                // Our last blocks are of an older term than the sender's: they may be a deposed
-                // controller's, never committed, and one of them may change the members so that
-                // we do not count the sender's votes (seed 831887: a removal that the room
-                // replaced kept two voters of three from ever electing). From our commit point.
-                self.diverge();
             }
             self.request_sync(from);
         }

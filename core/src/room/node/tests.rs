@@ -1199,26 +1199,3 @@ fn a_candidate_whose_chain_removed_it_is_not_controller_whatever_its_grants() {
     }
     assert!(!node.is_controller(), "seed 573124: a controller that is no member of the room");
 }
-
-#[test]
-fn a_voter_whose_last_blocks_are_of_an_older_term_than_a_pre_ballots_syncs_from_its_commit_point() {
-    let mut room = founded_with_blocks(2);
-    let ctl = room.controllers()[0];
-    let (f, v) = ((ctl + 1) % 3, (ctl + 2) % 3);
-    let (v_id, v_key) = (room.nodes[v].id(), room.nodes[v].key());
-    let node = &mut room.nodes[f];
-    let (term, commit) = (node.term(), node.commit());
-    // A deposed controller's last block, never committed, removed `v`: we no longer count it.
-    let out = Change::Remove { id: v_id, key: v_key };
-    node.append(Block::change(commit, term, HashAlg::Sha1, Pace::Fixed(2), 0, node.tip(), out)).unwrap();
-    let height = node.chain().height();
-    // The room replaced that block with one of a later term, and `v` runs for the next.
-    let later = room.now + 10 * Timing::default().election_max_ms;
-    let pos = Pos { last_term: term + 1, height };
-    let pre = Msg::PreBallot { to: None, term: term + 2, key: v_key, pos };
-    let actions = node.handle(later, Input::Message(Envelope::new(v_id, pre)));
-    let asked = publishes(&actions)
-        .iter()
-        .any(|m| matches!(m, Msg::SyncRequest { to, from, .. } if *to == v_id && *from == commit));
-    assert!(asked, "seed 831887: {actions:?}");
-}
