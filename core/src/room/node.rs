@@ -1086,7 +1086,9 @@ impl RoomNode {
             Msg::SyncReply { to, req, term, config, blocks, height, commit, open } => {
                 if to == self.cfg.id {
                     self.heard(from, None);
+                    let (asked, before) = (self.syncing, (self.chain.height(), self.tip()));
                     self.on_sync_reply(from, req, term, config, blocks, height, commit, open);
+                    self.keep_asking(asked, before, height);
                 }
             }
         }
@@ -2224,25 +2226,12 @@ impl RoomNode {
         self.publish(Msg::SyncRequest { to: peer, from, req, key: self.cfg.key });
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_sync_reply(
-        &mut self,
-        from: PeerId,
-        req: u64,
-        term: Term,
-        config: Option<RoomConfig>,
-        blocks: Vec<Block>,
-        height: u64,
-        commit: u64,
-        open: Option<Challenge>,
-    ) {
-        let (asked, before) = (self.syncing, (self.chain.height(), self.tip()));
-        self.take_sync_reply(from, req, term, config, blocks, height, commit, open);
-        // Two processes under the replier's id (the member and a copy with another data
-        // directory) both answer a request to it. One that has nothing beyond where we asked
-        // from (we asked because the replier seemed to) leaves the request open for the other's
-        // answer (seeds 2764 and 52115: the copy's short chain answered first, every time, and
-        // the member's was dropped as unsolicited).
+    /// Two processes under the replier's id (the member and a copy with another data
+    /// directory) both answer a request to it. One that has nothing beyond where we asked from
+    /// (we asked because the replier seemed to) leaves the request open for the other's answer
+    /// (seeds 2764 and 52115: the copy's short chain answered first, every time, and the
+    /// member's was dropped as unsolicited).
+    fn keep_asking(&mut self, asked: Option<(PeerId, u64, TxId, u64)>, before: (u64, Digest), height: u64) {
         let nothing = asked.is_some_and(|(.., start, _)| height <= start);
         if self.syncing.is_none() && nothing && (self.chain.height(), self.tip()) == before {
             self.syncing = asked;
@@ -2250,7 +2239,7 @@ impl RoomNode {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn take_sync_reply(
+    fn on_sync_reply(
         &mut self,
         from: PeerId,
         req: u64,

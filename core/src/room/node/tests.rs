@@ -885,15 +885,21 @@ fn a_member_silent_past_the_replacement_time_is_replaced_by_a_live_non_voter_one
     assert_eq!(room.nodes[ctl].commit(), before + 1);
 }
 
-#[test]
-fn a_member_back_with_its_disk_lost_takes_its_own_place() {
+/// A room of three that replaces a member silent for 2 s, founded, with one block committed, and
+/// the index of its controller.
+fn replacing_room_of_three() -> (Room, usize) {
     let timing = Timing { replace_after_ms: 2_000, ..Timing::default() };
     let mut room = Room::with_room_size(3, 3, timing);
     room.run(FOUNDED_MS);
     let ctl = room.controllers()[0];
-    let miner = (ctl + 1) % 3;
-    room.mine(miner);
+    room.mine((ctl + 1) % 3);
     room.run(10);
+    (room, ctl)
+}
+
+#[test]
+fn a_member_back_with_its_disk_lost_takes_its_own_place() {
+    let (mut room, ctl) = replacing_room_of_three();
     // The third voter comes back under its id with an empty data directory: another key.
     let lost = (ctl + 2) % 3;
     let old = Member { id: room.nodes[lost].id(), key: room.nodes[lost].key() };
@@ -951,12 +957,7 @@ fn fatal(room: &Room, i: usize) -> bool {
 
 #[test]
 fn a_member_that_took_its_ids_place_under_a_new_key_stays_when_the_old_process_comes_back() {
-    let timing = Timing { replace_after_ms: 2_000, ..Timing::default() };
-    let mut room = Room::with_room_size(3, 3, timing);
-    room.run(FOUNDED_MS);
-    let ctl = room.controllers()[0];
-    room.mine((ctl + 1) % 3);
-    room.run(10);
+    let (mut room, ctl) = replacing_room_of_three();
     // The third voter is paused; a process under its id with another data directory comes up
     // and takes its place.
     let lost = (ctl + 2) % 3;
@@ -982,12 +983,7 @@ fn a_member_that_took_its_ids_place_under_a_new_key_stays_when_the_old_process_c
 
 #[test]
 fn a_non_voter_in_a_newer_term_may_still_take_a_lost_members_place() {
-    let timing = Timing { replace_after_ms: 2_000, ..Timing::default() };
-    let mut room = Room::with_room_size(3, 3, timing);
-    room.run(FOUNDED_MS);
-    let ctl = room.controllers()[0];
-    room.mine((ctl + 1) % 3);
-    room.run(10);
+    let (mut room, ctl) = replacing_room_of_three();
     // A voter dies for good; a process under its id that no longer votes (its key was replaced)
     // comes back from a partition where it ran for terms of its own.
     let lost = (ctl + 2) % 3;
