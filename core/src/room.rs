@@ -1,4 +1,4 @@
-//! The room protocol (wire version 2): a Raft-style replicated chain over MQTT whose elections
+//! The room protocol (wire version 3): a Raft-style replicated chain over MQTT whose elections
 //! keep the lab's character — each term every voter draws a random ballot and, in the normal case,
 //! the highest ballot wins — while a controller acts only with the durable votes of a majority of
 //! the room's configuration. See `docs/PROTOCOL.md` for the rules and why they are safe.

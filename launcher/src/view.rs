@@ -878,6 +878,7 @@ mod tests {
                 from,
                 Msg::Heartbeat {
                     term,
+                    key: 1,
                     height: 3,
                     commit: 3,
                     tip: peer::pow::Digest::zero(peer::pow::HashAlg::Sha1),

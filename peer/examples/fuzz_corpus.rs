@@ -83,7 +83,7 @@ fn samples() -> Vec<(&'static str, room::Envelope)> {
             },
         ),
         ("room_grant", Msg::Grant { to, to_key: 22, term: 3, key: 11 }),
-        ("room_heartbeat", Msg::Heartbeat { term: 2, height: 2, commit: 2, tip: b1.hash, open: Some(2) }),
+        ("room_heartbeat", Msg::Heartbeat { term: 2, key: 11, height: 2, commit: 2, tip: b1.hash, open: Some(2) }),
         ("room_challenge", Msg::Challenge { challenge: c, commit: 2, config: None }),
         ("room_challenge_0", Msg::Challenge { challenge: c0, commit: 0, config: Some(config.clone()) }),
         ("room_challenge_range", Msg::Challenge { challenge: c_range, commit: 2, config: None }),

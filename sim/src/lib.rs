@@ -136,6 +136,9 @@ pub struct Report {
     pub max_queue_ms: u64,
     /// Blocks committed after the faults ended.
     pub committed_after_faults: u64,
+    /// Terms led by a second process under an id (a duplicate, or a member back with its disk
+    /// lost), not the first process to run under it.
+    pub led_by_later_process: usize,
     /// Too many members lost their data directories: no quorum of the configuration exists any
     /// more, so progress was not required (replacing members is not yet done).
     pub no_quorum: bool,
@@ -561,11 +564,12 @@ impl World {
             self.procs.iter().find(|p| quorum_exists && p.alive && p.connected && p.node.chain().height() < committed);
         if let Some(p) = behind {
             return Err(self.fail(format!(
-                "peer {} holds {} blocks, {} ms after the faults ended with {} committed",
+                "peer {} holds {} blocks, {} ms after the faults ended with {} committed (its term {}, controller {:?}, vote {:?}, key {})",
                 p.id,
                 p.node.chain().height(),
                 self.sc.settle_ms,
-                self.commit_at_fault_end.unwrap_or(0)
+                self.commit_at_fault_end.unwrap_or(0),
+                p.node.term(), p.node.controller(), p.node.voted_for(), p.node.key()
             )));
         }
         // A member lost for good (dead, or back with its disk lost: another key) is replaced by
@@ -824,6 +828,9 @@ impl World {
                     return Err(self.fail(format!("two controllers in term {term}: {other} and {id}")));
                 }
                 self.controllers.insert(*term, (id, self.now));
+                if self.procs.iter().position(|q| q.id == id) != Some(p) {
+                    self.report.led_by_later_process += 1;
+                }
             }
             _ => {}
         }
@@ -994,9 +1001,9 @@ impl World {
             prev: tip,
         };
         let msgs = [
-            Msg::Heartbeat { term, height: 1_000, commit: 1_000, tip, open: None },
+            Msg::Heartbeat { term, key: self.rng.random(), height: 1_000, commit: 1_000, tip, open: None },
             Msg::Challenge { challenge, commit: 0, config: None },
-            Msg::Heartbeat { term: term + 1, height: 1_000, commit: 1_000, tip, open: None },
+            Msg::Heartbeat { term: term + 1, key: self.rng.random(), height: 1_000, commit: 1_000, tip, open: None },
         ];
         if !self.broker_up {
             return;

@@ -675,7 +675,7 @@ fn real_message(snap: &Snapshot, rng: &mut StdRng) -> Vec<u8> {
         2 => Msg::PreBallot { to: None, term: term + 1, key, pos },
         3 => Msg::Ballot { term, ballot: rng.random(), key, pos, proposal: None },
         4 => Msg::Grant { to: snap.leader, to_key: rng.random(), term, key },
-        5 => Msg::Heartbeat { term, height: tx, commit: tx, tip: snap.tip, open: Some(tx) },
+        5 => Msg::Heartbeat { term, key, height: tx, commit: tx, tip: snap.tip, open: Some(tx) },
         6 => Msg::Challenge { challenge, commit: tx, config: None },
         7 => Msg::Solution { tx, nonce: rng.random() },
         8 => Msg::Result { term, outcome: Outcome::Accepted(block), commit: tx },
@@ -783,7 +783,14 @@ fn forgery(snap: &Snapshot, forge: &mut Forger, rng: &mut StdRng) -> (&'static s
         }
         15 => {
             let height = h + 50;
-            let msg = Msg::Heartbeat { term, height, commit: height, tip: Digest::Sha1(rng.random()), open: None };
+            let msg = Msg::Heartbeat {
+                term,
+                key: rng.random(),
+                height,
+                commit: height,
+                tip: Digest::Sha1(rng.random()),
+                open: None,
+            };
             ("heartbeat_current_term_stranger", stranger, msg)
         }
         _ => {

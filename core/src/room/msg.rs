@@ -1,4 +1,4 @@
-//! The room protocol's messages (wire version 2), the room's configuration, and their codec.
+//! The room protocol's messages (wire version 3), the room's configuration, and their codec.
 //!
 //! Every payload is one postcard-encoded [`Envelope`]: the version byte, the sender's id, one
 //! [`Msg`]. Broadcast messages travel on the lab's five topics; the ones meant for one peer (grants,
@@ -13,7 +13,7 @@ use crate::protocol::{
 };
 
 /// The wire version of the room protocol.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Most members a room's configuration may have.
 pub const MAX_ROOM: usize = 2048;
@@ -176,6 +176,9 @@ pub enum Msg {
     Heartbeat {
         /// The controller's term.
         term: Term,
+        /// The controller's key: a second process under its id (both get the id's broadcasts
+        /// back) tells the controller's beats from the echoes of its own.
+        key: u64,
         /// Its height.
         height: u64,
         /// Blocks committed.
@@ -520,7 +523,7 @@ mod tests {
                 proposal: Some(config().digest(HashAlg::Sha256)),
             },
             Msg::Grant { to: 9, to_key: 3, term: 2, key: 1 },
-            Msg::Heartbeat { term: 2, height: 3, commit: 2, tip: Digest::zero(alg), open: Some(3) },
+            Msg::Heartbeat { term: 2, key: 1, height: 3, commit: 2, tip: Digest::zero(alg), open: Some(3) },
             Msg::Challenge { challenge, commit: 0, config: Some(config()) },
             Msg::Solution { tx: 0, nonce: 1 },
             Msg::Ack { to: 9, term: 2, height: 3, key: 1 },
@@ -554,7 +557,7 @@ mod tests {
             Envelope::new(1, Msg::Grant { to: 0, to_key: 1, term: 1, key: 1 }),
             Envelope::new(
                 1,
-                Msg::Heartbeat { term: 1, height: 1, commit: 2, tip: Digest::zero(HashAlg::Sha1), open: None },
+                Msg::Heartbeat { term: 1, key: 1, height: 1, commit: 2, tip: Digest::zero(HashAlg::Sha1), open: None },
             ),
             Envelope::new(
                 1,

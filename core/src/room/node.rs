@@ -313,6 +313,9 @@ pub struct RoomNode {
     /// Another process under our id that we told we stay (its key and incarnation): told once,
     /// and we give way if our chain's changes come to name it the member.
     rival: Option<(u64, u64)>,
+    /// The key of another process under our id whose heartbeat we heard, of our term or later
+    /// (see `rival_beat`): we give way if our chain's changes come to name it the member.
+    rival_led: Option<u64>,
     /// How long our own broadcasts take to come back to us through the broker (rises at once,
     /// comes down slowly, and halves every `LAG_HALF_LIFE_MS` without a new sample): in a room of
     /// hundreds on a busy machine, the broker's queue delays every message by as much, and the
@@ -424,6 +427,7 @@ impl RoomNode {
             hellos_unanswered: 0,
             peers_at_hello: 0,
             rival: None,
+            rival_led: None,
             last_reach: None,
             lag_ms: 0,
             lag_at: 0,
@@ -782,11 +786,10 @@ impl RoomNode {
                 self.start_pre_vote();
             } else if !self.controller_live() && now >= self.next_hello {
                 // Not (yet) a voter and no controller in sight: our hello or the answers to it
-                // may have been lost. Announce ourselves again (this is the only periodic
-                // announcement, and only while something is missing), less and less often: in
+                // may have been lost. Announce ourselves again (only while something is missing;
+                // see also `rival_beat`), less and less often: in
                 // a room of hundreds still gathering, each one reaches every peer.
-                self.hellos_unanswered = (self.hellos_unanswered + 1).min(MAX_HELLO_BACKOFF);
-                self.next_hello = now + (self.cfg.timing.election_min_ms << self.hellos_unanswered) + 2 * self.lag();
+                self.back_off_hello();
                 // Not while peers new to us keep coming (the room is gathering, and each one
                 // learns of us from our answer to its hello), nor while our last one is still in
                 // the broker's queue (see `lag`).
@@ -994,14 +997,18 @@ impl RoomNode {
     fn message(&mut self, env: Envelope) {
         let from = env.from;
         if from == self.cfg.id {
-            if let Msg::Hello { key, incarnation, since_ms, .. } = env.msg
-                && (key != self.cfg.key || incarnation != self.cfg.incarnation)
-            {
-                self.impostor(key, incarnation, since_ms);
-            } else {
-                self.echoed(&env.msg);
-                // A grant may have waited for it (see `try_grant`).
-                self.try_grant(false);
+            match env.msg {
+                Msg::Hello { key, incarnation, since_ms, .. }
+                    if key != self.cfg.key || incarnation != self.cfg.incarnation =>
+                {
+                    self.impostor(key, incarnation, since_ms);
+                }
+                Msg::Heartbeat { key, term, height, .. } if key != self.cfg.key => self.rival_beat(key, term, height),
+                msg => {
+                    self.echoed(&msg);
+                    // A grant may have waited for it (see `try_grant`).
+                    self.try_grant(false);
+                }
             }
             return;
         }
@@ -1043,7 +1050,7 @@ impl RoomNode {
             }
             // To another controller.
             Msg::Ack { .. } => {}
-            Msg::Heartbeat { term, height, commit, tip, open } => {
+            Msg::Heartbeat { term, height, commit, tip, open, .. } => {
                 self.heard(from, None);
                 if self.accept_controller(from, term, "heartbeat") {
                     self.on_heartbeat(from, height, commit, tip, open);
@@ -1127,6 +1134,42 @@ impl RoomNode {
         }
     }
 
+    /// A process under our id with another data directory controls a term (or says so: a
+    /// forger may). A quorum granted it only if their chains name it the member, so when it is
+    /// in our term or a later one, ours is behind: we ask the room where it stands (the answers
+    /// name the term and a height, see `on_hello`) and sync from whoever answers. Every request
+    /// to our id would reach that controller as if from itself, and its answers would look like
+    /// our own echoes (seed 736493: the old process, back, voted for the other voter in the
+    /// term the new one won, then pre-voted alone for good). Once our blocks name its key the
+    /// member, we give way.
+    fn rival_beat(&mut self, key: u64, term: Term, height: u64) {
+        let id = self.cfg.id;
+        // Our term may be hearsay: without the configuration, a forger's (seed 807713).
+        if self.is_controller() || (term < self.term && !self.term_is_hearsay()) {
+            self.drop_msg("duplicate_id", format!("heartbeat of term {term} from another process under our id {id}"));
+            return;
+        }
+        self.rival_led = Some(key);
+        self.check_rival();
+        if height > self.chain.height() && self.now >= self.next_hello {
+            self.back_off_hello();
+            self.publish(self.hello(None, true));
+        }
+    }
+
+    /// When the next hello that asks for answers may go out, if those to this one do not come:
+    /// each waits twice as long as the last (up to `MAX_HELLO_BACKOFF` doublings of
+    /// `election_min_ms`).
+    fn back_off_hello(&mut self) {
+        self.hellos_unanswered = (self.hellos_unanswered + 1).min(MAX_HELLO_BACKOFF);
+        self.next_hello = self.now + (self.cfg.timing.election_min_ms << self.hellos_unanswered) + 2 * self.lag();
+    }
+
+    /// We know no configuration, so our term may be a forger's, and we promised nothing in it.
+    fn term_is_hearsay(&self) -> bool {
+        self.voters().is_none() && self.term > self.promised
+    }
+
     fn give_way(&mut self) {
         let id = self.cfg.id;
         self.out.push(Action::Fatal(format!(
@@ -1134,10 +1177,11 @@ impl RoomNode {
         )));
     }
 
-    /// The members changed: a process under our id that we thought gave way may be the member.
+    /// The members changed: a process under our id that we thought gave way, or that leads a
+    /// term, may be the member.
     fn check_rival(&mut self) {
         let member = self.members.as_ref().and_then(|m| m.key_of(self.cfg.id));
-        if member.is_some() && member == self.rival.map(|(key, _)| key) {
+        if member.is_some() && (member == self.rival.map(|(key, _)| key) || member == self.rival_led) {
             self.give_way();
         }
     }
@@ -1196,11 +1240,16 @@ impl RoomNode {
         let controller = controller.filter(|&c| self.may_lead(c));
         if let Some(c) = controller
             && term > self.term
-            && c != self.cfg.id
         {
             // A newcomer (or a peer back from a partition) learns the room's term and controller.
+            // One under our id is another process, with another data directory, that the room
+            // made the member in blocks we lack: our requests to it would look like its own
+            // echoes, so we sync from the sender (below), and the blocks say who stays (seed
+            // 341113: we asked our controller of the term before, long dead, and stayed behind).
             self.enter_term(term);
-            self.follow_controller(c);
+            if c != self.cfg.id {
+                self.follow_controller(c);
+            }
         } else if let Some(c) = controller
             && term == self.term
             && self.controller.is_none()
@@ -1210,12 +1259,23 @@ impl RoomNode {
             self.follow_controller(c);
         }
         if height > self.chain.height() {
-            match self.controller {
+            match self.controller.filter(|_| self.controller_live()) {
                 Some(c) if c != self.cfg.id => self.request_sync(c),
-                // Without a controller, take the blocks of whoever has them (only a controller
-                // can make us drop any): without block 0 we know neither the room's voters nor
-                // whether we are one, and a member added in blocks we lack does not know it votes.
-                None => self.request_sync(from),
+                // Without a live controller, take the blocks of whoever has them (only a
+                // controller can make us drop any): without block 0 we know neither the room's
+                // voters nor whether we are one, and a member added in blocks we lack does not
+                // know it votes. (Seed 306646: a peer without block 0 had followed a forger,
+                // silent since, and kept asking it.) A voter goes before a stranger we asked
+                // last (seed 108701: a forger's heartbeat of a long chain drew every retry), or
+                // before a controller fallen silent that we asked (seed 807713: a forger again).
+                None => {
+                    let silent = |to| self.controller == Some(to) && !self.controller_live();
+                    let stale = self.syncing.is_some_and(|(to, ..)| to != from && (!self.may_lead(to) || silent(to)));
+                    if self.may_lead(from) && stale {
+                        self.syncing = None;
+                    }
+                    self.request_sync(from);
+                }
                 _ => {}
             }
         }
@@ -1290,6 +1350,21 @@ impl RoomNode {
     fn on_pre_ballot(&mut self, from: PeerId, key: u64, term: Term, pos: Pos) {
         if pos.height > 0 && self.config.is_none() {
             self.saw_room();
+            self.request_sync(from);
+        } else if !self.controller_live()
+            && pos.last_term > self.pos().last_term
+            && !self.is_voter_id(from, key)
+            && self.members_at(self.commit).is_some_and(|m| m.contains(from, key))
+        {
+            // A voter as of our commit point, which blocks of ours above it removed, and whose
+            // last block is of a later term than ours: those blocks may be a deposed
+            // controller's, which the room replaced. We would never count its votes again (seed
+            // 831887: two voters of three never elected). We ask it for its blocks from our
+            // commit point: those it holds committed replace ours (see `on_sync_reply`).
+            if self.syncing.is_some_and(|(to, ..)| to != from) {
+                self.syncing = None;
+            }
+            self.diverge();
             self.request_sync(from);
         } else if pos.height > self.chain.height() && !self.controller_live() {
             // No controller to take blocks from, and the room elects: a member added in blocks
@@ -1579,7 +1654,7 @@ impl RoomNode {
         self.next_beat = self.now + self.cfg.timing.heartbeat_ms;
         let (height, commit, tip) = (self.chain.height(), self.commit, self.tip());
         let open = self.open.map(|c| c.tx);
-        self.publish(Msg::Heartbeat { term: self.term, height, commit, tip, open });
+        self.publish(Msg::Heartbeat { term: self.term, key: self.cfg.key, height, commit, tip, open });
     }
 
     fn publish_challenge(&mut self, c: Challenge) {
@@ -1846,7 +1921,7 @@ impl RoomNode {
             // Unless our term is hearsay: without the configuration we may have taken it from a
             // forger, and we promised nothing in it; the room's own controller of that term, if
             // there is one, will tell the stale one itself.
-            let hearsay = self.voters().is_none() && self.term > self.promised;
+            let hearsay = self.term_is_hearsay();
             if !hearsay && self.now >= self.last_stale_reply + self.cfg.timing.heartbeat_ms {
                 self.last_stale_reply = self.now;
                 self.publish(Msg::Ack { to: from, term: self.term, height: 0, key: self.cfg.key });
@@ -2193,10 +2268,10 @@ impl RoomNode {
         }
     }
 
-    /// Whom to ask again for what `peer` was asked: our controller if we know one (`peer` may be
-    /// gone), else `peer`.
+    /// Whom to ask again for what `peer` was asked: our controller while we hear it (`peer` may
+    /// be gone), else `peer`.
     fn sync_target(&self, peer: PeerId) -> PeerId {
-        self.controller.filter(|&c| c != self.cfg.id).unwrap_or(peer)
+        self.controller.filter(|&c| c != self.cfg.id && self.controller_live()).unwrap_or(peer)
     }
 
     /// How long a sync request may go unanswered: `sync_retry_ms` and twice the broker's lag

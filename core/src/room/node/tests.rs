@@ -440,7 +440,7 @@ fn a_sync_request_to_a_dead_peer_does_not_starve_the_one_to_the_controller() {
             record(&mut sent_to, node.handle(t, Input::Tick));
         }
         if t % 100 == 1 {
-            let beat = Msg::Heartbeat { term: 1, height: 10, commit: 10, tip, open: None };
+            let beat = Msg::Heartbeat { term: 1, key: 0, height: 10, commit: 10, tip, open: None };
             record(&mut sent_to, node.handle(t, Input::Message(Envelope::new(controller, beat))));
         }
     }
@@ -480,7 +480,7 @@ fn a_controller_message_from_outside_the_configuration_is_not_followed_nor_moves
     // A newer term, and the current one once the follower has lost its controller: both would
     // name the stranger as controller if it were followed.
     for t in [term + 1, term] {
-        let beat = Msg::Heartbeat { term: t, height: 9, commit: 9, tip: Digest::Sha1([7; 20]), open: None };
+        let beat = Msg::Heartbeat { term: t, key: 0, height: 9, commit: 9, tip: Digest::Sha1([7; 20]), open: None };
         let actions = room.nodes[follower].handle(room.now, Input::Message(Envelope::new(stranger, beat)));
         let named = actions
             .iter()
@@ -550,7 +550,7 @@ fn an_acknowledgement_that_says_nothing_new_is_not_repeated_within_the_quiet_tim
     let (term, ctl_id) = (room.nodes[ctl].term(), room.nodes[ctl].id());
     let (height, commit) = (room.nodes[ctl].chain().height(), room.nodes[ctl].commit());
     let tip = room.nodes[ctl].chain().tip_hash(HashAlg::Sha1);
-    let beat = Msg::Heartbeat { term, height, commit, tip, open: None };
+    let beat = Msg::Heartbeat { term, key: 0, height, commit, tip, open: None };
     let acks = |room: &mut Room, at: u64| {
         let actions = room.nodes[f].handle(at, Input::Message(Envelope::new(ctl_id, beat.clone())));
         publishes(&actions).iter().filter(|m| matches!(m, Msg::Ack { .. })).count()
@@ -633,7 +633,7 @@ fn member_without_chain(room: &Room, i: usize) -> RoomNode {
 
 /// What a peer that knows no configuration does with a controller message at `now`.
 fn hear(node: &mut RoomNode, now: u64, from: PeerId, term: Term) -> Vec<Action> {
-    let beat = Msg::Heartbeat { term, height: 9, commit: 9, tip: Digest::Sha1([7; 20]), open: None };
+    let beat = Msg::Heartbeat { term, key: 0, height: 9, commit: 9, tip: Digest::Sha1([7; 20]), open: None };
     node.handle(now, Input::Message(Envelope::new(from, beat)))
 }
 
@@ -1194,4 +1194,157 @@ fn a_candidate_whose_chain_removed_it_is_not_controller_whatever_its_grants() {
         node.handle(room.now, Input::Message(Envelope::new(from, grant)));
     }
     assert!(!node.is_controller(), "seed 573124: a controller that is no member of the room");
+}
+
+#[test]
+fn a_process_that_hears_another_under_its_id_lead_asks_the_room_and_syncs_from_an_answer() {
+    let mut room = founded_with_blocks(2);
+    let ctl = room.controllers()[0];
+    let (f, v) = ((ctl + 1) % 3, (ctl + 2) % 3);
+    let (id, v_id, v_key) = (room.nodes[f].id(), room.nodes[v].id(), room.nodes[v].key());
+    let (term, height) = (room.nodes[f].term(), room.nodes[f].chain().height());
+    // Back from a partition (whatever it asked before is long out of date).
+    let mut now = room.now + 10 * Timing::default().election_max_ms;
+    let node = &mut room.nodes[f];
+    // Our own beat (our key) is an echo; another key's, of our term or later, is not.
+    let beat = |key| {
+        let tip = Digest::Sha1([7; 20]);
+        Input::Message(Envelope::new(
+            id,
+            Msg::Heartbeat { term: term + 1, key, height: height + 5, commit: 0, tip, open: None },
+        ))
+    };
+    let hellos = |actions: &[Action]| publishes(actions).iter().filter(|m| matches!(m, Msg::Hello { .. })).count();
+    assert_eq!(hellos(&node.handle(now, beat(node.key()))), 0);
+    let asked = node.handle(now, beat(node.key() + 1));
+    assert!(publishes(&asked).iter().any(|m| matches!(m, Msg::Hello { to: None, want_reply: true, .. })), "{asked:?}");
+    // Its beats keep coming: asked again only after a wait, not at each one.
+    now += 100;
+    assert_eq!(hellos(&node.handle(now, beat(node.key() + 1))), 0);
+    // A voter's answer names our id its controller, in a term after ours: we cannot follow that
+    // process (our requests would be its own echoes), so we ask the voter for its blocks.
+    let answer = Msg::Hello {
+        to: Some(id),
+        want_reply: false,
+        key: v_key,
+        incarnation: 7,
+        since_ms: 0,
+        term: term + 1,
+        controller: Some(id),
+        height: height + 5,
+    };
+    let actions = node.handle(now, Input::Message(Envelope::new(v_id, answer)));
+    let sync = publishes(&actions).iter().any(|m| matches!(m, Msg::SyncRequest { to, .. } if *to == v_id));
+    assert!(sync, "{actions:?}");
+    assert_eq!(node.term(), term + 1);
+    assert!(!fatal(&room, f), "nothing yet says the other process is the member");
+}
+
+#[test]
+fn a_controller_keeps_its_place_whatever_beats_come_under_its_id() {
+    let mut room = founded_with_blocks(1);
+    let ctl = room.controllers()[0];
+    let (id, term, height) = (room.nodes[ctl].id(), room.nodes[ctl].term(), room.nodes[ctl].chain().height());
+    let tip = Digest::Sha1([7; 20]);
+    let forged =
+        Msg::Heartbeat { term, key: room.nodes[ctl].key() + 1, height: height + 9, commit: 0, tip, open: None };
+    room.queue.push_back((None, Envelope::new(id, forged)));
+    room.run(100);
+    assert!(room.nodes[ctl].is_controller());
+    assert!(!fatal(&room, ctl));
+}
+
+#[test]
+fn a_voter_whose_uncommitted_blocks_removed_a_pre_ballots_sender_of_a_later_term_syncs_from_its_commit_point() {
+    let mut room = founded_with_blocks(2);
+    let ctl = room.controllers()[0];
+    let (f, v) = ((ctl + 1) % 3, (ctl + 2) % 3);
+    let (v_id, v_key, ctl_id, ctl_key) =
+        (room.nodes[v].id(), room.nodes[v].key(), room.nodes[ctl].id(), room.nodes[ctl].key());
+    let later = room.now + 10 * Timing::default().election_max_ms;
+    let node = &mut room.nodes[f];
+    let (term, commit) = (node.term(), node.commit());
+    let height = node.chain().height();
+    let pre = |key, height| Msg::PreBallot { to: None, term: term + 2, key, pos: Pos { last_term: term + 1, height } };
+    let asked_from_commit = |actions: &[Action], peer| {
+        publishes(actions)
+            .iter()
+            .any(|m| matches!(m, Msg::SyncRequest { to, from, .. } if *to == peer && *from == commit))
+    };
+    // A voter we count, as long as we are: nothing to take from it (in a room of 300 electing,
+    // a sync on each such pre-ballot slowed the election down to 35 s).
+    let actions = node.handle(later, Input::Message(Envelope::new(ctl_id, pre(ctl_key, height))));
+    assert!(!publishes(&actions).iter().any(|m| matches!(m, Msg::SyncRequest { .. })), "{actions:?}");
+    // A deposed controller's last block, never committed, removed `v`: we no longer count it.
+    let out = Change::Remove { id: v_id, key: v_key };
+    node.append(Block::change(commit, term, HashAlg::Sha1, Pace::Fixed(2), 0, node.tip(), out)).unwrap();
+    // The room replaced that block with one of a later term, and `v` runs for the next.
+    let actions = node.handle(later + 1, Input::Message(Envelope::new(v_id, pre(v_key, height + 1))));
+    assert!(asked_from_commit(&actions, v_id), "seed 831887: {actions:?}");
+}
+
+#[test]
+fn a_hello_showing_a_longer_chain_is_asked_for_it_before_a_silent_controller_or_a_stranger() {
+    let mut room = founded_with_blocks(2);
+    let ctl = room.controllers()[0];
+    let (f, v) = ((ctl + 1) % 3, (ctl + 2) % 3);
+    let (v_id, v_key) = (room.nodes[v].id(), room.nodes[v].key());
+    let node = &mut room.nodes[f];
+    let (term, height) = (node.term(), node.chain().height());
+    let hello = Msg::Hello {
+        to: Some(node.id()),
+        want_reply: false,
+        key: v_key,
+        incarnation: 7,
+        since_ms: 0,
+        term,
+        controller: Some(room.nodes[ctl].id()),
+        height: height + 5,
+    };
+    let node = &mut room.nodes[f];
+    let asked = |actions: &[Action]| {
+        publishes(actions).iter().find_map(|m| if let Msg::SyncRequest { to, .. } = m { Some(*to) } else { None })
+    };
+    // Our controller fell silent (seed 306646: one a peer without block 0 followed was a forger).
+    let later = room.now + 10 * Timing::default().election_max_ms;
+    let actions = node.handle(later, Input::Message(Envelope::new(v_id, hello.clone())));
+    assert_eq!(asked(&actions), Some(v_id), "{actions:?}");
+    // A request just sent to a stranger (a forger's heartbeat showed a long chain, seed 108701)
+    // gives way to a voter's.
+    node.syncing = Some((999, later + 1, height, 1));
+    let actions = node.handle(later + 2, Input::Message(Envelope::new(v_id, hello)));
+    assert_eq!(asked(&actions), Some(v_id), "{actions:?}");
+}
+
+#[test]
+fn a_peer_whose_term_a_forger_gave_it_still_hears_another_process_under_its_id_lead_and_syncs() {
+    let room = founded_with_blocks(1);
+    let ctl = room.controllers()[0];
+    let (f, v) = ((ctl + 1) % 3, (ctl + 2) % 3);
+    let (id, term, v_id, v_key) = (room.nodes[f].id(), room.nodes[f].term(), room.nodes[v].id(), room.nodes[v].key());
+    let mut node = member_without_chain(&room, f);
+    // Without the configuration, a forger's newer term (seed 807713); we ask it for its chain.
+    hear(&mut node, room.now, 999, term + 1);
+    assert_eq!(node.controller(), Some(999));
+    // Another process under our id leads the room's term, older than the forged one.
+    let tip = Digest::Sha1([7; 20]);
+    let beat = Msg::Heartbeat { term, key: node.key() + 1, height: 9, commit: 9, tip, open: None };
+    let actions = node.handle(room.now + 1, Input::Message(Envelope::new(id, beat)));
+    assert!(publishes(&actions).iter().any(|m| matches!(m, Msg::Hello { want_reply: true, .. })), "{actions:?}");
+    // The forger fell silent; a voter answers: it is asked, not the forger again.
+    let answer = Msg::Hello {
+        to: Some(id),
+        want_reply: false,
+        key: v_key,
+        incarnation: 7,
+        since_ms: 0,
+        term,
+        controller: Some(id),
+        height: 9,
+    };
+    let later = room.now + 10 * Timing::default().election_max_ms;
+    node.syncing = Some((999, later - 1, 0, 1));
+    let actions = node.handle(later, Input::Message(Envelope::new(v_id, answer)));
+    let asked = publishes(&actions).iter().any(|m| matches!(m, Msg::SyncRequest { to, .. } if *to == v_id));
+    assert!(asked, "{actions:?}");
 }
