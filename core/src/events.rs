@@ -218,6 +218,15 @@ pub enum Event {
         /// Votes held when deciding.
         votes: usize,
     },
+    /// Lab wire format: a course client acts as controller (its challenge names no hashvote
+    /// issuer) while this peer was, or followed, another: a course client cannot change its
+    /// mind, so this peer follows that client's challenges from now on.
+    LabYielded {
+        /// The course client's first challenge heard.
+        tx: TxId,
+        /// The controller this peer had decided on.
+        was: String,
+    },
     /// Lab wire format: a transaction's winner, verified by this peer (as controller: decided).
     LabResult {
         /// Transaction id.
@@ -300,6 +309,9 @@ pub fn describe(event: &Event) -> String {
         }
         Event::MessageDropped { reason, detail } => format!("dropped message ({reason}): {detail}"),
         Event::LabElected { controller, votes } => format!("lab controller {controller} ({votes} votes)"),
+        Event::LabYielded { tx, was } => {
+            format!("a course client acts as controller (challenge {tx}): follows it, not {was}")
+        }
         Event::LabResult { tx, winner, solution, difficulty, .. } => {
             format!("lab tx {tx}: winner {winner}, solution {solution:?}, {difficulty} bits")
         }

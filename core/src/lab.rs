@@ -88,9 +88,19 @@ pub struct LabNode {
     cfg: LabConfig,
     /// Clients known, us included.
     known: BTreeSet<Id>,
-    /// Votes by voter, ours included once cast.
+    /// The first vote heard of each voter, ours included once it came back from the broker.
     votes: BTreeMap<Id, Id>,
+    /// Every vote message heard, in the broker's order, up to the room size: `(ClientID, VoteID)`.
+    /// The election is decided over these, as the course's clients decide it (see `on_vote`).
+    counted: Vec<(Id, Id)>,
     voted: bool,
+    /// Our Init went out at least once.
+    announced: bool,
+    /// Clients whose Init says they are hashvote peers (and us): their challenges name them.
+    peers: BTreeSet<Id>,
+    /// A course client acts as controller (it cannot change its mind): we follow its
+    /// challenges, whoever we decided on (see `on_challenge`).
+    course_controls: bool,
     controller: Option<Id>,
     /// A challenge that arrived before this node decided the election (a controller that decides
     /// first challenges at once); taken up if the decision makes someone else controller.
@@ -108,9 +118,13 @@ impl LabNode {
         let rng = cfg.seed.map_or_else(StdRng::from_os_rng, StdRng::seed_from_u64);
         Self {
             known: BTreeSet::from([cfg.me.clone()]),
-            cfg,
             votes: BTreeMap::new(),
+            counted: Vec::new(),
             voted: false,
+            announced: false,
+            peers: BTreeSet::from([cfg.me.clone()]),
+            course_controls: false,
+            cfg,
             controller: None,
             held: None,
             table: BTreeMap::new(),
@@ -135,9 +149,9 @@ impl LabNode {
         &self.known
     }
 
-    /// True if this node is the controller.
+    /// True if this node is the controller (and no course client acts as one instead).
     pub fn is_controller(&self) -> bool {
-        self.controller.as_ref() == Some(&self.cfg.me)
+        self.controller.as_ref() == Some(&self.cfg.me) && !self.course_controls
     }
 
     /// Handles one input; returns what to do.
@@ -166,16 +180,18 @@ impl LabNode {
         self.emit(Event::MessageDropped { reason: reason.into(), detail });
     }
 
-    /// Announces us, and our vote if cast: after a reconnection the room may have missed both.
+    /// Announces us: at the first connection, and after a reconnection while the room we know
+    /// is short of its size (it may have missed us). Never our vote again: a course client
+    /// counts every vote message, repeats included.
     fn connected(&mut self) {
-        self.announce();
+        if !self.announced || (self.controller.is_none() && self.known.len() < self.cfg.room_size) {
+            self.announce();
+        }
     }
 
     fn announce(&mut self) {
-        self.publish(LabMsg::Init(InitMsg { client: self.cfg.me.clone() }));
-        if let Some(vote) = self.votes.get(&self.cfg.me).filter(|_| self.voted).cloned() {
-            self.publish(LabMsg::Election(ElectionMsg { client: self.cfg.me.clone(), vote }));
-        }
+        self.announced = true;
+        self.publish(LabMsg::Init(InitMsg { client: self.cfg.me.clone(), hashvote: true }));
     }
 
     /// Adds a client; false (and a drop) if the set is full.
@@ -199,36 +215,53 @@ impl LabNode {
         if m.client == self.cfg.me || self.known.contains(&m.client) {
             return;
         }
+        let before = self.known.len();
         if !self.learn(&m.client) {
             return;
         }
+        if m.hashvote {
+            self.peers.insert(m.client.clone());
+        }
         // The newcomer subscribed before announcing itself, but missed everything said before:
-        // tell it about us at once. Only an unknown id triggers this, so two peers answering each
-        // other stop after one round.
-        self.announce();
+        // a course client learns of us only from an Init, so we answer it at once (instead of
+        // the lab's 10 s timer), once. Not a hashvote peer: it learns of us from our vote. And
+        // not once the room we know is complete, nor after the election: every Init that a
+        // course client receives once its list is full makes it vote again.
+        if !m.hashvote && self.controller.is_none() && before < self.cfg.room_size {
+            self.announce();
+        }
         self.maybe_vote();
     }
 
+    /// Counts a vote as the course's clients do: every vote message, in the order the broker
+    /// delivers them (the same for every subscriber of the topic), ours when it comes back,
+    /// repeats and changed ballots too; the election is decided over the first `room_size` of
+    /// them. A course client votes again with a fresh ballot on every Init that reaches it once
+    /// its list is full, and cannot be told otherwise: keeping each voter's first ballot
+    /// instead, as this peer once did, decided over another set of ballots than it did.
     fn on_vote(&mut self, m: ElectionMsg) {
-        if m.client == self.cfg.me {
-            return;
-        }
-        match self.votes.get(&m.client) {
-            Some(v) if *v == m.vote => return,
-            Some(v) => {
-                let detail = format!("{} voted {} after {v}", m.client, m.vote);
-                return self.drop_msg("lab_changed_vote", detail);
-            }
-            None => {}
-        }
         if self.controller.is_some() {
-            return self.drop_msg("lab_late_vote", format!("{} voted {} after the election", m.client, m.vote));
+            if m.client != self.cfg.me {
+                self.drop_msg("lab_late_vote", format!("{} voted {} after the election", m.client, m.vote));
+            }
+            return;
         }
         // A vote shows its voter is in the room even if its Init was lost.
         if !self.learn(&m.client) {
             return;
         }
-        self.votes.insert(m.client, m.vote);
+        match self.votes.get(&m.client) {
+            Some(v) if *v != m.vote => {
+                info!(client = %m.client, vote = %m.vote, first = %v, "lab vote changed; counted")
+            }
+            Some(_) => info!(client = %m.client, vote = %m.vote, "lab vote repeated; counted"),
+            None => {}
+        }
+        if m.hashvote {
+            self.peers.insert(m.client.clone());
+        }
+        self.votes.entry(m.client.clone()).or_insert_with(|| m.vote.clone());
+        self.counted.push((m.client, m.vote));
         self.maybe_vote();
         self.maybe_decide();
     }
@@ -236,7 +269,7 @@ impl LabNode {
     /// Votes once every expected client is known: a random u32, or a UUID-like string if the
     /// room uses string ids or votes (so the room keeps comparing like with like).
     fn maybe_vote(&mut self) {
-        if self.voted || self.known.len() < self.cfg.room_size {
+        if self.voted || self.controller.is_some() || self.known.len() < self.cfg.room_size {
             return;
         }
         let strings = self.known.iter().chain(self.votes.values()).any(|id| !id.is_int());
@@ -251,34 +284,36 @@ impl LabNode {
         };
         info!(vote = %vote, known = self.known.len(), "lab vote");
         self.voted = true;
-        self.votes.insert(self.cfg.me.clone(), vote.clone());
-        self.publish(LabMsg::Election(ElectionMsg { client: self.cfg.me.clone(), vote }));
-        self.maybe_decide();
+        // Counted when it comes back from the broker, in its place among the others.
+        self.publish(LabMsg::Election(ElectionMsg { client: self.cfg.me.clone(), vote, hashvote: true }));
     }
 
-    /// Decides once we voted and hold `room_size` votes: the highest `(VoteID, ClientID)` in the
-    /// room's [`BallotOrder`].
+    /// Decides at the `room_size`-th vote message: the highest `(VoteID, ClientID)` among them in
+    /// the room's [`BallotOrder`].
     fn maybe_decide(&mut self) {
-        if self.controller.is_some() || !self.voted || self.votes.len() < self.cfg.room_size {
+        if self.controller.is_some() || self.counted.len() < self.cfg.room_size {
             return;
         }
-        let order = BallotOrder::of(self.votes.iter().map(|(c, v)| (v, c)));
-        let Some((winner, _)) = self.votes.iter().max_by(|a, b| order.cmp((a.1, a.0), (b.1, b.0))) else {
+        let ballots = &self.counted[..self.cfg.room_size];
+        let order = BallotOrder::of(ballots.iter().map(|(c, v)| (v, c)));
+        let Some((winner, _)) = ballots.iter().max_by(|a, b| order.cmp((&a.1, &a.0), (&b.1, &b.0))) else {
             return;
         };
         let winner = winner.clone();
-        let votes = self.votes.len();
+        let votes = ballots.len();
         info!(controller = %winner, votes, ?order, "lab controller elected");
         self.emit(Event::LabElected { controller: winner.to_string(), votes });
         if let Some(leader) = winner.as_peer_id() {
             self.emit(Event::LeaderElected { term: 1, leader, votes });
         }
         self.controller = Some(winner);
-        if self.is_controller() {
-            self.held = None;
-            self.issue();
-        } else if let Some(held) = self.held.take() {
+        // A challenge heard before the decision: the controller's (we then mine it), or a
+        // course client's that acts as controller (we then give way, before we issue anything).
+        if let Some(held) = self.held.take() {
             self.on_challenge(held);
+        }
+        if self.is_controller() {
+            self.issue();
         }
     }
 
@@ -290,7 +325,8 @@ impl LabNode {
         self.insert_row(tx, u32::from(difficulty));
         self.open = Some(tx);
         self.emit(Event::ChallengeIssued { term: 1, tx, difficulty });
-        self.publish(LabMsg::Challenge(ChallengeMsg { tx, difficulty: u32::from(difficulty) }));
+        let issuer = Some(self.cfg.me.clone());
+        self.publish(LabMsg::Challenge(ChallengeMsg { tx, difficulty: u32::from(difficulty), issuer }));
     }
 
     fn insert_row(&mut self, tx: u64, difficulty: u32) {
@@ -302,18 +338,30 @@ impl LabNode {
     }
 
     fn on_challenge(&mut self, m: ChallengeMsg) {
-        let Some(controller) = &self.controller else {
+        let Some(controller) = self.controller.clone() else {
             // Kept (the latest only) until this node has decided the election.
             self.held = Some(m);
             return;
         };
+        // A hashvote peer's challenge names it; a course client's names no one.
+        match &m.issuer {
+            Some(i) if *i == controller && !self.course_controls => {}
+            // Ours, back from the broker after we gave way.
+            Some(i) if *i == self.cfg.me => return,
+            Some(i) => {
+                let detail = format!("tx {} issued by {i}, not by the controller {controller}", m.tx);
+                return self.drop_msg("lab_not_from_controller", detail);
+            }
+            None if self.peers.contains(&controller) && !self.course_controls => {
+                // A course client acts as controller while we decided on a hashvote peer (it
+                // missed vote messages, or we did): it cannot change its mind, we can.
+                self.yield_to_course(m.tx);
+            }
+            None => {}
+        }
         let existing = self.table.get(&m.tx).map(|r| r.difficulty);
         if self.is_controller() {
-            // The lab's challenge names no sender: one we did not issue is someone else's.
-            if existing != Some(m.difficulty) {
-                let detail = format!("tx {} ({} bits) was not issued by us, the controller", m.tx, m.difficulty);
-                self.drop_msg("lab_not_from_controller", detail);
-            }
+            // Our own, back from the broker.
             return;
         }
         match existing {
@@ -332,6 +380,19 @@ impl LabNode {
         let difficulty = u8::try_from(m.difficulty).unwrap_or(u8::MAX);
         self.emit(Event::MiningStarted { term: 1, tx: m.tx, difficulty });
         self.out.push(LabAction::Mine(LabJob { tx: m.tx, difficulty: m.difficulty }));
+    }
+
+    /// Follows a course client that acts as controller: what we issued or mined under another
+    /// controller is void (its transaction ids are its own).
+    fn yield_to_course(&mut self, tx: u64) {
+        let was = self.controller.as_ref().map_or_else(String::new, Id::to_string);
+        info!(tx, was = %was, "a course client acts as controller; following it");
+        self.emit(Event::LabYielded { tx, was });
+        self.course_controls = true;
+        self.table.clear();
+        if self.open.take().is_some() {
+            self.out.push(LabAction::StopMining);
+        }
     }
 
     fn on_solution(&mut self, m: SolutionMsg) {

@@ -174,11 +174,36 @@ fn a_room_mixing_integer_and_string_ids_agrees() {
     }
 }
 
+/// Handles `input`, then gives the node back its own votes, as the broker does.
+fn echoed(node: &mut LabNode, input: LabInput) -> Vec<LabAction> {
+    let mut out = node.handle(input);
+    let mine: Vec<LabMsg> = out
+        .iter()
+        .filter_map(|a| match a {
+            LabAction::Publish(m @ LabMsg::Election(_)) => Some(m.clone()),
+            _ => None,
+        })
+        .collect();
+    for m in mine {
+        out.extend(node.handle(LabInput::Message(m)));
+    }
+    out
+}
+
+/// A course client's Init (no hashvote marker).
+fn init(client: Id) -> LabInput {
+    msg(LabMsg::Init(InitMsg { client, hashvote: false }))
+}
+
+fn vote(client: Id, vote: Id) -> LabInput {
+    msg(LabMsg::Election(ElectionMsg { client, vote, hashvote: false }))
+}
+
 fn lone_miner_following(controller: Id) -> LabNode {
     let mut node = LabNode::new(LabConfig { me: Id::Int(1), room_size: 2, difficulty: (8, 8), seed: Some(1) });
     node.handle(LabInput::Connected);
-    node.handle(LabInput::Message(LabMsg::Init(InitMsg { client: controller.clone() })));
-    node.handle(LabInput::Message(LabMsg::Election(ElectionMsg { client: controller, vote: Id::Int(i64::MAX) })));
+    echoed(&mut node, init(controller.clone()));
+    node.handle(vote(controller, Id::Int(i64::MAX)));
     node
 }
 
@@ -191,9 +216,9 @@ fn a_challenge_before_the_decision_is_held_and_a_bad_result_is_not_recorded() {
     let mut node = LabNode::new(LabConfig { me: Id::Int(1), room_size: 2, difficulty: (8, 8), seed: Some(1) });
     node.handle(LabInput::Connected);
     // The controller decided first and challenged before its vote reached us.
-    assert!(node.handle(msg(LabMsg::Challenge(ChallengeMsg { tx: 0, difficulty: 12 }))).is_empty());
-    node.handle(msg(LabMsg::Init(InitMsg { client: Id::Int(2) })));
-    let out = node.handle(msg(LabMsg::Election(ElectionMsg { client: Id::Int(2), vote: Id::Int(i64::MAX) })));
+    assert!(node.handle(msg(LabMsg::Challenge(ChallengeMsg { tx: 0, difficulty: 12, issuer: None }))).is_empty());
+    echoed(&mut node, init(Id::Int(2)));
+    let out = node.handle(vote(Id::Int(2), Id::Int(i64::MAX)));
     assert!(out.contains(&LabAction::Mine(LabJob { tx: 0, difficulty: 12 })), "{out:?}");
     // A result 1 whose solution lacks the work is dropped, not recorded, and mining goes on.
     let bad = ResultMsg { client: Id::Int(2), tx: 0, solution: "abc".into(), result: 1 };
@@ -213,19 +238,17 @@ fn a_challenge_before_the_decision_is_held_and_a_bad_result_is_not_recorded() {
 fn conflicting_challenges_votes_and_results_are_dropped_with_reasons() {
     let mut node = lone_miner_following(Id::Int(2));
     assert_eq!(node.controller(), Some(&Id::Int(2)));
-    node.handle(msg(LabMsg::Challenge(ChallengeMsg { tx: 0, difficulty: 8 })));
+    node.handle(msg(LabMsg::Challenge(ChallengeMsg { tx: 0, difficulty: 8, issuer: None })));
     let reason = |out: Vec<LabAction>| match &out[..] {
         [LabAction::Emit(Event::MessageDropped { reason, .. })] => reason.clone(),
         other => panic!("{other:?}"),
     };
     assert_eq!(
-        reason(node.handle(msg(LabMsg::Challenge(ChallengeMsg { tx: 0, difficulty: 9 })))),
+        reason(node.handle(msg(LabMsg::Challenge(ChallengeMsg { tx: 0, difficulty: 9, issuer: None })))),
         "lab_conflicting_challenge"
     );
-    let vote = |v| msg(LabMsg::Election(ElectionMsg { client: Id::Int(2), vote: Id::Int(v) }));
-    assert_eq!(reason(node.handle(vote(5))), "lab_changed_vote");
-    let late = msg(LabMsg::Election(ElectionMsg { client: Id::Int(9), vote: Id::Int(5) }));
-    assert_eq!(reason(node.handle(late)), "lab_late_vote");
+    assert_eq!(reason(node.handle(vote(Id::Int(2), Id::Int(5)))), "lab_late_vote");
+    assert_eq!(reason(node.handle(vote(Id::Int(9), Id::Int(5)))), "lab_late_vote");
     let unknown = ResultMsg { client: Id::Int(2), tx: 5, solution: "x".into(), result: 1 };
     assert_eq!(reason(node.handle(msg(LabMsg::Result(unknown)))), "lab_unknown_tx");
     let (solution, _) = search("a-", 8, &AtomicBool::new(false), &AtomicU64::new(0)).unwrap();
@@ -239,10 +262,11 @@ fn conflicting_challenges_votes_and_results_are_dropped_with_reasons() {
 fn the_controller_judges_first_valid_wins_later_and_invalid_get_zero() {
     let mut c = LabNode::new(LabConfig { me: Id::Int(9), room_size: 2, difficulty: (8, 8), seed: Some(3) });
     c.handle(LabInput::Connected);
-    c.handle(msg(LabMsg::Init(InitMsg { client: Id::Int(1) })));
-    let out = c.handle(msg(LabMsg::Election(ElectionMsg { client: Id::Int(1), vote: Id::Int(-1) })));
+    echoed(&mut c, init(Id::Int(1)));
+    let out = c.handle(vote(Id::Int(1), Id::Int(-1)));
     assert!(c.is_controller());
-    assert!(out.contains(&LabAction::Publish(LabMsg::Challenge(ChallengeMsg { tx: 0, difficulty: 8 }))), "{out:?}");
+    let ours = ChallengeMsg { tx: 0, difficulty: 8, issuer: Some(Id::Int(9)) };
+    assert!(out.contains(&LabAction::Publish(LabMsg::Challenge(ours))), "{out:?}");
     let solve = |c: &mut LabNode, client: i64, solution: &str| {
         let m = SolutionMsg { client: Id::Int(client), tx: 0, solution: solution.into() };
         c.handle(msg(LabMsg::Solution(m)))
@@ -259,20 +283,83 @@ fn the_controller_judges_first_valid_wins_later_and_invalid_get_zero() {
     assert_eq!(solve(&mut c, 2, &good), 0, "a late solution");
     assert_eq!(c.table()[&0].winner, Some(Id::Int(1)));
     assert!(c.table().contains_key(&1), "the next challenge");
-    // A forged challenge or result, which we did not issue, is dropped.
-    let out = c.handle(msg(LabMsg::Challenge(ChallengeMsg { tx: 1, difficulty: 30 })));
+    // A challenge that names another hashvote peer, which we did not issue, is dropped.
+    let out = c.handle(msg(LabMsg::Challenge(ChallengeMsg { tx: 1, difficulty: 30, issuer: Some(Id::Int(1)) })));
     assert!(
         matches!(&out[..], [LabAction::Emit(Event::MessageDropped { reason, .. })] if reason == "lab_not_from_controller")
     );
 }
 
 #[test]
-fn an_init_from_a_newcomer_is_answered_once() {
-    let mut node = LabNode::new(LabConfig { me: Id::Int(1), room_size: 3, difficulty: (8, 8), seed: Some(1) });
+fn a_course_client_acting_as_controller_is_followed_whoever_was_elected() {
+    // We decided on hashvote peer 2 (its vote says it is one); a course client missed a vote
+    // message and controls in its own eyes: its challenge names no issuer.
+    let mut node = LabNode::new(LabConfig { me: Id::Int(1), room_size: 2, difficulty: (8, 8), seed: Some(1) });
     node.handle(LabInput::Connected);
-    let hello = || msg(LabMsg::Init(InitMsg { client: Id::Str("u".into()) }));
-    let out = node.handle(hello());
-    assert!(out.contains(&LabAction::Publish(LabMsg::Init(InitMsg { client: Id::Int(1) }))), "{out:?}");
+    echoed(&mut node, init(Id::Int(2)));
+    node.handle(msg(LabMsg::Election(ElectionMsg { client: Id::Int(2), vote: Id::Int(i64::MAX), hashvote: true })));
+    assert_eq!(node.controller(), Some(&Id::Int(2)));
+    let ours = |tx| msg(LabMsg::Challenge(ChallengeMsg { tx, difficulty: 8, issuer: Some(Id::Int(2)) }));
+    let out = node.handle(ours(0));
+    assert!(out.contains(&LabAction::Mine(LabJob { tx: 0, difficulty: 8 })), "{out:?}");
+    let course = |tx| msg(LabMsg::Challenge(ChallengeMsg { tx, difficulty: 9, issuer: None }));
+    let out = node.handle(course(0));
+    assert!(out.iter().any(|a| matches!(a, LabAction::Emit(Event::LabYielded { tx: 0, .. }))), "{out:?}");
+    assert!(out.contains(&LabAction::Mine(LabJob { tx: 0, difficulty: 9 })), "{out:?}");
+    // From now on only the course client's challenges are mined: one from peer 2 would give a
+    // solution for a transaction the course client never issued (which kills it).
+    let out = node.handle(ours(1));
+    assert!(!out.iter().any(|a| matches!(a, LabAction::Mine(_))), "{out:?}");
+    let out = node.handle(course(1));
+    assert!(out.contains(&LabAction::Mine(LabJob { tx: 1, difficulty: 9 })), "{out:?}");
+    // A hashvote controller gives way the same way, and then mines.
+    let mut c = LabNode::new(LabConfig { me: Id::Int(9), room_size: 2, difficulty: (8, 8), seed: Some(3) });
+    c.handle(LabInput::Connected);
+    echoed(&mut c, init(Id::Int(1)));
+    c.handle(vote(Id::Int(1), Id::Int(-1)));
+    assert!(c.is_controller());
+    let out = c.handle(course(0));
+    assert!(!c.is_controller());
+    assert!(out.contains(&LabAction::Mine(LabJob { tx: 0, difficulty: 9 })), "{out:?}");
+}
+
+fn inits(out: &[LabAction]) -> usize {
+    out.iter().filter(|a| matches!(a, LabAction::Publish(LabMsg::Init(_)))).count()
+}
+
+#[test]
+fn an_init_from_a_course_client_is_answered_once_while_the_room_is_incomplete() {
+    let mut node = LabNode::new(LabConfig { me: Id::Int(1), room_size: 3, difficulty: (8, 8), seed: Some(1) });
+    let out = node.handle(LabInput::Connected);
+    let ours = LabAction::Publish(LabMsg::Init(InitMsg { client: Id::Int(1), hashvote: true }));
+    assert_eq!(out, vec![ours.clone()]);
+    let out = node.handle(init(Id::Str("u".into())));
+    assert!(out.contains(&ours), "{out:?}");
     // Its periodic re-announcement (the lab's 10 s timer) does not make us answer again.
-    assert!(node.handle(hello()).is_empty());
+    assert!(node.handle(init(Id::Str("u".into()))).is_empty());
+    // Another hashvote peer learns of us from our vote, not from an Init.
+    let out = echoed(&mut node, msg(LabMsg::Init(InitMsg { client: Id::Int(2), hashvote: true })));
+    assert_eq!(inits(&out), 0, "{out:?}");
+    // The room is complete (we voted): a course client whose list is full would vote again on
+    // any Init, so a fourth client is not answered, and a reconnection announces nothing.
+    assert_eq!(inits(&node.handle(init(Id::Str("v".into())))), 0);
+    assert_eq!(inits(&node.handle(LabInput::Connected)), 0);
+}
+
+#[test]
+fn the_election_is_decided_over_the_first_room_size_vote_messages_as_a_course_client_decides_it() {
+    // A room of three: us, a course client "c" and a hashvote peer 2.
+    let mut node = LabNode::new(LabConfig { me: Id::Int(1), room_size: 3, difficulty: (8, 8), seed: Some(4) });
+    node.handle(LabInput::Connected);
+    let c = Id::Str("c".into());
+    node.handle(init(c.clone()));
+    // The course client voted, then voted again (an Init reached it once its list was full).
+    // Both count, as the course client counts them; a third message decides.
+    node.handle(vote(c.clone(), Id::Str("a".into())));
+    node.handle(vote(c.clone(), Id::Str("b".into())));
+    assert_eq!(node.controller(), None);
+    let out = node.handle(vote(Id::Int(2), Id::Str("0".into())));
+    assert_eq!(node.controller(), Some(&c), "{out:?}");
+    // Our own vote, which came back after the third message, is not counted.
+    assert!(node.counted.iter().all(|(client, _)| *client != Id::Int(1)));
 }

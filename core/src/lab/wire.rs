@@ -103,6 +103,11 @@ pub struct InitMsg {
     /// The client.
     #[serde(rename = "ClientID")]
     pub client: Id,
+    /// Sent by a hashvote peer (`"Hashvote": true`, a field the lab's clients ignore): another
+    /// hashvote peer need not answer it with its own Init (it learns of us from our vote),
+    /// and an Init a course client receives once its list is full makes it vote again.
+    #[serde(rename = "Hashvote", default, skip_serializing_if = "std::ops::Not::not")]
+    pub hashvote: bool,
 }
 
 /// `sd/voting`: a client's vote.
@@ -114,6 +119,10 @@ pub struct ElectionMsg {
     /// Its random vote.
     #[serde(rename = "VoteID")]
     pub vote: Id,
+    /// Sent by a hashvote peer (`"Hashvote": true`, a field the lab's clients ignore): its
+    /// challenges, should it win, name it (see [`ChallengeMsg::issuer`]).
+    #[serde(rename = "Hashvote", default, skip_serializing_if = "std::ops::Not::not")]
+    pub hashvote: bool,
 }
 
 /// `sd/challenge`: the controller's challenge. The lab's message names no sender.
@@ -125,6 +134,10 @@ pub struct ChallengeMsg {
     /// Leading zero bits required.
     #[serde(rename = "Challenge")]
     pub difficulty: u32,
+    /// The issuing hashvote peer (`"Issuer"`, a field the lab's clients ignore); a course
+    /// client's challenge has none.
+    #[serde(rename = "Issuer", default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<Id>,
 }
 
 /// `sd/solution`: a miner's solution.
@@ -249,7 +262,8 @@ fn validate(msg: &LabMsg) -> Result<(), LabDecodeError> {
     match msg {
         LabMsg::Init(m) => check(m.client.valid(), "ClientID"),
         LabMsg::Election(m) => check(m.client.valid(), "ClientID").and(check(m.vote.valid(), "VoteID")),
-        LabMsg::Challenge(m) => check((1..=MAX_CHALLENGE).contains(&m.difficulty), "Challenge"),
+        LabMsg::Challenge(m) => check((1..=MAX_CHALLENGE).contains(&m.difficulty), "Challenge")
+            .and(check(m.issuer.as_ref().is_none_or(Id::valid), "Issuer")),
         LabMsg::Solution(m) => check(m.client.valid(), "ClientID").and(check(solution_ok(&m.solution), "Solution")),
         LabMsg::Result(m) => check(m.client.valid(), "ClientID")
             .and(check(solution_ok(&m.solution), "Solution"))
@@ -373,9 +387,11 @@ mod tests {
         }
 
         #[test]
-        fn valid_messages_round_trip(client in any_id(), vote in any_id(), tx in 0u64.., solution in "[ -~]{1,256}", result in 0u8..=1) {
+        fn valid_messages_round_trip(client in any_id(), vote in any_id(), tx in 0u64.., solution in "[ -~]{1,256}", result in 0u8..=1, marked: bool, d in 1u32..=64) {
             let msgs = [
-                LabMsg::Election(ElectionMsg { client: client.clone(), vote }),
+                LabMsg::Init(InitMsg { client: client.clone(), hashvote: marked }),
+                LabMsg::Election(ElectionMsg { client: client.clone(), vote, hashvote: marked }),
+                LabMsg::Challenge(ChallengeMsg { tx, difficulty: d, issuer: marked.then(|| client.clone()) }),
                 LabMsg::Result(ResultMsg { client, tx, solution, result }),
             ];
             for m in msgs {
