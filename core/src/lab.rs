@@ -33,6 +33,9 @@ use work::{LabFound, LabJob};
 pub const EXTRA_CLIENTS: usize = 64;
 /// Rows of the transaction table kept; the oldest go first.
 pub const MAX_ROWS: usize = 65_536;
+/// An Init that answers a course client's waits a random time up to this (ms): see
+/// `LabNode::answer`.
+pub const ANSWER_SPREAD_MS: u64 = 500;
 
 /// The settings of a lab node.
 #[derive(Debug, Clone)]
@@ -56,6 +59,8 @@ pub enum LabInput {
     Message(LabMsg),
     /// The local miner found a solution.
     Mined(LabFound),
+    /// The time asked for with [`LabAction::WakeAfter`] has passed.
+    Wake,
 }
 
 /// Something a lab node asks its owner to do.
@@ -63,6 +68,8 @@ pub enum LabInput {
 pub enum LabAction {
     /// Publish this message on its topic.
     Publish(LabMsg),
+    /// Give the node [`LabInput::Wake`] after this many ms (see `LabNode::answer`).
+    WakeAfter(u64),
     /// Mine this job, replacing any other.
     Mine(LabJob),
     /// Stop mining.
@@ -101,6 +108,10 @@ pub struct LabNode {
     /// A course client acts as controller (it cannot change its mind): we follow its
     /// challenges, whoever we decided on (see `on_challenge`).
     course_controls: bool,
+    /// Course clients that may have missed our Init, and whether a wake to answer them is due
+    /// (see `answer`).
+    owed: BTreeSet<Id>,
+    wake_due: bool,
     controller: Option<Id>,
     /// A challenge that arrived before this node decided the election (a controller that decides
     /// first challenges at once); taken up if the decision makes someone else controller.
@@ -124,6 +135,8 @@ impl LabNode {
             announced: false,
             peers: BTreeSet::from([cfg.me.clone()]),
             course_controls: false,
+            owed: BTreeSet::new(),
+            wake_due: false,
             cfg,
             controller: None,
             held: None,
@@ -164,6 +177,7 @@ impl LabNode {
             LabInput::Message(LabMsg::Solution(m)) => self.on_solution(m),
             LabInput::Message(LabMsg::Result(m)) => self.on_result(m),
             LabInput::Mined(found) => self.on_mined(found),
+            LabInput::Wake => self.on_wake(),
         }
         std::mem::take(&mut self.out)
     }
@@ -192,6 +206,29 @@ impl LabNode {
     fn announce(&mut self) {
         self.announced = true;
         self.publish(LabMsg::Init(InitMsg { client: self.cfg.me.clone(), hashvote: true }));
+    }
+
+    /// Our Init again, for a course client that may have missed it, after a random wait: every
+    /// hashvote peer answers the same Init, and a course client that one answer of a burst
+    /// completes would take the rest, still in flight when it unsubscribed, for late Inits and
+    /// vote again for each. Spread out, they mostly come after its unsubscription; and one whose
+    /// vote came meanwhile (its list was full: it knew us) is owed nothing. One Init answers
+    /// every client owed one.
+    fn answer(&mut self, client: Id) {
+        self.owed.insert(client);
+        if !self.wake_due {
+            self.wake_due = true;
+            let wait = self.rng.random_range(0..=ANSWER_SPREAD_MS);
+            self.out.push(LabAction::WakeAfter(wait));
+        }
+    }
+
+    fn on_wake(&mut self) {
+        self.wake_due = false;
+        if self.controller.is_none() && !self.owed.is_empty() {
+            self.announce();
+        }
+        self.owed.clear();
     }
 
     /// Adds a client; false (and a drop) if the set is full.
@@ -228,7 +265,7 @@ impl LabNode {
         // not once the room we know is complete, nor after the election: every Init that a
         // course client receives once its list is full makes it vote again.
         if !m.hashvote && self.controller.is_none() && before < self.cfg.room_size {
-            self.announce();
+            self.answer(m.client);
         }
         self.maybe_vote();
     }
@@ -260,6 +297,8 @@ impl LabNode {
         if m.hashvote {
             self.peers.insert(m.client.clone());
         }
+        // Its list is full: it knew us (or its room is larger than ours).
+        self.owed.remove(&m.client);
         self.votes.entry(m.client.clone()).or_insert_with(|| m.vote.clone());
         self.counted.push((m.client, m.vote));
         self.maybe_vote();

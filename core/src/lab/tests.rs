@@ -18,6 +18,8 @@ struct Sim {
     inbox: Vec<VecDeque<LabMsg>>,
     jobs: Vec<Option<LabJob>>,
     events: Vec<Vec<Event>>,
+    /// Nodes that asked for a wake, given once the messages in flight are delivered.
+    wakes: Vec<usize>,
     rng: StdRng,
 }
 
@@ -37,6 +39,7 @@ impl Sim {
             inbox: vec![VecDeque::new(); n],
             jobs: vec![None; n],
             events: vec![Vec::new(); n],
+            wakes: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
         }
     }
@@ -44,6 +47,7 @@ impl Sim {
     fn apply(&mut self, i: usize, actions: Vec<LabAction>) {
         for a in actions {
             match a {
+                LabAction::WakeAfter(_) => self.wakes.push(i),
                 LabAction::Publish(m) => {
                     for (j, inbox) in self.inbox.iter_mut().enumerate() {
                         if self.connected[j] {
@@ -68,12 +72,19 @@ impl Sim {
         self.input(i, LabInput::Connected);
     }
 
-    /// Delivers messages one at a time to random nodes until every inbox is empty.
+    /// Delivers messages one at a time to random nodes until every inbox is empty, then the
+    /// wakes asked for (the time they wait is longer than a delivery), until nothing is left.
     fn settle(&mut self) {
         loop {
             let ready: Vec<usize> = (0..self.nodes.len()).filter(|&i| !self.inbox[i].is_empty()).collect();
             if ready.is_empty() {
-                return;
+                if self.wakes.is_empty() {
+                    return;
+                }
+                for i in std::mem::take(&mut self.wakes) {
+                    self.input(i, LabInput::Wake);
+                }
+                continue;
             }
             let i = ready[self.rng.random_range(0..ready.len())];
             let msg = self.inbox[i].pop_front().unwrap();
@@ -334,7 +345,8 @@ fn an_init_from_a_course_client_is_answered_once_while_the_room_is_incomplete() 
     let ours = LabAction::Publish(LabMsg::Init(InitMsg { client: Id::Int(1), hashvote: true }));
     assert_eq!(out, vec![ours.clone()]);
     let out = node.handle(init(Id::Str("u".into())));
-    assert!(out.contains(&ours), "{out:?}");
+    assert!(matches!(&out[..], [LabAction::WakeAfter(ms)] if *ms <= ANSWER_SPREAD_MS), "{out:?}");
+    assert_eq!(node.handle(LabInput::Wake), vec![ours.clone()]);
     // Its periodic re-announcement (the lab's 10 s timer) does not make us answer again.
     assert!(node.handle(init(Id::Str("u".into()))).is_empty());
     // Another hashvote peer learns of us from our vote, not from an Init.
@@ -362,4 +374,20 @@ fn the_election_is_decided_over_the_first_room_size_vote_messages_as_a_course_cl
     assert_eq!(node.controller(), Some(&c), "{out:?}");
     // Our own vote, which came back after the third message, is not counted.
     assert!(node.counted.iter().all(|(client, _)| *client != Id::Int(1)));
+}
+
+#[test]
+fn a_course_client_whose_vote_comes_before_our_answer_is_owed_none() {
+    let mut node = LabNode::new(LabConfig { me: Id::Int(1), room_size: 4, difficulty: (8, 8), seed: Some(1) });
+    node.handle(LabInput::Connected);
+    // Its periodic Init, new to us: it may have missed ours, or not.
+    assert!(matches!(&node.handle(init(Id::Str("u".into())))[..], [LabAction::WakeAfter(_)]));
+    // It votes before our wait is over: its list was full, so it knew us.
+    node.handle(vote(Id::Str("u".into()), Id::Str("b".into())));
+    assert_eq!(inits(&node.handle(LabInput::Wake)), 0);
+    // Two newcomers within one wait get one Init between them.
+    let out = node.handle(init(Id::Str("v".into())));
+    assert_eq!(out.iter().filter(|a| matches!(a, LabAction::WakeAfter(_))).count(), 1);
+    assert!(node.handle(init(Id::Str("w".into()))).iter().all(|a| !matches!(a, LabAction::WakeAfter(_))));
+    assert_eq!(inits(&node.handle(LabInput::Wake)), 1);
 }

@@ -56,11 +56,15 @@ pub async fn run(
     let mut drops = DropLog::default();
     let mut mining = MiningClock::default();
     let mut connected_once = false;
+    // The wakes the node asked for (see `LabAction::WakeAfter`), dropped at shutdown.
+    let mut later = tokio::task::JoinSet::new();
+    let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<()>();
 
     let result = loop {
         let input = tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
             Some(found) = found_rx.recv() => LabInput::Mined(found),
+            Some(()) = wake_rx.recv() => LabInput::Wake,
             net = net_rx.recv() => match net {
                 None => break Ok(()),
                 Some(Net::Fatal(e)) => break Err(e),
@@ -99,6 +103,13 @@ pub async fn run(
         for action in node.handle(input) {
             match action {
                 LabAction::Publish(msg) => publish(&client, &topics, &msg).await,
+                LabAction::WakeAfter(ms) => {
+                    let wake = wake_tx.clone();
+                    later.spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        let _ = wake.send(());
+                    });
+                }
                 LabAction::Mine(job) => {
                     miner.start(job);
                     if let Some(e) = mining.switch(Some(job.tx), miner.hashes()) {
@@ -124,6 +135,7 @@ pub async fn run(
         }
     };
 
+    later.abort_all();
     miner.stop();
     if connected_once {
         let _ = client.disconnect().await;
