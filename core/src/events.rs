@@ -323,6 +323,39 @@ pub fn describe(event: &Event) -> String {
 mod tests {
     use super::*;
 
+    /// The names of `Event`'s variants, as written in this file, in snake_case (serde's names).
+    fn variant_names() -> Vec<String> {
+        let source = include_str!("events.rs");
+        let body = source.split("pub enum Event {").nth(1).expect("the enum").split("\n}").next().unwrap();
+        body.lines()
+            .filter_map(|l| l.strip_prefix("    ")?.split([' ', ',']).next())
+            .filter(|name| name.starts_with(|c: char| c.is_ascii_uppercase()))
+            .map(|name| {
+                let mut snake = String::new();
+                for (i, c) in name.chars().enumerate() {
+                    if c.is_ascii_uppercase() && i > 0 {
+                        snake.push('_');
+                    }
+                    snake.push(c.to_ascii_lowercase());
+                }
+                snake
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_event_is_in_the_protocol_docs_event_table() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        let table = doc.split("## Event stream").nth(1).expect("the section").split("\n## ").next().unwrap();
+        let names = variant_names();
+        assert!(names.len() >= 25 && names.contains(&"lab_yielded".to_string()), "{names:?}");
+        let missing: Vec<_> = names.iter().filter(|n| !table.contains(&format!("`{n}`"))).collect();
+        assert!(missing.is_empty(), "events missing from the table in docs/PROTOCOL.md: {missing:?}");
+        // The names are serde's: one round trip shows the rule.
+        let v = serde_json::to_value(Event::ChainTruncated { height: 1 }).unwrap();
+        assert!(names.contains(&v["event"].as_str().unwrap().to_string()));
+    }
+
     #[test]
     fn records_are_flat_json_with_the_documented_fields() {
         let r = Record { ts_ms: 5, peer: 9, event: Event::LeaderElected { term: 2, leader: 3, votes: 10 } };

@@ -1,4 +1,4 @@
-//! The mining benchmark behind `peer bench`: hash rates of the proof-of-work search on this
+//! The mining benchmark behind `cargo bench -p peer --bench pow`: hash rates of the search on this
 //! machine, against a naive baseline measured in the same run, and how quickly a stop reaches
 //! every mining thread.
 //!

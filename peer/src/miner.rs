@@ -3,7 +3,7 @@
 //! Workers live as long as the [`Miner`]; a job is handed to all of them at once and replaced or
 //! withdrawn by bumping a generation counter that every worker checks between small batches, so a
 //! decided or superseded transaction stops every thread within a batch (tens of microseconds at
-//! full speed; `peer bench` measures it).
+//! full speed; `cargo bench -p peer --bench pow` measures it).
 //! Thread `i` of `n` searches batches `i, i + n, i + 2n, ...` of the nonce space: no overlap, and
 //! nothing shared is written in the loop: each worker publishes its hash count in its own
 //! cache-line-padded slot, summed only when someone asks.
