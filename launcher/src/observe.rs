@@ -162,7 +162,7 @@ mod tests {
         let leave = room::encode(&room::Envelope::new(7, room::Msg::Leave { incarnation: 1 }));
         assert!(matches!(decode(&topics, "sd", "sd/init", &leave), Ok(Observed::Message(e)) if e.from == 7));
         assert_eq!(decode(&topics, "sd", "sd/voting", &leave).unwrap_err(), "wrong_topic");
-        assert_eq!(decode(&topics, "sd", "sd/init", b"\x02\xff\xff").unwrap_err(), "malformed");
+        assert_eq!(decode(&topics, "sd", "sd/init", &[room::VERSION, 0xff, 0xff]).unwrap_err(), "malformed");
         // Another wire version (wire version 1's first byte) is named as such.
         assert_eq!(decode(&topics, "sd", "sd/init", b"\x01\x07\x01").unwrap_err(), "bad_version");
         // A status is a payload of its own version, not a message.
