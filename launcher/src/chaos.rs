@@ -121,12 +121,11 @@ pub fn main(args: ChaosArgs) -> ExitCode {
 
 /// The room a fault run starts, from its flags.
 pub(crate) fn room_config(peers: u16, args: &FaultRoomArgs) -> anyhow::Result<RoomConfig> {
-    args.hash.parse::<peer::pow::HashAlg>().map_err(anyhow::Error::msg)?;
     Ok(RoomConfig {
         peers: usize::from(peers),
         difficulty: args.difficulty,
         threads: args.threads,
-        hash: args.hash.clone(),
+        hash: args.hash,
         keepalive: args.keepalive,
         deadline: Duration::from_secs(args.deadline),
         events: args.events.clone(),

@@ -62,14 +62,14 @@ pub struct RoomArgs {
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub target_block_ms: u64,
     /// Difficulty bounds LO-HI (e.g. the lab's 10-20).
-    #[arg(long, value_name = "LO-HI")]
-    pub difficulty_range: Option<String>,
+    #[arg(long, value_name = "LO-HI", value_parser = peer::cli::parse_range)]
+    pub difficulty_range: Option<[u8; 2]>,
     /// Mining threads per peer (0: one per core).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Proof-of-work hash: sha1 or sha256.
     #[arg(long, default_value = "sha1")]
-    pub hash: String,
+    pub hash: peer::pow::HashAlg,
     /// Broker port. If not given, 1883, or a free port when 1883 is busy.
     #[arg(long, conflicts_with = "broker")]
     pub port: Option<u16>,
@@ -236,7 +236,7 @@ pub struct FaultRoomArgs {
     pub threads: usize,
     /// Proof-of-work hash: sha1 or sha256.
     #[arg(long, default_value = "sha1")]
-    pub hash: String,
+    pub hash: peer::pow::HashAlg,
     /// MQTT keepalive of the peers, in seconds (a hung peer is noticed after 1.5 times this).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub keepalive: u64,

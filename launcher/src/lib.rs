@@ -117,7 +117,6 @@ fn pick_port(asked: Option<u16>) -> anyhow::Result<(u16, Option<String>)> {
 }
 
 async fn run(args: RoomArgs) -> anyhow::Result<()> {
-    args.hash.parse::<peer::pow::HashAlg>().map_err(anyhow::Error::msg)?;
     // Before anything starts: a mistake here is the user's, with nothing to clean up.
     let run_dir = run_dir(&args)?;
     let dashboard = !args.plain && std::io::stdout().is_terminal();
@@ -419,7 +418,7 @@ fn peer_args(args: &RoomArgs, host: &str, port: u16) -> Vec<String> {
         "--threads".into(),
         args.threads.to_string(),
         "--hash".into(),
-        args.hash.clone(),
+        args.hash.name().into(),
         "--wire".into(),
         args.wire.to_string(),
         "--keepalive".into(),
@@ -434,8 +433,8 @@ fn peer_args(args: &RoomArgs, host: &str, port: u16) -> Vec<String> {
         "--connect-timeout".into(),
         (10 + u64::from(args.peers) / 5).to_string(),
     ];
-    if let Some(range) = &args.difficulty_range {
-        out.extend(["--difficulty-range".into(), range.clone()]);
+    if let Some([lo, hi]) = args.difficulty_range {
+        out.extend(["--difficulty-range".into(), format!("{lo}-{hi}")]);
     }
     out
 }

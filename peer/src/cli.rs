@@ -115,7 +115,8 @@ impl Args {
     }
 }
 
-fn parse_range(s: &str) -> Result<[u8; 2], String> {
+/// Parses `LO-HI` (e.g. `10-20`): the difficulty bounds of `--difficulty-range`.
+pub fn parse_range(s: &str) -> Result<[u8; 2], String> {
     let (lo, hi) = s.split_once('-').ok_or_else(|| format!("'{s}' is not LO-HI, e.g. 10-20"))?;
     let num = |x: &str| x.trim().parse::<u8>().map_err(|e| format!("'{x}': {e}"));
     Ok([num(lo)?, num(hi)?])

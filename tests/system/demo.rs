@@ -79,6 +79,19 @@ fn launcher_refuses_a_busy_port_with_one_line() {
     assert!(err.contains(&port.to_string()), "{err}");
 }
 
+/// A typo in a flag the peers would refuse is the launcher's own error, before any broker or peer
+/// starts: clap parses `--hash` and `--difficulty-range` into the peer's own types.
+#[test]
+fn launcher_refuses_a_bad_hash_or_difficulty_range_before_starting_anything() {
+    for (flag, value, said) in [("--hash", "sha3", "sha3"), ("--difficulty-range", "20", "LO-HI")] {
+        let out = launcher().args([flag, value, "--plain"]).output().expect("run launcher");
+        assert!(!out.status.success(), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag) && err.contains(said), "{flag} {value}: {err}");
+        assert!(!err.contains("peer #") && !err.contains("broker"), "a room started: {err}");
+    }
+}
+
 /// `launcher --broker`: a room of local peers on a broker the launcher did not start (Mosquitto
 /// here) completes its rounds, keeps the invariants, stops its peers, and leaves the broker alone.
 #[test]

@@ -42,8 +42,8 @@ pub struct RoomConfig {
     pub difficulty: u8,
     /// Mining threads per peer.
     pub threads: usize,
-    /// Proof-of-work hash (`sha1` or `sha256`).
-    pub hash: String,
+    /// Proof-of-work hash.
+    pub hash: peer::pow::HashAlg,
     /// MQTT keepalive of the peers, in seconds.
     pub keepalive: u64,
     /// Longest wait for any condition; waiting longer means the room stopped making progress.
@@ -310,7 +310,7 @@ impl Room {
             "--threads".into(),
             self.cfg.threads.to_string(),
             "--hash".into(),
-            self.cfg.hash.clone(),
+            self.cfg.hash.name().into(),
             "--keepalive".into(),
             self.cfg.keepalive.to_string(),
             "--events".into(),
