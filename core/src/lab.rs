@@ -95,8 +95,6 @@ pub struct LabNode {
     cfg: LabConfig,
     /// Clients known, us included.
     known: BTreeSet<Id>,
-    /// The first vote heard of each voter, ours included once it came back from the broker.
-    votes: BTreeMap<Id, Id>,
     /// Every vote message heard, in the broker's order, up to the room size: `(ClientID, VoteID)`.
     /// The election is decided over these, as the course's clients decide it (see `on_vote`).
     counted: Vec<(Id, Id)>,
@@ -129,7 +127,6 @@ impl LabNode {
         let rng = cfg.seed.map_or_else(StdRng::from_os_rng, StdRng::seed_from_u64);
         Self {
             known: BTreeSet::from([cfg.me.clone()]),
-            votes: BTreeMap::new(),
             counted: Vec::new(),
             voted: false,
             announced: false,
@@ -287,7 +284,7 @@ impl LabNode {
         if !self.learn(&m.client) {
             return;
         }
-        match self.votes.get(&m.client) {
+        match self.counted.iter().find(|(c, _)| *c == m.client).map(|(_, v)| v) {
             Some(v) if *v != m.vote => {
                 info!(client = %m.client, vote = %m.vote, first = %v, "lab vote changed; counted")
             }
@@ -299,7 +296,6 @@ impl LabNode {
         }
         // Its list is full: it knew us (or its room is larger than ours).
         self.owed.remove(&m.client);
-        self.votes.entry(m.client.clone()).or_insert_with(|| m.vote.clone());
         self.counted.push((m.client, m.vote));
         self.maybe_vote();
         self.maybe_decide();
@@ -311,7 +307,7 @@ impl LabNode {
         if self.voted || self.controller.is_some() || self.known.len() < self.cfg.room_size {
             return;
         }
-        let strings = self.known.iter().chain(self.votes.values()).any(|id| !id.is_int());
+        let strings = self.known.iter().chain(self.counted.iter().map(|(_, v)| v)).any(|id| !id.is_int());
         let vote = if strings {
             let b: [u8; 16] = self.rng.random();
             let h = hex::encode(b);

@@ -180,7 +180,7 @@ fn a_room_mixing_integer_and_string_ids_agrees() {
         let sim = run_room(ids, seed, 4);
         // Someone used strings: every vote was a string.
         for node in &sim.nodes {
-            assert!(node.votes.values().all(|v| !v.is_int()), "{:?}", node.votes);
+            assert!(node.counted.iter().all(|(_, v)| !v.is_int()), "{:?}", node.counted);
         }
     }
 }

@@ -1061,10 +1061,7 @@ impl RoomNode {
                     // Whatever its term: a member removed in those blocks may have gone on to
                     // terms of its own, which its pre-votes never win (seed 106535).
                     // It has them: a request to anyone else gives way.
-                    if self.syncing.is_some_and(|(to, ..)| to != from) {
-                        self.syncing = None;
-                    }
-                    self.request_sync(from);
+                    self.request_sync_now(from);
                 }
             }
             Msg::Challenge { challenge, commit, config } => {
@@ -1269,12 +1266,13 @@ impl RoomNode {
                 // last (seed 108701: a forger's heartbeat of a long chain drew every retry), or
                 // before a controller fallen silent that we asked (seed 807713: a forger again).
                 None => {
-                    let silent = |to| self.controller == Some(to) && !self.controller_live();
-                    let stale = self.syncing.is_some_and(|(to, ..)| to != from && (!self.may_lead(to) || silent(to)));
+                    // (Our controller, if any, is silent here.)
+                    let stale = self.syncing.is_some_and(|(to, ..)| !self.may_lead(to) || self.controller == Some(to));
                     if self.may_lead(from) && stale {
-                        self.syncing = None;
+                        self.request_sync_now(from);
+                    } else {
+                        self.request_sync(from);
                     }
-                    self.request_sync(from);
                 }
                 _ => {}
             }
@@ -1361,19 +1359,13 @@ impl RoomNode {
             // controller's, which the room replaced. We would never count its votes again (seed
             // 831887: two voters of three never elected). We ask it for its blocks from our
             // commit point: those it holds committed replace ours (see `on_sync_reply`).
-            if self.syncing.is_some_and(|(to, ..)| to != from) {
-                self.syncing = None;
-            }
             self.diverge();
-            self.request_sync(from);
+            self.request_sync_now(from);
         } else if pos.height > self.chain.height() && !self.controller_live() {
             // No controller to take blocks from, and the room elects: a member added in blocks
             // we lack does not know it votes until it has them (seed 75280). A voter that has
             // them goes before whoever we asked last (it may be gone for good: seed 883269).
-            if self.syncing.is_some_and(|(to, ..)| to != from) {
-                self.syncing = None;
-            }
-            self.request_sync(from);
+            self.request_sync_now(from);
         }
         if !self.is_voter_id(from, key) {
             return;
@@ -2299,6 +2291,14 @@ impl RoomNode {
         let req = self.rng.random();
         self.syncing = Some((peer, self.now, from, req));
         self.publish(Msg::SyncRequest { to: peer, from, req, key: self.cfg.key });
+    }
+
+    /// Asks `peer` now, whoever a request outstanding went to.
+    fn request_sync_now(&mut self, peer: PeerId) {
+        if self.syncing.is_some_and(|(to, ..)| to != peer) {
+            self.syncing = None;
+        }
+        self.request_sync(peer);
     }
 
     /// Two processes under the replier's id (the member and a copy with another data

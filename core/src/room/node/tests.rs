@@ -1196,6 +1196,20 @@ fn a_candidate_whose_chain_removed_it_is_not_controller_whatever_its_grants() {
     assert!(!node.is_controller(), "seed 573124: a controller that is no member of the room");
 }
 
+/// A room test node's answer (its key `key`) to `to`'s hello: where it stands.
+fn answer_to(to: PeerId, key: u64, term: Term, controller: PeerId, height: u64) -> Msg {
+    Msg::Hello {
+        to: Some(to),
+        want_reply: false,
+        key,
+        incarnation: 7,
+        since_ms: 0,
+        term,
+        controller: Some(controller),
+        height,
+    }
+}
+
 #[test]
 fn a_process_that_hears_another_under_its_id_lead_asks_the_room_and_syncs_from_an_answer() {
     let mut room = founded_with_blocks(2);
@@ -1223,16 +1237,7 @@ fn a_process_that_hears_another_under_its_id_lead_asks_the_room_and_syncs_from_a
     assert_eq!(hellos(&node.handle(now, beat(node.key() + 1))), 0);
     // A voter's answer names our id its controller, in a term after ours: we cannot follow that
     // process (our requests would be its own echoes), so we ask the voter for its blocks.
-    let answer = Msg::Hello {
-        to: Some(id),
-        want_reply: false,
-        key: v_key,
-        incarnation: 7,
-        since_ms: 0,
-        term: term + 1,
-        controller: Some(id),
-        height: height + 5,
-    };
+    let answer = answer_to(id, v_key, term + 1, id, height + 5);
     let actions = node.handle(now, Input::Message(Envelope::new(v_id, answer)));
     let sync = publishes(&actions).iter().any(|m| matches!(m, Msg::SyncRequest { to, .. } if *to == v_id));
     assert!(sync, "{actions:?}");
@@ -1291,16 +1296,7 @@ fn a_hello_showing_a_longer_chain_is_asked_for_it_before_a_silent_controller_or_
     let (v_id, v_key) = (room.nodes[v].id(), room.nodes[v].key());
     let node = &mut room.nodes[f];
     let (term, height) = (node.term(), node.chain().height());
-    let hello = Msg::Hello {
-        to: Some(node.id()),
-        want_reply: false,
-        key: v_key,
-        incarnation: 7,
-        since_ms: 0,
-        term,
-        controller: Some(room.nodes[ctl].id()),
-        height: height + 5,
-    };
+    let hello = answer_to(node.id(), v_key, term, room.nodes[ctl].id(), height + 5);
     let node = &mut room.nodes[f];
     let asked = |actions: &[Action]| {
         publishes(actions).iter().find_map(|m| if let Msg::SyncRequest { to, .. } = m { Some(*to) } else { None })
@@ -1332,16 +1328,7 @@ fn a_peer_whose_term_a_forger_gave_it_still_hears_another_process_under_its_id_l
     let actions = node.handle(room.now + 1, Input::Message(Envelope::new(id, beat)));
     assert!(publishes(&actions).iter().any(|m| matches!(m, Msg::Hello { want_reply: true, .. })), "{actions:?}");
     // The forger fell silent; a voter answers: it is asked, not the forger again.
-    let answer = Msg::Hello {
-        to: Some(id),
-        want_reply: false,
-        key: v_key,
-        incarnation: 7,
-        since_ms: 0,
-        term,
-        controller: Some(id),
-        height: 9,
-    };
+    let answer = answer_to(id, v_key, term, id, 9);
     let later = room.now + 10 * Timing::default().election_max_ms;
     node.syncing = Some((999, later - 1, 0, 1));
     let actions = node.handle(later, Input::Message(Envelope::new(v_id, answer)));
