@@ -237,8 +237,16 @@ pub async fn run(
                 writes.push(w);
                 continue;
             }
+            // An event depends on nothing written, and goes out before what it describes: a peer
+            // killed between the two must not resume from blocks its events never said (a
+            // failover bench's invariant check once caught a controller's last block on disk
+            // without its `block_accepted`, staged before the event was written).
+            let event = matches!(action, Action::Emit(_));
+            if !event && !writes.is_empty() {
+                events.flush();
+            }
             let promise = matches!(&action, Action::Publish(msg) if !matches!(msg, Msg::SyncRequest { .. }));
-            let written = match (writes.is_empty(), promise) {
+            let written = match (writes.is_empty() || event, promise) {
                 (true, false) => Ok(()),
                 (false, false) => store.stage(&std::mem::take(&mut writes)),
                 (_, true) => store.apply(&std::mem::take(&mut writes)),
