@@ -350,18 +350,8 @@ const LAG_HALF_LIFE_MS: u64 = 5_000;
 impl RoomNode {
     /// A node recovering `restored` from its disk (`Restored::default()` for a new one).
     pub fn new(cfg: RoomNodeConfig, restored: Restored) -> Self {
-        let mut chain = Chain::new();
-        let alg = restored.blocks.first().map_or(cfg.alg, |b| b.alg);
-        if let Some(config) = &restored.config {
-            chain = Chain::with_base(config.digest(alg));
-        }
-        let mut commit = 0;
-        for block in restored.blocks {
-            if chain.append(block).is_err() {
-                break;
-            }
-        }
-        commit = commit.max(restored.commit.min(chain.height()));
+        let chain = restored_chain(cfg.alg, restored.config.as_ref(), restored.blocks);
+        let commit = restored.commit.min(chain.height());
         let rng = StdRng::seed_from_u64(cfg.seed);
         let room_seen = chain.height() > 0;
         // The disk holds the term of the last vote, and blocks: a block of a later term was taken
@@ -997,19 +987,7 @@ impl RoomNode {
     fn message(&mut self, env: Envelope) {
         let from = env.from;
         if from == self.cfg.id {
-            match env.msg {
-                Msg::Hello { key, incarnation, since_ms, .. }
-                    if key != self.cfg.key || incarnation != self.cfg.incarnation =>
-                {
-                    self.impostor(key, incarnation, since_ms);
-                }
-                Msg::Heartbeat { key, term, height, .. } if key != self.cfg.key => self.rival_beat(key, term, height),
-                msg => {
-                    self.echoed(&msg);
-                    // A grant may have waited for it (see `try_grant`).
-                    self.try_grant(false);
-                }
-            }
+            self.own_id_message(env.msg);
             return;
         }
         match env.msg {
@@ -1037,31 +1015,15 @@ impl RoomNode {
                     self.on_grant(from, key, term);
                 }
             }
-            Msg::Ack { to, term, height, key } if to == self.cfg.id => {
-                if self.heard(from, Some(key)) {
-                    self.on_ack(from, key, term, height);
-                } else if self.is_controller() {
-                    // A member's id under another key (the member back with its disk lost, or a
-                    // copy): not that member, but it may take its place. Whatever its term: it
-                    // never voted in the room, though it may have gone on to terms of its own
-                    // while it took itself for the member (seed 764004).
-                    self.learner_ack(from, key, height);
-                }
-            }
+            Msg::Ack { to, term, height, key } if to == self.cfg.id => self.ack_to_us(from, key, term, height),
             // To another controller.
             Msg::Ack { .. } => {}
             Msg::Heartbeat { term, height, commit, tip, open, .. } => {
                 self.heard(from, None);
                 if self.accept_controller(from, term, "heartbeat") {
                     self.on_heartbeat(from, height, commit, tip, open);
-                } else if self.config.is_some() && !self.may_lead(from) && height > self.chain.height() {
-                    // A controller that our chain does not show as a member (yet): the room may
-                    // have added it in blocks we lack. We take them, appended only (as from any
-                    // peer that is not our controller), and follow it once they say it is one.
-                    // Whatever its term: a member removed in those blocks may have gone on to
-                    // terms of its own, which its pre-votes never win (seed 106535).
-                    // It has them: a request to anyone else gives way.
-                    self.request_sync_now(from);
+                } else {
+                    self.sync_from_unknown_controller(from, height);
                 }
             }
             Msg::Challenge { challenge, commit, config } => {
@@ -1095,6 +1057,50 @@ impl RoomNode {
                     self.keep_asking(asked, before, height);
                 }
             }
+        }
+    }
+
+    /// A message under our own id: our own broadcast come back through the broker, or another
+    /// process's hello or heartbeat (its key or incarnation is not ours).
+    fn own_id_message(&mut self, msg: Msg) {
+        match msg {
+            Msg::Hello { key, incarnation, since_ms, .. }
+                if key != self.cfg.key || incarnation != self.cfg.incarnation =>
+            {
+                self.impostor(key, incarnation, since_ms);
+            }
+            Msg::Heartbeat { key, term, height, .. } if key != self.cfg.key => self.rival_beat(key, term, height),
+            msg => {
+                self.echoed(&msg);
+                // A grant may have waited for it (see `try_grant`).
+                self.try_grant(false);
+            }
+        }
+    }
+
+    /// An acknowledgement addressed to us: a member's, or one from a peer that may replace one.
+    fn ack_to_us(&mut self, from: PeerId, key: u64, term: Term, height: u64) {
+        if self.heard(from, Some(key)) {
+            self.on_ack(from, key, term, height);
+        } else if self.is_controller() {
+            // A member's id under another key (the member back with its disk lost, or a
+            // copy): not that member, but it may take its place. Whatever its term: it
+            // never voted in the room, though it may have gone on to terms of its own
+            // while it took itself for the member (seed 764004).
+            self.learner_ack(from, key, height);
+        }
+    }
+
+    /// A heartbeat whose sender we do not accept as controller: whether to ask it for blocks.
+    fn sync_from_unknown_controller(&mut self, from: PeerId, height: u64) {
+        if self.config.is_some() && !self.may_lead(from) && height > self.chain.height() {
+            // A controller that our chain does not show as a member (yet): the room may
+            // have added it in blocks we lack. We take them, appended only (as from any
+            // peer that is not our controller), and follow it once they say it is one.
+            // Whatever its term: a member removed in those blocks may have gone on to
+            // terms of its own, which its pre-votes never win (seed 106535).
+            // It has them: a request to anyone else gives way.
+            self.request_sync_now(from);
         }
     }
 
@@ -1203,17 +1209,7 @@ impl RoomNode {
         // answers to each fed the lag.
         let known = self.peers.get(&from).is_some_and(|p| p.key == key && p.incarnation == incarnation);
         if !self.heard(from, Some(key)) {
-            // A process under a member's id with another data directory (a copy of the id, or
-            // the member back with its disk lost): not that member. It still learns from our
-            // answer that this room exists, so it never founds another.
-            self.drop_msg("duplicate_id", format!("hello from {from} under a key that is not its member's"));
-            if height > 0 || controller.is_some() {
-                // Whoever it is, it speaks for a room that exists.
-                self.saw_room();
-            }
-            if want_reply {
-                self.publish(self.hello(Some(from), false));
-            }
+            self.on_stranger_hello(from, want_reply, controller, height);
             return;
         }
         if let Some(p) = self.peers.get_mut(&from) {
@@ -1233,6 +1229,30 @@ impl RoomNode {
         if height > 0 {
             self.saw_room();
         }
+        self.learn_controller(term, controller);
+        if height > self.chain.height() {
+            self.sync_after_hello(from);
+        }
+        self.try_start_bootstrap();
+    }
+
+    /// A hello from a process under a member's id with another data directory (a copy of the
+    /// id, or the member back with its disk lost): not that member. It still learns from our
+    /// answer that this room exists, so it never founds another.
+    fn on_stranger_hello(&mut self, from: PeerId, want_reply: bool, controller: Option<PeerId>, height: u64) {
+        self.drop_msg("duplicate_id", format!("hello from {from} under a key that is not its member's"));
+        if height > 0 || controller.is_some() {
+            // Whoever it is, it speaks for a room that exists.
+            self.saw_room();
+        }
+        if want_reply {
+            self.publish(self.hello(Some(from), false));
+        }
+    }
+
+    /// What a hello says of the room's term and controller: whether to enter its term, and
+    /// whom to follow.
+    fn learn_controller(&mut self, term: Term, controller: Option<PeerId>) {
         // A hint naming someone who cannot lead (its sender was fooled by a forger) is ignored.
         let controller = controller.filter(|&c| self.may_lead(c));
         if let Some(c) = controller
@@ -1241,8 +1261,9 @@ impl RoomNode {
             // A newcomer (or a peer back from a partition) learns the room's term and controller.
             // One under our id is another process, with another data directory, that the room
             // made the member in blocks we lack: our requests to it would look like its own
-            // echoes, so we sync from the sender (below), and the blocks say who stays (seed
-            // 341113: we asked our controller of the term before, long dead, and stayed behind).
+            // echoes, so we sync from the sender (see `sync_after_hello`), and the blocks say who
+            // stays (seed 341113: we asked our controller of the term before, long dead, and
+            // stayed behind).
             self.enter_term(term);
             if c != self.cfg.id {
                 self.follow_controller(c);
@@ -1255,29 +1276,30 @@ impl RoomNode {
         {
             self.follow_controller(c);
         }
-        if height > self.chain.height() {
-            match self.controller.filter(|_| self.controller_live()) {
-                Some(c) if c != self.cfg.id => self.request_sync(c),
-                // Without a live controller, take the blocks of whoever has them (only a
-                // controller can make us drop any): without block 0 we know neither the room's
-                // voters nor whether we are one, and a member added in blocks we lack does not
-                // know it votes. (Seed 306646: a peer without block 0 had followed a forger,
-                // silent since, and kept asking it.) A voter goes before a stranger we asked
-                // last (seed 108701: a forger's heartbeat of a long chain drew every retry), or
-                // before a controller fallen silent that we asked (seed 807713: a forger again).
-                None => {
-                    // (Our controller, if any, is silent here.)
-                    let stale = self.syncing.is_some_and(|(to, ..)| !self.may_lead(to) || self.controller == Some(to));
-                    if self.may_lead(from) && stale {
-                        self.request_sync_now(from);
-                    } else {
-                        self.request_sync(from);
-                    }
+    }
+
+    /// The sender of a hello has blocks we lack: whom to ask for them, it or our controller.
+    fn sync_after_hello(&mut self, from: PeerId) {
+        match self.controller.filter(|_| self.controller_live()) {
+            Some(c) if c != self.cfg.id => self.request_sync(c),
+            // Without a live controller, take the blocks of whoever has them (only a
+            // controller can make us drop any): without block 0 we know neither the room's
+            // voters nor whether we are one, and a member added in blocks we lack does not
+            // know it votes. (Seed 306646: a peer without block 0 had followed a forger,
+            // silent since, and kept asking it.) A voter goes before a stranger we asked
+            // last (seed 108701: a forger's heartbeat of a long chain drew every retry), or
+            // before a controller fallen silent that we asked (seed 807713: a forger again).
+            None => {
+                // (Our controller, if any, is silent here.)
+                let stale = self.syncing.is_some_and(|(to, ..)| !self.may_lead(to) || self.controller == Some(to));
+                if self.may_lead(from) && stale {
+                    self.request_sync_now(from);
+                } else {
+                    self.request_sync(from);
                 }
-                _ => {}
             }
+            _ => {}
         }
-        self.try_start_bootstrap();
     }
 
     // ----- Election ----------------------------------------------------------------------------
@@ -2343,47 +2365,16 @@ impl RoomNode {
         }
         let first = blocks.first().map(|b| b.tx);
         let last = blocks.last().map(|b| b.tx);
-        if first == Some(0) && self.config.is_none() {
-            match config {
-                Some(config) if blocks.first().is_some_and(|b| config.digest(b.alg) == b.prev) => {
-                    self.take_config(config, blocks[0].alg);
-                }
-                _ => {
-                    self.drop_msg("bad_configuration", format!("sync reply from {from}"));
-                    return;
-                }
-            }
-        } else if first.is_none() && self.chain.height() == 0 && self.config.is_none() && authoritative {
-            // Before block 0: the configuration comes with the open challenge 0.
-            self.genesis_offer = config.filter(|k| open.is_some_and(|c| c.tx == 0 && k.digest(c.alg) == c.prev));
+        if !self.sync_reply_config(from, &blocks, config, open, authoritative) {
+            return;
         }
         let before = self.chain.height();
-        let mut linked = true;
         // A block below the replier's commit point is committed: one of ours that conflicts
         // with it never can be, and goes, whoever tells us (above our own commit point only). A
         // peer behind a change of members needs this: the controller it cannot yet tell from a
         // stranger is a member by blocks that its own stale suffix keeps out.
         let overrides = |tx: TxId| authoritative || tx < commit;
-        for block in blocks {
-            if let Some(mine) = self.chain.get(block.tx) {
-                if mine.hash == block.hash {
-                    continue;
-                }
-                if !overrides(block.tx) || !self.truncate(block.tx) {
-                    linked = false;
-                    break;
-                }
-            }
-            if self.chain.height() != block.tx {
-                linked = false;
-                break;
-            }
-            if let Err(e) = self.append(block) {
-                self.drop_msg("invalid_block", format!("sync from {from}: {e}"));
-                linked = false;
-                break;
-            }
-        }
+        let linked = self.take_synced_blocks(from, blocks, overrides);
         if let Some(tx) = first {
             self.emit(Event::Synced { from: tx, height: self.chain.height() });
         }
@@ -2394,16 +2385,11 @@ impl RoomNode {
             }
             return;
         }
-        let mut agreed_more = false;
         let committed = last.is_some_and(|l| l < commit);
-        if let (true, Some(last), Some(d)) = (authoritative || committed, last, self.diverged.as_mut()) {
-            // Every block of the reply is now ours, and the reply is our controller's (or its
-            // blocks are committed, the same for all): the next request starts after them.
-            let same = d.controller == Some(from) && d.term == term;
-            let agreed = if same || committed { d.agreed } else { 0 };
-            agreed_more = last + 1 > agreed;
-            *d = Diverged { controller: Some(from), term, agreed: agreed.max(last + 1) };
-        }
+        let agreed_more = match last {
+            Some(last) if authoritative || committed => self.agree_up_to(from, term, last, committed),
+            _ => false,
+        };
         if height > 0 {
             self.saw_room();
         }
@@ -2431,6 +2417,89 @@ impl RoomNode {
             }
         }
     }
+
+    /// The configuration a sync reply carries: with block 0, the one its base is the digest of
+    /// (false, and the reply dropped, if it is missing or another); with no blocks before block
+    /// 0, our controller's offer, kept if it goes with the open challenge 0.
+    fn sync_reply_config(
+        &mut self,
+        from: PeerId,
+        blocks: &[Block],
+        config: Option<RoomConfig>,
+        open: Option<Challenge>,
+        authoritative: bool,
+    ) -> bool {
+        let first = blocks.first();
+        if first.is_some_and(|b| b.tx == 0) && self.config.is_none() {
+            match (config, first) {
+                (Some(config), Some(b)) if config.digest(b.alg) == b.prev => self.take_config(config, b.alg),
+                _ => {
+                    self.drop_msg("bad_configuration", format!("sync reply from {from}"));
+                    return false;
+                }
+            }
+        } else if first.is_none() && self.chain.height() == 0 && self.config.is_none() && authoritative {
+            // Before block 0: the configuration comes with the open challenge 0.
+            self.genesis_offer = config.filter(|k| open.is_some_and(|c| c.tx == 0 && k.digest(c.alg) == c.prev));
+        }
+        true
+    }
+
+    /// Takes a sync reply's blocks: those equal to ours are skipped, one that conflicts with
+    /// ours replaces our blocks from it on where the reply `overrides` them, the others are
+    /// appended. False where the reply stops linking to our chain.
+    fn take_synced_blocks(&mut self, from: PeerId, blocks: Vec<Block>, overrides: impl Fn(TxId) -> bool) -> bool {
+        for block in blocks {
+            if let Some(mine) = self.chain.get(block.tx) {
+                if mine.hash == block.hash {
+                    continue;
+                }
+                if !overrides(block.tx) || !self.truncate(block.tx) {
+                    return false;
+                }
+            }
+            if self.chain.height() != block.tx {
+                return false;
+            }
+            if let Err(e) = self.append(block) {
+                self.drop_msg("invalid_block", format!("sync from {from}: {e}"));
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A diverged peer took every block of a reply up to `last`, and the reply is our
+    /// controller's (or its blocks are `committed`): records how far our chain now agrees.
+    /// Whether that moved the agreed height up.
+    fn agree_up_to(&mut self, from: PeerId, term: Term, last: TxId, committed: bool) -> bool {
+        let Some(d) = self.diverged.as_mut() else {
+            return false;
+        };
+        // Every block of the reply is now ours, and the reply is our controller's (or its
+        // blocks are committed, the same for all): the next request starts after them.
+        let same = d.controller == Some(from) && d.term == term;
+        let agreed = if same || committed { d.agreed } else { 0 };
+        *d = Diverged { controller: Some(from), term, agreed: agreed.max(last + 1) };
+        last + 1 > agreed
+    }
+}
+
+/// The chain a node recovers: its disk's blocks up to the first that fails to link, on the base
+/// of the recorded configuration (hashed with the chain's function: its first block's, else
+/// `alg`).
+fn restored_chain(alg: HashAlg, config: Option<&RoomConfig>, blocks: Vec<Block>) -> Chain {
+    let alg = blocks.first().map_or(alg, |b| b.alg);
+    let mut chain = match config {
+        Some(config) => Chain::with_base(config.digest(alg)),
+        None => Chain::new(),
+    };
+    for block in blocks {
+        if chain.append(block).is_err() {
+            break;
+        }
+    }
+    chain
 }
 
 /// Where a peer whose chain failed to link syncs from (see [`RoomNode::diverge`]).
