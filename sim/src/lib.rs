@@ -524,38 +524,51 @@ impl World {
         self.report.end_ms = end;
         self.report.controllers = self.controllers.len();
         self.report.terms = self.procs.iter().map(|p| p.node.term()).max().unwrap_or(0);
-        let report = self.report.clone();
         let quorum_exists = self.members_up(false).is_none_or(|(up, quorum)| up >= quorum);
         self.report.no_quorum = !quorum_exists;
-        let report = Report { no_quorum: !quorum_exists, ..report };
+        let report = self.report.clone();
         if after == 0 && quorum_exists {
-            let state: Vec<String> = self
-                .procs
-                .iter()
-                .map(|p| {
-                    format!(
-                        "{}: alive {} conn {} term {} ctl {:?} height {} commit {} voted {:?}",
-                        p.id,
-                        p.alive,
-                        p.connected,
-                        p.node.term(),
-                        p.node.controller(),
-                        p.node.chain().height(),
-                        p.node.commit(),
-                        p.node.voted_for()
-                    )
-                })
-                .collect();
-            return Err(self.fail(format!(
-                "no block committed in the {} ms after the faults ended (committed {}; published {:?}, to the whole room {:?}; broker queue up to {} ms); {}",
-                self.sc.settle_ms,
-                self.committed.len(),
-                self.report.by_kind,
-                self.report.broadcast_by_kind,
-                self.report.max_queue_ms,
-                state.join("; ")
-            )));
+            return Err(self.no_progress());
         }
+        self.check_caught_up(quorum_exists)?;
+        self.check_replaced(end, quorum_exists)?;
+        Ok(report)
+    }
+
+    /// The failure of a room that committed nothing after the faults ended though a quorum was
+    /// up, with every process's state.
+    fn no_progress(&self) -> Failure {
+        let state: Vec<String> = self
+            .procs
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}: alive {} conn {} term {} ctl {:?} height {} commit {} voted {:?}",
+                    p.id,
+                    p.alive,
+                    p.connected,
+                    p.node.term(),
+                    p.node.controller(),
+                    p.node.chain().height(),
+                    p.node.commit(),
+                    p.node.voted_for()
+                )
+            })
+            .collect();
+        self.fail(format!(
+            "no block committed in the {} ms after the faults ended (committed {}; published {:?}, to the whole room {:?}; broker queue up to {} ms); {}",
+            self.sc.settle_ms,
+            self.committed.len(),
+            self.report.by_kind,
+            self.report.broadcast_by_kind,
+            self.report.max_queue_ms,
+            state.join("; ")
+        ))
+    }
+
+    /// At the end of the run: every process up and connected holds the blocks committed when the
+    /// faults ended.
+    fn check_caught_up(&self, quorum_exists: bool) -> Result<(), Failure> {
         // Every peer verifies every block: each one up holds what was committed when the faults
         // ended, voter or not, however far behind it was (as long as a quorum lives: without
         // one, no controller hands out blocks).
@@ -572,6 +585,12 @@ impl World {
                 p.node.term(), p.node.controller(), p.node.voted_for(), p.node.key()
             )));
         }
+        Ok(())
+    }
+
+    /// At the end of the run: a member lost for good was replaced, if there was time and a peer
+    /// to replace it with.
+    fn check_replaced(&self, end: u64, quorum_exists: bool) -> Result<(), Failure> {
         // A member lost for good (dead, or back with its disk lost: another key) is replaced by
         // a peer that can take its place: the controller removes it after `replace_after_ms` of
         // silence, then adds the other, one committed change at a time.
@@ -590,7 +609,7 @@ impl World {
                 )));
             }
         }
-        Ok(report)
+        Ok(())
     }
 
     fn step(&mut self, ev: Ev) -> Result<(), Failure> {
@@ -614,54 +633,9 @@ impl World {
                 self.procs[p].timer_at = u64::MAX;
                 self.input(p, Input::Tick)?;
             }
-            Ev::Mined { p, job } => {
-                let pr = &self.procs[p];
-                if !pr.alive || pr.job != job {
-                    return Ok(());
-                }
-                let Some(template) = pr.job_template else { return Ok(()) };
-                let start = self.rng.random::<u32>() as u64;
-                let nonce = template.search(u32::from(pr.job_difficulty), start, 1 << 20);
-                let Some(nonce) = nonce else { return Ok(()) };
-                let found = Found { tx: pr.job_tx, nonce, hashes: 1, elapsed_ms: 1 };
-                self.procs[p].job = 0;
-                self.input(p, Input::Mined(found))?;
-            }
-            Ev::Resume { p } => {
-                // Only the resumption due now: an earlier pause's (overlapped by a later one), or
-                // one that the end of the faults brought forward, is past (seed 788197: a
-                // controller told twice that it stood still stepped down again 2 s later).
-                if self.procs[p].paused_until != self.now || !self.procs[p].alive {
-                    return Ok(());
-                }
-                // The peer's own check: its tick came more than 1.5 x keepalive late.
-                if self.now - self.procs[p].paused_since > self.sc.keepalive_ms * 3 / 2 {
-                    self.input(p, Input::Stalled)?;
-                }
-                while let Some(input) = self.procs[p].backlog.pop_front() {
-                    self.input(p, input)?;
-                }
-                if !self.procs[p].connected {
-                    self.schedule(self.now + 1, Ev::Connect { p });
-                }
-                self.arm(p);
-            }
-            Ev::Connect { p } => {
-                let pr = &self.procs[p];
-                if !pr.alive || pr.connected || !self.broker_up {
-                    return Ok(());
-                }
-                let blocked = pr.cut_until.max(pr.paused_until);
-                if self.now < blocked {
-                    let at = blocked + self.rng.random_range(1..100);
-                    self.schedule(at, Ev::Connect { p });
-                    return Ok(());
-                }
-                self.procs[p].connected = true;
-                self.procs[p].conn += 1;
-                self.log(|| format!("{} connects", p));
-                self.input(p, Input::Connected)?;
-            }
+            Ev::Mined { p, job } => self.mined(p, job)?,
+            Ev::Resume { p } => self.resume(p)?,
+            Ev::Connect { p } => self.connect(p)?,
             Ev::KeepaliveExpired { p, conn, epoch } => {
                 if self.procs[p].conn != conn || epoch != self.epoch || !self.broker_up {
                     return Ok(());
@@ -691,43 +665,106 @@ impl World {
                     }
                 }
             }
-            Ev::Restart { p, mut lose_disk } => {
-                if self.procs[p].alive {
-                    return Ok(());
-                }
-                if lose_disk && !self.fresh_peer_allowed() {
-                    self.log(|| format!("{p} keeps its disk: the room could not be heard"));
-                    lose_disk = false;
-                }
-                if lose_disk {
-                    self.fresh_listening();
-                }
-                let (id, mut key) = (self.procs[p].id, self.procs[p].key);
-                if lose_disk {
-                    key = self.rng.random();
-                    self.procs[p].disk = Disk::default();
-                    self.checked_commit[p] = 0;
-                }
-                let restored = self.procs[p].disk.restored();
-                let incarnation = self.rng.random();
-                let node = self.make_node_inc(id, key, incarnation, restored);
-                let pr = &mut self.procs[p];
-                pr.key = key;
-                pr.node = node;
-                pr.alive = true;
-                pr.connected = false;
-                pr.incarnation = incarnation;
-                pr.paused_until = 0;
-                pr.cut_until = 0;
-                pr.backlog.clear();
-                pr.job = 0;
-                pr.fatal = false;
-                self.log(|| format!("{p} restarts{}", if lose_disk { " with an empty disk" } else { "" }));
-                self.schedule(self.now + 1, Ev::Connect { p });
-                self.check(p)?;
-            }
+            Ev::Restart { p, lose_disk } => self.restart(p, lose_disk)?,
         }
         Ok(())
+    }
+
+    /// The miner of process `p` finished job `job`: searches a window of nonces from a random
+    /// start, and hands the node a solution if the window holds one (a job since replaced, or
+    /// of a dead process, is forgotten).
+    fn mined(&mut self, p: usize, job: u64) -> Result<(), Failure> {
+        let pr = &self.procs[p];
+        if !pr.alive || pr.job != job {
+            return Ok(());
+        }
+        let Some(template) = pr.job_template else { return Ok(()) };
+        let start = self.rng.random::<u32>() as u64;
+        let nonce = template.search(u32::from(pr.job_difficulty), start, 1 << 20);
+        let Some(nonce) = nonce else { return Ok(()) };
+        let found = Found { tx: pr.job_tx, nonce, hashes: 1, elapsed_ms: 1 };
+        self.procs[p].job = 0;
+        self.input(p, Input::Mined(found))
+    }
+
+    /// A paused process runs again: it notices the standstill if it was long, works through the
+    /// inputs that queued meanwhile, and reconnects if its connection was lost.
+    fn resume(&mut self, p: usize) -> Result<(), Failure> {
+        // Only the resumption due now: an earlier pause's (overlapped by a later one), or
+        // one that the end of the faults brought forward, is past (seed 788197: a
+        // controller told twice that it stood still stepped down again 2 s later).
+        if self.procs[p].paused_until != self.now || !self.procs[p].alive {
+            return Ok(());
+        }
+        // The peer's own check: its tick came more than 1.5 x keepalive late.
+        if self.now - self.procs[p].paused_since > self.sc.keepalive_ms * 3 / 2 {
+            self.input(p, Input::Stalled)?;
+        }
+        while let Some(input) = self.procs[p].backlog.pop_front() {
+            self.input(p, input)?;
+        }
+        if !self.procs[p].connected {
+            self.schedule(self.now + 1, Ev::Connect { p });
+        }
+        self.arm(p);
+        Ok(())
+    }
+
+    /// Process `p` tries to connect: it does once it is neither cut off nor paused and the
+    /// broker is up; while blocked, it tries again a little after.
+    fn connect(&mut self, p: usize) -> Result<(), Failure> {
+        let pr = &self.procs[p];
+        if !pr.alive || pr.connected || !self.broker_up {
+            return Ok(());
+        }
+        let blocked = pr.cut_until.max(pr.paused_until);
+        if self.now < blocked {
+            let at = blocked + self.rng.random_range(1..100);
+            self.schedule(at, Ev::Connect { p });
+            return Ok(());
+        }
+        self.procs[p].connected = true;
+        self.procs[p].conn += 1;
+        self.log(|| format!("{} connects", p));
+        self.input(p, Input::Connected)
+    }
+
+    /// A crashed process starts again, from its disk or (`lose_disk`) with an empty one and a new
+    /// key; it keeps its disk when a fresh peer could not hear the room now.
+    fn restart(&mut self, p: usize, mut lose_disk: bool) -> Result<(), Failure> {
+        if self.procs[p].alive {
+            return Ok(());
+        }
+        if lose_disk && !self.fresh_peer_allowed() {
+            self.log(|| format!("{p} keeps its disk: the room could not be heard"));
+            lose_disk = false;
+        }
+        if lose_disk {
+            self.fresh_listening();
+        }
+        let (id, mut key) = (self.procs[p].id, self.procs[p].key);
+        if lose_disk {
+            key = self.rng.random();
+            self.procs[p].disk = Disk::default();
+            self.checked_commit[p] = 0;
+        }
+        let restored = self.procs[p].disk.restored();
+        let incarnation = self.rng.random();
+        let node = self.make_node_inc(id, key, incarnation, restored);
+        let pr = &mut self.procs[p];
+        pr.key = key;
+        pr.node = node;
+        pr.alive = true;
+        pr.connected = false;
+        pr.incarnation = incarnation;
+        pr.paused_until = 0;
+        pr.cut_until = 0;
+        pr.backlog.clear();
+        pr.job = 0;
+        pr.fatal = false;
+        self.log(|| format!("{p} restarts{}", if lose_disk { " with an empty disk" } else { "" }));
+        self.schedule(self.now + 1, Ev::Connect { p });
+        self.check(p)
     }
 
     /// Feeds one input to process `p` (queued if it is paused) and carries out its actions.
@@ -1173,43 +1210,12 @@ impl World {
             }
             Fault::Pause { p, ms } => {
                 let p = self.resolve(p);
-                let id = self.procs[p].id;
-                self.log(|| format!("{id} paused for {ms} ms"));
-                // A pause of a process already paused lengthens its standstill, never shortens it.
-                let limit = self.sc.keepalive_ms * 3 / 2;
-                let pr = &mut self.procs[p];
-                let paused = pr.paused_until > self.now;
-                let expired_before = paused && pr.paused_until - pr.paused_since > limit;
-                if !paused {
-                    pr.paused_since = self.now;
-                }
-                pr.paused_until = pr.paused_until.max(self.now + ms);
-                if pr.connected && !expired_before && pr.paused_until - pr.paused_since > limit {
-                    // Its keepalive expires while it stands still.
-                    let (conn, epoch) = (pr.conn, self.epoch);
-                    let at = self.now.max(pr.paused_since + limit);
-                    self.schedule(at, Ev::KeepaliveExpired { p, conn, epoch });
-                }
-                let until = self.procs[p].paused_until;
-                self.schedule(until, Ev::Resume { p });
+                self.pause(p, ms);
             }
             Fault::Cut { procs, ms } => {
                 for q in procs {
                     let q = self.resolve(q);
-                    let id = self.procs[q].id;
-                    self.log(|| format!("{id} cut off for {ms} ms"));
-                    self.procs[q].cut_until = self.now + ms;
-                    if self.procs[q].connected && self.procs[q].alive {
-                        // Both ends lose the connection; the broker only notices at keepalive.
-                        let (conn, epoch) = (self.procs[q].conn, self.epoch);
-                        self.procs[q].connected = false;
-                        self.schedule(
-                            self.now + self.sc.keepalive_ms * 3 / 2,
-                            Ev::KeepaliveExpired { p: q, conn, epoch },
-                        );
-                        let back = self.now + ms + self.rng.random_range(1..200);
-                        self.schedule(back, Ev::Connect { p: q });
-                    }
+                    self.cut(q, ms);
                 }
             }
             Fault::BrokerDown { ms } => {
@@ -1233,21 +1239,19 @@ impl World {
             }
             Fault::Newcomer => {
                 // Not in the configuration once block 0 is committed: a non-voting member.
-                if self.fresh_peer_allowed() && self.procs.len() < self.sc.peers + 3 {
+                if self.may_add_process() {
                     let id = self.rng.random_range(1..=u32::MAX);
                     self.log(|| format!("newcomer {id}"));
-                    self.fresh_listening();
-                    self.spawn(id, 1);
+                    self.add_process(id);
                 }
             }
             Fault::Duplicate { p } => {
                 // A second process under an existing id, with its own (new) data directory.
                 let p = self.resolve(p);
-                if self.fresh_peer_allowed() && self.procs.len() < self.sc.peers + 3 {
+                if self.may_add_process() {
                     let id = self.procs[p].id;
                     self.log(|| format!("duplicate of {id}"));
-                    self.fresh_listening();
-                    self.spawn(id, 1);
+                    self.add_process(id);
                 }
             }
             Fault::RoomRestart => {
@@ -1262,6 +1266,56 @@ impl World {
             }
             Fault::Forgery => self.forge(),
         }
+    }
+
+    /// Process `p` stands still for `ms` (a pause of a process already paused lengthens its
+    /// standstill, never shortens it); its keepalive expires if the standstill is long enough.
+    fn pause(&mut self, p: usize, ms: u64) {
+        let id = self.procs[p].id;
+        self.log(|| format!("{id} paused for {ms} ms"));
+        let limit = self.sc.keepalive_ms * 3 / 2;
+        let pr = &mut self.procs[p];
+        let paused = pr.paused_until > self.now;
+        let expired_before = paused && pr.paused_until - pr.paused_since > limit;
+        if !paused {
+            pr.paused_since = self.now;
+        }
+        pr.paused_until = pr.paused_until.max(self.now + ms);
+        if pr.connected && !expired_before && pr.paused_until - pr.paused_since > limit {
+            // Its keepalive expires while it stands still.
+            let (conn, epoch) = (pr.conn, self.epoch);
+            let at = self.now.max(pr.paused_since + limit);
+            self.schedule(at, Ev::KeepaliveExpired { p, conn, epoch });
+        }
+        let until = self.procs[p].paused_until;
+        self.schedule(until, Ev::Resume { p });
+    }
+
+    /// Process `q` is cut off from the broker for `ms`: it reconnects a little after.
+    fn cut(&mut self, q: usize, ms: u64) {
+        let id = self.procs[q].id;
+        self.log(|| format!("{id} cut off for {ms} ms"));
+        self.procs[q].cut_until = self.now + ms;
+        if self.procs[q].connected && self.procs[q].alive {
+            // Both ends lose the connection; the broker only notices at keepalive.
+            let (conn, epoch) = (self.procs[q].conn, self.epoch);
+            self.procs[q].connected = false;
+            self.schedule(self.now + self.sc.keepalive_ms * 3 / 2, Ev::KeepaliveExpired { p: q, conn, epoch });
+            let back = self.now + ms + self.rng.random_range(1..200);
+            self.schedule(back, Ev::Connect { p: q });
+        }
+    }
+
+    /// Whether a process with an empty disk may join now: it could hear the room, and the room
+    /// has not grown by three already.
+    fn may_add_process(&self) -> bool {
+        self.fresh_peer_allowed() && self.procs.len() < self.sc.peers + 3
+    }
+
+    /// Starts a process under `id` with an empty disk.
+    fn add_process(&mut self, id: PeerId) {
+        self.fresh_listening();
+        self.spawn(id, 1);
     }
 
     /// The room's committed configuration (from block 0), if the room has one.
