@@ -15,7 +15,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Builder, Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+use redb::{Builder, Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use crate::pow::Digest;
 use crate::protocol::{Block, PeerId, Term};
@@ -520,8 +520,21 @@ fn create_fresh(dir: &Path, new: &NewIdentity) -> Result<(), StoreError> {
 
 /// Reads and checks everything stored.
 fn read(dir: &Path, db: &Database, create: &NewIdentity) -> Result<(Identity, Durable), StoreError> {
-    let damaged = |reason: String| StoreError::Damaged { dir: dir.to_owned(), reason };
     let txn = db.begin_read().map_err(|e| redb_error(dir, e))?;
+    let identity = read_identity(dir, &txn, create)?;
+    let mut durable = read_state(dir, &txn)?;
+    durable.blocks = read_blocks(dir, &txn)?;
+    let (commit, height) = (durable.commit, durable.blocks.len());
+    if commit > height as u64 {
+        let reason = format!("the commit {commit} is beyond the chain's height {height}");
+        return Err(StoreError::Damaged { dir: dir.to_owned(), reason });
+    }
+    Ok((identity, durable))
+}
+
+/// Reads the identity and checks that the directory is of our format, room and peer.
+fn read_identity(dir: &Path, txn: &ReadTransaction, create: &NewIdentity) -> Result<Identity, StoreError> {
+    let damaged = |reason: String| StoreError::Damaged { dir: dir.to_owned(), reason };
     let meta = match txn.open_table(META) {
         Ok(meta) => meta,
         Err(TableError::TableDoesNotExist(_)) => {
@@ -557,7 +570,13 @@ fn read(dir: &Path, db: &Database, create: &NewIdentity) -> Result<(Identity, Du
     {
         return Err(StoreError::OtherPeer { dir: dir.to_owned(), stored: identity.id, wanted });
     }
+    Ok(identity)
+}
 
+/// Reads the protocol's small state (term and vote, commit index, room configuration, each at its
+/// starting value when absent): what is stored but the blocks.
+fn read_state(dir: &Path, txn: &ReadTransaction) -> Result<Durable, StoreError> {
+    let damaged = |reason: String| StoreError::Damaged { dir: dir.to_owned(), reason };
     let state = txn.open_table(STATE).map_err(|e| redb_error(dir, e))?;
     let get = |name: &str| -> Result<Option<Vec<u8>>, StoreError> {
         Ok(state.get(name).map_err(|e| redb_error(dir, e))?.map(|v| v.value().to_vec()))
@@ -578,7 +597,13 @@ fn read(dir: &Path, db: &Database, create: &NewIdentity) -> Result<(Identity, Du
                 .map_err(|e| damaged(format!("the room configuration does not decode ({e})")))?,
         ),
     };
+    Ok(Durable { term, voted_for, blocks: Vec::new(), config, commit })
+}
 
+/// Reads the chain, checking that every height is filled, each block is stored at its own
+/// height and links to the one before.
+fn read_blocks(dir: &Path, txn: &ReadTransaction) -> Result<Vec<Block>, StoreError> {
+    let damaged = |reason: String| StoreError::Damaged { dir: dir.to_owned(), reason };
     let table = txn.open_table(BLOCKS).map_err(|e| redb_error(dir, e))?;
     let mut blocks: Vec<Block> = Vec::new();
     for row in table.iter().map_err(|e| redb_error(dir, e))? {
@@ -597,10 +622,7 @@ fn read(dir: &Path, db: &Database, create: &NewIdentity) -> Result<(Identity, Du
         }
         blocks.push(block);
     }
-    if commit > blocks.len() as u64 {
-        return Err(damaged(format!("the commit {commit} is beyond the chain's height {}", blocks.len())));
-    }
-    Ok((identity, Durable { term, voted_for, blocks, config, commit }))
+    Ok(blocks)
 }
 
 /// Maps an I/O error to the concern a user acts on.
