@@ -7,13 +7,14 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions, Packet, QoS, SubscribeFilter};
+use rumqttc::MqttOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use hashvote_core::room;
 use peer::protocol::Topics;
 use peer::status::{self, Status};
+use peer::transport::{FirstConnect, Link, Net};
 
 use crate::view::Observed;
 
@@ -90,66 +91,46 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
     if let Some((user, password)) = &target.login {
         options.set_credentials(user.clone(), password.clone());
     }
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
+    let addr = format!("{}:{}", target.host, target.port);
+    // No first-connect timeout: a watcher waits for its broker for ever, saying so meanwhile.
+    let first = FirstConnect { addr: addr.clone(), timeout_s: None, credentials: target.login.is_some() };
+    let mut link = Link::open(options, 64, first);
     let topics = Topics::new(&target.prefix);
-    let mut backoff = Duration::from_millis(50);
     loop {
-        let event = tokio::select! {
+        let net = tokio::select! {
             () = stop.cancelled() => break,
-            e = eventloop.poll() => e,
+            net = link.recv() => net,
         };
-        let seen = match event {
-            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(50);
-                // Clean sessions, and rumqttc does not renew subscriptions after a reconnect:
-                // subscribe on every CONNACK. Protocol topics at QoS 1, as the peers publish (without
-                // counting on rumqttd's upgrade of QoS 0 publishes). The statuses at QoS 0: rumqttd hands a QoS 1
+        let seen = match net {
+            None => break,
+            Some(Net::Connected) => {
+                // Protocol topics at QoS 1, as the peers publish (without counting on rumqttd's
+                // upgrade of QoS 0 publishes). The statuses at QoS 0: rumqttd hands a QoS 1
                 // subscriber at most `max_inflight_count` (100) retained messages and drops the
                 // rest, and a room's prefix keeps the retained offline status of every peer that
                 // ever ran there. A lost status is replaced within a second anyway.
-                let filters = topics
-                    .all()
-                    .into_iter()
-                    .map(|t| SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce))
-                    .chain([SubscribeFilter::new(topics.status.clone(), QoS::AtMostOnce)]);
-                if let Err(e) = client.try_subscribe_many(filters) {
-                    Seen::Lost(format!("cannot subscribe: {e}"))
-                } else {
+                let qos1 = topics.all().into_iter().map(str::to_string).collect();
+                if link.subscribe_with(qos1, vec![topics.status.clone()]).await {
                     Seen::Connected
+                } else {
+                    Seen::Lost("cannot subscribe".to_string())
                 }
             }
-            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                match decode(&topics, &target.prefix, &p.topic, &p.payload) {
-                    Ok(observed) => Seen::Observed(observed),
-                    Err(reason) => Seen::Dropped { topic: p.topic, reason },
-                }
-            }
-            Ok(_) => continue,
-            Err(ConnectionError::ConnectionRefused(code)) => {
-                let _ = tx.send(Seen::Refused(format!("the broker refused the login ({code:?})"))).await;
+            Some(Net::Publish { topic, payload }) => match decode(&topics, &target.prefix, &topic, &payload) {
+                Ok(observed) => Seen::Observed(observed),
+                Err(reason) => Seen::Dropped { topic, reason },
+            },
+            Some(Net::Lost(reason)) => Seen::Lost(format!("{addr}: {reason}")),
+            Some(Net::Fatal(e)) => {
+                let _ = tx.send(Seen::Refused(e.to_string())).await;
                 break;
-            }
-            Err(e) => {
-                let lost = Seen::Lost(format!("{}:{}: {e}", target.host, target.port));
-                if tx.send(lost).await.is_err() {
-                    break;
-                }
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
             }
         };
         if tx.send(seen).await.is_err() {
             break;
         }
     }
-    let _ = client.try_disconnect();
+    link.close().await;
 }
 
 #[cfg(test)]

@@ -165,7 +165,7 @@ fn run_lab(cfg: crate::config::PeerConfig, out: Option<Box<dyn Write + Send>>) -
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let events = EventSink::new(id, out);
-        let run = crate::lab::transport::run(cfg, id, events, shutdown);
+        let run = crate::lab::driver::run(cfg, id, events, shutdown);
         tracing::Instrument::instrument(run, tracing::info_span!("peer", id)).await
     })?;
     Ok(())

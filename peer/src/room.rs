@@ -17,16 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::PeerConfig;
+use crate::driver::{self, Dropped, Reporter, Wire};
 use crate::events::{Event, EventSink};
 use crate::miner::{Found, Miner};
 use crate::protocol::{PeerId, Topics};
 use crate::status::{Role, STATUS_MIN_GAP, Schedule, Status};
 use crate::store::{Identity, Store};
-use crate::transport::{
-    DropLog, FirstConnect, MiningClock, Net, PeerError, beacon_client_id, connect, log_event, mqtt_client_id,
-    mqtt_options, poll_network,
-};
-use hashvote_core::room::{self, Action, Channel, Input, Msg, Restored, RoomNode, RoomNodeConfig, Timing};
+use crate::transport::{FirstConnect, Link, Net, PeerError, beacon_client_id, mqtt_client_id, mqtt_options};
+use hashvote_core::room::{self, Action, Channel, Input, Msg, Restored, RoomNode, RoomNodeConfig, Timing, Write};
 
 /// Runs a peer until `shutdown` is cancelled (clean exit: announces its departure) or a fatal
 /// error. Its durable state lives in `store`; every event goes to `events`.
@@ -38,302 +36,354 @@ pub async fn run(
     mut events: EventSink,
     shutdown: CancellationToken,
 ) -> Result<(), PeerError> {
-    let id = identity.id;
-    let mut store = store;
-    let topics = Topics::new(&cfg.prefix);
-    let direct = topics.direct_topic(id);
-    let threads = cfg.mining_threads();
-    events.emit(Event::Started { pid: std::process::id(), client_id: id, room_size: cfg.room_size, threads });
-    info!(
-        id,
-        room_size = cfg.room_size,
-        threads,
-        height = restored.blocks.len(),
-        term = restored.term,
-        "peer starting"
-    );
+    let (room, link) = RoomDriver::start(cfg, store, identity, restored, &mut events);
+    driver::run(room, link, Reporter::new(events), shutdown).await
+}
 
-    let incarnation: u64 = rand::random();
-    let clock = Clock::new();
-    let mut node = RoomNode::new(
-        RoomNodeConfig {
+/// The room protocol's driver: a [`RoomNode`], its data directory, its miner and the status
+/// beacon, fed by [`driver::run`].
+pub(crate) struct RoomDriver {
+    id: PeerId,
+    topics: Topics,
+    /// `<prefix>/peer/<id>`, where requests to this peer alone come.
+    direct: String,
+    max_payload: usize,
+    node: RoomNode,
+    store: Store,
+    clock: Clock,
+    /// The protocol connection's client (its [`Link`] is the driver loop's).
+    client: AsyncClient,
+    /// The status beacon's connection, and whether it is up: statuses are not queued while it is
+    /// down (rumqttc's request channel would fill, and block us, during a long outage); the next
+    /// CONNACK sends one.
+    beacon: Link,
+    online: bool,
+    status: StatusPublisher,
+    status_tick: tokio::time::Interval,
+    miner: Miner,
+    found: mpsc::UnboundedReceiver<Found>,
+    /// Whether the protocol connection ever came up, and whether it is up: the node's timers run
+    /// only meanwhile.
+    connected_once: bool,
+    main_up: bool,
+    /// Whether we subscribe to the solutions: only as controller. Every miner's solution to every
+    /// peer was 300 deliveries per solution in a room of 300, where dozens of miners solve an
+    /// easy challenge before its result reaches them; only the controller reads them.
+    solutions: bool,
+    /// A gap between status ticks this long means the process stood still (SIGSTOP, a frozen
+    /// machine).
+    stall_after: Duration,
+    last_tick: Instant,
+}
+
+impl RoomDriver {
+    /// Builds the node from `restored`, opens both connections and starts the miner's threads.
+    fn start(
+        cfg: PeerConfig,
+        store: Store,
+        identity: Identity,
+        restored: Restored,
+        events: &mut EventSink,
+    ) -> (Self, Link) {
+        let id = identity.id;
+        let topics = Topics::new(&cfg.prefix);
+        let threads = cfg.mining_threads();
+        events.emit(Event::Started { pid: std::process::id(), client_id: id, room_size: cfg.room_size, threads });
+        info!(
             id,
-            key: identity.key,
-            incarnation,
-            since_ms: crate::events::now_ms(),
-            room_size: cfg.room_size,
-            pace: cfg.pace(),
-            alg: cfg.hash,
-            seed: rand::random(),
-            timing: Timing { replace_after_ms: cfg.replace_after_s.saturating_mul(1_000), ..Timing::default() },
-        },
-        restored,
-    );
-    // A restart says what it resumed from, even nothing: what it had only staged (blocks synced
-    // but never acknowledged) may be gone, and its events must not pretend otherwise.
-    if store.existed() {
-        events.emit(Event::Resumed {
-            term: node.term(),
-            height: node.chain().height(),
-            commit: node.commit(),
-            tip: node.chain().blocks().last().map(|b| b.hash.to_hex()),
-        });
-    }
-    let mut status = StatusPublisher {
-        topic: topics.status_topic(id),
-        threads: u16::try_from(threads).unwrap_or(u16::MAX),
-        schedule: Schedule::default(),
-    };
-    // Two connections, each with a Last Will. The protocol connection's will is our `Leave`, on
-    // the room's init topic: the peers learn of our death from it. The status beacon subscribes
-    // to nothing and its will is our status marked offline, retained, for whoever watches; rumqttd
-    // restarts a connection's keepalive countdown whenever it *sends* to it, so a beacon that
-    // receives nothing has its will sent 1.5 x keepalive after we fall silent on any broker.
-    let leave = LastWill::new(
-        topics.topic(crate::protocol::Channel::Init),
-        room::encode(&room::Envelope::new(id, node.farewell())),
-        QoS::AtLeastOnce,
-        false,
-    );
-    let offline = Status { threads: status.threads, ..offline_status(node.status(crate::events::now_ms())) };
-    let beacon_will = LastWill::new(&status.topic, offline.encode(), QoS::AtLeastOnce, true);
-    let (client, eventloop) = connect(mqtt_options(&cfg, mqtt_client_id(id, incarnation), Some(leave)), 1024);
-    let (beacon, beacon_loop) = connect(mqtt_options(&cfg, beacon_client_id(id, incarnation), Some(beacon_will)), 64);
-
-    let (net_tx, mut net_rx) = mpsc::channel(4096);
-    let stop_net = CancellationToken::new();
-    let addr = format!("{}:{}", cfg.host, cfg.port);
-    let first =
-        FirstConnect { addr: addr.clone(), timeout_s: cfg.connect_timeout_s, credentials: cfg.username.is_some() };
-    let net = tokio::spawn(poll_network(eventloop, net_tx, stop_net.clone(), first.clone()));
-    // The beacon's own failures to connect are the protocol connection's too, which reports them.
-    let (beacon_tx, mut beacon_rx) = mpsc::channel(16);
-    let beacon_net = tokio::spawn(poll_network(beacon_loop, beacon_tx, stop_net.clone(), first));
-
-    let (found_tx, mut found_rx) = mpsc::unbounded_channel::<Found>();
-    let miner = Miner::new(threads, move |f| {
-        let _ = found_tx.send(f);
-    });
-    let mut drops = DropLog::default();
-    let mut mining = MiningClock::default();
-    let mut connected_once = false;
-    // Whether the beacon is connected: statuses are not queued while it is down (rumqttc's
-    // request channel would fill, and block us, during a long outage); the next CONNACK sends one.
-    let mut online = false;
-    // Whether the protocol connection is up: the node's timers run only meanwhile.
-    let mut main_up = false;
-    // Whether we subscribe to the solutions: only as controller. Every miner's solution to every
-    // peer was 300 deliveries per solution in a room of 300, where dozens of miners solve an
-    // easy challenge before its result reaches them; only the controller reads them.
-    let mut solutions = false;
-    // A gap between ticks this long means the process stood still (SIGSTOP, a frozen machine).
-    let stall_after = Duration::from_millis(cfg.keepalive_s * 1500);
-    let mut last_tick = Instant::now();
-    let mut status_tick = tokio::time::interval(STATUS_MIN_GAP);
-    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-
-    let result = loop {
-        let timer = clock.instant(node.next_timer());
-        let input = tokio::select! {
-            // In this order: after the process stood still, the overdue tick comes first and tells
-            // the node so before it reads the backlog of what happened meanwhile.
-            biased;
-            () = shutdown.cancelled() => break Ok(()),
-            _ = status_tick.tick() => {
-                let stalled = last_tick.elapsed() > stall_after;
-                last_tick = Instant::now();
-                if online {
-                    status.send(&beacon, node.status(clock.now_ms()), &miner, false).await;
-                }
-                if stalled && connected_once {
-                    warn!(ms = stall_after.as_millis() as u64, "this process stood still for longer than the room waits");
-                    Input::Stalled
-                } else {
-                    continue;
-                }
-            }
-            () = tokio::time::sleep_until(timer), if main_up => Input::Tick,
-            Some(found) = found_rx.recv() => Input::Mined(found),
-            Some(up) = beacon_rx.recv() => {
-                match up {
-                    // Retained statuses are lost when a broker without persistence restarts
-                    // (rumqttd keeps them in memory only): every connection sends ours again.
-                    Net::Connected => {
-                        online = true;
-                        status.send(&beacon, node.status(clock.now_ms()), &miner, true).await;
-                    }
-                    Net::Lost(_) => online = false,
-                    Net::Publish { .. } | Net::Fatal(_) => {}
-                }
-                continue;
-            }
-            net = net_rx.recv() => match net {
-                None => break Ok(()),
-                Some(Net::Fatal(e)) => break Err(e),
-                Some(Net::Lost(reason)) => {
-                    main_up = false;
-                    events.emit(Event::Disconnected { reason });
-                    continue;
-                }
-                Some(Net::Connected) => {
-                    // Every CONNACK, first or not: with a clean session the broker kept no
-                    // subscription, whatever rumqttc or the broker would otherwise do. The
-                    // solutions go to the controller alone (see `solutions`).
-                    let solution = topics.topic(crate::protocol::Channel::Solution);
-                    let subs = topics
-                        .all()
-                        .into_iter()
-                        .filter(|t| *t != solution || node.is_controller())
-                        .chain(std::iter::once(direct.as_str()))
-                        .map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
-                    if let Err(e) = client.subscribe_many(subs).await {
-                        warn!(error = %e, "subscribe failed");
-                        continue;
-                    }
-                    solutions = node.is_controller();
-                    if !connected_once {
-                        info!(broker = %addr, "connected");
-                    }
-                    connected_once = true;
-                    main_up = true;
-                    events.emit(Event::Connected { broker: addr.clone() });
-                    Input::Connected
-                }
-                Some(Net::Publish { topic, payload }) => {
-                    let channel = if topic == direct { Some(Channel::Direct(id)) } else { topics.channel(&topic).map(Channel::from) };
-                    let Some(channel) = channel else {
-                        drops.count("unexpected_topic", || format!("message on {topic}"));
-                        continue;
-                    };
-                    match room::decode(&payload, channel, cfg.max_payload) {
-                        Ok(env) => Input::Message(env),
-                        Err(e) => {
-                            drops.count(e.reason(), || format!("on {topic}: {e}"));
-                            continue;
-                        }
-                    }
-                }
+            room_size = cfg.room_size,
+            threads,
+            height = restored.blocks.len(),
+            term = restored.term,
+            "peer starting"
+        );
+        let incarnation: u64 = rand::random();
+        let clock = Clock::new();
+        let node = RoomNode::new(
+            RoomNodeConfig {
+                id,
+                key: identity.key,
+                incarnation,
+                since_ms: clock.now_ms(),
+                room_size: cfg.room_size,
+                pace: cfg.pace(),
+                alg: cfg.hash,
+                seed: rand::random(),
+                timing: Timing { replace_after_ms: cfg.replace_after_s.saturating_mul(1_000), ..Timing::default() },
             },
+            restored,
+        );
+        // A restart says what it resumed from, even nothing: what it had only staged (blocks synced
+        // but never acknowledged) may be gone, and its events must not pretend otherwise.
+        if store.existed() {
+            events.emit(Event::Resumed {
+                term: node.term(),
+                height: node.chain().height(),
+                commit: node.commit(),
+                tip: node.chain().blocks().last().map(|b| b.hash.to_hex()),
+            });
+        }
+        let status = StatusPublisher {
+            topic: topics.status_topic(id),
+            threads: u16::try_from(threads).unwrap_or(u16::MAX),
+            schedule: Schedule::default(),
         };
+        // Two connections, each with a Last Will. The protocol connection's will is our `Leave`, on
+        // the room's init topic: the peers learn of our death from it. The status beacon subscribes
+        // to nothing and its will is our status marked offline, retained, for whoever watches;
+        // rumqttd restarts a connection's keepalive countdown whenever it *sends* to it, so a
+        // beacon that receives nothing has its will sent 1.5 x keepalive after we fall silent on
+        // any broker.
+        let leave = LastWill::new(
+            topics.topic(crate::protocol::Channel::Init),
+            room::encode(&room::Envelope::new(id, node.farewell())),
+            QoS::AtLeastOnce,
+            false,
+        );
+        let offline = Status { threads: status.threads, ..offline_status(node.status(clock.now_ms())) };
+        let beacon_will = LastWill::new(&status.topic, offline.encode(), QoS::AtLeastOnce, true);
+        let first = FirstConnect::of(&cfg);
+        let link = Link::open(mqtt_options(&cfg, mqtt_client_id(id, incarnation), Some(leave)), 1024, first.clone());
+        // The beacon's own failures to connect are the protocol connection's too, which reports them.
+        let beacon = Link::open(mqtt_options(&cfg, beacon_client_id(id, incarnation), Some(beacon_will)), 64, first);
+        let (found_tx, found) = mpsc::unbounded_channel::<Found>();
+        let miner = Miner::new(threads, move |f| {
+            let _ = found_tx.send(f);
+        });
+        let mut status_tick = tokio::time::interval(STATUS_MIN_GAP);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let room = Self {
+            id,
+            direct: topics.direct_topic(id),
+            topics,
+            max_payload: cfg.max_payload,
+            node,
+            store,
+            clock,
+            client: link.client().clone(),
+            beacon,
+            online: false,
+            status,
+            status_tick,
+            miner,
+            found,
+            connected_once: false,
+            main_up: false,
+            solutions: false,
+            stall_after: Duration::from_millis(cfg.keepalive_s * 1500),
+            last_tick: Instant::now(),
+        };
+        (room, link)
+    }
+
+    /// Publishes the status if due; after a stall, tells the node.
+    async fn on_status_tick(&mut self) -> Option<Input> {
+        let stalled = self.last_tick.elapsed() > self.stall_after;
+        self.last_tick = Instant::now();
+        if self.online {
+            self.status.send(&self.beacon, self.node.status(self.clock.now_ms()), &self.miner, false).await;
+        }
+        if stalled && self.connected_once {
+            let ms = self.stall_after.as_millis() as u64;
+            warn!(ms, "this process stood still for longer than the room waits");
+            return Some(Input::Stalled);
+        }
+        None
+    }
+
+    /// Follows the beacon's connection. Retained statuses are lost when a broker without
+    /// persistence restarts (rumqttd keeps them in memory only): every connection sends ours again.
+    async fn on_beacon(&mut self, net: Net) {
+        match net {
+            Net::Connected => {
+                self.online = true;
+                self.status.send(&self.beacon, self.node.status(self.clock.now_ms()), &self.miner, true).await;
+            }
+            Net::Lost(_) => self.online = false,
+            Net::Publish { .. } | Net::Fatal(_) => {}
+        }
+    }
+
+    /// Makes the batch's `writes` so far as durable as `action` needs, before it is carried out.
+    ///
+    /// What a message promises (a vote, a block held) is on disk before it goes out: the writes of
+    /// a batch are committed together before the first action after them, and made durable (with
+    /// all staged before) before the first message that is not a sync request. A sync request
+    /// promises nothing, so a peer catching up writes its blocks without waiting for the disk at
+    /// each reply; a non-voter, which promises nothing, hardly ever waits.
+    ///
+    /// An event depends on nothing written, and goes out before what it describes: a peer killed
+    /// between the two must not resume from blocks its events never said (a failover bench's
+    /// invariant check once caught a controller's last block on disk without its
+    /// `block_accepted`, staged before the event was written).
+    fn write_before(&mut self, action: &Action, writes: &mut Vec<Write>, events: &mut EventSink) -> Result<(), String> {
+        let event = matches!(action, Action::Emit(_));
+        if !event && !writes.is_empty() {
+            events.flush();
+        }
+        let promise = matches!(action, Action::Publish(msg) if !matches!(msg, Msg::SyncRequest { .. }));
+        let written = match (writes.is_empty() || event, promise) {
+            (true, false) => Ok(()),
+            (false, false) => self.store.stage(&std::mem::take(writes)),
+            (_, true) => self.store.apply(&std::mem::take(writes)),
+        };
+        written.map_err(|e| format!("cannot write the data directory: {e}"))
+    }
+
+    /// Carries out one action other than a write; returns the reason of a fatal one.
+    async fn apply(&mut self, action: Action, report: &mut Reporter) -> Option<String> {
+        match action {
+            Action::Persist(_) => unreachable!("writes are batched by on_input"),
+            Action::Publish(msg) => {
+                report.events.flush();
+                publish(&self.client, &self.topics, self.id, msg).await;
+            }
+            Action::Mine(job) => {
+                self.miner.start(job);
+                report.mining(Some(job.tx), self.miner.hashes());
+            }
+            Action::StopMining => {
+                self.miner.stop();
+                report.mining(None, self.miner.hashes());
+            }
+            Action::Emit(event) => report.emit(event),
+            Action::Fatal(reason) => return Some(reason),
+        }
+        None
+    }
+
+    /// Subscribes to the solutions on becoming controller, and unsubscribes on ceasing to be.
+    /// Before a batch's messages: a new controller's first challenge goes out after its
+    /// subscription, on the same connection, so no solution to it is missed.
+    async fn follow_solutions(&mut self) {
+        if !self.main_up || self.solutions == self.node.is_controller() {
+            return;
+        }
+        self.solutions = self.node.is_controller();
+        let topic = self.topics.topic(crate::protocol::Channel::Solution).to_string();
+        let done = if self.solutions {
+            self.client.subscribe(topic, QoS::AtLeastOnce).await
+        } else {
+            self.client.unsubscribe(topic).await
+        };
+        if let Err(e) = done {
+            warn!(error = %e, "cannot change the subscription to the solutions");
+        }
+    }
+}
+
+impl Wire for RoomDriver {
+    type Input = Input;
+
+    /// The room topics and our own; the solutions only as controller (see `solutions`).
+    fn subscriptions(&self) -> Vec<String> {
+        let solution = self.topics.topic(crate::protocol::Channel::Solution);
+        self.topics
+            .all()
+            .into_iter()
+            .filter(|t| *t != solution || self.node.is_controller())
+            .chain(std::iter::once(self.direct.as_str()))
+            .map(str::to_string)
+            .collect()
+    }
+
+    async fn own_input(&mut self) -> Option<Input> {
+        let timer = self.clock.instant(self.node.next_timer());
+        tokio::select! {
+            // The status tick first: after the process stood still, it tells the node so.
+            biased;
+            _ = self.status_tick.tick() => self.on_status_tick().await,
+            () = tokio::time::sleep_until(timer), if self.main_up => Some(Input::Tick),
+            Some(found) = self.found.recv() => Some(Input::Mined(found)),
+            Some(net) = self.beacon.recv() => {
+                self.on_beacon(net).await;
+                None
+            }
+        }
+    }
+
+    fn on_connected(&mut self) -> Input {
+        self.solutions = self.node.is_controller();
+        self.connected_once = true;
+        self.main_up = true;
+        Input::Connected
+    }
+
+    fn on_lost(&mut self) {
+        self.main_up = false;
+    }
+
+    fn on_packet(&mut self, topic: &str, payload: &[u8]) -> Result<Input, Dropped> {
+        let channel = if topic == self.direct {
+            Some(Channel::Direct(self.id))
+        } else {
+            self.topics.channel(topic).map(Channel::from)
+        };
+        let Some(channel) = channel else {
+            return Err(Dropped { reason: "unexpected_topic", detail: format!("message on {topic}") });
+        };
+        room::decode(payload, channel, self.max_payload)
+            .map(Input::Message)
+            .map_err(|e| Dropped { reason: e.reason(), detail: format!("on {topic}: {e}") })
+    }
+
+    async fn on_input(&mut self, input: Input, report: &mut Reporter) -> Result<(), PeerError> {
         let mut force_status = matches!(input, Input::Connected);
         let mut fatal = None;
         let mut writes = Vec::new();
-        events.hold();
-        let actions = node.handle(clock.now_ms(), input);
-        if main_up && solutions != node.is_controller() {
-            // Before this batch's messages: a new controller's first challenge goes out after
-            // its subscription, on the same connection, so no solution to it is missed.
-            solutions = node.is_controller();
-            follow_solutions(&client, &topics, solutions).await;
-        }
+        report.events.hold();
+        let actions = self.node.handle(self.clock.now_ms(), input);
+        self.follow_solutions().await;
         for action in actions {
-            // What a message promises (a vote, a block held) is on disk before it goes out: the
-            // writes of a batch are committed together before the first action after them, and
-            // made durable (with all staged before) before the first message that is not a
-            // sync request. A sync request promises nothing, so a peer catching up writes its
-            // blocks without waiting for the disk at each reply; a non-voter, which promises
-            // nothing, hardly ever waits.
             if let Action::Persist(w) = action {
                 writes.push(w);
                 continue;
             }
-            // An event depends on nothing written, and goes out before what it describes: a peer
-            // killed between the two must not resume from blocks its events never said (a
-            // failover bench's invariant check once caught a controller's last block on disk
-            // without its `block_accepted`, staged before the event was written).
-            let event = matches!(action, Action::Emit(_));
-            if !event && !writes.is_empty() {
-                events.flush();
-            }
-            let promise = matches!(&action, Action::Publish(msg) if !matches!(msg, Msg::SyncRequest { .. }));
-            let written = match (writes.is_empty() || event, promise) {
-                (true, false) => Ok(()),
-                (false, false) => store.stage(&std::mem::take(&mut writes)),
-                (_, true) => store.apply(&std::mem::take(&mut writes)),
-            };
-            if let Err(e) = written {
-                fatal = Some(format!("cannot write the data directory: {e}"));
+            if let Err(e) = self.write_before(&action, &mut writes, &mut report.events) {
+                fatal = Some(e);
                 break;
             }
-            match action {
-                Action::Persist(_) => unreachable!("handled above"),
-                Action::Publish(msg) => {
-                    events.flush();
-                    publish(&client, &topics, id, msg).await;
-                }
-                Action::Mine(job) => {
-                    miner.start(job);
-                    if let Some(e) = mining.switch(Some(job.tx), miner.hashes()) {
-                        events.emit(e);
-                    }
-                }
-                Action::StopMining => {
-                    miner.stop();
-                    if let Some(e) = mining.switch(None, miner.hashes()) {
-                        events.emit(e);
-                    }
-                }
-                Action::Emit(Event::MessageDropped { reason, detail }) => {
-                    // Forgeries can come by the thousand: log and record each reason at most once
-                    // a second, with the running count.
-                    if let Some(total) = drops.count(&reason, || detail.clone()) {
-                        events.emit(Event::MessageDropped { reason, detail: format!("{detail} ({total} so far)") });
-                    }
-                }
-                Action::Emit(event) => {
-                    force_status |= matches!(event, Event::QuorumWaiting { .. } | Event::LeaderElected { .. });
-                    log_event(&event);
-                    events.emit(event);
-                }
-                Action::Fatal(reason) => fatal = Some(reason),
+            force_status |= matches!(&action, Action::Emit(Event::QuorumWaiting { .. } | Event::LeaderElected { .. }));
+            if let Some(reason) = self.apply(action, report).await {
+                fatal = Some(reason);
             }
         }
-        events.release();
+        report.events.release();
         if fatal.is_none()
-            && let Err(e) = store.stage(&writes)
+            && let Err(e) = self.store.stage(&writes)
         {
             fatal = Some(format!("cannot write the data directory: {e}"));
         }
         if let Some(reason) = fatal {
-            break Err(PeerError::Protocol(reason));
+            return Err(PeerError::Protocol(reason));
         }
-        if online {
-            status.send(&beacon, node.status(clock.now_ms()), &miner, force_status).await;
+        if self.online {
+            self.status.send(&self.beacon, self.node.status(self.clock.now_ms()), &self.miner, force_status).await;
         }
-    };
-
-    miner.stop();
-    // What we staged becomes durable, so a restart resumes from where we stopped.
-    if let Err(e) = store.sync() {
-        warn!(error = %e, "cannot write the data directory");
+        Ok(())
     }
-    if connected_once {
-        if result.is_ok() {
+
+    async fn shutdown(&mut self, mut link: Link, clean: bool, _report: &mut Reporter) {
+        self.miner.stop();
+        // What we staged becomes durable, so a restart resumes from where we stopped.
+        if let Err(e) = self.store.sync() {
+            warn!(error = %e, "cannot write the data directory");
+        }
+        if clean && link.connected_once() {
             // A clean goodbye, so the room does not wait for a timeout, and our status marked
             // offline (the DISCONNECTs below discard the wills that would say so).
-            publish(&client, &topics, id, node.farewell()).await;
+            publish(&self.client, &self.topics, self.id, self.node.farewell()).await;
             // Never an empty publish to clear a retained status: rumqttd deletes a retained
             // message on an empty publish *without* RETAIN, which MQTT says must not touch it.
-            let offline = status.fill(offline_status(node.status(crate::events::now_ms())), &miner, Instant::now());
-            if let Err(e) = beacon.publish(&status.topic, QoS::AtLeastOnce, true, offline.encode()).await {
-                warn!(error = %e, "publishing the offline status failed");
-            }
+            let now = Instant::now();
+            let offline = self.status.fill(offline_status(self.node.status(self.clock.now_ms())), &self.miner, now);
+            self.beacon.publish(self.status.topic.clone(), true, offline.encode()).await;
         }
         // A DISCONNECT also discards our Last Will: a duplicate giving way must not announce
         // the departure of the peer whose id it shares.
-        let _ = client.disconnect().await;
-        let _ = beacon.disconnect().await;
-        // Give the event loops a moment to flush the goodbye and the DISCONNECTs.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = net.await;
-            let _ = beacon_net.await;
-        })
-        .await;
+        tokio::join!(link.close(), self.beacon.close());
+        info!(height = self.node.chain().height(), commit = self.node.commit(), "peer stopped");
     }
-    stop_net.cancel();
-    events.emit(Event::Stopped);
-    info!(height = node.chain().height(), commit = node.commit(), "peer stopped");
-    result
 }
 
 /// The protocol's clock: monotonic milliseconds, starting at the Unix time the process started
@@ -370,16 +420,14 @@ struct StatusPublisher {
 impl StatusPublisher {
     /// Publishes `status` (the node's, built after every input: no field costs more than a map
     /// lookup) if it is due, or at once if `force`.
-    async fn send(&mut self, client: &AsyncClient, status: Status, miner: &Miner, force: bool) {
+    async fn send(&mut self, beacon: &Link, status: Status, miner: &Miner, force: bool) {
         let now = Instant::now();
         if !force && !self.schedule.due(&status, now) {
             return;
         }
         let status = self.fill(status, miner, now);
         // Retained, so a watcher that subscribes later gets it; QoS 1 like everything else.
-        if let Err(e) = client.publish(&self.topic, QoS::AtLeastOnce, true, status.encode()).await {
-            warn!(error = %e, "status publish failed");
-        }
+        beacon.publish(self.topic.clone(), true, status.encode()).await;
         self.schedule.published(&status, now);
     }
 
@@ -398,25 +446,11 @@ fn offline_status(status: Status) -> Status {
     Status { role: Role::Offline, tx: None, difficulty: None, ..status }
 }
 
-/// Subscribes to the solutions topic (or unsubscribes from it).
-async fn follow_solutions(client: &AsyncClient, topics: &Topics, on: bool) {
-    let topic = topics.topic(crate::protocol::Channel::Solution).to_string();
-    let done = if on { client.subscribe(topic, QoS::AtLeastOnce).await } else { client.unsubscribe(topic).await };
-    if let Err(e) = done {
-        warn!(error = %e, "cannot change the subscription to the solutions");
-    }
-}
-
+/// Publishes `msg` from `id` on its channel's topic.
 async fn publish(client: &AsyncClient, topics: &Topics, id: PeerId, msg: Msg) {
     let topic = match msg.channel() {
         Channel::Direct(to) => topics.direct_topic(to),
         other => topics.topic(other.broadcast().expect("a broadcast channel")).to_string(),
     };
-    let payload = room::encode(&room::Envelope::new(id, msg));
-    // QoS 1 everywhere: every message is idempotent, and QoS 0 may be dropped under load. Published
-    // at QoS 1 to QoS 1 subscriptions, so delivered at QoS 1 by any broker: we never count on
-    // rumqttd delivering a QoS 0 publish at QoS 1 to a QoS 1 subscriber (MQTT says the lower wins).
-    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, payload).await {
-        warn!(error = %e, "publish failed");
-    }
+    crate::transport::publish(client, topic, false, room::encode(&room::Envelope::new(id, msg))).await;
 }

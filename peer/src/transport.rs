@@ -1,8 +1,7 @@
-//! The MQTT plumbing the peer's drivers share: the connection options and client ids, the network
-//! task that polls rumqttc's event loop and reconnects with backoff ([`poll_network`], reporting
-//! [`Net`]s), the peer's errors ([`PeerError`]), and the drop log and mining clock each driver
-//! keeps. The drivers are [`crate::room`] (the room protocol, the default) and
-//! [`crate::lab::transport`] (the lab's JSON messages).
+//! The MQTT plumbing of every client in the workspace: the peer's connection options and client
+//! ids, and the [`Link`], one connection with its network task ([`poll_network`]) that polls
+//! rumqttc's event loop and reconnects with backoff, reporting [`Net`]s. The peer's drivers
+//! ([`crate::driver`]) and the launcher's observer read their connections through it.
 //!
 //! rumqttc's event loop runs in its own task and is polled without pause (it only reconnects while
 //! polled, and a blocked poll would stall `publish`). The drivers renew their subscriptions on
@@ -12,16 +11,17 @@
 //! that is careful about one says so ("Broker independence" in docs/PROTOCOL.md lists them), and
 //! the fault and flood system tests run on rumqttd and on Mosquitto.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, LastWill, MqttOptions, Packet, StateError};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS, StateError, SubscribeFilter,
+};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::PeerConfig;
-use crate::events::Event;
 use crate::protocol::PeerId;
 
 /// Why a peer stopped with an error.
@@ -63,12 +63,109 @@ pub enum PeerError {
     },
 }
 
-/// What the network task tells the protocol loop.
-pub(crate) enum Net {
+/// What a [`Link`]'s network task reports.
+#[derive(Debug)]
+pub enum Net {
+    /// A CONNACK: connected, the first time or again. Nothing is subscribed yet.
     Connected,
-    Publish { topic: String, payload: bytes::Bytes },
+    /// A message on a subscribed topic.
+    Publish {
+        /// Its topic.
+        topic: String,
+        /// Its payload, unread.
+        payload: bytes::Bytes,
+    },
+    /// The connection broke (why); the task reconnects.
     Lost(String),
+    /// The task gave up: the broker refused us, or never answered the first time.
     Fatal(PeerError),
+}
+
+/// One MQTT connection: its client, and the task that polls its event loop for ever (see
+/// [`poll_network`]), reconnecting after every loss.
+#[derive(Debug)]
+pub struct Link {
+    client: AsyncClient,
+    rx: mpsc::Receiver<Net>,
+    task: JoinHandle<()>,
+    stop: CancellationToken,
+    addr: String,
+    connected_once: bool,
+}
+
+impl Link {
+    /// Starts connecting with `options` (`capacity` requests may wait in rumqttc's channel); the
+    /// first [`Net`] says how it went. Needs a tokio runtime.
+    pub fn open(options: MqttOptions, capacity: usize, first: FirstConnect) -> Self {
+        let addr = first.addr.clone();
+        let (client, eventloop) = connect(options, capacity);
+        let (tx, rx) = mpsc::channel(capacity.saturating_mul(4).max(16));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(poll_network(eventloop, tx, stop.clone(), first));
+        Self { client, rx, task, stop, addr, connected_once: false }
+    }
+
+    /// The client, to publish with.
+    pub fn client(&self) -> &AsyncClient {
+        &self.client
+    }
+
+    /// The broker's host:port.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether a CONNACK ever came.
+    pub fn connected_once(&self) -> bool {
+        self.connected_once
+    }
+
+    /// The next report of the network task; `None` once it stopped.
+    pub async fn recv(&mut self) -> Option<Net> {
+        let net = self.rx.recv().await;
+        if matches!(net, Some(Net::Connected)) {
+            if !self.connected_once {
+                info!(broker = %self.addr, "connected");
+            }
+            self.connected_once = true;
+        }
+        net
+    }
+
+    /// Subscribes to `topics` at QoS 1; false (with a warning) if rumqttc refused the request.
+    pub async fn subscribe(&self, topics: Vec<String>) -> bool {
+        self.subscribe_with(topics, Vec::new()).await
+    }
+
+    /// Subscribes to `qos1` at QoS 1 and `qos0` at QoS 0 (see [`Link::subscribe`]).
+    pub async fn subscribe_with(&self, qos1: Vec<String>, qos0: Vec<String>) -> bool {
+        let filters = qos1
+            .into_iter()
+            .map(|t| SubscribeFilter::new(t, QoS::AtLeastOnce))
+            .chain(qos0.into_iter().map(|t| SubscribeFilter::new(t, QoS::AtMostOnce)));
+        match self.client.subscribe_many(filters).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "subscribe failed");
+                false
+            }
+        }
+    }
+
+    /// Publishes `payload` on `topic` (see [`publish`]).
+    pub async fn publish(&self, topic: String, retain: bool, payload: Vec<u8>) {
+        publish(&self.client, topic, retain, payload).await;
+    }
+
+    /// Closes the connection: a DISCONNECT if it ever connected (which also discards its Last
+    /// Will), given 2 s to go out, then the network task stops.
+    pub async fn close(&mut self) {
+        if self.connected_once {
+            let _ = self.client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.task).await;
+        }
+        self.stop.cancel();
+    }
 }
 
 /// The MQTT client id of process `incarnation` of peer `id`: unique per process (two processes
@@ -118,7 +215,7 @@ pub(crate) fn mqtt_options(cfg: &PeerConfig, client_id: String, will: Option<Las
 /// blocks/s. The broker's CONNACK may take the keepalive and 5 s more (rumqttc's 5 s alone):
 /// with 300 peers starting on two cores, connections given up after 5 s were opened again under
 /// the same client id, and the broker took the new one over the old, publishing a live peer's will.
-pub(crate) fn connect(options: MqttOptions, capacity: usize) -> (AsyncClient, rumqttc::EventLoop) {
+fn connect(options: MqttOptions, capacity: usize) -> (AsyncClient, rumqttc::EventLoop) {
     let patience = options.keep_alive().as_secs() + 5;
     let (client, mut eventloop) = AsyncClient::new(options, capacity);
     let mut network = eventloop.network_options();
@@ -133,15 +230,37 @@ pub(crate) fn connect(options: MqttOptions, capacity: usize) -> (AsyncClient, ru
 /// mistaken for a refusal; few, so a refused peer says so in well under a second.
 const CLOSED_BEFORE_CONNACK_LIMIT: u32 = 3;
 
+/// Publishes `payload` on `topic` at QoS 1; a failure (the request channel closed) is logged.
+///
+/// QoS 1 everywhere: every message is idempotent, and QoS 0 may be dropped under load. Published at
+/// QoS 1 to QoS 1 subscriptions, so delivered at QoS 1 by any broker: nothing counts on rumqttd
+/// delivering a QoS 0 publish at QoS 1 to a QoS 1 subscriber (MQTT says the lower wins).
+pub(crate) async fn publish(client: &AsyncClient, topic: String, retain: bool, payload: Vec<u8>) {
+    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, retain, payload).await {
+        warn!(error = %e, "publish failed");
+    }
+}
+
 /// What [`poll_network`] needs to judge the first connection.
-#[derive(Clone)]
-pub(crate) struct FirstConnect {
+#[derive(Debug, Clone)]
+pub struct FirstConnect {
     /// host:port, for messages.
-    pub(crate) addr: String,
-    /// Seconds to keep trying.
-    pub(crate) timeout_s: u64,
+    pub addr: String,
+    /// Seconds to keep trying, or `None`: for ever, every failure reported as [`Net::Lost`].
+    pub timeout_s: Option<u64>,
     /// Whether a user name (and password) is sent.
-    pub(crate) credentials: bool,
+    pub credentials: bool,
+}
+
+impl FirstConnect {
+    /// What a peer configured with `cfg` waits for.
+    pub(crate) fn of(cfg: &PeerConfig) -> Self {
+        Self {
+            addr: format!("{}:{}", cfg.host, cfg.port),
+            timeout_s: Some(cfg.connect_timeout_s),
+            credentials: cfg.username.is_some(),
+        }
+    }
 }
 
 /// True if the error means the TCP connection was made and then closed before the broker's
@@ -161,10 +280,11 @@ fn closed_before_connack(error: &ConnectionError) -> bool {
 
 /// Polls rumqttc's event loop for ever, reconnecting with backoff after errors.
 ///
-/// Until the first CONNACK it gives up with a fatal error: at once on a refusing CONNACK code,
-/// after [`CLOSED_BEFORE_CONNACK_LIMIT`] attempts in a row closed before any CONNACK (a refused
-/// login at rumqttd), or when the connect timeout passes.
-pub(crate) async fn poll_network(
+/// It gives up with a fatal error at once on a refusing CONNACK code. With a first-connect
+/// timeout, until the first CONNACK it also gives up after [`CLOSED_BEFORE_CONNACK_LIMIT`]
+/// attempts in a row closed before any CONNACK (a refused login at rumqttd), or when the timeout
+/// passes; and it reports nothing but that meanwhile.
+async fn poll_network(
     mut eventloop: rumqttc::EventLoop,
     tx: mpsc::Sender<Net>,
     stop: CancellationToken,
@@ -201,7 +321,8 @@ pub(crate) async fn poll_network(
             }
             Err(e) => {
                 let reason = e.to_string();
-                if !connected_once {
+                let patient = connected_once || connect_timeout_s.is_none();
+                if let (false, Some(connect_timeout_s)) = (connected_once, connect_timeout_s) {
                     closed_early = if closed_before_connack(&e) { closed_early + 1 } else { 0 };
                     let timed_out = started.elapsed() > Duration::from_secs(connect_timeout_s);
                     if closed_early >= CLOSED_BEFORE_CONNACK_LIMIT || (timed_out && closed_early > 0) {
@@ -214,7 +335,7 @@ pub(crate) async fn poll_network(
                         return;
                     }
                 }
-                if connected_once {
+                if patient {
                     warn!(error = %reason, retry_ms = backoff.as_millis() as u64, "broker connection lost; reconnecting");
                     if tx.send(Net::Lost(reason)).await.is_err() {
                         return;
@@ -230,59 +351,6 @@ pub(crate) async fn poll_network(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
-    }
-}
-
-/// Time spent mining, for the hash-rate totals of [`Event::MiningStopped`].
-#[derive(Default)]
-pub(crate) struct MiningClock {
-    current: Option<(u64, Instant)>,
-    total: Duration,
-}
-
-impl MiningClock {
-    /// Records that mining now works on `tx` (or nothing); returns the event for the job that ended.
-    pub(crate) fn switch(&mut self, tx: Option<u64>, total_hashes: u64) -> Option<Event> {
-        let ended = self.current.take().map(|(done, since)| {
-            self.total += since.elapsed();
-            Event::MiningStopped { tx: done, total_hashes, total_mining_ms: self.total.as_millis() as u64 }
-        });
-        self.current = tx.map(|t| (t, Instant::now()));
-        ended
-    }
-}
-
-/// Counts dropped payloads per reason and logs each reason at most once a second, so a flood of
-/// garbage does not become a flood of log lines.
-#[derive(Default)]
-pub(crate) struct DropLog {
-    counts: BTreeMap<String, (u64, u64, Option<Instant>)>,
-}
-
-impl DropLog {
-    /// Counts one drop; returns the running total when this one is logged.
-    pub(crate) fn count(&mut self, reason: &str, detail: impl FnOnce() -> String) -> Option<u64> {
-        let entry = self.counts.entry(reason.to_string()).or_insert((0, 0, None));
-        entry.0 += 1;
-        entry.1 += 1;
-        if entry.2.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            warn!(reason, total = entry.0, since_last_log = entry.1, "dropped message: {}", detail());
-            entry.1 = 0;
-            entry.2 = Some(Instant::now());
-            return Some(entry.0);
-        }
-        None
-    }
-}
-
-pub(crate) fn log_event(event: &Event) {
-    match event {
-        Event::SolutionRejected { .. }
-        | Event::ChainTruncated { .. }
-        | Event::BlockAccepted { .. }
-        | Event::LeaderElected { .. }
-        | Event::ChallengeIssued { .. } => info!("{}", crate::events::describe(event)),
-        _ => debug!("{}", crate::events::describe(event)),
     }
 }
 

@@ -1,23 +1,23 @@
-//! The MQTT glue of the lab wire format: the same connection handling as [`crate::transport`]
-//! (its network task, drop counting and mining clock), feeding a [`LabNode`] and publishing its
-//! JSON messages. No status topic, Last Will or goodbye: the lab's clients know none of them.
+//! The lab wire format's driver: the peer's driver loop ([`crate::driver`]) feeding a [`LabNode`]
+//! and publishing its JSON messages. No status topic, Last Will or goodbye: the lab's clients
+//! know none of them.
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::AsyncClient;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::miner::{LabFound, LabMiner};
 use super::wire::{self, Id, LabMsg};
 use super::{LabAction, LabConfig, LabInput, LabNode};
 use crate::config::PeerConfig;
+use crate::driver::{self, Dropped, Reporter, Wire};
 use crate::events::{Event, EventSink};
 use crate::protocol::{PeerId, Topics};
-use crate::transport::{
-    DropLog, FirstConnect, MiningClock, Net, PeerError, connect, log_event, mqtt_client_id, mqtt_options, poll_network,
-};
+use crate::transport::{FirstConnect, Link, PeerError, mqtt_client_id, mqtt_options};
 
 /// Runs a lab-speaking peer until `shutdown` is cancelled or a fatal error. Its ClientID is its
 /// peer id, a JSON integer.
@@ -27,129 +27,114 @@ pub async fn run(
     mut events: EventSink,
     shutdown: CancellationToken,
 ) -> Result<(), PeerError> {
-    let topics = Topics::new(&cfg.prefix);
     let threads = cfg.mining_threads();
     events.emit(Event::Started { pid: std::process::id(), client_id: id, room_size: cfg.room_size, threads });
     info!(id, room_size = cfg.room_size, threads, wire = "lab", "peer starting");
-    let mut node = LabNode::new(LabConfig {
-        me: Id::Int(i64::from(id)),
-        room_size: cfg.room_size,
-        difficulty: cfg.lab_difficulty(),
-        seed: None,
-    });
-
-    // The same connection settings as the postcard wire's protocol connection, without a will.
+    // The same connection settings as the room protocol's connection, without a will.
     let incarnation: u64 = rand::random();
-    let (client, eventloop) = connect(mqtt_options(&cfg, mqtt_client_id(id, incarnation), None), 1024);
-
-    let (net_tx, mut net_rx) = mpsc::channel(4096);
-    let stop_net = CancellationToken::new();
-    let addr = format!("{}:{}", cfg.host, cfg.port);
-    let first =
-        FirstConnect { addr: addr.clone(), timeout_s: cfg.connect_timeout_s, credentials: cfg.username.is_some() };
-    let net = tokio::spawn(poll_network(eventloop, net_tx, stop_net.clone(), first));
-
-    let (found_tx, mut found_rx) = mpsc::unbounded_channel::<LabFound>();
-    let miner = LabMiner::new(threads, &id.to_string(), move |f| {
-        let _ = found_tx.send(f);
-    });
-    let mut drops = DropLog::default();
-    let mut mining = MiningClock::default();
-    let mut connected_once = false;
-    // The wakes the node asked for (see `LabAction::WakeAfter`), dropped at shutdown.
-    let mut later = tokio::task::JoinSet::new();
-    let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<()>();
-
-    let result = loop {
-        let input = tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
-            Some(found) = found_rx.recv() => LabInput::Mined(found),
-            Some(()) = wake_rx.recv() => LabInput::Wake,
-            net = net_rx.recv() => match net {
-                None => break Ok(()),
-                Some(Net::Fatal(e)) => break Err(e),
-                Some(Net::Lost(reason)) => {
-                    events.emit(Event::Disconnected { reason });
-                    continue;
-                }
-                Some(Net::Connected) => {
-                    let subs = topics.all().map(|t| rumqttc::SubscribeFilter::new(t.to_string(), QoS::AtLeastOnce));
-                    if let Err(e) = client.subscribe_many(subs).await {
-                        warn!(error = %e, "subscribe failed");
-                        continue;
-                    }
-                    if !connected_once {
-                        info!(broker = %addr, "connected");
-                    }
-                    connected_once = true;
-                    events.emit(Event::Connected { broker: addr.clone() });
-                    LabInput::Connected
-                }
-                Some(Net::Publish { topic, payload }) => {
-                    let Some(channel) = topics.channel(&topic) else {
-                        drops.count("unexpected_topic", || format!("message on {topic}"));
-                        continue;
-                    };
-                    match wire::decode(&payload, channel) {
-                        Ok(msg) => LabInput::Message(msg),
-                        Err(e) => {
-                            drops.count(e.reason(), || format!("on {topic}: {e}"));
-                            continue;
-                        }
-                    }
-                }
-            },
-        };
-        for action in node.handle(input) {
-            match action {
-                LabAction::Publish(msg) => publish(&client, &topics, &msg).await,
-                LabAction::WakeAfter(ms) => {
-                    let wake = wake_tx.clone();
-                    later.spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                        let _ = wake.send(());
-                    });
-                }
-                LabAction::Mine(job) => {
-                    miner.start(job);
-                    if let Some(e) = mining.switch(Some(job.tx), miner.hashes()) {
-                        events.emit(e);
-                    }
-                }
-                LabAction::StopMining => {
-                    miner.stop();
-                    if let Some(e) = mining.switch(None, miner.hashes()) {
-                        events.emit(e);
-                    }
-                }
-                LabAction::Emit(Event::MessageDropped { reason, detail }) => {
-                    if let Some(total) = drops.count(&reason, || detail.clone()) {
-                        events.emit(Event::MessageDropped { reason, detail: format!("{detail} ({total} so far)") });
-                    }
-                }
-                LabAction::Emit(event) => {
-                    log_event(&event);
-                    events.emit(event);
-                }
-            }
-        }
+    let link = Link::open(mqtt_options(&cfg, mqtt_client_id(id, incarnation), None), 1024, FirstConnect::of(&cfg));
+    let (found_tx, found) = mpsc::unbounded_channel::<LabFound>();
+    let (wake_tx, wake) = mpsc::unbounded_channel::<()>();
+    let lab = LabDriver {
+        topics: Topics::new(&cfg.prefix),
+        node: LabNode::new(LabConfig {
+            me: Id::Int(i64::from(id)),
+            room_size: cfg.room_size,
+            difficulty: cfg.lab_difficulty(),
+            seed: None,
+        }),
+        client: link.client().clone(),
+        miner: LabMiner::new(threads, &id.to_string(), move |f| {
+            let _ = found_tx.send(f);
+        }),
+        found,
+        later: JoinSet::new(),
+        wake_tx,
+        wake,
     };
+    driver::run(lab, link, Reporter::new(events), shutdown).await
+}
 
-    later.abort_all();
-    miner.stop();
-    if connected_once {
-        let _ = client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), net).await;
+/// The lab wire format's driver: a [`LabNode`], its miner and the wakes it asked for.
+pub(crate) struct LabDriver {
+    topics: Topics,
+    node: LabNode,
+    client: AsyncClient,
+    miner: LabMiner,
+    found: mpsc::UnboundedReceiver<LabFound>,
+    /// The wakes the node asked for (see [`LabAction::WakeAfter`]), dropped at shutdown.
+    later: JoinSet<()>,
+    wake_tx: mpsc::UnboundedSender<()>,
+    wake: mpsc::UnboundedReceiver<()>,
+}
+
+impl LabDriver {
+    /// Carries out one of the node's actions.
+    async fn apply(&mut self, action: LabAction, report: &mut Reporter) {
+        match action {
+            LabAction::Publish(msg) => publish(&self.client, &self.topics, &msg).await,
+            LabAction::WakeAfter(ms) => {
+                let wake = self.wake_tx.clone();
+                self.later.spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let _ = wake.send(());
+                });
+            }
+            LabAction::Mine(job) => {
+                self.miner.start(job);
+                report.mining(Some(job.tx), self.miner.hashes());
+            }
+            LabAction::StopMining => {
+                self.miner.stop();
+                report.mining(None, self.miner.hashes());
+            }
+            LabAction::Emit(event) => report.emit(event),
+        }
     }
-    stop_net.cancel();
-    events.emit(Event::Stopped);
-    info!(transactions = node.table().len(), "peer stopped");
-    result
+}
+
+impl Wire for LabDriver {
+    type Input = LabInput;
+
+    fn subscriptions(&self) -> Vec<String> {
+        self.topics.all().into_iter().map(str::to_string).collect()
+    }
+
+    async fn own_input(&mut self) -> Option<LabInput> {
+        tokio::select! {
+            Some(found) = self.found.recv() => Some(LabInput::Mined(found)),
+            Some(()) = self.wake.recv() => Some(LabInput::Wake),
+        }
+    }
+
+    fn on_connected(&mut self) -> LabInput {
+        LabInput::Connected
+    }
+
+    fn on_packet(&mut self, topic: &str, payload: &[u8]) -> Result<LabInput, Dropped> {
+        let Some(channel) = self.topics.channel(topic) else {
+            return Err(Dropped { reason: "unexpected_topic", detail: format!("message on {topic}") });
+        };
+        wire::decode(payload, channel)
+            .map(LabInput::Message)
+            .map_err(|e| Dropped { reason: e.reason(), detail: format!("on {topic}: {e}") })
+    }
+
+    async fn on_input(&mut self, input: LabInput, report: &mut Reporter) -> Result<(), PeerError> {
+        for action in self.node.handle(input) {
+            self.apply(action, report).await;
+        }
+        Ok(())
+    }
+
+    async fn shutdown(&mut self, mut link: Link, _clean: bool, _report: &mut Reporter) {
+        self.later.abort_all();
+        self.miner.stop();
+        link.close().await;
+        info!(transactions = self.node.table().len(), "peer stopped");
+    }
 }
 
 async fn publish(client: &AsyncClient, topics: &Topics, msg: &LabMsg) {
-    let topic = topics.topic(msg.channel()).to_string();
-    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, wire::encode(msg)).await {
-        warn!(error = %e, "publish failed");
-    }
+    crate::transport::publish(client, topics.topic(msg.channel()).to_string(), false, wire::encode(msg)).await;
 }
