@@ -26,34 +26,63 @@ fn block(alg: HashAlg, tx: u64, prev: Digest, pace: Pace) -> Block {
     Block { tx, term, alg, difficulty, pace, issued_ms, solved_ms, prev, miner, nonce, hash, change: None }
 }
 
+/// The sender and addressee of the samples.
+const FROM: u32 = 0x0C0F_FEE0;
+const TO: u32 = 0x5EED_0001;
+
+/// What the samples carry: a room of three, its first blocks under each hash function, a change
+/// of members and the challenges of each pace.
+struct Fixtures {
+    config: RoomConfig,
+    /// SHA-1 blocks 0 and 1, at a fixed pace.
+    b0: Block,
+    b1: Block,
+    /// SHA-256 block 1, retargeted.
+    s1: Block,
+    change: Block,
+    /// The challenge for block 2 (SHA-1, fixed), and the same for block 0, of a range pace, and
+    /// of SHA-256 retargeted.
+    c: Challenge,
+    c0: Challenge,
+    c_range: Challenge,
+    c_sha256: Challenge,
+}
+
+impl Fixtures {
+    fn new() -> Self {
+        let fixed = Pace::Fixed(8);
+        let range = Pace::Range { lo: 4, hi: 12 };
+        let retarget = Pace::Retarget { target_ms: 1000, start: 8, lo: 4, hi: 30 };
+        let config =
+            RoomConfig::new(vec![Member { id: FROM, key: 11 }, Member { id: TO, key: 22 }, Member { id: 7, key: 33 }])
+                .expect("a valid configuration");
+        let b0 = block(HashAlg::Sha1, 0, config.digest(HashAlg::Sha1), fixed);
+        let b1 = block(HashAlg::Sha1, 1, b0.hash, fixed);
+        let c = Challenge {
+            term: 2,
+            tx: 2,
+            alg: HashAlg::Sha1,
+            difficulty: 8,
+            pace: fixed,
+            issued_ms: 1_700_000_002_000,
+            prev: b1.hash,
+        };
+        let c0 = Challenge { tx: 0, prev: config.digest(HashAlg::Sha1), ..c };
+        let s0 = block(HashAlg::Sha256, 0, config.digest(HashAlg::Sha256), retarget);
+        let s1 = block(HashAlg::Sha256, 1, s0.hash, retarget);
+        // A change of members at height 2: no proof of work, its digest as its hash.
+        let change =
+            Block::change(2, 2, HashAlg::Sha1, fixed, 1_700_000_000_000, b1.hash, Change::Add { id: 77, key: 7_700 });
+        let c_range = Challenge { pace: range, ..c };
+        let c_sha256 = Challenge { alg: HashAlg::Sha256, pace: retarget, prev: s1.hash, ..c };
+        Self { config, b0, b1, s1, change, c, c0, c_range, c_sha256 }
+    }
+}
+
 /// The room protocol's messages, with every outcome, pace and hash function.
 fn samples() -> Vec<(&'static str, room::Envelope)> {
-    let (from, to) = (0x0C0F_FEE0, 0x5EED_0001);
-    let fixed = Pace::Fixed(8);
-    let range = Pace::Range { lo: 4, hi: 12 };
-    let retarget = Pace::Retarget { target_ms: 1000, start: 8, lo: 4, hi: 30 };
-    let config =
-        RoomConfig::new(vec![Member { id: from, key: 11 }, Member { id: to, key: 22 }, Member { id: 7, key: 33 }])
-            .expect("a valid configuration");
-    let b0 = block(HashAlg::Sha1, 0, config.digest(HashAlg::Sha1), fixed);
-    let b1 = block(HashAlg::Sha1, 1, b0.hash, fixed);
-    let c = Challenge {
-        term: 2,
-        tx: 2,
-        alg: HashAlg::Sha1,
-        difficulty: 8,
-        pace: fixed,
-        issued_ms: 1_700_000_002_000,
-        prev: b1.hash,
-    };
-    let c0 = Challenge { tx: 0, prev: config.digest(HashAlg::Sha1), ..c };
-    let s0 = block(HashAlg::Sha256, 0, config.digest(HashAlg::Sha256), retarget);
-    let s1 = block(HashAlg::Sha256, 1, s0.hash, retarget);
-    // A change of members at height 2: no proof of work, its digest as its hash.
-    let change =
-        Block::change(2, 2, HashAlg::Sha1, fixed, 1_700_000_000_000, b1.hash, Change::Add { id: 77, key: 7_700 });
-    let c_range = Challenge { pace: range, ..c };
-    let c_sha256 = Challenge { alg: HashAlg::Sha256, pace: retarget, prev: s1.hash, ..c };
+    let (from, to) = (FROM, TO);
+    let Fixtures { config, b0, b1, s1, change, c, c0, c_range, c_sha256 } = Fixtures::new();
     let pos = Pos { last_term: 2, height: 2 };
     let hello = |to| Msg::Hello {
         to,
