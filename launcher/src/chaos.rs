@@ -4,14 +4,14 @@
 //! one random fault each: a peer killed with SIGKILL (and started again on its data directory), a
 //! peer paused with SIGSTOP until the room has noticed (then SIGCONT), the broker killed and
 //! restarted on the same port, a peer leaving cleanly (SIGTERM) and coming back, or one of the
-//! combined faults (see [`Fault`]). Peer faults sometimes target the controller. After each fault
+//! combined faults (see [`Fault`](crate::cli::Fault)). Peer faults sometimes target the controller. After each fault
 //! it waits, under a deadline, for the room to make progress: every live peer follows one
 //! controller and holds a block no live peer held before. At the end it stops everything and
 //! reports the faults, the re-elections, the failover times (controller lost → first challenge of
 //! a newer term, from the peers' event clocks), the blocks and the invariants
 //! ([`crate::invariants`]) over every event of the run.
 
-pub mod room;
+pub(crate) mod room;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,76 +24,13 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::cli::{ChaosArgs, FaultRoomArgs};
-use crate::failover::percentile;
+use crate::cli::{ChaosArgs, Fault};
 use crate::invariants::{Summary, Violation};
+use crate::stats::percentile;
 use room::{Failure, Room, RoomConfig};
 
 /// Exit code when interrupted by Ctrl-C (128 + SIGINT).
 const INTERRUPTED: u8 = 130;
-
-/// The peers' protocol in a fault run: the room protocol, the only one with failover (the lab's
-/// has none). A value of its own so that `--wire room` says what is run, and any other name is
-/// refused with the choices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Wire {
-    /// The room protocol: every peer has a data directory and comes back on it.
-    Room,
-}
-
-/// One kind of fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
-pub enum Fault {
-    /// SIGKILL a peer, start it again.
-    Kill,
-    /// SIGSTOP a peer until the room notices, then SIGCONT.
-    Pause,
-    /// SIGKILL the broker, start a new one on the same port.
-    #[value(name = "broker")]
-    BrokerRestart,
-    /// SIGTERM a peer (it leaves cleanly), start it again.
-    #[value(name = "leave")]
-    LeaveJoin,
-    /// Kill the broker; while it is down, SIGKILL a peer; start the broker again, then the peer.
-    #[value(name = "outage")]
-    KillInOutage,
-    /// SIGKILL the controller and start a peer with a new data directory during the election (a
-    /// non-voting newcomer; the previous newcomer leaves).
-    Newcomer,
-    /// Start a second process under a member's id with its own data directory.
-    Duplicate,
-    /// SIGKILL every peer at once and start them all again from their data directories.
-    #[value(name = "restart")]
-    RoomRestart,
-}
-
-impl Fault {
-    /// Every kind, in report order.
-    pub const ALL: [Fault; 8] = [
-        Fault::Kill,
-        Fault::Pause,
-        Fault::BrokerRestart,
-        Fault::LeaveJoin,
-        Fault::KillInOutage,
-        Fault::Newcomer,
-        Fault::Duplicate,
-        Fault::RoomRestart,
-    ];
-
-    /// Short name for the report.
-    pub fn name(self) -> &'static str {
-        match self {
-            Fault::Kill => "kill -9 + restart",
-            Fault::Pause => "SIGSTOP/SIGCONT",
-            Fault::BrokerRestart => "broker restart",
-            Fault::LeaveJoin => "clean leave + return",
-            Fault::KillInOutage => "kill -9 during a broker outage",
-            Fault::Newcomer => "kill -9 controller + newcomer",
-            Fault::Duplicate => "duplicate id",
-            Fault::RoomRestart => "whole room kill -9 + restart",
-        }
-    }
-}
 
 /// What the faults did, for the report.
 #[derive(Debug, Default)]
@@ -108,39 +45,12 @@ struct Tally {
 }
 
 /// Runs `launcher chaos`; the whole of `main` for that subcommand.
-pub fn main(args: ChaosArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("launcher: error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(run(args))
+pub(crate) fn main(args: ChaosArgs) -> ExitCode {
+    crate::runtime::block_on("launcher", run(args))
 }
 
-/// The room a fault run starts, from its flags.
-pub(crate) fn room_config(peers: u16, args: &FaultRoomArgs) -> anyhow::Result<RoomConfig> {
-    Ok(RoomConfig {
-        peers: usize::from(peers),
-        difficulty: args.difficulty,
-        threads: args.threads,
-        hash: args.hash,
-        keepalive: args.keepalive,
-        deadline: Duration::from_secs(args.deadline),
-        events: args.events.clone(),
-        verbose: args.verbose,
-    })
-}
-
-async fn run(args: ChaosArgs) -> ExitCode {
-    let cfg = match room_config(args.peers, &args.room) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("launcher: error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
+    let cfg = RoomConfig::new(args.peers, &args.room);
     let faults = if args.faults.is_empty() { Fault::ALL.to_vec() } else { args.faults.clone() };
     let seed = args.room.seed.unwrap_or_else(rand::random);
     let mut rng = StdRng::seed_from_u64(seed);
@@ -149,20 +59,14 @@ async fn run(args: ChaosArgs) -> ExitCode {
         cfg.peers, args.room.wire, cfg.difficulty, cfg.keepalive, args.cycles
     );
     let started = Instant::now();
-    let mut room = match Room::start(cfg).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("launcher: error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let mut room = Room::start(cfg).await?;
     println!("broker listening on {}", room.addr());
     let mut tally = Tally::default();
     let outcome = cycles(&mut room, args.cycles, &faults, &mut rng, &mut tally).await;
     let checked = room.stop().await;
     let report = report(&tally, args.cycles, started.elapsed(), seed, &checked);
     print!("{report}");
-    match (outcome, checked) {
+    Ok(match (outcome, checked) {
         (Ok(()), Ok(_)) => {
             println!("PASS");
             ExitCode::SUCCESS
@@ -179,168 +83,217 @@ async fn run(args: ChaosArgs) -> ExitCode {
             println!("FAIL: invariant violated: {v}");
             ExitCode::FAILURE
         }
-    }
+    })
 }
 
 fn say(room: &Room, line: &str) {
     println!("[{:8.3}s] {line}", room.elapsed().as_secs_f64());
 }
 
+/// Runs `n` cycles of one fault each, chosen from `kinds`, once the room works.
 async fn cycles(room: &mut Room, n: u32, kinds: &[Fault], rng: &mut StdRng, tally: &mut Tally) -> Result<(), Failure> {
-    let (term, leader, height) = room.wait_progress().await?;
-    say(room, &format!("room ready: controller peer #{leader} (term {term}), height {height}"));
-    let (mut term, mut controller) = (term, leader);
-    // The latest newcomer (room protocol), which leaves when the next one comes.
-    let mut newcomer: Option<usize> = None;
+    let (term, controller, height) = room.wait_progress().await?;
+    say(room, &format!("room ready: controller peer #{controller} (term {term}), height {height}"));
+    let mut faults = Faults { room, rng, tally, term, controller, newcomer: None };
     for cycle in 1..=n {
-        let fault = *kinds.choose(rng).unwrap_or(&Fault::Kill);
-        let on_controller = match fault {
-            Fault::BrokerRestart | Fault::RoomRestart => false,
-            Fault::Newcomer => true,
-            _ => rng.random_bool(0.4),
-        };
-        let target = if on_controller {
-            controller
-        } else {
-            let miners: Vec<usize> = room.running().into_iter().filter(|&i| i != controller).collect();
-            *miners.choose(rng).expect("a room of three or more has miners")
-        };
-        let role = if on_controller { format!(" (controller of term {term})") } else { String::new() };
-        // Counted before it happens, so a fault the room does not recover from is in the report.
-        *tally.injected.entry(fault).or_default() += 1;
-        if on_controller {
-            *tally.on_controller.entry(fault).or_default() += 1;
-        }
-        let began = Instant::now();
-        let t0 = now_ms();
-        let mut line = String::new();
-        match fault {
-            Fault::Kill => {
-                room.kill(target).await;
-                let _ = write!(line, "kill -9 peer #{target}{role}");
-                // Half the time the peer comes back during the election.
-                let early = if rng.random_bool(0.5) { Some(room.restart(target)?) } else { None };
-                if on_controller {
-                    failover(room, term, t0, fault, tally, &mut line).await?;
-                }
-                let (r, when) = match early {
-                    Some(r) => (r, " at once"),
-                    None => (room.restart(target)?, ""),
-                };
-                let _ = write!(line, "; restarted as peer #{r}{when}");
-            }
-            Fault::Pause => {
-                room.pause(target);
-                if on_controller {
-                    let _ = write!(line, "SIGSTOP peer #{target}{role}");
-                    failover(room, term, t0, fault, tally, &mut line).await?;
-                } else {
-                    let seen = room.wait_left_or_mined_on(target, t0).await?;
-                    let what =
-                        if seen { "the room saw it leave" } else { "no will came; the room mined on without it" };
-                    let _ = write!(line, "SIGSTOP peer #{target}; {what}");
-                }
-                room.resume(target);
-                let _ = write!(line, "; SIGCONT after {} ms", now_ms().saturating_sub(t0));
-            }
-            Fault::BrokerRestart => {
-                room.restart_broker().await?;
-                let _ = write!(
-                    line,
-                    "broker killed and restarted on port {} ({} ms)",
-                    room.addr().port(),
-                    now_ms().saturating_sub(t0)
-                );
-            }
-            Fault::LeaveJoin => {
-                room.terminate(target).await?;
-                let _ = write!(line, "SIGTERM peer #{target}{role}: left cleanly");
-                if on_controller {
-                    failover(room, term, t0, fault, tally, &mut line).await?;
-                }
-                let r = room.restart(target)?;
-                let _ = write!(line, "; back as peer #{r}");
-            }
-            Fault::KillInOutage => {
-                room.kill_broker().await;
-                room.kill(target).await;
-                room.start_broker_again().await?;
-                let _ = write!(
-                    line,
-                    "broker killed; kill -9 peer #{target}{role} while it was down (its will died with the broker); broker back"
-                );
-                if on_controller {
-                    failover(room, term, t0, fault, tally, &mut line).await?;
-                }
-                // The room goes on without it first: the survivors must not wait for it.
-                let (t, _, h) = room.wait_progress().await?;
-                let r = room.restart(target)?;
-                let _ = write!(line, "; block {} in term {t} without it; peer #{r} back", h - 1);
-            }
-            Fault::Newcomer => {
-                room.kill(target).await;
-                let r = room.add_peer()?;
-                let _ = write!(line, "kill -9 peer #{target}{role}; newcomer peer #{r} during the election");
-                failover(room, term, t0, fault, tally, &mut line).await?;
-                let back = room.restart(target)?;
-                let _ = write!(line, "; peer #{target} restarted as #{back}");
-                if let Some(old) = newcomer.replace(r) {
-                    // It may have been killed and restarted since, under another index.
-                    let old = room.latest(old);
-                    room.terminate(old).await?;
-                    let _ = write!(line, "; newcomer #{old} left");
-                }
-            }
-            Fault::Duplicate => match room.duplicate(target)? {
-                Some(d) => {
-                    let _ = write!(
-                        line,
-                        "peer #{d} started under the id of peer #{target}{role}, with its own data directory"
-                    );
-                }
-                None => {
-                    let _ = write!(line, "peer #{target} has not said its id yet: no duplicate");
-                }
-            },
-            Fault::RoomRestart => {
-                let all = room.running();
-                for &i in &all {
-                    room.kill(i).await;
-                }
-                for i in all {
-                    room.restart(i)?;
-                }
-                let _ = write!(line, "kill -9 of the whole room; every peer restarted from its data directory");
-            }
-        }
-        let (t, c, h) = room.wait_progress().await?;
-        (term, controller) = (t, c);
-        let recovered = began.elapsed().as_millis() as u64;
-        tally.recoveries.push(recovered);
-        tally.cycles = cycle;
-        say(
-            room,
-            &format!("cycle {cycle}/{n}: {line}; recovered in {recovered} ms: height {h}, controller #{c} (term {t})"),
-        );
-        // Part of the workload (faults at irregular moments), not a wait for anything.
-        room.idle(Duration::from_millis(rng.random_range(0..300))).await?;
+        let fault = *kinds.choose(faults.rng).unwrap_or(&Fault::Kill);
+        faults.cycle(cycle, n, fault).await?;
     }
     Ok(())
 }
 
-/// Waits for the first challenge of a term after `term` and records the failover time.
-async fn failover(
-    room: &mut Room,
+/// A fault cycle's target: a peer, and how the report names it.
+#[derive(Debug)]
+struct Target {
+    index: usize,
+    on_controller: bool,
+    /// ` (controller of term T)` for the controller, empty for a miner.
+    role: String,
+}
+
+/// The fault cycles of a run: the room, the random choices, what the faults did so far, and the
+/// controller the room last agreed on.
+struct Faults<'a> {
+    room: &'a mut Room,
+    rng: &'a mut StdRng,
+    tally: &'a mut Tally,
     term: Term,
-    t0: u64,
-    fault: Fault,
-    tally: &mut Tally,
-    line: &mut String,
-) -> Result<(), Failure> {
-    let ms = room.wait_challenge_after(term).await?.saturating_sub(t0);
-    tally.failovers.entry(fault).or_default().push(ms);
-    let _ = write!(line, "; term {} challenged after {ms} ms", room.latest_term());
-    Ok(())
+    controller: usize,
+    /// The latest newcomer (room protocol), which leaves when the next one comes.
+    newcomer: Option<usize>,
+}
+
+impl Faults<'_> {
+    /// Injects `fault`, waits for the room to make progress again, and says what happened.
+    async fn cycle(&mut self, cycle: u32, n: u32, fault: Fault) -> Result<(), Failure> {
+        let target = self.target(fault);
+        // Counted before it happens, so a fault the room does not recover from is in the report.
+        *self.tally.injected.entry(fault).or_default() += 1;
+        if target.on_controller {
+            *self.tally.on_controller.entry(fault).or_default() += 1;
+        }
+        let began = Instant::now();
+        let t0 = now_ms();
+        let line = match fault {
+            Fault::Kill => self.kill(&target, t0).await?,
+            Fault::Pause => self.pause(&target, t0).await?,
+            Fault::BrokerRestart => {
+                self.room.restart_broker().await?;
+                format!(
+                    "broker killed and restarted on port {} ({} ms)",
+                    self.room.addr().port(),
+                    now_ms().saturating_sub(t0)
+                )
+            }
+            Fault::LeaveJoin => self.leave_join(&target, t0).await?,
+            Fault::KillInOutage => self.kill_in_outage(&target, t0).await?,
+            Fault::Newcomer => self.newcomer(&target, t0).await?,
+            Fault::Duplicate => match self.room.duplicate(target.index)? {
+                Some(d) => format!(
+                    "peer #{d} started under the id of peer #{}{}, with its own data directory",
+                    target.index, target.role
+                ),
+                None => format!("peer #{} has not said its id yet: no duplicate", target.index),
+            },
+            Fault::RoomRestart => self.room_restart().await?,
+        };
+        let (t, c, h) = self.room.wait_progress().await?;
+        (self.term, self.controller) = (t, c);
+        let recovered = began.elapsed().as_millis() as u64;
+        self.tally.recoveries.push(recovered);
+        self.tally.cycles = cycle;
+        say(
+            self.room,
+            &format!("cycle {cycle}/{n}: {line}; recovered in {recovered} ms: height {h}, controller #{c} (term {t})"),
+        );
+        // Part of the workload (faults at irregular moments), not a wait for anything.
+        self.room.idle(Duration::from_millis(self.rng.random_range(0..300))).await
+    }
+
+    /// The peer `fault` hits: the controller (always for a newcomer, sometimes for the other peer
+    /// faults) or a random miner.
+    fn target(&mut self, fault: Fault) -> Target {
+        let on_controller = match fault {
+            Fault::BrokerRestart | Fault::RoomRestart => false,
+            Fault::Newcomer => true,
+            _ => self.rng.random_bool(0.4),
+        };
+        let index = if on_controller {
+            self.controller
+        } else {
+            let miners: Vec<usize> = self.room.running().into_iter().filter(|&i| i != self.controller).collect();
+            *miners.choose(self.rng).expect("a room of three or more has miners")
+        };
+        let role = if on_controller { format!(" (controller of term {})", self.term) } else { String::new() };
+        Target { index, on_controller, role }
+    }
+
+    /// [`Fault::Kill`]: the peer comes back at once (half the time, during the election) or once
+    /// the room has a new controller.
+    async fn kill(&mut self, target: &Target, t0: u64) -> Result<String, Failure> {
+        let Target { index, on_controller, role } = target;
+        self.room.kill(*index).await;
+        let mut line = format!("kill -9 peer #{index}{role}");
+        let early = if self.rng.random_bool(0.5) { Some(self.room.restart(*index)?) } else { None };
+        if *on_controller {
+            self.failover(Fault::Kill, t0, &mut line).await?;
+        }
+        let (r, when) = match early {
+            Some(r) => (r, " at once"),
+            None => (self.room.restart(*index)?, ""),
+        };
+        let _ = write!(line, "; restarted as peer #{r}{when}");
+        Ok(line)
+    }
+
+    /// [`Fault::Pause`]: resumed once the room has noticed (a new controller, or the peer gone).
+    async fn pause(&mut self, target: &Target, t0: u64) -> Result<String, Failure> {
+        let Target { index, on_controller, role } = target;
+        self.room.pause(*index);
+        let mut line;
+        if *on_controller {
+            line = format!("SIGSTOP peer #{index}{role}");
+            self.failover(Fault::Pause, t0, &mut line).await?;
+        } else {
+            let seen = self.room.wait_left_or_mined_on(*index, t0).await?;
+            let what = if seen { "the room saw it leave" } else { "no will came; the room mined on without it" };
+            line = format!("SIGSTOP peer #{index}; {what}");
+        }
+        self.room.resume(*index);
+        let _ = write!(line, "; SIGCONT after {} ms", now_ms().saturating_sub(t0));
+        Ok(line)
+    }
+
+    /// [`Fault::LeaveJoin`].
+    async fn leave_join(&mut self, target: &Target, t0: u64) -> Result<String, Failure> {
+        let Target { index, on_controller, role } = target;
+        self.room.terminate(*index).await?;
+        let mut line = format!("SIGTERM peer #{index}{role}: left cleanly");
+        if *on_controller {
+            self.failover(Fault::LeaveJoin, t0, &mut line).await?;
+        }
+        let r = self.room.restart(*index)?;
+        let _ = write!(line, "; back as peer #{r}");
+        Ok(line)
+    }
+
+    /// [`Fault::KillInOutage`]: the room must go on without the peer before it comes back.
+    async fn kill_in_outage(&mut self, target: &Target, t0: u64) -> Result<String, Failure> {
+        let Target { index, on_controller, role } = target;
+        self.room.kill_broker().await;
+        self.room.kill(*index).await;
+        self.room.start_broker_again().await?;
+        let mut line = format!(
+            "broker killed; kill -9 peer #{index}{role} while it was down (its will died with the broker); broker back"
+        );
+        if *on_controller {
+            self.failover(Fault::KillInOutage, t0, &mut line).await?;
+        }
+        // The room goes on without it first: the survivors must not wait for it.
+        let (t, _, h) = self.room.wait_progress().await?;
+        let r = self.room.restart(*index)?;
+        let _ = write!(line, "; block {} in term {t} without it; peer #{r} back", h - 1);
+        Ok(line)
+    }
+
+    /// [`Fault::Newcomer`]: the previous newcomer leaves once this one has come.
+    async fn newcomer(&mut self, target: &Target, t0: u64) -> Result<String, Failure> {
+        let Target { index, role, .. } = target;
+        self.room.kill(*index).await;
+        let r = self.room.add_peer()?;
+        let mut line = format!("kill -9 peer #{index}{role}; newcomer peer #{r} during the election");
+        self.failover(Fault::Newcomer, t0, &mut line).await?;
+        let back = self.room.restart(*index)?;
+        let _ = write!(line, "; peer #{index} restarted as #{back}");
+        if let Some(old) = self.newcomer.replace(r) {
+            // It may have been killed and restarted since, under another index.
+            let old = self.room.latest(old);
+            self.room.terminate(old).await?;
+            let _ = write!(line, "; newcomer #{old} left");
+        }
+        Ok(line)
+    }
+
+    /// [`Fault::RoomRestart`].
+    async fn room_restart(&mut self) -> Result<String, Failure> {
+        let all = self.room.running();
+        for &i in &all {
+            self.room.kill(i).await;
+        }
+        for i in all {
+            self.room.restart(i)?;
+        }
+        Ok("kill -9 of the whole room; every peer restarted from its data directory".into())
+    }
+
+    /// Waits for the first challenge of a term after the last agreed one and records the failover
+    /// time since `t0`.
+    async fn failover(&mut self, fault: Fault, t0: u64, line: &mut String) -> Result<(), Failure> {
+        let ms = self.room.wait_challenge_after(self.term).await?.saturating_sub(t0);
+        self.tally.failovers.entry(fault).or_default().push(ms);
+        let _ = write!(line, "; term {} challenged after {ms} ms", self.room.latest_term());
+        Ok(())
+    }
 }
 
 fn stats(samples: &[u64]) -> String {

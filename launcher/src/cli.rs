@@ -41,7 +41,7 @@ pub enum Role {
     Watch(WatchArgs),
     /// Decode a room's raw traffic: reads `TOPIC HEX` lines (`mosquitto_sub -t 'sd/#' -F '%t %x'`)
     /// and prints each message or status as a JSON line.
-    Decode(crate::decode::DecodeArgs),
+    Decode(DecodeArgs),
 }
 
 /// How to run a room.
@@ -172,23 +172,6 @@ fn parse_prefix(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broker_addresses_parse_or_say_why() {
-        assert_eq!(parse_host_port("10.0.0.1:1883"), Ok(("10.0.0.1".into(), 1883)));
-        assert_eq!(parse_host_port("mqtt.example.org:8883"), Ok(("mqtt.example.org".into(), 8883)));
-        assert_eq!(parse_host_port("[::1]:1883"), Ok(("::1".into(), 1883)));
-        for bad in ["localhost", ":1883", "h:0", "h:99999", "h:x"] {
-            assert!(parse_host_port(bad).is_err(), "{bad}");
-        }
-        assert!(parse_prefix("sd").is_ok() && parse_prefix("a/b").is_ok());
-        assert!(parse_prefix("sd/#").is_err() && parse_prefix("").is_err());
-    }
-}
-
 /// `launcher chaos`: how many peers and fault cycles.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosArgs {
@@ -201,7 +184,7 @@ pub struct ChaosArgs {
     /// Kinds of fault to choose from at random, comma-separated (default: all of them: kill, pause,
     /// broker, leave, outage, newcomer, duplicate, restart).
     #[arg(long, value_delimiter = ',')]
-    pub faults: Vec<crate::chaos::Fault>,
+    pub faults: Vec<Fault>,
     /// The room.
     #[command(flatten)]
     pub room: FaultRoomArgs,
@@ -226,8 +209,8 @@ pub struct FailoverBenchArgs {
 pub struct FaultRoomArgs {
     /// The peers' protocol: room (the room protocol; every peer has a data directory and comes
     /// back on it), the only one fault runs support.
-    #[arg(long, value_enum, default_value_t = crate::chaos::Wire::Room)]
-    pub wire: crate::chaos::Wire,
+    #[arg(long, value_enum, default_value_t = Wire::Room)]
+    pub wire: Wire,
     /// Leading zero bits of each challenge (low: many blocks, so progress shows fast).
     #[arg(long, default_value_t = 16)]
     pub difficulty: u8,
@@ -253,4 +236,92 @@ pub struct FaultRoomArgs {
     /// Also show the peers' and the broker's warnings (their stderr).
     #[arg(long)]
     pub verbose: bool,
+}
+
+/// The peers' protocol in a fault run: the room protocol, the only one with failover (the lab's
+/// has none). A value of its own so that `--wire room` says what is run, and any other name is
+/// refused with the choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wire {
+    /// The room protocol: every peer has a data directory and comes back on it.
+    Room,
+}
+
+/// One kind of fault of `launcher chaos`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Fault {
+    /// SIGKILL a peer, start it again.
+    Kill,
+    /// SIGSTOP a peer until the room notices, then SIGCONT.
+    Pause,
+    /// SIGKILL the broker, start a new one on the same port.
+    #[value(name = "broker")]
+    BrokerRestart,
+    /// SIGTERM a peer (it leaves cleanly), start it again.
+    #[value(name = "leave")]
+    LeaveJoin,
+    /// Kill the broker; while it is down, SIGKILL a peer; start the broker again, then the peer.
+    #[value(name = "outage")]
+    KillInOutage,
+    /// SIGKILL the controller and start a peer with a new data directory during the election (a
+    /// non-voting newcomer; the previous newcomer leaves).
+    Newcomer,
+    /// Start a second process under a member's id with its own data directory.
+    Duplicate,
+    /// SIGKILL every peer at once and start them all again from their data directories.
+    #[value(name = "restart")]
+    RoomRestart,
+}
+
+impl Fault {
+    /// Every kind, in report order.
+    pub const ALL: [Fault; 8] = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::BrokerRestart,
+        Fault::LeaveJoin,
+        Fault::KillInOutage,
+        Fault::Newcomer,
+        Fault::Duplicate,
+        Fault::RoomRestart,
+    ];
+
+    /// Short name for the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill -9 + restart",
+            Fault::Pause => "SIGSTOP/SIGCONT",
+            Fault::BrokerRestart => "broker restart",
+            Fault::LeaveJoin => "clean leave + return",
+            Fault::KillInOutage => "kill -9 during a broker outage",
+            Fault::Newcomer => "kill -9 controller + newcomer",
+            Fault::Duplicate => "duplicate id",
+            Fault::RoomRestart => "whole room kill -9 + restart",
+        }
+    }
+}
+
+/// `launcher decode`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DecodeArgs {
+    /// Topic prefix of the room.
+    #[arg(long, env = "HASHVOTE_PREFIX", default_value = "sd")]
+    pub prefix: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_parse_or_say_why() {
+        assert_eq!(parse_host_port("10.0.0.1:1883"), Ok(("10.0.0.1".into(), 1883)));
+        assert_eq!(parse_host_port("mqtt.example.org:8883"), Ok(("mqtt.example.org".into(), 8883)));
+        assert_eq!(parse_host_port("[::1]:1883"), Ok(("::1".into(), 1883)));
+        for bad in ["localhost", ":1883", "h:0", "h:99999", "h:x"] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+        assert!(parse_prefix("sd").is_ok() && parse_prefix("a/b").is_ok());
+        assert!(parse_prefix("sd/#").is_err() && parse_prefix("").is_err());
+    }
 }

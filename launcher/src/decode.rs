@@ -8,16 +8,9 @@ use std::process::ExitCode;
 
 use peer::protocol::Topics;
 
+use crate::cli::DecodeArgs;
 use crate::observe;
 use crate::view::Observed;
-
-/// `launcher decode`'s flags.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DecodeArgs {
-    /// Topic prefix of the room.
-    #[arg(long, env = "HASHVOTE_PREFIX", default_value = "sd")]
-    pub prefix: String,
-}
 
 /// Decodes one `TOPIC HEX` line into a JSON value.
 pub fn line(topics: &Topics, prefix: &str, input: &str) -> serde_json::Value {

@@ -10,49 +10,22 @@ use std::process::ExitCode;
 
 use peer::events::now_ms;
 
-use crate::chaos::room::{Failure, Room};
+use crate::chaos::room::{Failure, Room, RoomConfig};
 use crate::cli::FailoverBenchArgs;
-
-/// The nearest-rank `p`th percentile (0 < p ≤ 100) of `sorted` (ascending); `None` if empty.
-pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
+use crate::stats::percentile;
 
 /// Runs `launcher failover-bench`; the whole of `main` for that subcommand.
-pub fn main(args: FailoverBenchArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("launcher: error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(run(args))
+pub(crate) fn main(args: FailoverBenchArgs) -> ExitCode {
+    crate::runtime::block_on("launcher", run(args))
 }
 
-async fn run(args: FailoverBenchArgs) -> ExitCode {
-    let cfg = match crate::chaos::room_config(args.peers, &args.room) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("launcher: error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+async fn run(args: FailoverBenchArgs) -> anyhow::Result<ExitCode> {
+    let cfg = RoomConfig::new(args.peers, &args.room);
     println!(
         "failover-bench: {} peers, difficulty {}, keepalive {} s, {} trials",
         cfg.peers, cfg.difficulty, cfg.keepalive, args.trials
     );
-    let mut room = match Room::start(cfg).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("launcher: error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let mut room = Room::start(cfg).await?;
     println!("broker listening on {}", room.addr());
     let mut samples = Vec::new();
     let outcome = trials(&mut room, args.trials, &mut samples).await;
@@ -69,7 +42,7 @@ async fn run(args: FailoverBenchArgs) -> ExitCode {
             sorted.len()
         );
     }
-    match (&outcome, &checked) {
+    Ok(match (&outcome, &checked) {
         (Ok(()), Ok(s)) => {
             println!("invariants: hold ({} terms, {} blocks)", s.terms, s.blocks);
             ExitCode::SUCCESS
@@ -82,7 +55,7 @@ async fn run(args: FailoverBenchArgs) -> ExitCode {
             println!("FAIL: invariant violated: {v}");
             ExitCode::FAILURE
         }
-    }
+    })
 }
 
 async fn trials(room: &mut Room, n: u32, samples: &mut Vec<u64>) -> Result<(), Failure> {
@@ -103,19 +76,4 @@ async fn trials(room: &mut Room, n: u32, samples: &mut Vec<u64>) -> Result<(), F
     // The room still works after the last failover.
     room.wait_progress().await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u64> = (1..=20).collect();
-        assert_eq!(percentile(&v, 50.0), Some(10));
-        assert_eq!(percentile(&v, 95.0), Some(19));
-        assert_eq!(percentile(&v, 100.0), Some(20));
-        assert_eq!(percentile(&[7], 50.0), Some(7));
-        assert_eq!(percentile(&[], 50.0), None);
-    }
 }

@@ -4,17 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use launcher::cli::{Args, Role};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match args.role {
-        Some(Role::Broker(a)) => broker::cli::main(a),
-        Some(Role::Peer(a)) => peer::cli::main(a),
-        Some(Role::Chaos(a)) => launcher::chaos::main(a),
-        Some(Role::FailoverBench(a)) => launcher::failover::main(a),
-        Some(Role::Watch(a)) => launcher::watch::main(a),
-        Some(Role::Decode(a)) => launcher::decode::main(a),
-        None => launcher::main(args.room),
-    }
+    launcher::main(launcher::cli::Args::parse())
 }

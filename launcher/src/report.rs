@@ -49,6 +49,13 @@ pub fn write(dir: &Path, view: &RoomView, title: &str) -> anyhow::Result<ReportS
     Ok(ReportSummary { files, blocks: view.chain().len(), plots: plots.len() })
 }
 
+/// Writes the report and says where it is.
+pub(crate) fn save(dir: &Path, view: &RoomView, title: &str) -> anyhow::Result<()> {
+    let summary = write(dir, view, title).with_context(|| format!("cannot write the report to {}", dir.display()))?;
+    println!("report: {} ({} blocks, {} plots)", dir.join("index.html").display(), summary.blocks, summary.plots);
+    Ok(())
+}
+
 fn write_file(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;

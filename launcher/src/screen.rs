@@ -86,3 +86,11 @@ pub fn is_interrupt(key: &KeyEvent) -> bool {
     use ratatui::crossterm::event::{KeyCode, KeyModifiers};
     key.code == KeyCode::Char('c') && key.modifiers.contains(KeyModifiers::CONTROL)
 }
+
+/// The next key pressed while the dashboard shows; pending for ever without one.
+pub(crate) async fn next_key(keys: &mut Option<mpsc::UnboundedReceiver<KeyEvent>>) -> Option<KeyEvent> {
+    match keys {
+        Some(keys) => keys.recv().await,
+        None => std::future::pending().await,
+    }
+}

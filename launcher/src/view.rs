@@ -158,16 +158,6 @@ pub struct ResultEntry {
     pub outcome: Outcome,
 }
 
-impl ResultEntry {
-    /// The transaction the result is about.
-    pub fn tx(&self) -> TxId {
-        match self.outcome {
-            Outcome::Accepted(b) => b.tx,
-            Outcome::Rejected { tx, .. } => tx,
-        }
-    }
-}
-
 /// How long a block took to mine, by its controller's clock: `solved_ms - issued_ms`.
 pub fn solve_ms(block: &Block) -> u64 {
     block.solved_ms.saturating_sub(block.issued_ms)
@@ -427,6 +417,7 @@ impl RoomView {
     }
 
     /// One peer.
+    #[cfg(test)]
     pub fn peer(&self, id: PeerId) -> Option<&PeerView> {
         self.peers.get(&id)
     }
@@ -475,6 +466,7 @@ impl RoomView {
     }
 
     /// The election of `term`, if seen.
+    #[cfg(test)]
     pub fn election(&self, term: Term) -> Option<&Election> {
         self.elections.get(&term)
     }
@@ -482,11 +474,6 @@ impl RoomView {
     /// Accepted blocks by transaction (at most [`MAX_BLOCKS`], the latest ones).
     pub fn chain(&self) -> impl DoubleEndedIterator<Item = &Block> + ExactSizeIterator {
         self.chain.values()
-    }
-
-    /// The accepted block of `tx`, if seen.
-    pub fn block(&self, tx: TxId) -> Option<&Block> {
-        self.chain.get(&tx)
     }
 
     /// The block of the highest transaction.

@@ -4,34 +4,24 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
+use peer::protocol::RejectReason;
+use ratatui::crossterm::event::KeyEvent;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::WatchArgs;
 use crate::dashboard::{Command, Ui};
+use crate::launch::REDRAW;
 use crate::observe::{self, Seen, Target};
+use crate::report;
 use crate::screen::{self, Screen};
 use crate::view::{Happening, RoomView};
-use peer::protocol::RejectReason;
 
 /// Runs `launcher watch`; the whole of `main` for it.
-pub fn main(args: WatchArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("launcher watch: error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("launcher watch: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+pub(crate) fn main(args: WatchArgs) -> ExitCode {
+    crate::runtime::block_on("launcher watch", async { run(args).await.map(|()| ExitCode::SUCCESS) })
 }
 
 /// Whether a happening gets a plain line: late solutions are the normal end of every race (the
@@ -55,86 +45,151 @@ fn login(args: &WatchArgs) -> anyhow::Result<Option<(String, String)>> {
 
 async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let target = Target { host: args.host.clone(), port: args.port, prefix: args.prefix.clone(), login: login(&args)? };
-    let dashboard = !args.plain && std::io::stdout().is_terminal();
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let mut seen_rx = observe::spawn(target, stop.clone());
-    let started = std::time::Instant::now();
-    let say = |line: String| println!("[{:7.3}s] {line}", started.elapsed().as_secs_f64());
-    if !dashboard {
-        say(format!("watching room '{}' at {}:{}", args.prefix, args.host, args.port));
-    }
-
-    let mut view = RoomView::new();
-    let mut ui = Ui::new(format!("watching room '{}'", args.prefix), format!("{}:{}", args.host, args.port), None);
-    let (mut screen, mut keys) = if dashboard {
-        let (s, k) = Screen::start().context("cannot take over the terminal (try --plain)")?;
-        (Some(s), Some(k))
-    } else {
-        (None, None)
-    };
-    let mut redraw = tokio::time::interval(Duration::from_millis(100));
+    let mut watcher = Watcher::new(args)?;
+    let mut redraw = tokio::time::interval(REDRAW);
     redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut connected = false;
-    let mut shutdown = Box::pin(crate::shutdown_signal());
-    let outcome: anyhow::Result<()> = loop {
-        tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            seen = seen_rx.recv() => {
-                let Some(seen) = seen else { break Ok(()) };
-                let now = peer::events::now_ms();
-                let line = match seen {
-                    Seen::Observed(o) => {
-                        for happening in view.observe(now, o) {
-                            if !dashboard && worth_a_line(&happening) {
-                                say(happening.to_string());
-                            }
-                        }
-                        None
-                    }
-                    Seen::Connected => {
-                        connected = true;
-                        Some(format!("connected to {}:{}", args.host, args.port))
-                    }
-                    Seen::Lost(reason) if connected => {
-                        connected = false;
-                        Some(format!("connection lost ({reason}); reconnecting"))
-                    }
-                    Seen::Lost(_) => None,
-                    Seen::Dropped { topic, reason } => Some(format!("dropped a message on {topic}: {reason}")),
-                    Seen::Refused(reason) => break Err(anyhow::anyhow!(reason)),
-                };
-                if let Some(line) = line {
-                    if dashboard { ui.message = Some(line) } else { say(line) }
-                }
-                if args.rounds > 0 && view.height() >= args.rounds {
-                    break Ok(());
-                }
-            }
-            Some(key) = crate::next_key(&mut keys) => match crate::dashboard::command(key, &view, &ui) {
-                _ if screen::is_interrupt(&key) => break Ok(()),
-                Command::Quit => break Ok(()),
-                Command::KillController | Command::TogglePause(_) => {
-                    ui.message = Some("watch only observes: k and p work in the launcher that started the room".into());
-                }
-                Command::Up => ui.up(&view),
-                Command::Down => ui.down(&view),
-                Command::None => {}
-            },
-            _ = redraw.tick() => {
-                let now = peer::events::now_ms();
-                for happening in view.tick(now) {
-                    if dashboard { ui.message = Some(happening.to_string()) } else { say(happening.to_string()) }
-                }
-                if let Some(s) = screen.as_mut() {
-                    s.draw(&view, &ui, now).context("cannot draw the dashboard")?;
-                }
-            }
+    let mut shutdown = std::pin::pin!(crate::runtime::shutdown_signal());
+    // An error out of a handler (the terminal) ends the watch at once.
+    let outcome = loop {
+        let next = tokio::select! {
+            () = &mut shutdown => Some(Ok(())),
+            seen = seen_rx.recv() => watcher.on_seen(seen),
+            Some(key) = screen::next_key(&mut watcher.keys) => watcher.on_key(key),
+            _ = redraw.tick() => watcher.on_tick()?,
+        };
+        if let Some(outcome) = next {
+            break outcome;
         }
     };
-    drop(screen.take());
-    if let Some(dir) = &args.report {
-        crate::write_report(dir, &view, &format!("hashvote room '{}' at {}:{}", args.prefix, args.host, args.port))?;
+    watcher.finish(outcome)
+}
+
+/// A room being watched and what shows it.
+struct Watcher {
+    args: WatchArgs,
+    /// The dashboard is on (else plain lines).
+    dashboard: bool,
+    started: std::time::Instant,
+    view: RoomView,
+    ui: Ui,
+    screen: Option<Screen>,
+    keys: Option<mpsc::UnboundedReceiver<KeyEvent>>,
+    /// The observer is connected (a lost connection is said once).
+    connected: bool,
+}
+
+/// What a handler says: `None` to go on, else the watch's outcome.
+type Next = Option<anyhow::Result<()>>;
+
+impl Watcher {
+    fn new(args: WatchArgs) -> anyhow::Result<Self> {
+        let dashboard = !args.plain && std::io::stdout().is_terminal();
+        let (screen, keys) = if dashboard {
+            let (s, k) = Screen::start().context("cannot take over the terminal (try --plain)")?;
+            (Some(s), Some(k))
+        } else {
+            (None, None)
+        };
+        let ui = Ui::new(format!("watching room '{}'", args.prefix), format!("{}:{}", args.host, args.port), None);
+        let watcher = Self {
+            args,
+            dashboard,
+            started: std::time::Instant::now(),
+            view: RoomView::new(),
+            ui,
+            screen,
+            keys,
+            connected: false,
+        };
+        if !dashboard {
+            watcher.print(format!(
+                "watching room '{}' at {}:{}",
+                watcher.args.prefix, watcher.args.host, watcher.args.port
+            ));
+        }
+        Ok(watcher)
     }
-    outcome
+
+    /// A plain line, timestamped from the start of the watch.
+    fn print(&self, line: String) {
+        println!("[{:7.3}s] {line}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// A line on the dashboard's message line, or printed without the dashboard.
+    fn say(&mut self, line: String) {
+        if self.dashboard { self.ui.message = Some(line) } else { self.print(line) }
+    }
+
+    /// What the observer saw (`None`: it has stopped).
+    fn on_seen(&mut self, seen: Option<Seen>) -> Next {
+        let Some(seen) = seen else { return Some(Ok(())) };
+        let line = match seen {
+            Seen::Observed(o) => {
+                for happening in self.view.observe(peer::events::now_ms(), o) {
+                    if !self.dashboard && worth_a_line(&happening) {
+                        self.print(happening.to_string());
+                    }
+                }
+                None
+            }
+            Seen::Connected => {
+                self.connected = true;
+                Some(format!("connected to {}:{}", self.args.host, self.args.port))
+            }
+            Seen::Lost(reason) if self.connected => {
+                self.connected = false;
+                Some(format!("connection lost ({reason}); reconnecting"))
+            }
+            Seen::Lost(_) => None,
+            Seen::Dropped { topic, reason } => Some(format!("dropped a message on {topic}: {reason}")),
+            Seen::Refused(reason) => return Some(Err(anyhow::anyhow!(reason))),
+        };
+        if let Some(line) = line {
+            self.say(line);
+        }
+        (self.args.rounds > 0 && self.view.height() >= self.args.rounds).then_some(Ok(()))
+    }
+
+    /// A key pressed on the dashboard.
+    fn on_key(&mut self, key: KeyEvent) -> Next {
+        if screen::is_interrupt(&key) {
+            return Some(Ok(()));
+        }
+        match crate::dashboard::command(key, &self.view, &self.ui) {
+            Command::Quit => return Some(Ok(())),
+            Command::KillController | Command::TogglePause(_) => {
+                self.ui.message =
+                    Some("watch only observes: k and p work in the launcher that started the room".into());
+            }
+            Command::Up => self.ui.up(&self.view),
+            Command::Down => self.ui.down(&self.view),
+            Command::None => {}
+        }
+        None
+    }
+
+    /// The redraw tick: the view ages (which may be news), the dashboard is drawn.
+    fn on_tick(&mut self) -> anyhow::Result<Next> {
+        let now = peer::events::now_ms();
+        for happening in self.view.tick(now) {
+            self.say(happening.to_string());
+        }
+        if let Some(s) = self.screen.as_mut() {
+            s.draw(&self.view, &self.ui, now).context("cannot draw the dashboard")?;
+        }
+        Ok(None)
+    }
+
+    /// Gives the terminal back and writes the report.
+    fn finish(mut self, outcome: anyhow::Result<()>) -> anyhow::Result<()> {
+        drop(self.screen.take());
+        if let Some(dir) = &self.args.report {
+            let a = &self.args;
+            report::save(dir, &self.view, &format!("hashvote room '{}' at {}:{}", a.prefix, a.host, a.port))?;
+        }
+        outcome
+    }
 }

@@ -4,32 +4,29 @@
 //! deadlines.
 //!
 //! Every record is fed to an [`invariants::Checker`] as it arrives, so a long run keeps the
-//! distinct blocks and each peer's chain, not every record. No child outlives the room: each runs
-//! in its own process group, is killed by the kernel if this process dies (`PR_SET_PDEATHSIG`),
-//! and is killed when its handle is dropped, whatever error path drops it.
+//! distinct blocks and each peer's chain, not every record. No child outlives the room (see
+//! [`process`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use peer::events::{Event, Record};
 use peer::protocol::{PeerId, Term};
-use rand::Rng;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::Child;
+use tokio::io::BufReader;
 use tokio::sync::mpsc;
 
+use crate::cli::FaultRoomArgs;
 use crate::invariants::{Checker, Summary, Violation};
+use crate::port;
+use crate::process::{self, Proc};
 
 /// How long a peer or the broker gets to exit after SIGTERM (or to be reaped after SIGKILL).
 const GRACE: Duration = Duration::from_secs(5);
-/// How long the broker gets to print its ready line.
-const BROKER_READY: Duration = Duration::from_secs(15);
 /// How long a restarted broker keeps trying to get its old port back.
 const BROKER_REBIND: Duration = Duration::from_secs(10);
 
@@ -52,6 +49,22 @@ pub struct RoomConfig {
     pub events: Option<PathBuf>,
     /// Print the peers' and the broker's stderr.
     pub verbose: bool,
+}
+
+impl RoomConfig {
+    /// The room of a fault run of `peers` peers, from its flags.
+    pub fn new(peers: u16, args: &FaultRoomArgs) -> Self {
+        Self {
+            peers: usize::from(peers),
+            difficulty: args.difficulty,
+            threads: args.threads,
+            hash: args.hash,
+            keepalive: args.keepalive,
+            deadline: Duration::from_secs(args.deadline),
+            events: args.events.clone(),
+            verbose: args.verbose,
+        }
+    }
 }
 
 /// Why a room run ended early.
@@ -104,45 +117,6 @@ pub enum State {
     Paused,
     /// Killed or stopped for good.
     Gone,
-}
-
-/// A child process: its own process group, killed by the kernel when this process dies, killed
-/// when dropped.
-#[derive(Debug)]
-struct Proc {
-    child: Child,
-    pid: u32,
-}
-
-impl Proc {
-    fn spawn(exe: &Path, role: &str, args: &[String]) -> anyhow::Result<Self> {
-        let mut cmd = crate::children::command(exe, role, args);
-        let child = cmd.spawn().with_context(|| format!("cannot start a {role}"))?;
-        let pid = child.id().with_context(|| format!("the {role} exited at once"))?;
-        Ok(Self { child, pid })
-    }
-
-    /// Sends `sig`, unless the process has exited and been reaped (only then could its pid have
-    /// been given to another process). Returns whether it was sent.
-    fn signal(&mut self, sig: libc::c_int) -> bool {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return false;
-        }
-        let Ok(pid) = libc::pid_t::try_from(self.pid) else { return false };
-        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our unreaped child.
-        unsafe { libc::kill(pid, sig) == 0 }
-    }
-
-    /// Waits up to `timeout` for the process to exit.
-    async fn exited(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait()).await.ok().and_then(Result::ok)
-    }
-
-    /// SIGKILL, then reap.
-    async fn kill(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.exited(GRACE).await;
-    }
 }
 
 /// What the reader tasks report.
@@ -221,7 +195,7 @@ impl Room {
         let (tx, rx) = mpsc::unbounded_channel();
         let interrupt = tx.clone();
         tokio::spawn(async move {
-            crate::shutdown_signal().await;
+            crate::runtime::shutdown_signal().await;
             let _ = interrupt.send(Msg::Interrupt);
         });
         let mut room = Self {
@@ -246,7 +220,7 @@ impl Room {
         // Another process may take the port between the check and the broker's bind: try others.
         let mut last = None;
         for _ in 0..5 {
-            room.port = pick_port().context("cannot find a free port").map_err(Failure::Setup)?;
+            room.port = port::pick().context("cannot find a free port").map_err(Failure::Setup)?;
             match room.spawn_broker().await {
                 Ok(()) => {
                     last = None;
@@ -325,20 +299,15 @@ impl Room {
         if let Some(id) = id {
             args.extend(["--id".into(), id.to_string()]);
         }
-        let mut proc =
-            Proc::spawn(&self.exe, "peer", &args).with_context(|| format!("peer #{index}")).map_err(Failure::Setup)?;
-        let stdout = proc.child.stdout.take().context("peer stdout").map_err(Failure::Setup)?;
-        let stderr = proc.child.stderr.take().context("peer stderr").map_err(Failure::Setup)?;
+        let cmd = process::command(&self.exe, "peer", &args);
+        let (proc, stdout, stderr) = Proc::spawn(cmd, &format!("peer #{index}"), |_| {}).map_err(Failure::Setup)?;
         let tx = self.tx.clone();
-        forward(
-            stdout,
-            self.tx.clone(),
-            move |line| Msg::Line { index, line },
-            move || {
-                let _ = tx.send(Msg::Eof { index });
-            },
-        );
-        forward(stderr, self.tx.clone(), move |line| Msg::Log { index: Some(index), line }, || {});
+        let eof = move || {
+            let _ = tx.send(Msg::Eof { index });
+        };
+        process::forward_lines(BufReader::new(stdout), self.tx.clone(), move |line| Msg::Line { index, line }, eof);
+        let log = move |line| Msg::Log { index: Some(index), line };
+        process::forward_lines(BufReader::new(stderr), self.tx.clone(), log, || {});
         let may_exit = id.is_some();
         self.slots.push(Slot {
             proc: Some(proc),
@@ -353,37 +322,15 @@ impl Room {
     }
 
     async fn spawn_broker(&mut self) -> anyhow::Result<()> {
-        let args = ["--bind".to_string(), "127.0.0.1".into(), "--port".into(), self.port.to_string()];
-        let mut proc = Proc::spawn(&self.exe, "broker", &args)?;
-        let mut stdout = BufReader::new(proc.child.stdout.take().context("broker stdout")?).lines();
-        let mut stderr = BufReader::new(proc.child.stderr.take().context("broker stderr")?).lines();
-        let ready = tokio::time::timeout(BROKER_READY, async {
-            while let Ok(Some(line)) = stdout.next_line().await {
-                if broker::server::parse_ready_line(&line).is_some() {
-                    return Ok(());
-                }
-            }
-            // stdout closed: the broker died; its last stderr line says why.
-            let mut last = String::from("no message");
-            while let Ok(Some(line)) = stderr.next_line().await {
-                last = line;
-            }
-            Err(anyhow::anyhow!("the broker did not start on port {}: {last}", self.port))
-        })
-        .await;
-        match ready {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => anyhow::bail!("the broker did not report listening within {} s", BROKER_READY.as_secs()),
-        }
+        let (proc, stdout, stderr) = Proc::spawn(process::broker_command(&self.exe, self.port), "the broker", |_| {})?;
+        let (_, stdout, stderr) = process::broker_ready(self.port, stdout, stderr).await?;
         self.generation += 1;
         let generation = self.generation;
         let tx = self.tx.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(_)) = stdout.next_line().await {}
+        process::drain(stdout, move || {
             let _ = tx.send(Msg::BrokerEof { generation });
         });
-        forward(stderr.into_inner(), self.tx.clone(), |line| Msg::Log { index: None, line }, || {});
+        process::forward_lines(stderr, self.tx.clone(), |line| Msg::Log { index: None, line }, || {});
         self.broker = Some(proc);
         Ok(())
     }
@@ -410,7 +357,7 @@ impl Room {
             match self.spawn_broker().await {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => {
-                    let owner = if TcpListener::bind((Ipv4Addr::LOCALHOST, self.port)).is_err() {
+                    let owner = if port::check(self.port).is_err() {
                         "; the port is in use, so another process took it while the broker was down"
                     } else {
                         ""
@@ -437,11 +384,6 @@ impl Room {
     /// directory has a new index); `index` itself if it has not said its id yet.
     pub fn latest(&self, index: usize) -> usize {
         self.id(index).and_then(|id| self.ids.get(&id).copied()).unwrap_or(index)
-    }
-
-    /// Where peer `index` is.
-    pub fn state(&self, index: usize) -> State {
-        self.slots.get(index).map_or(State::Gone, |s| s.state)
     }
 
     /// The client id peer `index` reported, once it has.
@@ -623,10 +565,8 @@ impl Room {
                     slot.proc = None;
                 } else if slot.state != State::Gone {
                     slot.state = State::Gone;
-                    let status = match slot.proc.as_mut().map(|p| p.child.try_wait()) {
-                        Some(Ok(Some(status))) => status.to_string(),
-                        _ => "closed its event stream".into(),
-                    };
+                    let status =
+                        slot.proc.as_ref().and_then(Proc::status).unwrap_or_else(|| "closed its event stream".into());
                     return Err(Failure::PeerExited { index, status });
                 }
             }
@@ -691,7 +631,7 @@ impl Room {
     /// Pauses peer `index` with SIGSTOP.
     pub fn pause(&mut self, index: usize) {
         let slot = &mut self.slots[index];
-        if let Some(p) = slot.proc.as_mut()
+        if let Some(p) = &slot.proc
             && p.signal(libc::SIGSTOP)
         {
             slot.state = State::Paused;
@@ -701,7 +641,7 @@ impl Room {
     /// Resumes a paused peer with SIGCONT.
     pub fn resume(&mut self, index: usize) {
         let slot = &mut self.slots[index];
-        if let Some(p) = slot.proc.as_mut()
+        if let Some(p) = &slot.proc
             && slot.state == State::Paused
         {
             p.signal(libc::SIGCONT);
@@ -714,9 +654,7 @@ impl Room {
         let slot = &mut self.slots[index];
         slot.state = State::Gone;
         let Some(mut p) = slot.proc.take() else { return Ok(()) };
-        p.signal(libc::SIGTERM);
-        if p.exited(GRACE).await.is_none() {
-            p.kill().await;
+        if !p.stop(GRACE).await {
             return Err(Failure::Unstoppable { index });
         }
         Ok(())
@@ -729,22 +667,14 @@ impl Room {
         let leader = self.agreed().map(|(_, i)| i);
         let miners: Vec<usize> = (0..self.slots.len()).filter(|&i| Some(i) != leader).collect();
         for group in [miners, leader.into_iter().collect()] {
-            for &i in &group {
-                let slot = &mut self.slots[i];
-                slot.state = State::Gone;
-                if let Some(p) = slot.proc.as_mut() {
-                    // A stopped process only acts on SIGTERM once it runs again.
-                    p.signal(libc::SIGCONT);
-                    p.signal(libc::SIGTERM);
-                }
-            }
-            for i in group {
-                if let Some(mut p) = self.slots[i].proc.take()
-                    && p.exited(GRACE).await.is_none()
-                {
-                    p.kill().await;
-                }
-            }
+            let mut procs: Vec<Proc> = group
+                .into_iter()
+                .filter_map(|i| {
+                    self.slots[i].state = State::Gone;
+                    self.slots[i].proc.take()
+                })
+                .collect();
+            process::stop_group(&mut procs, GRACE).await;
         }
         // Every peer has exited, so every reader reaches the end of its pipe: take what is left.
         let until = Instant::now() + GRACE;
@@ -758,10 +688,7 @@ impl Room {
             }
         }
         if let Some(mut broker) = self.broker.take() {
-            broker.signal(libc::SIGTERM);
-            if broker.exited(GRACE).await.is_none() {
-                broker.kill().await;
-            }
+            broker.stop(GRACE).await;
         }
         if let Some(file) = self.events.as_mut() {
             let _ = file.flush();
@@ -771,42 +698,4 @@ impl Room {
             None => self.checker.finish(),
         }
     }
-}
-
-/// Forwards each line of `reader` as `wrap(line)`, then calls `done`.
-fn forward<R: AsyncRead + Unpin + Send + 'static>(
-    reader: R,
-    out: mpsc::UnboundedSender<Msg>,
-    wrap: impl Fn(String) -> Msg + Send + 'static,
-    done: impl FnOnce() + Send + 'static,
-) {
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(reader).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if out.send(wrap(line)).is_err() {
-                return;
-            }
-        }
-        done();
-    });
-}
-
-/// A free port below the kernel's ephemeral range, so that no outgoing connection (a peer
-/// reconnecting, say) can be given it while the broker is down for a restart; an ephemeral port
-/// if none is found.
-fn pick_port() -> std::io::Result<u16> {
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse::<u16>().ok()))
-        .unwrap_or(32768);
-    let mut rng = rand::rng();
-    if low > 10_001 {
-        for _ in 0..100 {
-            let port = rng.random_range(10_000..low);
-            if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-                return Ok(port);
-            }
-        }
-    }
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr().map(|a| a.port())
 }

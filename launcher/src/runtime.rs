@@ -1,0 +1,34 @@
+//! What every async command of the launcher runs on: a current-thread tokio runtime, the one-line
+//! error at exit, and the signals (Ctrl-C, SIGTERM) that stop it.
+
+use std::process::ExitCode;
+
+/// Runs `run` on a new current-thread runtime; an error (the runtime's own, or `run`'s) is
+/// printed once, as `{who}: error: ...` with its context chain, and exits with failure.
+pub(crate) fn block_on(who: &str, run: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{who}: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run).unwrap_or_else(|e| {
+        eprintln!("{who}: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM (never, if the handlers cannot be installed).
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
