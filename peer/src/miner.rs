@@ -95,11 +95,6 @@ impl Miner {
         Self { shared, workers }
     }
 
-    /// Number of worker threads.
-    pub fn threads(&self) -> usize {
-        self.workers.len()
-    }
-
     /// Replaces whatever is being mined with `job`.
     pub fn start(&self, job: Job) {
         self.set(Some(job));

@@ -305,11 +305,6 @@ impl Store {
         self.existed
     }
 
-    /// The directory this store lives in.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Writes `writes` in one transaction, in order, durable (fsync) before it returns, with
     /// whatever was staged before. A batch that breaks a rule (see [`Write`]) is refused whole,
     /// with [`StoreError::Refused`].

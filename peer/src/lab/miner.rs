@@ -6,7 +6,7 @@
 //! counter>`, where the prefix holds the client id, a random salt per job and the thread index
 //! (so no two threads or peers try the same string), with the SHA-1 state of the prefix computed
 //! once per job. At most 55 bytes keep every candidate to one compression. A job runs on its own
-//! threads, stopped through one flag they check every [`BATCH`] candidates; the first finder
+//! threads, stopped through one flag they check every [`BATCH`](hashvote_core::lab::work::BATCH) candidates; the first finder
 //! sets it, so each job reports at most one solution.
 
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-pub use hashvote_core::lab::work::{BATCH, LabFound, LabJob, search};
+pub use hashvote_core::lab::work::{LabFound, LabJob, search};
 
 type OnFound = Arc<dyn Fn(LabFound) + Send + Sync>;
 
