@@ -161,14 +161,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
 /// Runs a peer of the lab's wire format: no data directory, an id drawn at random if none is set.
 fn run_lab(cfg: crate::config::PeerConfig, out: Option<Box<dyn Write + Send>>) -> anyhow::Result<()> {
     let id = cfg.id.unwrap_or_else(|| rand::random_range(1..=u32::MAX));
-    runtime()?.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
-        let events = EventSink::new(id, out);
-        let run = crate::lab::driver::run(cfg, id, events, shutdown);
-        tracing::Instrument::instrument(run, tracing::info_span!("peer", id)).await
-    })?;
-    Ok(())
+    block_on(id, out, |events, shutdown| crate::lab::driver::run(cfg, id, events, shutdown))
 }
 
 /// Runs a peer of the room protocol: its data directory first (a bad one is a one-line error
@@ -190,36 +183,48 @@ fn run_room(cfg: crate::config::PeerConfig, out: Option<Box<dyn Write + Send>>) 
     let (store, identity, durable) = crate::store::Store::open(&dir, wanted)?;
     let id = identity.id;
     tracing::info!(id, dir = %dir.display(), height = durable.blocks.len(), term = durable.term, "data directory");
-    runtime()?.block_on(async move {
+    block_on(id, out, |events, shutdown| crate::room::run(cfg, store, identity, durable.into(), events, shutdown))
+}
+
+/// Runs `peer` (a wire format's driver, given its event sink and the token cancelled on SIGINT or
+/// SIGTERM) on the peer's runtime: two worker threads, for the network tasks and the driver loop.
+fn block_on<F>(
+    id: crate::protocol::PeerId,
+    out: Option<Box<dyn Write + Send>>,
+    peer: impl FnOnce(EventSink, CancellationToken) -> F,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = Result<(), crate::transport::PeerError>>,
+{
+    use anyhow::Context;
+    use tracing::Instrument;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
-        let events = EventSink::new(id, out);
-        let run = crate::room::run(cfg, store, identity, durable.into(), events, shutdown);
-        tracing::Instrument::instrument(run, tracing::info_span!("peer", id)).await
+        let cancel = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            cancel.cancel();
+        });
+        peer(EventSink::new(id, out), shutdown).instrument(tracing::info_span!("peer", id)).await
     })?;
     Ok(())
 }
 
-/// The peer's runtime: two worker threads (the network task and the protocol loop).
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    use anyhow::Context;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
-
-/// Cancels `token` on SIGINT or SIGTERM.
-pub async fn cancel_on_signal(token: CancellationToken) {
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM; never, with a warning, if the handlers cannot be
+/// installed.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        tracing::warn!("cannot install signal handlers; Ctrl-C will kill the peer abruptly");
-        return;
+        tracing::warn!("cannot install signal handlers; Ctrl-C will stop the process abruptly");
+        return std::future::pending().await;
     };
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}
     }
-    token.cancel();
 }
