@@ -13,7 +13,10 @@
 //! difficulty above 64 bits only costs a (practically never taken) second look.
 //!
 //! Every kernel is an `unsafe fn` with `#[target_feature]`: calling one on a CPU without the
-//! features is undefined behaviour, so callers go through [`available`] first.
+//! features is undefined behaviour, so callers go through [`available`] first. Inside, the
+//! intrinsics are safe to call (the features are enabled there), and so are the helpers, which are
+//! safe functions with the same `#[target_feature]`; the one `unsafe` block left is the empty
+//! `asm!` of `in_step!`.
 
 use std::arch::x86_64::{
     __m128i, _mm_add_epi32, _mm_alignr_epi8, _mm_extract_epi64, _mm_set_epi32, _mm_setzero_si128, _mm_sha1msg1_epu32,
@@ -102,51 +105,43 @@ struct Sha1Mid {
 
 /// The message schedule (words 16..80) of the message `w`.
 #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-#[allow(unused_unsafe)]
-unsafe fn sha1_schedule(w: [__m128i; 4]) -> [__m128i; 16] {
-    // SAFETY: register-only intrinsics; the features they need are enabled on this function.
-    unsafe {
-        let mut m = [_mm_setzero_si128(); 20];
-        m[..4].copy_from_slice(&w);
-        for j in 0..16 {
-            m[j + 4] = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(m[j], m[j + 1]), m[j + 2]), m[j + 3]);
-        }
-        let mut out = [_mm_setzero_si128(); 16];
-        out.copy_from_slice(&m[4..]);
-        out
+fn sha1_schedule(w: [__m128i; 4]) -> [__m128i; 16] {
+    let mut m = [_mm_setzero_si128(); 20];
+    m[..4].copy_from_slice(&w);
+    for j in 0..16 {
+        m[j + 4] = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(m[j], m[j + 1]), m[j + 2]), m[j + 3]);
     }
+    let mut out = [_mm_setzero_si128(); 16];
+    out.copy_from_slice(&m[4..]);
+    out
 }
 
-/// SAFETY (callers): the CPU has sha, sse2, ssse3 and sse4.1.
+/// The part of a SHA-1 search that is the same for every nonce of `block`.
 #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-#[allow(unused_unsafe)] // the intrinsics are unsafe to call before Rust 1.87 (our MSRV is 1.85)
-unsafe fn sha1_mid(block: &[u8; 64]) -> Sha1Mid {
+fn sha1_mid(block: &[u8; 64]) -> Sha1Mid {
     let w = words(block);
-    // SAFETY: register-only intrinsics, and sha1_schedule needs the features enabled here.
-    unsafe {
-        let msg = |i: usize| -> __m128i {
-            _mm_set_epi32(w[4 * i] as i32, w[4 * i + 1] as i32, w[4 * i + 2] as i32, w[4 * i + 3] as i32)
-        };
-        let (w0, w1, w2, w3) = (msg(0), msg(1), msg(2), msg(3));
-        let abcd = _mm_set_epi32(SHA1_IV[0] as i32, SHA1_IV[1] as i32, SHA1_IV[2] as i32, SHA1_IV[3] as i32);
-        let e = _mm_set_epi32(SHA1_IV[4] as i32, 0, 0, 0);
-        let abcd4 = _mm_sha1rnds4_epu32(abcd, _mm_add_epi32(e, w0), 0);
-        let abcd8 = _mm_sha1rnds4_epu32(abcd4, _mm_sha1nexte_epu32(abcd, w1), 0);
-        let zero = _mm_setzero_si128();
-        let mut delta = [[zero; 16]; SHA1_LANES];
-        for (k, row) in delta.iter_mut().enumerate().skip(1) {
-            *row = sha1_schedule([zero, zero, _mm_set_epi32(0, k as i32, 0, 0), zero]);
-        }
-        Sha1Mid {
-            abcd8,
-            e8: _mm_sha1nexte_epu32(abcd4, zero),
-            wk12: _mm_sha1nexte_epu32(abcd8, w3),
-            m01: _mm_sha1msg1_epu32(w0, w1),
-            w1,
-            w3,
-            w2,
-            delta,
-        }
+    let msg = |i: usize| -> __m128i {
+        _mm_set_epi32(w[4 * i] as i32, w[4 * i + 1] as i32, w[4 * i + 2] as i32, w[4 * i + 3] as i32)
+    };
+    let (w0, w1, w2, w3) = (msg(0), msg(1), msg(2), msg(3));
+    let abcd = _mm_set_epi32(SHA1_IV[0] as i32, SHA1_IV[1] as i32, SHA1_IV[2] as i32, SHA1_IV[3] as i32);
+    let e = _mm_set_epi32(SHA1_IV[4] as i32, 0, 0, 0);
+    let abcd4 = _mm_sha1rnds4_epu32(abcd, _mm_add_epi32(e, w0), 0);
+    let abcd8 = _mm_sha1rnds4_epu32(abcd4, _mm_sha1nexte_epu32(abcd, w1), 0);
+    let zero = _mm_setzero_si128();
+    let mut delta = [[zero; 16]; SHA1_LANES];
+    for (k, row) in delta.iter_mut().enumerate().skip(1) {
+        *row = sha1_schedule([zero, zero, _mm_set_epi32(0, k as i32, 0, 0), zero]);
+    }
+    Sha1Mid {
+        abcd8,
+        e8: _mm_sha1nexte_epu32(abcd4, zero),
+        wk12: _mm_sha1nexte_epu32(abcd8, w3),
+        m01: _mm_sha1msg1_epu32(w0, w1),
+        w1,
+        w3,
+        w2,
+        delta,
     }
 }
 
@@ -182,12 +177,18 @@ macro_rules! in_step {
         in_step!($a[0], $a[1], $a[2], $a[3], $b[0], $b[1], $b[2], $b[3])
     };
     ($x0:expr, $x1:expr, $x2:expr, $x3:expr, $x4:expr, $x5:expr, $x6:expr, $x7:expr) => {
-        std::arch::asm!(
-            "/* {0} {1} {2} {3} {4} {5} {6} {7} */",
-            inout(xmm_reg) $x0, inout(xmm_reg) $x1, inout(xmm_reg) $x2, inout(xmm_reg) $x3,
-            inout(xmm_reg) $x4, inout(xmm_reg) $x5, inout(xmm_reg) $x6, inout(xmm_reg) $x7,
-            options(pure, nomem, nostack, preserves_flags),
-        )
+        // SAFETY: the template is only a comment: no instruction runs, so no register, flag, memory
+        // or stack is touched, and every operand comes back as it went in, as `pure`, `nomem`,
+        // `nostack` and `preserves_flags` promise the compiler. `xmm_reg` operands need SSE, which
+        // is in the x86-64 baseline and enabled wherever this expands.
+        unsafe {
+            std::arch::asm!(
+                "/* {0} {1} {2} {3} {4} {5} {6} {7} */",
+                inout(xmm_reg) $x0, inout(xmm_reg) $x1, inout(xmm_reg) $x2, inout(xmm_reg) $x3,
+                inout(xmm_reg) $x4, inout(xmm_reg) $x5, inout(xmm_reg) $x6, inout(xmm_reg) $x7,
+                options(pure, nomem, nostack, preserves_flags),
+            )
+        }
     };
 }
 
@@ -246,30 +247,26 @@ macro_rules! sha1_lanes {
 /// # Safety
 /// The CPU must have sha, sse2, ssse3 and sse4.1 ([`available`]).
 #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-#[allow(unused_unsafe)]
 pub(super) unsafe fn sha1_scan(block: &[u8; 64], groups: u32, threshold: u64) -> Option<u32> {
     debug_assert_eq!(u32::from_be_bytes([block[36], block[37], block[38], block[39]]) as usize % SHA1_LANES, 0);
-    // SAFETY: register-only intrinsics, and sha1_mid needs exactly the features enabled here.
-    unsafe {
-        let mid = sha1_mid(block);
-        let mut w2 = mid.w2;
-        let next = _mm_set_epi32(0, SHA1_LANES as i32, 0, 0);
-        let iv = _mm_set_epi32(SHA1_IV[0] as i32, SHA1_IV[1] as i32, 0, 0);
-        for group in 0..groups {
-            let (abcd, _) = sha1_lanes!(&mid, w2);
-            // Lanes 3 and 2 are A and B: the upper 64 bits read as one number are A:B, the
-            // digest's first 64 bits. No branch per lane, one per group.
-            let mut hit = false;
-            for state in abcd {
-                hit |= (_mm_extract_epi64(_mm_add_epi32(state, iv), 1) as u64) < threshold;
-            }
-            if hit {
-                return Some(group);
-            }
-            w2 = _mm_add_epi32(w2, next);
+    let mid = sha1_mid(block);
+    let mut w2 = mid.w2;
+    let next = _mm_set_epi32(0, SHA1_LANES as i32, 0, 0);
+    let iv = _mm_set_epi32(SHA1_IV[0] as i32, SHA1_IV[1] as i32, 0, 0);
+    for group in 0..groups {
+        let (abcd, _) = sha1_lanes!(&mid, w2);
+        // Lanes 3 and 2 are A and B: the upper 64 bits read as one number are A:B, the
+        // digest's first 64 bits. No branch per lane, one per group.
+        let mut hit = false;
+        for state in abcd {
+            hit |= (_mm_extract_epi64(_mm_add_epi32(state, iv), 1) as u64) < threshold;
         }
-        None
+        if hit {
+            return Some(group);
+        }
+        w2 = _mm_add_epi32(w2, next);
     }
+    None
 }
 
 /// Full SHA-1 states of the [`SHA1_LANES`] candidates of the group written in `block`, through the
@@ -279,29 +276,25 @@ pub(super) unsafe fn sha1_scan(block: &[u8; 64], groups: u32, threshold: u64) ->
 /// As [`sha1_scan`].
 #[cfg(test)]
 #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-#[allow(unused_unsafe)]
 pub(super) unsafe fn sha1_states(block: &[u8; 64]) -> [[u32; 5]; SHA1_LANES] {
     use std::arch::x86_64::_mm_extract_epi32;
-    // SAFETY: as in sha1_scan.
-    unsafe {
-        let mid = sha1_mid(block);
-        let (abcd, h1) = sha1_lanes!(&mid, mid.w2);
-        let iv = _mm_set_epi32(SHA1_IV[0] as i32, SHA1_IV[1] as i32, SHA1_IV[2] as i32, SHA1_IV[3] as i32);
-        let e_iv = _mm_set_epi32(SHA1_IV[4] as i32, 0, 0, 0);
-        let mut out = [[0u32; 5]; SHA1_LANES];
-        for l in 0..SHA1_LANES {
-            let s = _mm_add_epi32(abcd[l], iv);
-            let e = _mm_sha1nexte_epu32(h1[l], e_iv);
-            out[l] = [
-                _mm_extract_epi32(s, 3) as u32,
-                _mm_extract_epi32(s, 2) as u32,
-                _mm_extract_epi32(s, 1) as u32,
-                _mm_extract_epi32(s, 0) as u32,
-                _mm_extract_epi32(e, 3) as u32,
-            ];
-        }
-        out
+    let mid = sha1_mid(block);
+    let (abcd, h1) = sha1_lanes!(&mid, mid.w2);
+    let iv = _mm_set_epi32(SHA1_IV[0] as i32, SHA1_IV[1] as i32, SHA1_IV[2] as i32, SHA1_IV[3] as i32);
+    let e_iv = _mm_set_epi32(SHA1_IV[4] as i32, 0, 0, 0);
+    let mut out = [[0u32; 5]; SHA1_LANES];
+    for l in 0..SHA1_LANES {
+        let s = _mm_add_epi32(abcd[l], iv);
+        let e = _mm_sha1nexte_epu32(h1[l], e_iv);
+        out[l] = [
+            _mm_extract_epi32(s, 3) as u32,
+            _mm_extract_epi32(s, 2) as u32,
+            _mm_extract_epi32(s, 1) as u32,
+            _mm_extract_epi32(s, 0) as u32,
+            _mm_extract_epi32(e, 3) as u32,
+        ];
     }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -368,29 +361,25 @@ struct Sha256Mid {
     w4z: __m128i,
 }
 
-/// SAFETY (callers): the CPU has sha, sse2, ssse3 and sse4.1.
+/// The part of a SHA-256 search that is the same for every low nonce word of `block`.
 #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-#[allow(unused_unsafe)]
-unsafe fn sha256_mid(block: &[u8; 64]) -> Sha256Mid {
+fn sha256_mid(block: &[u8; 64]) -> Sha256Mid {
     let w = words(block);
-    // SAFETY: register-only intrinsics; the features they need are enabled on this function.
-    unsafe {
-        let msg = |i: usize| -> __m128i {
-            _mm_set_epi32(w[4 * i + 3] as i32, w[4 * i + 2] as i32, w[4 * i + 1] as i32, w[4 * i] as i32)
-        };
-        let (w0, w1, w2, w3) = (msg(0), msg(1), msg(2), msg(3));
-        // The instructions keep the state as (A, B, E, F) and (C, D, G, H), A in the highest lane.
-        let s = SHA256_IV.map(|x| x as i32);
-        let abef0 = _mm_set_epi32(s[0], s[1], s[4], s[5]);
-        let cdgh0 = _mm_set_epi32(s[2], s[3], s[6], s[7]);
-        let (mut abef, mut cdgh) = (abef0, cdgh0);
-        sha256_rounds4!(abef, cdgh, w0, 0);
-        sha256_rounds4!(abef, cdgh, w1, 1);
-        sha256_rounds4!(abef, cdgh, w2, 2);
-        let w3z = _mm_set_epi32(w[15] as i32, w[14] as i32, w[13] as i32, 0);
-        let w4z = _mm_sha256msg2_epu32(_mm_add_epi32(_mm_sha256msg1_epu32(w0, w1), _mm_alignr_epi8(w3z, w2, 4)), w3z);
-        Sha256Mid { abef0, abef12: abef, cdgh12: cdgh, w0, w1, w2, w3, w4z }
-    }
+    let msg = |i: usize| -> __m128i {
+        _mm_set_epi32(w[4 * i + 3] as i32, w[4 * i + 2] as i32, w[4 * i + 1] as i32, w[4 * i] as i32)
+    };
+    let (w0, w1, w2, w3) = (msg(0), msg(1), msg(2), msg(3));
+    // The instructions keep the state as (A, B, E, F) and (C, D, G, H), A in the highest lane.
+    let s = SHA256_IV.map(|x| x as i32);
+    let abef0 = _mm_set_epi32(s[0], s[1], s[4], s[5]);
+    let cdgh0 = _mm_set_epi32(s[2], s[3], s[6], s[7]);
+    let (mut abef, mut cdgh) = (abef0, cdgh0);
+    sha256_rounds4!(abef, cdgh, w0, 0);
+    sha256_rounds4!(abef, cdgh, w1, 1);
+    sha256_rounds4!(abef, cdgh, w2, 2);
+    let w3z = _mm_set_epi32(w[15] as i32, w[14] as i32, w[13] as i32, 0);
+    let w4z = _mm_sha256msg2_epu32(_mm_add_epi32(_mm_sha256msg1_epu32(w0, w1), _mm_alignr_epi8(w3z, w2, 4)), w3z);
+    Sha256Mid { abef0, abef12: abef, cdgh12: cdgh, w0, w1, w2, w3, w4z }
 }
 
 /// Rounds 12..64 for every lane, given each lane's message words 12..15. Returns (ABEF, CDGH)
@@ -430,12 +419,10 @@ macro_rules! sha256_lanes {
 /// Message words 12..15 of lanes `0..SHA256_LANES`: lane k's low nonce word is the first's XOR k (its
 /// plus k, as the first is a multiple of SHA256_LANES), as for SHA-1.
 #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-#[allow(unused_unsafe)]
-unsafe fn sha256_first_w3(mid: &Sha256Mid) -> [__m128i; SHA256_LANES] {
+fn sha256_first_w3(mid: &Sha256Mid) -> [__m128i; SHA256_LANES] {
     let mut w3 = [mid.w3; SHA256_LANES];
     for (l, w) in w3.iter_mut().enumerate() {
-        // SAFETY: register-only intrinsics; sse2 is enabled on this function.
-        *w = unsafe { _mm_xor_si128(*w, _mm_set_epi32(0, 0, 0, l as i32)) };
+        *w = _mm_xor_si128(*w, _mm_set_epi32(0, 0, 0, l as i32));
     }
     w3
 }
@@ -445,30 +432,26 @@ unsafe fn sha256_first_w3(mid: &Sha256Mid) -> [__m128i; SHA256_LANES] {
 /// # Safety
 /// The CPU must have sha, sse2, ssse3 and sse4.1 ([`available`]).
 #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-#[allow(unused_unsafe)]
 pub(super) unsafe fn sha256_scan(block: &[u8; 64], groups: u32, threshold: u64) -> Option<u32> {
     debug_assert_eq!(u32::from_be_bytes([block[48], block[49], block[50], block[51]]) as usize % SHA256_LANES, 0);
-    // SAFETY: register-only intrinsics, and the helpers need exactly the features enabled here.
-    unsafe {
-        let mid = sha256_mid(block);
-        let mut w3 = sha256_first_w3(&mid);
-        let next = _mm_set_epi32(0, 0, 0, SHA256_LANES as i32);
-        for group in 0..groups {
-            let (abef, _) = sha256_lanes!(&mid, w3);
-            // Lanes 3 and 2 of ABEF are A and B: the digest's first 64 bits.
-            let mut hit = false;
-            for state in abef {
-                hit |= (_mm_extract_epi64(_mm_add_epi32(state, mid.abef0), 1) as u64) < threshold;
-            }
-            if hit {
-                return Some(group);
-            }
-            for w in &mut w3 {
-                *w = _mm_add_epi32(*w, next);
-            }
+    let mid = sha256_mid(block);
+    let mut w3 = sha256_first_w3(&mid);
+    let next = _mm_set_epi32(0, 0, 0, SHA256_LANES as i32);
+    for group in 0..groups {
+        let (abef, _) = sha256_lanes!(&mid, w3);
+        // Lanes 3 and 2 of ABEF are A and B: the digest's first 64 bits.
+        let mut hit = false;
+        for state in abef {
+            hit |= (_mm_extract_epi64(_mm_add_epi32(state, mid.abef0), 1) as u64) < threshold;
         }
-        None
+        if hit {
+            return Some(group);
+        }
+        for w in &mut w3 {
+            *w = _mm_add_epi32(*w, next);
+        }
     }
+    None
 }
 
 /// Full SHA-256 states of the [`SHA256_LANES`] candidates of the group written in `block`, through the
@@ -478,31 +461,27 @@ pub(super) unsafe fn sha256_scan(block: &[u8; 64], groups: u32, threshold: u64) 
 /// As [`sha256_scan`].
 #[cfg(test)]
 #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-#[allow(unused_unsafe)]
 pub(super) unsafe fn sha256_states(block: &[u8; 64]) -> [[u32; 8]; SHA256_LANES] {
     use std::arch::x86_64::_mm_extract_epi32;
-    // SAFETY: as in sha256_scan.
-    unsafe {
-        let mid = sha256_mid(block);
-        let (abef, cdgh) = sha256_lanes!(&mid, sha256_first_w3(&mid));
-        let s = SHA256_IV.map(|x| x as i32);
-        let cdgh0 = _mm_set_epi32(s[2], s[3], s[6], s[7]);
-        let mut out = [[0u32; 8]; SHA256_LANES];
-        for l in 0..SHA256_LANES {
-            let abef = _mm_add_epi32(abef[l], mid.abef0);
-            let cdgh = _mm_add_epi32(cdgh[l], cdgh0);
-            // Lanes (high to low): A B E F and C D G H.
-            out[l] = [
-                _mm_extract_epi32(abef, 3) as u32,
-                _mm_extract_epi32(abef, 2) as u32,
-                _mm_extract_epi32(cdgh, 3) as u32,
-                _mm_extract_epi32(cdgh, 2) as u32,
-                _mm_extract_epi32(abef, 1) as u32,
-                _mm_extract_epi32(abef, 0) as u32,
-                _mm_extract_epi32(cdgh, 1) as u32,
-                _mm_extract_epi32(cdgh, 0) as u32,
-            ];
-        }
-        out
+    let mid = sha256_mid(block);
+    let (abef, cdgh) = sha256_lanes!(&mid, sha256_first_w3(&mid));
+    let s = SHA256_IV.map(|x| x as i32);
+    let cdgh0 = _mm_set_epi32(s[2], s[3], s[6], s[7]);
+    let mut out = [[0u32; 8]; SHA256_LANES];
+    for l in 0..SHA256_LANES {
+        let abef = _mm_add_epi32(abef[l], mid.abef0);
+        let cdgh = _mm_add_epi32(cdgh[l], cdgh0);
+        // Lanes (high to low): A B E F and C D G H.
+        out[l] = [
+            _mm_extract_epi32(abef, 3) as u32,
+            _mm_extract_epi32(abef, 2) as u32,
+            _mm_extract_epi32(cdgh, 3) as u32,
+            _mm_extract_epi32(cdgh, 2) as u32,
+            _mm_extract_epi32(abef, 1) as u32,
+            _mm_extract_epi32(abef, 0) as u32,
+            _mm_extract_epi32(cdgh, 1) as u32,
+            _mm_extract_epi32(cdgh, 0) as u32,
+        ];
     }
+    out
 }
