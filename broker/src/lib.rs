@@ -4,6 +4,7 @@
 //! - [`config`]: [`BrokerConfig`] and how it becomes a validated [`rumqttd::Config`].
 //! - [`server`]: [`Broker`] / [`start`], which refuse a busy port and wait until rumqttd accepts.
 //! - [`cli`]: the `broker` command (also run as `launcher broker ...`).
+//! - [`port`]: free ports for the brokers the launcher and the tests start.
 //!
 //! ```no_run
 //! let running = broker::start(&broker::BrokerConfig::default())?;
@@ -14,6 +15,7 @@
 pub mod cli;
 pub mod config;
 mod error;
+pub mod port;
 pub mod server;
 
 pub use config::BrokerConfig;

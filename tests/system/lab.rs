@@ -444,7 +444,7 @@ impl Lab {
 
     fn on_challenge(&mut self, tx: u64, d: u32) {
         self.seen.lock().unwrap().challenges.insert(tx, d);
-        if self.setup.mine == Mine::OddOnly && tx % 2 == 0 {
+        if self.setup.mine == Mine::OddOnly && tx.is_multiple_of(2) {
             return;
         }
         // The lab's way: try strings until one has the leading zero bits; the course client's,

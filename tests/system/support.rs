@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -81,23 +81,10 @@ pub fn launcher() -> Command {
     cmd
 }
 
-/// A port nobody listens on right now.
-///
-/// Chosen below the kernel's ephemeral range (32768 and up here), so that no outgoing connection
-/// and no other test's ephemeral bind can take it while a broker restarts on it.
+/// A port nobody listens on right now, below the kernel's ephemeral range (see
+/// [`broker::port::pick`]).
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let seed = u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    for _ in 0..1000 {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + ((seed.wrapping_add(n.wrapping_mul(7919))) % 12_000) as u16;
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in 20000..32000");
+    broker::port::pick().expect("a free port on 127.0.0.1")
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.

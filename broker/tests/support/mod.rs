@@ -2,7 +2,7 @@
 //! that is always killed, condition waits with deadlines, and MQTT clients.
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,10 +15,9 @@ use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packe
 /// How long any single condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A port nobody listens on right now: bind port 0, read it, release it.
+/// A port nobody listens on right now (see [`broker::port::pick`]).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    broker::port::pick().expect("a free port on 127.0.0.1")
 }
 
 /// A path for a scratch file, unique to this test process and `name`.
