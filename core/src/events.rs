@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{Change, PeerId, Term, TxId};
+use crate::protocol::{Change, DropReason, PeerId, Term, TxId};
 
 /// Something a peer did or saw.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,7 +205,7 @@ pub enum Event {
     },
     /// A message was dropped (undecodable, invalid, stale or from the wrong sender).
     MessageDropped {
-        /// Short reason name.
+        /// Short reason name: a [`DropReason::as_str`] (see [`Event::dropped`]).
         reason: String,
         /// Details.
         detail: String,
@@ -242,6 +242,13 @@ pub enum Event {
     },
     /// The peer is shutting down.
     Stopped,
+}
+
+impl Event {
+    /// A message dropped for `reason`.
+    pub fn dropped(reason: DropReason, detail: String) -> Self {
+        Self::MessageDropped { reason: reason.as_str().into(), detail }
+    }
 }
 
 /// One line of the stream.

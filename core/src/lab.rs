@@ -24,6 +24,7 @@ use rand::{Rng, SeedableRng};
 use tracing::info;
 
 use crate::events::Event;
+use crate::protocol::DropReason;
 use wire::{BallotOrder, ChallengeMsg, ElectionMsg, Id, InitMsg, LabMsg, ResultMsg, SolutionMsg};
 use work::{LabFound, LabJob};
 
@@ -187,8 +188,8 @@ impl LabNode {
         self.out.push(LabAction::Emit(event));
     }
 
-    fn drop_msg(&mut self, reason: &str, detail: String) {
-        self.emit(Event::MessageDropped { reason: reason.into(), detail });
+    fn drop_msg(&mut self, reason: DropReason, detail: String) {
+        self.emit(Event::dropped(reason, detail));
     }
 
     /// Announces us: at the first connection, and after a reconnection while the room we know
@@ -234,7 +235,10 @@ impl LabNode {
             return true;
         }
         if self.known.len() >= self.cfg.room_size + EXTRA_CLIENTS {
-            self.drop_msg("lab_too_many_clients", format!("{} clients known; not adding {client}", self.known.len()));
+            self.drop_msg(
+                DropReason::LabTooManyClients,
+                format!("{} clients known; not adding {client}", self.known.len()),
+            );
             return false;
         }
         self.known.insert(client.clone());
@@ -276,7 +280,7 @@ impl LabNode {
     fn on_vote(&mut self, m: ElectionMsg) {
         if self.controller.is_some() {
             if m.client != self.cfg.me {
-                self.drop_msg("lab_late_vote", format!("{} voted {} after the election", m.client, m.vote));
+                self.drop_msg(DropReason::LabLateVote, format!("{} voted {} after the election", m.client, m.vote));
             }
             return;
         }
@@ -385,7 +389,7 @@ impl LabNode {
             Some(i) if *i == self.cfg.me => return,
             Some(i) => {
                 let detail = format!("tx {} issued by {i}, not by the controller {controller}", m.tx);
-                return self.drop_msg("lab_not_from_controller", detail);
+                return self.drop_msg(DropReason::LabNotFromController, detail);
             }
             None if self.peers.contains(&controller) && !self.course_controls => {
                 // A course client acts as controller while we decided on a hashvote peer (it
@@ -406,7 +410,7 @@ impl LabNode {
                     "tx {} re-issued with {} bits instead of {d} (controller {controller})",
                     m.tx, m.difficulty
                 );
-                return self.drop_msg("lab_conflicting_challenge", detail);
+                return self.drop_msg(DropReason::LabConflictingChallenge, detail);
             }
             None => {}
         }
@@ -473,10 +477,10 @@ impl LabNode {
 
     fn on_result(&mut self, m: ResultMsg) {
         if self.controller.is_none() {
-            return self.drop_msg("lab_no_controller", format!("result for tx {} before the election", m.tx));
+            return self.drop_msg(DropReason::LabNoController, format!("result for tx {} before the election", m.tx));
         }
         let Some(row) = self.table.get(&m.tx) else {
-            return self.drop_msg("lab_unknown_tx", format!("result for tx {} we saw no challenge for", m.tx));
+            return self.drop_msg(DropReason::LabUnknownTx, format!("result for tx {} we saw no challenge for", m.tx));
         };
         if m.result == 0 {
             // A rejection concerns only its miner; the table does not change.
@@ -488,18 +492,18 @@ impl LabNode {
         if let Some(winner) = &row.winner {
             if *winner != m.client || row.solution.as_deref() != Some(&m.solution) {
                 let detail = format!("tx {} already won by {winner}; {} claims it", m.tx, m.client);
-                self.drop_msg("lab_conflicting_result", detail);
+                self.drop_msg(DropReason::LabConflictingResult, detail);
             }
             return;
         }
         if self.is_controller() {
             // We decide our transactions; a winner we did not declare is forged.
             let detail = format!("tx {} won by {} was not declared by us, the controller", m.tx, m.client);
-            return self.drop_msg("lab_not_from_controller", detail);
+            return self.drop_msg(DropReason::LabNotFromController, detail);
         }
         if !wire::meets(&m.solution, row.difficulty) {
             let detail = format!("tx {}: {:?} has fewer than {} zero bits", m.tx, m.solution, row.difficulty);
-            return self.drop_msg("lab_unverified_result", detail);
+            return self.drop_msg(DropReason::LabUnverifiedResult, detail);
         }
         self.record(m.tx, &m.client, &m.solution, 1);
         if self.open == Some(m.tx) {

@@ -278,6 +278,110 @@ pub enum Outcome {
     },
 }
 
+/// Why a message was dropped: the `reason` of an `Event::MessageDropped`, and what the peer counts
+/// drops by. [`DropReason::as_str`] is the name on the wire of the event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    // Decoding (see [`DecodeError`]).
+    /// Larger than the size limit.
+    TooLarge,
+    /// Not a postcard payload.
+    Malformed,
+    /// Bytes after the end of the payload.
+    TrailingBytes,
+    /// Another wire version.
+    BadVersion,
+    /// The message arrived on the wrong topic.
+    WrongTopic,
+    /// A field out of range.
+    InvalidField,
+    /// A payload on a topic the peer does not read.
+    UnexpectedTopic,
+    // The room protocol.
+    /// Another process under a member's id, or under our own, with another key.
+    DuplicateId,
+    /// From (or followed as) a controller that is not a voting member of the room.
+    NotMember,
+    /// A ballot from a peer that is not a voter of the configuration (or of the proposal).
+    NotAVoter,
+    /// Of a term older than ours.
+    StaleTerm,
+    /// From a peer that is not the controller of its term.
+    NotController,
+    /// Block 0 or challenge 0 without the configuration its base is the digest of.
+    BadConfiguration,
+    /// A challenge whose difficulty its pace does not allow.
+    BadDifficulty,
+    /// A block that fails its proof of work or does not append to the chain.
+    InvalidBlock,
+    /// A sync reply to no request of ours (or to one made before we became controller).
+    UnsolicitedSync,
+    // The lab wire format (see [`crate::lab::wire::LabDecodeError`]).
+    /// Larger than the lab's limit.
+    LabTooLarge,
+    /// Not JSON, or not the message of its topic.
+    LabMalformed,
+    /// A field out of range.
+    LabInvalidField,
+    /// An Init beyond the clients kept.
+    LabTooManyClients,
+    /// A vote after the election was decided.
+    LabLateVote,
+    /// A challenge or result not from the controller followed.
+    LabNotFromController,
+    /// A challenge re-issuing a transaction with another difficulty.
+    LabConflictingChallenge,
+    /// A result before the election.
+    LabNoController,
+    /// A result for a transaction never challenged.
+    LabUnknownTx,
+    /// A second, different winner for a solved transaction.
+    LabConflictingResult,
+    /// A result whose solution does not meet the difficulty.
+    LabUnverifiedResult,
+}
+
+impl DropReason {
+    /// The short, stable name counted and written in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::Malformed => "malformed",
+            Self::TrailingBytes => "trailing_bytes",
+            Self::BadVersion => "bad_version",
+            Self::WrongTopic => "wrong_topic",
+            Self::InvalidField => "invalid_field",
+            Self::UnexpectedTopic => "unexpected_topic",
+            Self::DuplicateId => "duplicate_id",
+            Self::NotMember => "not_member",
+            Self::NotAVoter => "not_a_voter",
+            Self::StaleTerm => "stale_term",
+            Self::NotController => "not_controller",
+            Self::BadConfiguration => "bad_configuration",
+            Self::BadDifficulty => "bad_difficulty",
+            Self::InvalidBlock => "invalid_block",
+            Self::UnsolicitedSync => "unsolicited_sync",
+            Self::LabTooLarge => "lab_too_large",
+            Self::LabMalformed => "lab_malformed",
+            Self::LabInvalidField => "lab_invalid_field",
+            Self::LabTooManyClients => "lab_too_many_clients",
+            Self::LabLateVote => "lab_late_vote",
+            Self::LabNotFromController => "lab_not_from_controller",
+            Self::LabConflictingChallenge => "lab_conflicting_challenge",
+            Self::LabNoController => "lab_no_controller",
+            Self::LabUnknownTx => "lab_unknown_tx",
+            Self::LabConflictingResult => "lab_conflicting_result",
+            Self::LabUnverifiedResult => "lab_unverified_result",
+        }
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a payload was dropped. Each variant is counted separately by the peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -312,16 +416,21 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// A short, stable name for counters and events.
-    pub fn reason(&self) -> &'static str {
+    /// Why the payload is dropped.
+    pub fn drop_reason(&self) -> DropReason {
         match self {
-            Self::TooLarge { .. } => "too_large",
-            Self::Malformed(_) => "malformed",
-            Self::Trailing(_) => "trailing_bytes",
-            Self::Version(_) => "bad_version",
-            Self::WrongTopic { .. } => "wrong_topic",
-            Self::Invalid(_) => "invalid_field",
+            Self::TooLarge { .. } => DropReason::TooLarge,
+            Self::Malformed(_) => DropReason::Malformed,
+            Self::Trailing(_) => DropReason::TrailingBytes,
+            Self::Version(_) => DropReason::BadVersion,
+            Self::WrongTopic { .. } => DropReason::WrongTopic,
+            Self::Invalid(_) => DropReason::InvalidField,
         }
+    }
+
+    /// A short, stable name for counters and events: [`drop_reason`](Self::drop_reason)'s.
+    pub fn reason(&self) -> &'static str {
+        self.drop_reason().as_str()
     }
 }
 

@@ -9,7 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize};
 use sha1::Digest as _;
 
-use crate::protocol::Channel;
+use crate::protocol::{Channel, DropReason};
 
 /// Largest lab payload accepted, in bytes. The largest valid message (a result with two
 /// 64-character ids and a 256-character solution) is well under it.
@@ -214,13 +214,18 @@ pub enum LabDecodeError {
 }
 
 impl LabDecodeError {
-    /// A short, stable name for counters and events.
-    pub fn reason(&self) -> &'static str {
+    /// Why the payload is dropped.
+    pub fn drop_reason(&self) -> DropReason {
         match self {
-            Self::TooLarge(_) => "lab_too_large",
-            Self::Malformed(_) => "lab_malformed",
-            Self::Invalid(_) => "lab_invalid_field",
+            Self::TooLarge(_) => DropReason::LabTooLarge,
+            Self::Malformed(_) => DropReason::LabMalformed,
+            Self::Invalid(_) => DropReason::LabInvalidField,
         }
+    }
+
+    /// A short, stable name for counters and events: [`drop_reason`](Self::drop_reason)'s.
+    pub fn reason(&self) -> &'static str {
+        self.drop_reason().as_str()
     }
 }
 

@@ -17,7 +17,9 @@ use crate::chain::Chain;
 use crate::events::Event;
 use crate::pace::Pace;
 use crate::pow::{self, Digest, HashAlg, Template};
-use crate::protocol::{Block, Challenge, Change, MAX_SYNC_BLOCKS, Outcome, PeerId, RejectReason, Term, TxId};
+use crate::protocol::{
+    Block, Challenge, Change, DropReason, MAX_SYNC_BLOCKS, Outcome, PeerId, RejectReason, Term, TxId,
+};
 use crate::status::Role;
 use crate::status::Status;
 use crate::work::{Found, Job};
@@ -681,8 +683,8 @@ impl RoomNode {
         self.out.push(Action::Emit(event));
     }
 
-    fn drop_msg(&mut self, reason: &str, detail: String) {
-        self.emit(Event::MessageDropped { reason: reason.into(), detail });
+    fn drop_msg(&mut self, reason: DropReason, detail: String) {
+        self.emit(Event::dropped(reason, detail));
     }
 
     fn hello(&self, to: Option<PeerId>, want_reply: bool) -> Msg {
@@ -1132,7 +1134,7 @@ impl RoomNode {
             // Once per process: when our chain is behind, both sides may think they stay, and
             // each answer would draw another (seed 764004). The chain we then sync decides.
             self.rival = Some((key, incarnation));
-            self.drop_msg("duplicate_id", format!("another process claims our client id {id}; it gives way"));
+            self.drop_msg(DropReason::DuplicateId, format!("another process claims our client id {id}; it gives way"));
             self.publish(self.hello(None, false));
         }
     }
@@ -1149,7 +1151,10 @@ impl RoomNode {
         let id = self.cfg.id;
         // Our term may be hearsay: without the configuration, a forger's (seed 807713).
         if self.is_controller() || (term < self.term && !self.term_is_hearsay()) {
-            self.drop_msg("duplicate_id", format!("heartbeat of term {term} from another process under our id {id}"));
+            self.drop_msg(
+                DropReason::DuplicateId,
+                format!("heartbeat of term {term} from another process under our id {id}"),
+            );
             return;
         }
         self.rival_led = Some(key);
@@ -1240,7 +1245,7 @@ impl RoomNode {
     /// id, or the member back with its disk lost): not that member. It still learns from our
     /// answer that this room exists, so it never founds another.
     fn on_stranger_hello(&mut self, from: PeerId, want_reply: bool, controller: Option<PeerId>, height: u64) {
-        self.drop_msg("duplicate_id", format!("hello from {from} under a key that is not its member's"));
+        self.drop_msg(DropReason::DuplicateId, format!("hello from {from} under a key that is not its member's"));
         if height > 0 || controller.is_some() {
             // Whoever it is, it speaks for a room that exists.
             self.saw_room();
@@ -1497,7 +1502,7 @@ impl RoomNode {
         if !self.is_voter_id(from, key) {
             self.try_start_bootstrap();
             if !self.is_voter_id(from, key) {
-                self.drop_msg("not_a_voter", format!("ballot from {from} in term {term}"));
+                self.drop_msg(DropReason::NotAVoter, format!("ballot from {from} in term {term}"));
                 return;
             }
         }
@@ -1774,7 +1779,7 @@ impl RoomNode {
         // comes after the write (see the peer's store: a message waits for the writes before it).
         self.publish(Msg::Result { term: self.term, outcome: Outcome::Accepted(block), commit: self.commit });
         if let Err(e) = self.append(block) {
-            self.drop_msg("invalid_block", format!("our own {what} {}: {e}", block.tx));
+            self.drop_msg(DropReason::InvalidBlock, format!("our own {what} {}: {e}", block.tx));
             return;
         }
         self.pending = Some(block.tx);
@@ -1921,7 +1926,7 @@ impl RoomNode {
         // Only a voter can win an election: anyone else speaking as controller is a forger (or
         // from another room), and must neither be followed nor move the term.
         if !self.may_lead(from) {
-            self.drop_msg("not_member", format!("{what} from {from}, who is not a voting member of the room"));
+            self.drop_msg(DropReason::NotMember, format!("{what} from {from}, who is not a voting member of the room"));
             return false;
         }
         if term < self.term && term >= self.promised && self.voters().is_none() && !self.controller_live() {
@@ -1941,7 +1946,10 @@ impl RoomNode {
                 self.publish(Msg::Ack { to: from, term: self.term, height: 0, key: self.cfg.key });
             }
             let current = self.term;
-            self.drop_msg("stale_term", format!("{what} from {from} for term {term}, current term is {current}"));
+            self.drop_msg(
+                DropReason::StaleTerm,
+                format!("{what} from {from} for term {term}, current term is {current}"),
+            );
             return false;
         }
         if term > self.term {
@@ -1955,7 +1963,10 @@ impl RoomNode {
                 true
             }
             Some(c) if c != from => {
-                self.drop_msg("not_controller", format!("{what} from {from} in term {term}, whose controller is {c}"));
+                self.drop_msg(
+                    DropReason::NotController,
+                    format!("{what} from {from} in term {term}, whose controller is {c}"),
+                );
                 false
             }
             Some(_) => {
@@ -2079,7 +2090,7 @@ impl RoomNode {
         if c.tx == 0 && self.config.is_none() {
             // Block 0 links to the configuration it records.
             let Some(config) = config.filter(|k| k.digest(c.alg) == c.prev) else {
-                self.drop_msg("bad_configuration", format!("challenge 0 from {from}"));
+                self.drop_msg(DropReason::BadConfiguration, format!("challenge 0 from {from}"));
                 return;
             };
             self.genesis_offer = Some(config);
@@ -2102,7 +2113,7 @@ impl RoomNode {
         if !c.pace.allows(prefix, c.difficulty) {
             let detail =
                 format!("challenge {} asks for {} bits, which {:?} does not allow", c.tx, c.difficulty, c.pace);
-            self.drop_msg("bad_difficulty", detail);
+            self.drop_msg(DropReason::BadDifficulty, detail);
             return;
         }
         let same = self.mining.is_some_and(|o| (o.tx, o.prev, o.difficulty) == (c.tx, c.prev, c.difficulty));
@@ -2135,7 +2146,7 @@ impl RoomNode {
         // Anyone can publish in the controller's name: a block that is not its own proof of work
         // is dropped before it can make us drop anything of ours.
         if let Err(e) = crate::chain::verify_work(&block) {
-            self.drop_msg("invalid_block", format!("from {from}: {e}"));
+            self.drop_msg(DropReason::InvalidBlock, format!("from {from}: {e}"));
             return;
         }
         let height = self.chain.height();
@@ -2169,7 +2180,7 @@ impl RoomNode {
             }
         }
         if let Err(e) = self.append(block) {
-            self.drop_msg("invalid_block", format!("from {from}: {e}"));
+            self.drop_msg(DropReason::InvalidBlock, format!("from {from}: {e}"));
             self.diverge();
             self.request_sync(from);
             return;
@@ -2184,7 +2195,7 @@ impl RoomNode {
         if let Some(c) = self.controller.filter(|&c| config.key_of(c).is_none()) {
             self.controller = None;
             self.drop_msg(
-                "not_member",
+                DropReason::NotMember,
                 format!("{c} was followed as controller but is not a voting member of the room"),
             );
             if self.term > self.promised {
@@ -2352,7 +2363,7 @@ impl RoomNode {
         else {
             // A controller's chain grows only by the blocks it accepts: a reply to a request it
             // made as a follower comes too late.
-            self.drop_msg("unsolicited_sync", format!("sync reply from {from}"));
+            self.drop_msg(DropReason::UnsolicitedSync, format!("sync reply from {from}"));
             return;
         };
         self.syncing = None;
@@ -2434,7 +2445,7 @@ impl RoomNode {
             match (config, first) {
                 (Some(config), Some(b)) if config.digest(b.alg) == b.prev => self.take_config(config, b.alg),
                 _ => {
-                    self.drop_msg("bad_configuration", format!("sync reply from {from}"));
+                    self.drop_msg(DropReason::BadConfiguration, format!("sync reply from {from}"));
                     return false;
                 }
             }
@@ -2462,7 +2473,7 @@ impl RoomNode {
                 return false;
             }
             if let Err(e) = self.append(block) {
-                self.drop_msg("invalid_block", format!("sync from {from}: {e}"));
+                self.drop_msg(DropReason::InvalidBlock, format!("sync from {from}: {e}"));
                 return false;
             }
         }
