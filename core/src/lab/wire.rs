@@ -7,8 +7,8 @@ use std::cmp::Ordering;
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
-use sha1::Digest as _;
 
+use crate::pow::{Digest, HashAlg};
 use crate::protocol::{Channel, DropReason};
 
 /// Largest lab payload accepted, in bytes. The largest valid message (a result with two
@@ -296,7 +296,7 @@ fn string_or_int<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 
 /// Leading zero bits of the SHA-1 digest of `solution`'s bytes, read as a big-endian number.
 pub fn work(solution: &str) -> u32 {
-    leading_zero_bits(&sha1::Sha1::digest(solution.as_bytes()))
+    Digest::of(HashAlg::Sha1, solution.as_bytes()).leading_zeros()
 }
 
 /// True if `solution` proves `difficulty` bits of work.
@@ -304,21 +304,10 @@ pub fn meets(solution: &str, difficulty: u32) -> bool {
     work(solution) >= difficulty
 }
 
-/// Leading zero bits of a digest.
-pub fn leading_zero_bits(digest: &[u8]) -> u32 {
-    let mut bits = 0;
-    for &b in digest {
-        if b != 0 {
-            return bits + b.leading_zeros();
-        }
-        bits += 8;
-    }
-    bits
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha1::Digest as _;
 
     fn dec(json: &str, ch: Channel) -> Result<LabMsg, LabDecodeError> {
         decode(json.as_bytes(), ch)
@@ -414,8 +403,6 @@ mod tests {
         assert_eq!(hex::encode(sha1::Sha1::digest(b"lab-260416")), "00000f2d5ff49c55ea26aa1c6eacaff9d34cf775");
         assert_eq!(work("lab-260416"), 20);
         assert!(meets("lab-260416", 20) && !meets("lab-260416", 21));
-        assert_eq!(leading_zero_bits(&[0, 0, 0x1f, 0xff]), 19);
-        assert_eq!(leading_zero_bits(&[0; 20]), 160);
         // Search a few candidates and check each against the digest computed independently.
         let found = (0u64..)
             .map(|n| format!("hv-{n}"))

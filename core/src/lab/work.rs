@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sha1::{Digest as _, Sha1};
 
-use super::wire::leading_zero_bits;
+use crate::pow::Digest as PowDigest;
 
 /// Candidates between checks of the stop flag: well under a millisecond at any speed.
 pub const BATCH: u64 = 1 << 10;
@@ -49,7 +49,7 @@ pub fn search(prefix: &str, difficulty: u32, stop: &AtomicBool, hashes: &AtomicU
         for _ in 0..BATCH {
             hex16(n, &mut digits);
             let digest = base.clone().chain_update(digits).finalize();
-            if leading_zero_bits(&digest) >= difficulty {
+            if PowDigest::Sha1(digest.into()).leading_zeros() >= difficulty {
                 hashes.fetch_add(n % BATCH + 1, Ordering::Relaxed);
                 // Hex digits are ASCII.
                 return Some((format!("{prefix}{}", String::from_utf8_lossy(&digits)), n));
