@@ -265,7 +265,8 @@ impl Checker {
     /// decided at once (everything but the common prefix, which only [`finish`](Self::finish)
     /// can judge: a peer may hold an unconfirmed block for a while and drop it later).
     pub fn push(&mut self, r: &Record) -> Result<(), Violation> {
-        let chain = self.chains.entry(r.peer).or_default();
+        // Every peer that wrote a record has a chain, if an empty one.
+        self.chains.entry(r.peer).or_default();
         match &r.event {
             Event::LeaderElected { term, leader, .. } => {
                 let first = *self.controllers.entry(*term).or_insert(*leader);
@@ -285,20 +286,6 @@ impl Checker {
                 }
             }
             Event::BlockAccepted { term, tx, winner, difficulty, nonce, hash, prev, change, .. } => {
-                let height = chain.len() as u64;
-                if *tx != height {
-                    return Err(Violation::Gap { peer: r.peer, tx: *tx, height });
-                }
-                let tip = match chain.last() {
-                    Some(&i) => self.blocks[i as usize].hash.clone(),
-                    // Block 0 links to the room's configuration, which the events do not show:
-                    // the common prefix judges it.
-                    None if prev.len() == 40 || prev.len() == 64 => prev.clone(),
-                    None => zero_like(prev),
-                };
-                if *prev != tip {
-                    return Err(Violation::BrokenLink { peer: r.peer, tx: *tx, prev: prev.clone(), tip });
-                }
                 let block = SeenBlock {
                     tx: *tx,
                     term: *term,
@@ -309,52 +296,17 @@ impl Checker {
                     prev: prev.clone(),
                     change: *change,
                 };
-                let index = match self.known.get(&block) {
-                    Some(&i) => i,
-                    None => {
-                        verify(&block)?;
-                        let i = u32::try_from(self.blocks.len()).expect("fewer than 2^32 distinct blocks");
-                        self.known.insert(block.clone(), i);
-                        self.by_hash.insert(block.hash.clone(), i);
-                        self.blocks.push(block);
-                        i
-                    }
-                };
-                chain.push(index);
-                // Blocks are known by their hash: the same solution accepted in two terms (by a
-                // deposed controller and by its successor) is one block.
-                let first = *self.by_term_tx.entry((*term, *tx)).or_insert(index);
-                if self.blocks[first as usize].hash != *hash {
-                    return Err(Violation::TwoBlocksInOneTerm {
-                        term: *term,
-                        tx: *tx,
-                        first: self.blocks[first as usize].hash.clone(),
-                        second: hash.clone(),
-                    });
-                }
+                self.accepted(r.peer, block)?;
             }
-            Event::BlockCommitted { tx, .. } => {
-                // Known only if this peer's chain was described (always, with `resumed`).
-                if let Some(&index) = usize::try_from(*tx).ok().and_then(|t| chain.get(t)) {
-                    let first = *self.committed.entry(*tx).or_insert(index);
-                    if self.blocks[first as usize].hash != self.blocks[index as usize].hash {
-                        return Err(Violation::CommittedChanged {
-                            tx: *tx,
-                            first: self.blocks[first as usize].hash.clone(),
-                            second: self.blocks[index as usize].hash.clone(),
-                            peer: r.peer,
-                        });
-                    }
-                }
-                let commit = self.commits.entry(r.peer).or_default();
-                *commit = (*commit).max(tx + 1);
-            }
+            Event::BlockCommitted { tx, .. } => self.committed(r.peer, *tx)?,
             Event::ChainTruncated { height } => {
                 let commit = self.commits.get(&r.peer).copied().unwrap_or(0);
                 if *height < commit {
                     return Err(Violation::CommittedTruncated { peer: r.peer, height: *height, commit });
                 }
-                chain.truncate(usize::try_from(*height).unwrap_or(usize::MAX));
+                if let Some(chain) = self.chains.get_mut(&r.peer) {
+                    chain.truncate(usize::try_from(*height).unwrap_or(usize::MAX));
+                }
                 self.truncations += 1;
             }
             Event::CommittedConflict { tx, commit } => {
@@ -371,6 +323,74 @@ impl Checker {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// `peer` appended `block`: it must extend the peer's chain, carry its work, and be the only
+    /// block of its transaction in its term.
+    fn accepted(&mut self, peer: PeerId, block: SeenBlock) -> Result<(), Violation> {
+        let chain = self.chains.entry(peer).or_default();
+        let height = chain.len() as u64;
+        if block.tx != height {
+            return Err(Violation::Gap { peer, tx: block.tx, height });
+        }
+        let tip = match chain.last() {
+            Some(&i) => self.blocks[i as usize].hash.clone(),
+            // Block 0 links to the room's configuration, which the events do not show:
+            // the common prefix judges it.
+            None if block.prev.len() == 40 || block.prev.len() == 64 => block.prev.clone(),
+            None => zero_like(&block.prev),
+        };
+        if block.prev != tip {
+            return Err(Violation::BrokenLink { peer, tx: block.tx, prev: block.prev, tip });
+        }
+        let (term, tx, hash) = (block.term, block.tx, block.hash.clone());
+        let index = self.intern(block)?;
+        self.chains.entry(peer).or_default().push(index);
+        // Blocks are known by their hash: the same solution accepted in two terms (by a
+        // deposed controller and by its successor) is one block.
+        let first = *self.by_term_tx.entry((term, tx)).or_insert(index);
+        if self.blocks[first as usize].hash != hash {
+            return Err(Violation::TwoBlocksInOneTerm {
+                term,
+                tx,
+                first: self.blocks[first as usize].hash.clone(),
+                second: hash,
+            });
+        }
+        Ok(())
+    }
+
+    /// The index of `block` among the blocks seen; a block seen for the first time is verified.
+    fn intern(&mut self, block: SeenBlock) -> Result<u32, Violation> {
+        if let Some(&i) = self.known.get(&block) {
+            return Ok(i);
+        }
+        verify(&block)?;
+        let i = u32::try_from(self.blocks.len()).expect("fewer than 2^32 distinct blocks");
+        self.known.insert(block.clone(), i);
+        self.by_hash.insert(block.hash.clone(), i);
+        self.blocks.push(block);
+        Ok(i)
+    }
+
+    /// `peer` says block `tx` is committed: every peer must say so of the same block.
+    fn committed(&mut self, peer: PeerId, tx: TxId) -> Result<(), Violation> {
+        // Known only if this peer's chain was described (always, with `resumed`).
+        let held = usize::try_from(tx).ok().and_then(|t| self.chains.get(&peer)?.get(t).copied());
+        if let Some(index) = held {
+            let first = *self.committed.entry(tx).or_insert(index);
+            if self.blocks[first as usize].hash != self.blocks[index as usize].hash {
+                return Err(Violation::CommittedChanged {
+                    tx,
+                    first: self.blocks[first as usize].hash.clone(),
+                    second: self.blocks[index as usize].hash.clone(),
+                    peer,
+                });
+            }
+        }
+        let commit = self.commits.entry(peer).or_default();
+        *commit = (*commit).max(tx + 1);
         Ok(())
     }
 

@@ -98,6 +98,13 @@ fn svg(draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> anyhow::Result<()>)
     Ok(out)
 }
 
+/// A chart captioned `caption`, with room for the axes' labels.
+fn chart<'a, 'b>(root: &'a DrawingArea<SVGBackend<'b>, Shift>, caption: &str) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder.caption(caption, ("sans-serif", 20)).margin(10).x_label_area_size(40).y_label_area_size(70);
+    builder
+}
+
 fn no_data(root: &DrawingArea<SVGBackend, Shift>, caption: &str) -> anyhow::Result<()> {
     let (w, h) = PLOT_SIZE;
     let style = ("sans-serif", 22).into_font().color(&BLACK);
@@ -118,11 +125,7 @@ fn solve_time(view: &RoomView) -> anyhow::Result<String> {
         let xs = span(points.iter().map(|p| p.0), false);
         let ys = span(points.iter().map(|p| p.1), true);
         let ds = span(points.iter().map(|p| p.2), true);
-        let mut chart = ChartBuilder::on(root)
-            .caption(CAPTION, ("sans-serif", 20))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
+        let mut chart = chart(root, CAPTION)
             .right_y_label_area_size(50)
             .build_cartesian_2d(xs.clone(), ys)?
             .set_secondary_coord(xs, ds);
@@ -167,12 +170,7 @@ fn hash_rate(view: &RoomView) -> anyhow::Result<String> {
         }
         let xs = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)), true);
         let ys = span(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)), true);
-        let mut chart = ChartBuilder::on(root)
-            .caption(CAPTION, ("sans-serif", 20))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(xs, ys)?;
+        let mut chart = chart(root, CAPTION).build_cartesian_2d(xs, ys)?;
         chart.configure_mesh().x_desc("time since the first status (s)").y_desc("MH/s").draw()?;
         for (i, (id, points)) in series.iter().enumerate() {
             let colour = Palette99::pick(i).to_rgba();
@@ -205,12 +203,7 @@ fn elections(view: &RoomView) -> anyhow::Result<String> {
             let term = whole(*x).filter(|i| *i >= 0.0).and_then(|i| terms.get(i as usize));
             term.map_or_else(String::new, |t| format!("term {t}"))
         };
-        let mut chart = ChartBuilder::on(root)
-            .caption(CAPTION, ("sans-serif", 20))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(xs, ys)?;
+        let mut chart = chart(root, CAPTION).build_cartesian_2d(xs, ys)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -270,10 +263,29 @@ fn page(view: &RoomView, title: &str, plots: &[(&str, &str, String)]) -> String 
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{title}</title>\n\
          <style>{STYLE}</style>\n</head>\n<body>\n<h1>{title}</h1>\n"
     );
+    summary(&mut h, view);
+    peers(&mut h, view);
+    controllers(&mut h, view);
+    for (name, heading, svg) in plots {
+        let _ = writeln!(h, "<h2>{}</h2>\n<figure id=\"{}\">", escape(heading), escape(name));
+        // Inlined as it was drawn; the XML declaration, if any, has no place inside HTML.
+        let body = svg.trim_start();
+        let body = match body.strip_prefix("<?xml") {
+            Some(rest) => rest.split_once("?>").map_or(rest, |(_, after)| after),
+            None => body,
+        };
+        let _ = writeln!(h, "{}\n</figure>", body.trim());
+    }
+    chain(&mut h, view);
+    let _ = writeln!(h, "</body>\n</html>");
+    h
+}
 
-    let blocks = view.chain().len();
+/// The page's summary: the chain, the peers, the terms.
+fn summary(h: &mut String, view: &RoomView) {
     let _ = writeln!(h, "<h2>Summary</h2>\n<ul>");
-    let _ = writeln!(h, "<li>blocks: {blocks} (height {}, {} replaced)</li>", view.height(), view.replaced());
+    let _ =
+        writeln!(h, "<li>blocks: {} (height {}, {} replaced)</li>", view.chain().len(), view.height(), view.replaced());
     if let Some(tip) = view.tip() {
         let _ = writeln!(h, "<li>tip: <code>{}</code> won by {}</li>", escape(&tip.hash.to_hex()), tip.miner);
     }
@@ -287,7 +299,10 @@ fn page(view: &RoomView, title: &str, plots: &[(&str, &str, String)]) -> String 
         let _ = writeln!(h, "<li>messages ignored (not from their term's controller): {}</li>", view.ignored());
     }
     let _ = writeln!(h, "</ul>");
+}
 
+/// The table of peers: role, presence, hash rate, blocks won.
+fn peers(h: &mut String, view: &RoomView) {
     let _ = writeln!(h, "<h2>Peers</h2>");
     if view.peers().len() == 0 {
         let _ = writeln!(h, "<p class=\"none\">no data</p>");
@@ -311,7 +326,10 @@ fn page(view: &RoomView, title: &str, plots: &[(&str, &str, String)]) -> String 
         }
         let _ = writeln!(h, "</table>");
     }
+}
 
+/// The table of terms: controller, election and failover times.
+fn controllers(h: &mut String, view: &RoomView) {
     let _ = writeln!(h, "<h2>Controllers</h2>");
     if view.elections().len() == 0 {
         let _ = writeln!(h, "<p class=\"none\">no data</p>");
@@ -334,20 +352,12 @@ fn page(view: &RoomView, title: &str, plots: &[(&str, &str, String)]) -> String 
         }
         let _ = writeln!(h, "</table>");
     }
+}
 
-    for (name, heading, svg) in plots {
-        let _ = writeln!(h, "<h2>{}</h2>\n<figure id=\"{}\">", escape(heading), escape(name));
-        // Inlined as it was drawn; the XML declaration, if any, has no place inside HTML.
-        let body = svg.trim_start();
-        let body = match body.strip_prefix("<?xml") {
-            Some(rest) => rest.split_once("?>").map_or(rest, |(_, after)| after),
-            None => body,
-        };
-        let _ = writeln!(h, "{}\n</figure>", body.trim());
-    }
-
+/// The table of the chain, one row per block.
+fn chain(h: &mut String, view: &RoomView) {
     let _ = writeln!(h, "<h2>Chain</h2>");
-    if blocks == 0 {
+    if view.chain().len() == 0 {
         let _ = writeln!(h, "<p class=\"none\">no data: no block yet</p>");
     } else {
         let _ = writeln!(
@@ -369,8 +379,6 @@ fn page(view: &RoomView, title: &str, plots: &[(&str, &str, String)]) -> String 
         }
         let _ = writeln!(h, "</table>");
     }
-    let _ = writeln!(h, "</body>\n</html>");
-    h
 }
 
 #[cfg(test)]

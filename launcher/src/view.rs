@@ -683,10 +683,17 @@ impl RoomView {
         if self.controller().is_some_and(|(t, _)| t >= term) || self.elections.contains_key(&term) {
             return;
         }
+        self.open_election(now_ms, term, Some(now_ms));
+        out.push(Happening::ElectionStarted { term });
+    }
+
+    /// Opens the election of `term`: a failover if the controller of an earlier term was lost,
+    /// started then; otherwise started at `started_ms`, if known.
+    fn open_election(&mut self, now_ms: u64, term: Term, started_ms: Option<u64>) {
         let lost = self.lost.filter(|l| l.term < term);
-        let election = Election {
+        self.insert_election(Election {
             term,
-            started_ms: Some(lost.map_or(now_ms, |l| l.at_ms.min(now_ms))),
+            started_ms: lost.map(|l| l.at_ms.min(now_ms)).or(started_ms),
             ended_ms: None,
             winner: None,
             failover: lost.map(|l| Failover {
@@ -695,9 +702,7 @@ impl RoomView {
                 offline_ms: l.at_ms,
                 done_ms: None,
             }),
-        };
-        self.insert_election(election);
-        out.push(Happening::ElectionStarted { term });
+        });
     }
 
     fn insert_election(&mut self, e: Election) {
@@ -725,19 +730,7 @@ impl RoomView {
             return true;
         }
         if !self.elections.contains_key(&term) {
-            let lost = self.lost.filter(|l| l.term < term);
-            self.insert_election(Election {
-                term,
-                started_ms: lost.map(|l| l.at_ms.min(now_ms)),
-                ended_ms: None,
-                winner: None,
-                failover: lost.map(|l| Failover {
-                    previous: l.id,
-                    previous_term: l.term,
-                    offline_ms: l.at_ms,
-                    done_ms: None,
-                }),
-            });
+            self.open_election(now_ms, term, None);
         }
         if let Some(e) = self.elections.get_mut(&term)
             && e.ended_ms.is_none()
