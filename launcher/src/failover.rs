@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use peer::events::now_ms;
 
-use crate::chaos::room::{Failure, Room, RoomConfig};
+use crate::chaos::room::{Failure, Room, RoomConfig, verdict};
 use crate::cli::FailoverBenchArgs;
 use crate::stats::percentile;
 
@@ -42,17 +42,13 @@ async fn run(args: FailoverBenchArgs) -> anyhow::Result<ExitCode> {
             sorted.len()
         );
     }
-    Ok(match (&outcome, &checked) {
-        (Ok(()), Ok(s)) => {
+    Ok(match verdict(&outcome, &checked) {
+        Ok(s) => {
             println!("invariants: hold ({} terms, {} blocks)", s.terms, s.blocks);
             ExitCode::SUCCESS
         }
-        (Err(e), _) => {
-            println!("FAIL: {e}");
-            ExitCode::FAILURE
-        }
-        (Ok(()), Err(v)) => {
-            println!("FAIL: invariant violated: {v}");
+        Err(fail) => {
+            println!("{fail}");
             ExitCode::FAILURE
         }
     })

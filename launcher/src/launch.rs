@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use broker::port;
 use peer::config::Wire;
 use ratatui::crossterm::event::KeyEvent;
 use tokio::sync::mpsc;
@@ -29,7 +30,7 @@ use crate::observe::{Seen, Target};
 use crate::screen::{self, Screen};
 use crate::tally::Tally;
 use crate::view::RoomView;
-use crate::{observe, port, report};
+use crate::{observe, report};
 
 /// The port a demo uses unless told otherwise (MQTT's standard port).
 const DEFAULT_PORT: u16 = 1883;
@@ -157,7 +158,7 @@ impl Launcher {
     async fn run(mut self, mut output: mpsc::UnboundedReceiver<Output>) -> anyhow::Result<()> {
         let mut redraw = tokio::time::interval(REDRAW);
         redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut shutdown = std::pin::pin!(crate::runtime::shutdown_signal());
+        let mut shutdown = std::pin::pin!(peer::cli::shutdown_signal());
         // An error out of a handler (the terminal, the events file) ends the run at once; the
         // children go with the launcher (see `process`).
         let outcome = loop {

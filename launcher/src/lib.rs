@@ -13,7 +13,6 @@ pub mod invariants;
 mod launch;
 mod login;
 mod observe;
-mod port;
 mod process;
 mod report;
 mod runtime;

@@ -1,5 +1,6 @@
-//! What every async command of the launcher runs on: a current-thread tokio runtime, the one-line
-//! error at exit, and the signals (Ctrl-C, SIGTERM) that stop it.
+//! What every async command of the launcher runs on: a current-thread tokio runtime and the
+//! one-line error at exit. Ctrl-C and SIGTERM are awaited with the peer's own
+//! [`shutdown_signal`](peer::cli::shutdown_signal).
 
 use std::process::ExitCode;
 
@@ -17,18 +18,4 @@ pub(crate) fn block_on(who: &str, run: impl Future<Output = anyhow::Result<ExitC
         eprintln!("{who}: error: {e:#}");
         ExitCode::FAILURE
     })
-}
-
-/// Resolves on Ctrl-C or SIGTERM (never, if the handlers cannot be installed).
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
 }

@@ -51,7 +51,7 @@ async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let mut watcher = Watcher::new(args)?;
     let mut redraw = tokio::time::interval(REDRAW);
     redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut shutdown = std::pin::pin!(crate::runtime::shutdown_signal());
+    let mut shutdown = std::pin::pin!(peer::cli::shutdown_signal());
     // An error out of a handler (the terminal) ends the watch at once.
     let outcome = loop {
         let next = tokio::select! {

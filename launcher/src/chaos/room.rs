@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use broker::port;
 use peer::events::{Event, Record};
 use peer::protocol::{PeerId, Term};
 use tokio::io::BufReader;
@@ -22,7 +23,6 @@ use tokio::sync::mpsc;
 
 use crate::cli::FaultRoomArgs;
 use crate::invariants::{Checker, Summary, Violation};
-use crate::port;
 use crate::process::{self, Proc};
 
 /// How long a peer or the broker gets to exit after SIGTERM (or to be reaped after SIGKILL).
@@ -106,6 +106,19 @@ pub enum Failure {
     /// The room could not be set up (a process did not start, the port was taken).
     #[error("{0:#}")]
     Setup(anyhow::Error),
+}
+
+/// A fault run's result: the invariant check's summary if the run and the check passed, else
+/// the `FAIL: ...` line that says why.
+pub fn verdict<'a>(
+    outcome: &Result<(), Failure>,
+    checked: &'a Result<Summary, Violation>,
+) -> Result<&'a Summary, String> {
+    match (outcome, checked) {
+        (Ok(()), Ok(s)) => Ok(s),
+        (Err(e), _) => Err(format!("FAIL: {e}")),
+        (Ok(()), Err(v)) => Err(format!("FAIL: invariant violated: {v}")),
+    }
 }
 
 /// Where a peer process is.
@@ -195,7 +208,7 @@ impl Room {
         let (tx, rx) = mpsc::unbounded_channel();
         let interrupt = tx.clone();
         tokio::spawn(async move {
-            crate::runtime::shutdown_signal().await;
+            peer::cli::shutdown_signal().await;
             let _ = interrupt.send(Msg::Interrupt);
         });
         let mut room = Self {
