@@ -1,5 +1,7 @@
 //! The launcher: starts a broker and a room of peers as child processes, shows what the room does
-//! from the peers' event streams, and stops every child when it stops, whatever the reason. It
+//! (the dashboard from the room's own MQTT traffic, as `watch` does from anywhere; the plain lines
+//! and the end-of-run summary from the peers' event streams), and stops every child when it stops,
+//! whatever the reason. It
 //! can also put a room under faults (`chaos`, `failover-bench`), follow a room started elsewhere
 //! (`watch`) and decode a room's raw traffic (`decode`); see [`cli`].
 

@@ -99,20 +99,7 @@ impl RoomDriver {
         );
         let incarnation: u64 = rand::random();
         let clock = Clock::new();
-        let node = RoomNode::new(
-            RoomNodeConfig {
-                id,
-                key: identity.key,
-                incarnation,
-                since_ms: clock.now_ms(),
-                room_size: cfg.room_size,
-                pace: cfg.pace(),
-                alg: cfg.hash,
-                seed: rand::random(),
-                timing: Timing { replace_after_ms: cfg.replace_after_s.saturating_mul(1_000), ..Timing::default() },
-            },
-            restored,
-        );
+        let node = new_node(&cfg, &identity, incarnation, clock.now_ms(), restored);
         // A restart says what it resumed from, even nothing: what it had only staged (blocks synced
         // but never acknowledged) may be gone, and its events must not pretend otherwise.
         if store.existed() {
@@ -128,24 +115,7 @@ impl RoomDriver {
             threads: u16::try_from(threads).unwrap_or(u16::MAX),
             schedule: Schedule::default(),
         };
-        // Two connections, each with a Last Will. The protocol connection's will is our `Leave`, on
-        // the room's init topic: the peers learn of our death from it. The status beacon subscribes
-        // to nothing and its will is our status marked offline, retained, for whoever watches;
-        // rumqttd restarts a connection's keepalive countdown whenever it *sends* to it, so a
-        // beacon that receives nothing has its will sent 1.5 x keepalive after we fall silent on
-        // any broker.
-        let leave = LastWill::new(
-            topics.topic(crate::protocol::Channel::Init),
-            room::encode(&room::Envelope::new(id, node.farewell())),
-            QoS::AtLeastOnce,
-            false,
-        );
-        let offline = Status { threads: status.threads, ..offline_status(node.status(clock.now_ms())) };
-        let beacon_will = LastWill::new(&status.topic, offline.encode(), QoS::AtLeastOnce, true);
-        let first = FirstConnect::of(&cfg);
-        let link = Link::open(mqtt_options(&cfg, mqtt_client_id(id, incarnation), Some(leave)), 1024, first.clone());
-        // The beacon's own failures to connect are the protocol connection's too, which reports them.
-        let beacon = Link::open(mqtt_options(&cfg, beacon_client_id(id, incarnation), Some(beacon_will)), 64, first);
+        let (link, beacon) = connections(&cfg, &topics, id, incarnation, &node, &status);
         let (found_tx, found) = mpsc::unbounded_channel::<Found>();
         let miner = Miner::new(threads, move |f| {
             let _ = found_tx.send(f);
@@ -384,6 +354,55 @@ impl Wire for RoomDriver {
         tokio::join!(link.close(), self.beacon.close());
         info!(height = self.node.chain().height(), commit = self.node.commit(), "peer stopped");
     }
+}
+
+/// The room protocol's node of this process, on what its data directory `restored`.
+fn new_node(cfg: &PeerConfig, identity: &Identity, incarnation: u64, now_ms: u64, restored: Restored) -> RoomNode {
+    RoomNode::new(
+        RoomNodeConfig {
+            id: identity.id,
+            key: identity.key,
+            incarnation,
+            since_ms: now_ms,
+            room_size: cfg.room_size,
+            pace: cfg.pace(),
+            alg: cfg.hash,
+            seed: rand::random(),
+            timing: Timing { replace_after_ms: cfg.replace_after_s.saturating_mul(1_000), ..Timing::default() },
+        },
+        restored,
+    )
+}
+
+/// Opens the peer's two connections, each with a Last Will: the protocol connection's and the
+/// status beacon's.
+///
+/// The protocol connection's will is our `Leave`, on the room's init topic: the peers learn of our
+/// death from it. The status beacon subscribes to nothing and its will is our status marked
+/// offline, retained, for whoever watches; rumqttd restarts a connection's keepalive countdown
+/// whenever it *sends* to it, so a beacon that receives nothing has its will sent 1.5 x keepalive
+/// after we fall silent on any broker.
+fn connections(
+    cfg: &PeerConfig,
+    topics: &Topics,
+    id: PeerId,
+    incarnation: u64,
+    node: &RoomNode,
+    status: &StatusPublisher,
+) -> (Link, Link) {
+    let leave = LastWill::new(
+        topics.topic(crate::protocol::Channel::Init),
+        room::encode(&room::Envelope::new(id, node.farewell())),
+        QoS::AtLeastOnce,
+        false,
+    );
+    let offline = Status { threads: status.threads, ..offline_status(node.status(crate::events::now_ms())) };
+    let beacon_will = LastWill::new(&status.topic, offline.encode(), QoS::AtLeastOnce, true);
+    let first = FirstConnect::of(cfg);
+    let link = Link::open(mqtt_options(cfg, mqtt_client_id(id, incarnation), Some(leave)), 1024, first.clone());
+    // The beacon's own failures to connect are the protocol connection's too, which reports them.
+    let beacon = Link::open(mqtt_options(cfg, beacon_client_id(id, incarnation), Some(beacon_will)), 64, first);
+    (link, beacon)
 }
 
 /// The protocol's clock: monotonic milliseconds, starting at the Unix time the process started
