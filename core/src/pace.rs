@@ -4,13 +4,30 @@
 //! Three policies: a fixed difficulty; the lab's random range (any difficulty within bounds); and
 //! retargeting, which (like Bitcoin's) moves the difficulty towards a target block interval using
 //! the solve times recorded in the last blocks, by at most one bit (a factor of two) per block.
+//!
+//! The pace reads the chain through [`Paced`]: the protocol's blocks carry a [`Pace`] and implement
+//! [`Paced`], so the protocol depends on this module and not the other way round.
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::Block;
-
 /// Blocks whose solve times the retarget rule averages.
 pub const WINDOW: usize = 4;
+
+/// What the pace needs of a mined block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Solve {
+    /// The difficulty it was mined at.
+    pub difficulty: u8,
+    /// How long it took to solve, in milliseconds (at least 1).
+    pub ms: u64,
+}
+
+/// A block of the chain, as the pace sees it.
+pub trait Paced {
+    /// Its difficulty and solve time if it was mined; `None` for a change of members, which has
+    /// no solve time.
+    fn solve(&self) -> Option<Solve>;
+}
 
 /// A difficulty policy, carried by every challenge and block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,15 +75,15 @@ impl Pace {
 
     /// The difficulty the next block on top of `chain` must have, or `None` when the policy
     /// leaves the choice to the controller (a range).
-    pub fn next(&self, chain: &[Block]) -> Option<u8> {
+    pub fn next(&self, chain: &[impl Paced]) -> Option<u8> {
         match *self {
             Self::Fixed(d) => Some(d),
             Self::Range { .. } => None,
             Self::Retarget { target_ms, start, lo, hi } => {
                 // Only mined blocks: a change of members has no solve time.
-                let recent: Vec<&Block> = chain.iter().rev().filter(|b| b.is_mined()).take(WINDOW).collect();
+                let recent: Vec<Solve> = chain.iter().rev().filter_map(Paced::solve).take(WINDOW).collect();
                 let Some(last) = recent.first() else { return Some(start) };
-                let total: u64 = recent.iter().map(|b| b.solved_ms.saturating_sub(b.issued_ms).max(1)).sum();
+                let total: u64 = recent.iter().map(|s| s.ms).sum();
                 let mean = total as f64 / recent.len() as f64;
                 // One bit doubles the expected work: step by the rounded log2 of the ratio, capped
                 // at one bit per block so the difficulty moves smoothly.
@@ -77,7 +94,7 @@ impl Pace {
     }
 
     /// Checks that `difficulty` is what this policy allows on top of `chain`.
-    pub fn allows(&self, chain: &[Block], difficulty: u8) -> bool {
+    pub fn allows(&self, chain: &[impl Paced], difficulty: u8) -> bool {
         let (lo, hi) = self.bounds();
         match self.next(chain) {
             Some(d) => d == difficulty,
@@ -89,51 +106,53 @@ impl Pace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pow::{Digest, HashAlg};
 
-    fn block(tx: u64, difficulty: u8, solve_ms: u64) -> Block {
-        let zero = Digest::zero(HashAlg::Sha1);
-        Block {
-            tx,
-            term: 1,
-            alg: HashAlg::Sha1,
-            difficulty,
-            pace: Pace::Fixed(difficulty),
-            issued_ms: 1000 * tx,
-            solved_ms: 1000 * tx + solve_ms,
-            prev: zero,
-            miner: 1,
-            nonce: 0,
-            hash: zero,
-            change: None,
+    /// A mined block, or (`None`) a change of members.
+    struct Block(Option<Solve>);
+
+    impl Paced for Block {
+        fn solve(&self) -> Option<Solve> {
+            self.0
         }
     }
 
+    fn block(difficulty: u8, solve_ms: u64) -> Block {
+        Block(Some(Solve { difficulty, ms: solve_ms }))
+    }
+
+    /// An empty chain.
+    const EMPTY: &[Block] = &[];
+
     #[test]
     fn fixed_and_range_policies() {
-        assert_eq!(Pace::Fixed(12).next(&[]), Some(12));
-        assert!(Pace::Fixed(12).allows(&[], 12) && !Pace::Fixed(12).allows(&[], 13));
+        assert_eq!(Pace::Fixed(12).next(EMPTY), Some(12));
+        assert!(Pace::Fixed(12).allows(EMPTY, 12) && !Pace::Fixed(12).allows(EMPTY, 13));
         let range = Pace::Range { lo: 10, hi: 20 };
-        assert_eq!(range.next(&[]), None);
-        assert!(range.allows(&[], 10) && range.allows(&[], 20) && !range.allows(&[], 21) && !range.allows(&[], 9));
+        assert_eq!(range.next(EMPTY), None);
+        assert!(
+            range.allows(EMPTY, 10) && range.allows(EMPTY, 20) && !range.allows(EMPTY, 21) && !range.allows(EMPTY, 9)
+        );
     }
 
     #[test]
     fn retarget_moves_one_bit_at_most_towards_the_target_and_stays_in_bounds() {
         let pace = Pace::Retarget { target_ms: 1000, start: 20, lo: 8, hi: 22 };
-        assert_eq!(pace.next(&[]), Some(20));
+        assert_eq!(pace.next(EMPTY), Some(20));
         // Far too fast: one bit up, not more.
-        assert_eq!(pace.next(&[block(0, 20, 10)]), Some(21));
+        assert_eq!(pace.next(&[block(20, 10)]), Some(21));
         // Far too slow: one bit down.
-        assert_eq!(pace.next(&[block(0, 20, 60_000)]), Some(19));
+        assert_eq!(pace.next(&[block(20, 60_000)]), Some(19));
         // On target (within a factor of sqrt 2): unchanged.
-        assert_eq!(pace.next(&[block(0, 20, 1200), block(1, 20, 800)]), Some(20));
+        assert_eq!(pace.next(&[block(20, 1200), block(20, 800)]), Some(20));
         // Bounds hold.
-        assert_eq!(pace.next(&[block(0, 22, 1)]), Some(22));
-        assert_eq!(pace.next(&[block(0, 8, 100_000)]), Some(8));
+        assert_eq!(pace.next(&[block(22, 1)]), Some(22));
+        assert_eq!(pace.next(&[block(8, 100_000)]), Some(8));
         // Only the last WINDOW blocks count.
-        let mut chain: Vec<Block> = (0..10).map(|i| block(i, 20, 100_000)).collect();
-        chain.extend((10..10 + WINDOW as u64).map(|i| block(i, 20, 1000)));
+        let mut chain: Vec<Block> = (0..10).map(|_| block(20, 100_000)).collect();
+        chain.extend((0..WINDOW).map(|_| block(20, 1000)));
+        assert_eq!(pace.next(&chain), Some(20));
+        // Changes of members have no solve time: they neither count nor push mined blocks out.
+        chain.push(Block(None));
         assert_eq!(pace.next(&chain), Some(20));
     }
 

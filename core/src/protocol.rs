@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::pace::Pace;
+use crate::pace::{Pace, Paced, Solve};
 use crate::pow::{Digest, HashAlg};
 
 /// Largest difficulty (leading zero bits) any message may carry. Far beyond anything minable, but
@@ -169,6 +169,13 @@ impl Block {
     /// Whether the block is a solved transaction (not a change of members).
     pub fn is_mined(&self) -> bool {
         self.change.is_none()
+    }
+}
+
+impl Paced for Block {
+    fn solve(&self) -> Option<Solve> {
+        let ms = self.solved_ms.saturating_sub(self.issued_ms).max(1);
+        self.is_mined().then_some(Solve { difficulty: self.difficulty, ms })
     }
 }
 
