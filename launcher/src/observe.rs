@@ -67,7 +67,7 @@ pub fn decode(topics: &Topics, prefix: &str, topic: &str, payload: &[u8]) -> Res
         }
         return Status::decode(payload, id).map(Observed::Status).map_err(|e| e.reason());
     }
-    Err("unexpected_topic")
+    Err(peer::protocol::DropReason::UnexpectedTopic.as_str())
 }
 
 /// Starts the observer; it runs until `stop` is cancelled or the login is refused.

@@ -11,12 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::events::{Event, EventSink};
+use crate::protocol::DropReason;
 use crate::transport::{Link, Net, PeerError};
 
-/// A payload the driver drops before its node sees it: why (a stable short reason, as the node's
-/// own drops name theirs) and what it was.
+/// A payload the driver drops before its node sees it: why, and what it was.
 pub(crate) struct Dropped {
-    pub(crate) reason: &'static str,
+    pub(crate) reason: DropReason,
     pub(crate) detail: String,
 }
 
@@ -95,7 +95,7 @@ async fn drive<W: Wire>(
                 Some(Net::Publish { topic, payload }) => match wire.on_packet(&topic, &payload) {
                     Ok(input) => input,
                     Err(Dropped { reason, detail }) => {
-                        report.drops.count(reason, || detail);
+                        report.drops.count(reason.as_str(), || detail);
                         continue;
                     }
                 },

@@ -20,7 +20,7 @@ use crate::config::PeerConfig;
 use crate::driver::{self, Dropped, Reporter, Wire};
 use crate::events::{Event, EventSink};
 use crate::miner::{Found, Miner};
-use crate::protocol::{PeerId, Topics};
+use crate::protocol::{DropReason, PeerId, Topics};
 use crate::status::{Role, STATUS_MIN_GAP, Schedule, Status};
 use crate::store::{Identity, Store};
 use crate::transport::{FirstConnect, Link, Net, PeerError, beacon_client_id, mqtt_client_id, mqtt_options};
@@ -290,11 +290,11 @@ impl Wire for RoomDriver {
             self.topics.channel(topic).map(Channel::from)
         };
         let Some(channel) = channel else {
-            return Err(Dropped { reason: "unexpected_topic", detail: format!("message on {topic}") });
+            return Err(Dropped { reason: DropReason::UnexpectedTopic, detail: format!("message on {topic}") });
         };
         room::decode(payload, channel, self.max_payload)
             .map(Input::Message)
-            .map_err(|e| Dropped { reason: e.reason(), detail: format!("on {topic}: {e}") })
+            .map_err(|e| Dropped { reason: e.drop_reason(), detail: format!("on {topic}: {e}") })
     }
 
     async fn on_input(&mut self, input: Input, report: &mut Reporter) -> Result<(), PeerError> {

@@ -16,7 +16,7 @@ use super::{LabAction, LabConfig, LabInput, LabNode};
 use crate::config::PeerConfig;
 use crate::driver::{self, Dropped, Reporter, Wire};
 use crate::events::{Event, EventSink};
-use crate::protocol::{PeerId, Topics};
+use crate::protocol::{DropReason, PeerId, Topics};
 use crate::transport::{FirstConnect, Link, PeerError, mqtt_client_id, mqtt_options};
 
 /// Runs a lab-speaking peer until `shutdown` is cancelled or a fatal error. Its ClientID is its
@@ -113,11 +113,11 @@ impl Wire for LabDriver {
 
     fn on_packet(&mut self, topic: &str, payload: &[u8]) -> Result<LabInput, Dropped> {
         let Some(channel) = self.topics.channel(topic) else {
-            return Err(Dropped { reason: "unexpected_topic", detail: format!("message on {topic}") });
+            return Err(Dropped { reason: DropReason::UnexpectedTopic, detail: format!("message on {topic}") });
         };
         wire::decode(payload, channel)
             .map(LabInput::Message)
-            .map_err(|e| Dropped { reason: e.reason(), detail: format!("on {topic}: {e}") })
+            .map_err(|e| Dropped { reason: e.drop_reason(), detail: format!("on {topic}: {e}") })
     }
 
     async fn on_input(&mut self, input: LabInput, report: &mut Reporter) -> Result<(), PeerError> {
