@@ -993,8 +993,8 @@ impl RoomNode {
             return;
         }
         match env.msg {
-            Msg::Hello { want_reply, key, incarnation, since_ms, term, controller, height, .. } => {
-                self.on_hello(from, want_reply, key, incarnation, since_ms, term, controller, height);
+            Msg::Hello { want_reply, key, incarnation, term, controller, height, .. } => {
+                self.on_hello(from, want_reply, key, incarnation, term, controller, height);
             }
             Msg::Leave { incarnation } => {
                 // A will fired late, after the peer restarted and said hello, is not its departure.
@@ -1194,6 +1194,8 @@ impl RoomNode {
         }
     }
 
+    /// A hello from another peer (its `since_ms` matters only for one under our own id, see
+    /// `impostor`).
     #[allow(clippy::too_many_arguments)]
     fn on_hello(
         &mut self,
@@ -1201,12 +1203,10 @@ impl RoomNode {
         want_reply: bool,
         key: u64,
         incarnation: u64,
-        since_ms: u64,
         term: Term,
         controller: Option<PeerId>,
         height: u64,
     ) {
-        let _ = since_ms;
         // Whether it knows us already: then a repeated hello (its periodic one, see `tick`, or
         // after a reconnect of the same process, even one its will called gone) is answered only
         // by whoever knows more of the room than it says it does. In a room of 300 whose broker
