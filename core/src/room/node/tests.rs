@@ -3,7 +3,9 @@
 use std::collections::VecDeque;
 
 use super::*;
-use crate::room::msg::Channel;
+use crate::pow::Template;
+use crate::protocol::{Change, RejectReason};
+use crate::room::msg::{Channel, Member};
 
 /// A room of nodes with instant, ordered, lossless delivery.
 struct Room {
