@@ -40,6 +40,8 @@ pub(crate) enum Output {
         index: usize,
         /// How it ended.
         status: String,
+        /// The last error line it printed (`peer: error: ...`), if any: why it ended.
+        last_error: Option<String>,
     },
     /// The broker exited while the room was running.
     BrokerExited {
@@ -57,6 +59,19 @@ pub(crate) struct Children {
     broker: Option<Proc>,
     peers: Vec<Proc>,
     login: Option<Login>,
+}
+
+/// How long after a peer's exit its log may still be read for its last error line (a process it
+/// left behind could hold the pipe open).
+const LAST_WORDS: Duration = Duration::from_secs(1);
+
+/// The message of a line of a child's log that reports an error: `peer: error: MESSAGE` (what a
+/// peer prints last when it fails), or a log line at level ERROR (its whole text).
+fn error_line(line: &str) -> Option<&str> {
+    if let Some((_, message)) = line.split_once(": error: ") {
+        return Some(message);
+    }
+    line.contains(" ERROR ").then_some(line)
 }
 
 impl std::fmt::Debug for Children {
@@ -77,12 +92,12 @@ impl Children {
         self.login = login;
     }
 
-    /// Sends `make(status)` when a child exits, unless the room is stopping.
-    fn on_exit(&self, make: impl FnOnce(String) -> Output + Send + 'static) -> impl FnOnce(String) + Send + 'static {
+    /// Sends `make(what)` when a child exits, unless the room is stopping.
+    fn on_exit<T>(&self, make: impl FnOnce(T) -> Output + Send + 'static) -> impl FnOnce(T) + Send + 'static {
         let (out, stopping) = (self.out.clone(), Arc::clone(&self.stopping));
-        move |status| {
+        move |what| {
             if !stopping.load(Ordering::Acquire) {
-                let _ = out.send(make(status));
+                let _ = out.send(make(what));
             }
         }
     }
@@ -110,11 +125,31 @@ impl Children {
             Some(login) => cmd.env("HASHVOTE_USERNAME", &login.user).env("HASHVOTE_PASSWORD", login.password()),
             None => cmd.env_remove("HASHVOTE_USERNAME").env_remove("HASHVOTE_PASSWORD"),
         };
-        let on_exit = self.on_exit(move |status| Output::Exited { index, status });
+        // The exit is reported with the last error line, so once the log has been read to its
+        // end too: the reaper may run before the reader has the peer's last words.
+        let (last_tx, last_rx) = tokio::sync::oneshot::channel::<Option<String>>();
+        let report = self.on_exit(move |(status, last_error)| Output::Exited { index, status, last_error });
+        let on_exit = move |status: String| {
+            tokio::spawn(async move {
+                let last = tokio::time::timeout(LAST_WORDS, last_rx).await.ok().and_then(Result::ok).flatten();
+                report((status, last));
+            });
+        };
         let (proc, stdout, stderr) = Proc::spawn(cmd, &format!("peer #{index}"), on_exit)?;
         let out = self.out.clone();
         process::forward_lines(BufReader::new(stdout), out.clone(), move |line| Output::Event { index, line }, || {});
-        process::forward_lines(BufReader::new(stderr), out, move |line| Output::Log { index, line }, || {});
+        let last_error = Arc::new(std::sync::Mutex::new(None));
+        let seen = Arc::clone(&last_error);
+        let wrap = move |line: String| {
+            if let Some(error) = error_line(&line) {
+                *seen.lock().expect("not poisoned") = Some(error.to_string());
+            }
+            Output::Log { index, line }
+        };
+        let done = move || {
+            let _ = last_tx.send(last_error.lock().expect("not poisoned").take());
+        };
+        process::forward_lines(BufReader::new(stderr), out, wrap, done);
         self.peers.push(proc);
         Ok(())
     }

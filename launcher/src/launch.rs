@@ -95,6 +95,13 @@ impl Launcher {
     /// returns the room with the channel of its children's output.
     async fn start(args: RoomArgs) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<Output>)> {
         // Before anything starts: a mistake here is the user's, with nothing to clean up.
+        check_peer_args(&args)?;
+        let events_file = match &args.events {
+            Some(path) => Some(BufWriter::new(
+                std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+            )),
+            None => None,
+        };
         let run_dir = run_dir(&args)?;
         let dashboard = !args.plain && std::io::stdout().is_terminal();
         let exe = std::env::current_exe().context("cannot find the launcher's own executable")?;
@@ -110,12 +117,6 @@ impl Launcher {
             children.start_peer(index, &peer)?;
         }
         println!("started {} peers; waiting for them to meet and elect a controller", args.peers);
-        let events_file = match &args.events {
-            Some(path) => Some(BufWriter::new(
-                std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-            )),
-            None => None,
-        };
         // The dashboard and the report are built from the room's MQTT traffic, as `launcher watch`
         // builds them from afar; the plain lines and the summary come from the peers' events.
         let stop_observer = CancellationToken::new();
@@ -259,9 +260,12 @@ impl Launcher {
                 }
                 Next::Continue
             }
-            Some(Output::Exited { index, status }) => {
+            Some(Output::Exited { index, status, last_error }) => {
                 self.tally.exited(index);
-                self.say(format!("peer #{index} exited ({status})"));
+                match last_error {
+                    Some(why) => self.say(format!("peer #{index} exited ({status}): {why}")),
+                    None => self.say(format!("peer #{index} exited ({status})")),
+                }
                 if self.tally.live() == 0 {
                     Next::Stop(Err(anyhow::anyhow!("every peer exited")))
                 } else {
@@ -437,6 +441,20 @@ fn run_dir(args: &RoomArgs) -> anyhow::Result<Option<PathBuf>> {
         println!("run directory: {} (the peers' data; --run-dir {} resumes this room)", dir.display(), dir.display());
     }
     Ok(Some(dir))
+}
+
+/// Refuses, before anything starts, what the peers would refuse: the arguments every peer will be
+/// given, parsed and checked by the peer's own code (a `--difficulty 200` would otherwise start a
+/// broker and ten peers that all exit).
+fn check_peer_args(args: &RoomArgs) -> anyhow::Result<()> {
+    use clap::Parser;
+    let argv = std::iter::once("peer".to_string()).chain(peer_args(args, "127.0.0.1", crate::launch::DEFAULT_PORT));
+    let parsed = peer::cli::Args::try_parse_from(argv).map_err(|e| {
+        let message = e.to_string();
+        let first = message.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+        anyhow::anyhow!("a peer would refuse these flags: {first}")
+    })?;
+    parsed.to_config().map(drop)
 }
 
 fn peer_args(args: &RoomArgs, host: &str, port: u16) -> Vec<String> {

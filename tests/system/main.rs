@@ -4,6 +4,7 @@ mod auth;
 mod chaos;
 mod dashboard;
 mod demo;
+mod errors;
 mod faults;
 mod flood;
 mod lab;

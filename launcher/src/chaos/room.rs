@@ -82,7 +82,7 @@ pub enum Failure {
     },
     /// The events show a broken invariant.
     #[error("invariant violated: {0}")]
-    Violation(#[from] Violation),
+    Violation(Violation),
     /// A peer exited without being told to.
     #[error("peer #{index} exited on its own ({status})")]
     PeerExited {
