@@ -56,11 +56,11 @@ pub enum Event {
         vote: u32,
     },
     /// This peer learned who controls a term.
-    LeaderElected {
+    ControllerElected {
         /// The term.
         term: Term,
         /// The controller's client id.
-        leader: PeerId,
+        controller: PeerId,
         /// Votes held when deciding (0 when adopted from an announcement or challenge).
         votes: usize,
     },
@@ -274,9 +274,11 @@ pub fn describe(event: &Event) -> String {
         Event::PeerJoined { id, members } => format!("peer {id} joined ({members} known)"),
         Event::PeerLeft { id, members } => format!("peer {id} left ({members} known)"),
         Event::VoteCast { term, vote } => format!("voted {vote} in term {term}"),
-        Event::LeaderElected { term, leader, votes: 0 } => format!("follows controller {leader} of term {term}"),
-        Event::LeaderElected { term, leader, votes } => {
-            format!("elected controller {leader} for term {term} ({votes} votes)")
+        Event::ControllerElected { term, controller, votes: 0 } => {
+            format!("follows controller {controller} of term {term}")
+        }
+        Event::ControllerElected { term, controller, votes } => {
+            format!("elected controller {controller} for term {term} ({votes} votes)")
         }
         Event::ChallengeIssued { term, tx, difficulty } => {
             format!("issued challenge tx {tx}: {difficulty} zero bits (term {term})")
@@ -365,11 +367,11 @@ mod tests {
 
     #[test]
     fn records_are_flat_json_with_the_documented_fields() {
-        let r = Record { ts_ms: 5, peer: 9, event: Event::LeaderElected { term: 2, leader: 3, votes: 10 } };
+        let r = Record { ts_ms: 5, peer: 9, event: Event::ControllerElected { term: 2, controller: 3, votes: 10 } };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
-        assert_eq!(v["event"], "leader_elected");
+        assert_eq!(v["event"], "controller_elected");
         assert_eq!(v["term"], 2);
-        assert_eq!(v["leader"], 3);
+        assert_eq!(v["controller"], 3);
         assert_eq!(v["peer"], 9);
         let back: Record = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);

@@ -342,8 +342,8 @@ impl LabNode {
         let votes = ballots.len();
         info!(controller = %winner, votes, ?order, "lab controller elected");
         self.emit(Event::LabElected { controller: winner.to_string(), votes });
-        if let Some(leader) = winner.as_peer_id() {
-            self.emit(Event::LeaderElected { term: 1, leader, votes });
+        if let Some(controller) = winner.as_peer_id() {
+            self.emit(Event::ControllerElected { term: 1, controller, votes });
         }
         self.controller = Some(winner);
         // A challenge heard before the decision: the controller's (we then mine it), or a

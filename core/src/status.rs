@@ -78,7 +78,7 @@ pub struct Status {
     /// The highest term the peer has seen.
     pub term: Term,
     /// The controller of that term, if one is elected.
-    pub leader: Option<PeerId>,
+    pub controller: Option<PeerId>,
     /// Blocks in the peer's chain.
     pub height: u64,
     /// The open transaction the peer mines (or, as controller, has issued).
@@ -151,8 +151,8 @@ impl Status {
         if status.id != topic_id {
             return Err(DecodeError::Invalid("status id differs from its topic"));
         }
-        if status.leader == Some(0) {
-            return Err(DecodeError::Invalid("status leader id 0"));
+        if status.controller == Some(0) {
+            return Err(DecodeError::Invalid("status controller id 0"));
         }
         if let Some(w) = status.waiting
             && (w.reachable >= w.needed || w.needed > w.voters)
@@ -185,7 +185,7 @@ mod tests {
             incarnation: 7,
             role: Role::Miner,
             term: 3,
-            leader: Some(9),
+            controller: Some(9),
             height: 12,
             tx: Some(12),
             difficulty: Some(20),
@@ -219,11 +219,11 @@ mod tests {
     #[test]
     fn a_peer_without_a_quorum_says_how_far_it_is() {
         let w = Waiting { reachable: 2, needed: 4, voters: 6 };
-        let s = Status { role: Role::Electing, leader: None, waiting: Some(w), ..sample() };
+        let s = Status { role: Role::Electing, controller: None, waiting: Some(w), ..sample() };
         assert_eq!(Status::decode(&s.encode(), 42).unwrap(), s);
         assert_eq!(w.to_string(), "waiting for a quorum: 2 of 4 needed reachable (6 voters)");
         for bad in [Waiting { reachable: 4, ..w }, Waiting { voters: 3, ..w }] {
-            let s = Status { leader: None, waiting: Some(bad), ..sample() };
+            let s = Status { controller: None, waiting: Some(bad), ..sample() };
             assert_eq!(Status::decode(&s.encode(), 42).unwrap_err().reason(), "invalid_field", "{bad:?}");
         }
         // The term's controller may be known, and gone: its survivors wait.

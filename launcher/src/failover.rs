@@ -56,18 +56,18 @@ async fn run(args: FailoverBenchArgs) -> anyhow::Result<ExitCode> {
 
 async fn trials(room: &mut Room, n: u32, samples: &mut Vec<u64>) -> Result<(), Failure> {
     for trial in 1..=n {
-        let (term, leader, height) = room.wait_progress().await?;
+        let (term, controller, height) = room.wait_progress().await?;
         let killed_at = now_ms();
-        room.kill(leader).await;
+        room.kill(controller).await;
         let first = room.wait_challenge_after(term).await?;
         let ms = first.saturating_sub(killed_at);
         samples.push(ms);
         println!(
-            "trial {trial}/{n}: killed controller peer #{leader} of term {term} at height {height}; \
+            "trial {trial}/{n}: killed controller peer #{controller} of term {term} at height {height}; \
              term {} challenged after {ms} ms",
             room.latest_term()
         );
-        room.restart(leader)?;
+        room.restart(controller)?;
     }
     // The room still works after the last failover.
     room.wait_progress().await?;

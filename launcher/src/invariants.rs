@@ -1,6 +1,6 @@
 //! The invariants every run of a room must keep, checked over the peers' event streams.
 //!
-//! - **One controller per term**: every `leader_elected` of a term names the same peer, and only
+//! - **One controller per term**: every `controller_elected` of a term names the same peer, and only
 //!   that term's controller issues its challenges.
 //! - **One chain**: each peer's chain (its `block_accepted` events, with its `chain_truncated`
 //!   applied) grows one transaction at a time, every block links to the one before it (block 0 to
@@ -58,7 +58,7 @@ pub enum Violation {
         first: PeerId,
         /// Another controller named later.
         second: PeerId,
-        /// The peer whose `leader_elected` named `second`.
+        /// The peer whose `controller_elected` named `second`.
         named_by: PeerId,
     },
     /// Two peers issued challenges in the same term.
@@ -204,7 +204,7 @@ pub struct Summary {
     pub blocks: usize,
     /// Distinct terms that had a controller.
     pub terms: usize,
-    /// The controller of each term, as the peers' `leader_elected` events name it.
+    /// The controller of each term, as the peers' `controller_elected` events name it.
     pub controllers_per_term: BTreeMap<Term, PeerId>,
     /// Peers that wrote events.
     pub peers: usize,
@@ -268,13 +268,13 @@ impl Checker {
         // Every peer that wrote a record has a chain, if an empty one.
         self.chains.entry(r.peer).or_default();
         match &r.event {
-            Event::LeaderElected { term, leader, .. } => {
-                let first = *self.controllers.entry(*term).or_insert(*leader);
-                if first != *leader {
+            Event::ControllerElected { term, controller, .. } => {
+                let first = *self.controllers.entry(*term).or_insert(*controller);
+                if first != *controller {
                     return Err(Violation::SeveralControllers {
                         term: *term,
                         first,
-                        second: *leader,
+                        second: *controller,
                         named_by: r.peer,
                     });
                 }
@@ -554,8 +554,8 @@ mod tests {
             .collect()
     }
 
-    fn elected(term: Term, leader: PeerId) -> Event {
-        Event::LeaderElected { term, leader, votes: 3 }
+    fn elected(term: Term, controller: PeerId) -> Event {
+        Event::ControllerElected { term, controller, votes: 3 }
     }
 
     #[test]

@@ -320,7 +320,7 @@ impl Launcher {
             self.catch_up(|v| v.height() >= rounds).await;
         }
         // Miners first, the controller last: the room should not hold an election while it closes.
-        self.children.stop_all(self.tally.leader_index(), GRACE).await;
+        self.children.stop_all(self.tally.controller_index(), GRACE).await;
         // And the peers' last statuses (offline, with their final figures).
         self.catch_up(|_| false).await;
         drop(self.broker.password_file.take());

@@ -31,7 +31,7 @@ pub struct Tally {
     started: Instant,
     expected: usize,
     peers: Vec<PeerState>,
-    leaders: BTreeMap<Term, PeerId>,
+    controllers: BTreeMap<Term, PeerId>,
     announced_terms: BTreeSet<(Term, PeerId)>,
     blocks: BTreeMap<TxId, BlockInfo>,
     /// Blocks that changed the room's members (announced once).
@@ -48,7 +48,7 @@ impl Tally {
             started: Instant::now(),
             expected,
             peers: vec![PeerState { alive: true, ..PeerState::default() }; expected],
-            leaders: BTreeMap::new(),
+            controllers: BTreeMap::new(),
             announced_terms: BTreeSet::new(),
             blocks: BTreeMap::new(),
             changes: BTreeSet::new(),
@@ -87,11 +87,11 @@ impl Tally {
             Event::PeerLeft { id, members } if self.left.insert(id) => {
                 say(format!("{} left the room ({members} remain)", self.name(id)));
             }
-            Event::LeaderElected { term, leader, votes } if self.announced_terms.insert((term, leader)) => {
-                let previous = self.leaders.insert(term, leader);
+            Event::ControllerElected { term, controller, votes } if self.announced_terms.insert((term, controller)) => {
+                let previous = self.controllers.insert(term, controller);
                 let how = if previous.is_some() { "replaced by a later vote: " } else { "" };
                 let by = if votes > 0 { format!("{votes} votes") } else { "announced".into() };
-                say(format!("election of term {term}: {how}controller is {} ({by})", self.name(leader)));
+                say(format!("election of term {term}: {how}controller is {} ({by})", self.name(controller)));
             }
             Event::ChallengeIssued { term, tx, difficulty } => {
                 say(format!("challenge {tx}: find {difficulty} leading zero bits (term {term})"));
@@ -147,15 +147,15 @@ impl Tally {
     }
 
     /// Index of the controller of the latest term.
-    pub fn leader_index(&self) -> Option<usize> {
-        self.leaders.values().next_back().and_then(|&id| self.index_of(id))
+    pub fn controller_index(&self) -> Option<usize> {
+        self.controllers.values().next_back().and_then(|&id| self.index_of(id))
     }
 
     /// The end-of-run summary.
     pub fn summary(&self) -> String {
         let mut s = String::from("\nsummary\n");
-        for (term, leader) in &self.leaders {
-            let _ = writeln!(s, "  term {term}: controller {}", self.name(*leader));
+        for (term, controller) in &self.controllers {
+            let _ = writeln!(s, "  term {term}: controller {}", self.name(*controller));
         }
         let _ = writeln!(s, "  blocks: {}", self.blocks.len());
         let mut wins: BTreeMap<PeerId, u64> = BTreeMap::new();

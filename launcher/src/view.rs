@@ -26,7 +26,7 @@ pub const MAX_SAMPLES: usize = 600;
 /// A peer not heard from for this long is shown silent.
 pub const SILENT_MS: u64 = 5_000;
 /// Most terms whose controller is remembered.
-const MAX_LEADERS: usize = 1024;
+const MAX_CONTROLLERS: usize = 1024;
 
 /// One thing the observer received, already decoded and validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,7 +252,7 @@ pub enum Happening {
         /// The term.
         term: Term,
         /// Its controller.
-        leader: PeerId,
+        controller: PeerId,
         /// How long the election took, if its start was seen.
         election_ms: Option<u64>,
     },
@@ -328,10 +328,10 @@ impl fmt::Display for Happening {
             Self::Silent { id, for_ms } => write!(f, "peer {id} silent for {:.1} s", for_ms as f64 / 1000.0),
             Self::Waiting { id, waiting } => write!(f, "peer {id}: {waiting}"),
             Self::ElectionStarted { term } => write!(f, "election for term {term} started"),
-            Self::Elected { term, leader, election_ms: Some(ms) } => {
-                write!(f, "term {term}: controller {leader} elected in {ms} ms")
+            Self::Elected { term, controller, election_ms: Some(ms) } => {
+                write!(f, "term {term}: controller {controller} elected in {ms} ms")
             }
-            Self::Elected { term, leader, election_ms: None } => write!(f, "term {term}: controller {leader}"),
+            Self::Elected { term, controller, election_ms: None } => write!(f, "term {term}: controller {controller}"),
             Self::ControllerLost { id, term } => write!(f, "controller {id} (term {term}) offline: failover"),
             Self::FailoverDone { term, failover_ms } => {
                 write!(f, "term {term}: failover done in {failover_ms} ms (controller lost to first challenge)")
@@ -364,7 +364,7 @@ struct Lost {
 pub struct RoomView {
     now_ms: u64,
     peers: BTreeMap<PeerId, PeerView>,
-    leaders: BTreeMap<Term, PeerId>,
+    controllers: BTreeMap<Term, PeerId>,
     open: Option<OpenChallenge>,
     results: VecDeque<ResultEntry>,
     elections: BTreeMap<Term, Election>,
@@ -429,17 +429,17 @@ impl RoomView {
 
     /// The controller of the highest term whose controller is known.
     pub fn controller(&self) -> Option<(Term, PeerId)> {
-        self.leaders.last_key_value().map(|(&t, &id)| (t, id))
+        self.controllers.last_key_value().map(|(&t, &id)| (t, id))
     }
 
     /// The controller of `term`, if known.
-    pub fn leader_of(&self, term: Term) -> Option<PeerId> {
-        self.leaders.get(&term).copied()
+    pub fn controller_of(&self, term: Term) -> Option<PeerId> {
+        self.controllers.get(&term).copied()
     }
 
     /// The highest term seen in an election or with a controller (0 if none).
     pub fn term(&self) -> Term {
-        let elected = self.leaders.last_key_value().map_or(0, |(&t, _)| t);
+        let elected = self.controllers.last_key_value().map_or(0, |(&t, _)| t);
         let voted = self.elections.last_key_value().map_or(0, |(&t, _)| t);
         elected.max(voted)
     }
@@ -539,8 +539,8 @@ impl RoomView {
         };
         if !alive && was_online {
             // Told once, by whoever calls with the reason (a Leave or an offline status).
-            if let Some((term, leader)) = self.controller()
-                && leader == id
+            if let Some((term, controller)) = self.controller()
+                && controller == id
                 && self.lost.is_none_or(|l| l.term < term)
             {
                 self.lost = Some(Lost { id, term, at_ms: now_ms });
@@ -576,7 +576,7 @@ impl RoomView {
         if alive && before.is_some_and(|inc| inc != s.incarnation) {
             out.push(Happening::Restarted { id });
         }
-        let (term, leader, role) = (s.term, s.leader, s.role);
+        let (term, controller, role) = (s.term, s.controller, s.role);
         // Told when it starts waiting, or when how far it is changes.
         let was_waiting = self.peers.get(&id).and_then(PeerView::waiting);
         if let Some(waiting) = s.waiting.filter(|&w| alive && was_waiting != Some(w)) {
@@ -594,9 +594,9 @@ impl RoomView {
             p.status = Some(s);
         }
         if alive {
-            let claimed = if role == Role::Controller { Some(id) } else { leader };
-            if let Some(leader) = claimed {
-                self.leader_known(now_ms, term, leader, out);
+            let claimed = if role == Role::Controller { Some(id) } else { controller };
+            if let Some(controller) = claimed {
+                self.controller_known(now_ms, term, controller, out);
             }
         }
     }
@@ -620,7 +620,7 @@ impl RoomView {
                     p.height = Some(height);
                 }
                 if let Some(c) = controller {
-                    self.leader_known(now_ms, term, c, out);
+                    self.controller_known(now_ms, term, c, out);
                 }
             }
             Msg::Ballot { term, pos, .. } => {
@@ -637,7 +637,7 @@ impl RoomView {
                     p.term = Some(term);
                     p.height = Some(height);
                 }
-                if !self.leader_known(now_ms, term, from, out) {
+                if !self.controller_known(now_ms, term, from, out) {
                     self.ignored += 1;
                 }
             }
@@ -647,7 +647,7 @@ impl RoomView {
             }
             Msg::Result { term, outcome, .. } => {
                 self.heard(now_ms, from, true, out);
-                if self.leader_of(term) != Some(from) {
+                if self.controller_of(term) != Some(from) {
                     self.ignored += 1;
                     return;
                 }
@@ -670,7 +670,7 @@ impl RoomView {
     /// Fills gaps for a late observer from a controller's sync reply; what results said is not
     /// overridden.
     fn synced(&mut self, term: Term, from: PeerId, blocks: Vec<Block>) {
-        if self.leader_of(term) == Some(from) {
+        if self.controller_of(term) == Some(from) {
             for b in blocks {
                 if !self.chain.contains_key(&b.tx) {
                     self.insert_block(b);
@@ -712,15 +712,15 @@ impl RoomView {
         }
     }
 
-    /// Evidence that `leader` controls `term`: the first one for a term is believed, later
+    /// Evidence that `controller` controls `term`: the first one for a term is believed, later
     /// contradicting ones are not. Returns false if it contradicts what is known.
-    fn leader_known(&mut self, now_ms: u64, term: Term, leader: PeerId, out: &mut Vec<Happening>) -> bool {
-        match self.leaders.get(&term) {
-            Some(&known) => return known == leader,
+    fn controller_known(&mut self, now_ms: u64, term: Term, controller: PeerId, out: &mut Vec<Happening>) -> bool {
+        match self.controllers.get(&term) {
+            Some(&known) => return known == controller,
             None => {
-                self.leaders.insert(term, leader);
-                while self.leaders.len() > MAX_LEADERS {
-                    self.leaders.pop_first();
+                self.controllers.insert(term, controller);
+                while self.controllers.len() > MAX_CONTROLLERS {
+                    self.controllers.pop_first();
                 }
             }
         }
@@ -736,14 +736,14 @@ impl RoomView {
             && e.ended_ms.is_none()
         {
             e.ended_ms = Some(now_ms);
-            e.winner = Some(leader);
-            out.push(Happening::Elected { term, leader, election_ms: e.duration_ms() });
+            e.winner = Some(controller);
+            out.push(Happening::Elected { term, controller, election_ms: e.duration_ms() });
         }
         true
     }
 
     fn challenge(&mut self, now_ms: u64, from: PeerId, c: Challenge, out: &mut Vec<Happening>) {
-        if !self.leader_known(now_ms, c.term, from, out) {
+        if !self.controller_known(now_ms, c.term, from, out) {
             self.ignored += 1;
             return;
         }
@@ -1007,7 +1007,7 @@ mod tests {
         assert_eq!(view.election(4).unwrap().duration_ms(), None);
         // An older term spoken of afterwards is remembered but is no election.
         view.observe(1, status(C, Role::Miner, 3, Some(A), 5));
-        assert_eq!(view.leader_of(3), Some(A));
+        assert_eq!(view.controller_of(3), Some(A));
         assert!(view.election(3).is_none());
         assert_eq!(view.controller(), Some((4, B)));
     }

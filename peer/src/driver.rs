@@ -189,7 +189,7 @@ fn log_event(event: &Event) {
         Event::SolutionRejected { .. }
         | Event::ChainTruncated { .. }
         | Event::BlockAccepted { .. }
-        | Event::LeaderElected { .. }
+        | Event::ControllerElected { .. }
         | Event::ChallengeIssued { .. } => info!("{}", crate::events::describe(event)),
         _ => debug!("{}", crate::events::describe(event)),
     }

@@ -313,7 +313,8 @@ impl Wire for RoomDriver {
                 fatal = Some(e);
                 break;
             }
-            force_status |= matches!(&action, Action::Emit(Event::QuorumWaiting { .. } | Event::LeaderElected { .. }));
+            force_status |=
+                matches!(&action, Action::Emit(Event::QuorumWaiting { .. } | Event::ControllerElected { .. }));
             if let Some(reason) = self.apply(action, report).await {
                 fatal = Some(reason);
             }

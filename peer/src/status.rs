@@ -24,7 +24,7 @@ pub struct Schedule {
 type Shown = (Role, Term, Option<PeerId>, Option<TxId>);
 
 fn shown(s: &Status) -> Shown {
-    (s.role, s.term, s.leader, s.tx)
+    (s.role, s.term, s.controller, s.tx)
 }
 
 impl Schedule {
@@ -32,9 +32,9 @@ impl Schedule {
     /// changed, the open transaction changed and [`STATUS_MIN_GAP`] passed, or
     /// [`STATUS_INTERVAL`] passed.
     pub fn due(&self, status: &Status, now: Instant) -> bool {
-        let Some(((role, term, leader, tx), at)) = self.last else { return true };
+        let Some(((role, term, controller, tx), at)) = self.last else { return true };
         let since = now.saturating_duration_since(at);
-        (status.role, status.term, status.leader) != (role, term, leader)
+        (status.role, status.term, status.controller) != (role, term, controller)
             || (status.tx != tx && since >= STATUS_MIN_GAP)
             || since >= STATUS_INTERVAL
     }
@@ -74,7 +74,7 @@ mod tests {
             incarnation: 7,
             role: Role::Miner,
             term: 3,
-            leader: Some(9),
+            controller: Some(9),
             height: 12,
             tx: Some(12),
             difficulty: Some(20),
@@ -98,7 +98,7 @@ mod tests {
         sched.published(&s, t0);
         assert!(!sched.due(&s, ms(10)));
         assert!(sched.due(&Status { term: 4, ..s.clone() }, ms(10)), "a new term");
-        assert!(sched.due(&Status { role: Role::Electing, leader: None, ..s.clone() }, ms(10)), "an election");
+        assert!(sched.due(&Status { role: Role::Electing, controller: None, ..s.clone() }, ms(10)), "an election");
         let next = Status { tx: Some(13), ..s.clone() };
         assert!(!sched.due(&next, ms(50)), "a new transaction waits for the gap");
         assert!(sched.due(&next, ms(100)));

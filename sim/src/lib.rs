@@ -858,7 +858,7 @@ impl World {
             Event::CommittedConflict { tx, commit } => {
                 return Err(self.fail(format!("peer {id} was asked to drop committed block {tx} (commit {commit})")));
             }
-            Event::LeaderElected { term, leader, .. } if *leader == id => {
+            Event::ControllerElected { term, controller, .. } if *controller == id => {
                 if let Some(&(other, _)) = self.controllers.get(term)
                     && other != id
                 {

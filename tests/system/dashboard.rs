@@ -102,19 +102,19 @@ fn the_dashboard_runs_under_a_terminal_and_its_keys_pause_kill_and_quit() {
     let first_term = |recs: &[peer::events::Record]| {
         recs.iter()
             .filter_map(|r| match r.event {
-                Event::LeaderElected { term, leader, .. } => Some((term, leader)),
+                Event::ControllerElected { term, controller, .. } => Some((term, controller)),
                 _ => None,
             })
             .max()
     };
     wait_until(Duration::from_secs(30), "an elected controller", || first_term(&records()).is_some());
-    let (term1, leader1) = first_term(&records()).unwrap();
+    let (term1, controller1) = first_term(&records()).unwrap();
     term.press("k");
     wait_until(Duration::from_secs(30), "a new controller", || {
-        first_term(&records()).is_some_and(|(t, l)| t > term1 && l != leader1)
+        first_term(&records()).is_some_and(|(t, l)| t > term1 && l != controller1)
     });
     term.wait_for(Duration::from_secs(10), "the killed controller shown offline", |s| {
-        s.lines().any(|l| l.contains(&leader1.to_string()) && l.contains("offline"))
+        s.lines().any(|l| l.contains(&controller1.to_string()) && l.contains("offline"))
     });
 
     // `q` stops everything and gives the terminal back.

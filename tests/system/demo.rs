@@ -10,7 +10,7 @@ use peer::events::Event;
 use crate::support::*;
 
 #[test]
-fn launcher_runs_ten_peers_that_agree_on_a_leader_and_three_blocks_then_leaves_nothing_running() {
+fn launcher_runs_ten_peers_that_agree_on_a_controller_and_three_blocks_then_leaves_nothing_running() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     let port = free_port();
@@ -35,21 +35,21 @@ fn launcher_runs_ten_peers_that_agree_on_a_leader_and_three_blocks_then_leaves_n
     let per_peer = by_peer(&records);
     assert_eq!(per_peer.len(), 10, "ten peers wrote events");
 
-    // One leader, the same for all, in term 1.
-    let mut leaders = BTreeSet::new();
+    // One controller, the same for all, in term 1.
+    let mut controllers = BTreeSet::new();
     for (peer, recs) in &per_peer {
         let elected: Vec<_> = recs
             .iter()
             .filter_map(|r| match r.event {
-                Event::LeaderElected { term, leader, .. } => Some((term, leader)),
+                Event::ControllerElected { term, controller, .. } => Some((term, controller)),
                 _ => None,
             })
             .collect();
         assert_eq!(elected.len(), 1, "peer {peer} elected once: {elected:?}");
-        leaders.insert(elected[0]);
+        controllers.insert(elected[0]);
     }
-    assert_eq!(leaders.len(), 1, "{leaders:?}");
-    let (term, leader) = leaders.into_iter().next().unwrap();
+    assert_eq!(controllers.len(), 1, "{controllers:?}");
+    let (term, controller) = controllers.into_iter().next().unwrap();
     assert_eq!(term, 1);
 
     // The same three verified blocks everywhere; the controller won none.
@@ -57,7 +57,7 @@ fn launcher_runs_ten_peers_that_agree_on_a_leader_and_three_blocks_then_leaves_n
     for (peer, c) in chains(&records) {
         assert!(c.len() >= 3, "peer {peer} has {} blocks", c.len());
     }
-    assert!(chain.iter().all(|b| b.winner != leader));
+    assert!(chain.iter().all(|b| b.winner != controller));
 
     // Nothing survives: no peer, no broker.
     let pids = pids(&records);

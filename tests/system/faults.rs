@@ -22,12 +22,12 @@ on_both_brokers!(
 
 fn a_killed_controller_is_replaced_and_the_chain_continues_without_a_gap(broker: Broker) {
     let mut room = Room::start_with(broker, 5);
-    let (term, leader) = room.wait_leader(1, T);
+    let (term, controller) = room.wait_controller(1, T);
     room.wait_height(2, T);
     let killed_at = now_ms();
-    room.kill(leader);
-    let (new_term, new_leader) = room.wait_leader(term + 1, T);
-    assert_ne!(new_leader, leader);
+    room.kill(controller);
+    let (new_term, new_controller) = room.wait_controller(term + 1, T);
+    assert_ne!(new_controller, controller);
     let before = room.min_height();
     room.wait_height(before + 3, T);
     let first = room.first_challenge_after(term).expect("a challenge in the new term");
@@ -39,20 +39,20 @@ fn a_killed_controller_is_replaced_and_the_chain_continues_without_a_gap(broker:
 
 fn a_paused_controller_is_deposed_and_steps_down_when_it_wakes(broker: Broker) {
     let mut room = Room::start_with(broker, 4);
-    let (term, leader) = room.wait_leader(1, T);
+    let (term, controller) = room.wait_controller(1, T);
     room.wait_height(2, T);
-    let zombie = room.peers[leader].take().expect("controller process");
+    let zombie = room.peers[controller].take().expect("controller process");
     zombie.signal(libc::SIGSTOP);
     // The others notice after 1.5 x keepalive and elect a new controller, which keeps mining.
-    let (new_term, new_leader) = room.wait_leader(term + 1, T);
-    assert_ne!(new_leader, leader);
+    let (new_term, new_controller) = room.wait_controller(term + 1, T);
+    assert_ne!(new_controller, controller);
     let h = room.min_height();
     room.wait_height(h + 2, T);
     zombie.signal(libc::SIGCONT);
-    room.peers[leader] = Some(zombie);
+    room.peers[controller] = Some(zombie);
     // The zombie reconnects, learns of the newer term and follows it.
     wait_until(T, "the zombie to follow the new controller", || {
-        room.leader_seen_by(leader).is_some_and(|(t, _)| t >= new_term)
+        room.controller_seen_by(controller).is_some_and(|(t, _)| t >= new_term)
     });
     let h = room.min_height();
     room.wait_height(h + 2, T);
@@ -66,9 +66,9 @@ fn a_paused_controller_is_deposed_and_steps_down_when_it_wakes(broker: Broker) {
 
 fn miners_leave_and_join_without_disturbing_the_room(broker: Broker) {
     let mut room = Room::start_with(broker, 4);
-    let (_, leader) = room.wait_leader(1, T);
+    let (_, controller) = room.wait_controller(1, T);
     room.wait_height(1, T);
-    let miner = (0..4).find(|&i| i != leader).unwrap();
+    let miner = (0..4).find(|&i| i != controller).unwrap();
     room.kill(miner);
     let h = room.min_height();
     room.wait_height(h + 2, T);
@@ -95,7 +95,7 @@ fn miners_leave_and_join_without_disturbing_the_room(broker: Broker) {
 
 fn the_room_resumes_after_a_broker_restart(broker: Broker) {
     let mut room = Room::start_with(broker, 4);
-    room.wait_leader(1, T);
+    room.wait_controller(1, T);
     room.wait_height(2, T);
     room.broker.kill();
     let h = room.min_height();
@@ -120,7 +120,7 @@ fn the_room_resumes_after_a_broker_restart(broker: Broker) {
 /// protocol race, not a broker's: left failing until the election refuses such a vote.
 fn a_second_process_claiming_a_taken_client_id_exits_with_one_line(broker: Broker) {
     let room = Room::start_with(broker, 3);
-    room.wait_leader(1, T);
+    room.wait_controller(1, T);
     let taken = room.id_of(0).expect("peer 0's id").to_string();
     let events = room.dir.path().join("duplicate.jsonl");
     let prefix = room.prefix();

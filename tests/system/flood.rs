@@ -61,14 +61,14 @@ fn flood_of_garbage_and_forgeries_on_every_topic_does_not_stop_or_fool_the_room(
 
     println!("broker: {}", broker.name());
     let mut room = Room::start_with(broker, ROOM);
-    room.wait_leader(1, Duration::from_secs(30));
+    room.wait_controller(1, Duration::from_secs(30));
     room.wait_height(2, Duration::from_secs(30));
     // Term 1 has no older term to forge votes and challenges for: replace the controller first, so
     // the flood runs in term 2 or later, with a full room again.
-    let (term, controller) = room.wait_leader(1, Duration::from_secs(30));
+    let (term, controller) = room.wait_controller(1, Duration::from_secs(30));
     room.kill(controller);
     room.add_peer();
-    room.wait_leader(term + 1, Duration::from_secs(30));
+    room.wait_controller(term + 1, Duration::from_secs(30));
     let prefix = room.prefix();
     println!("room of {ROOM} up in {:.1} s (controller replaced once)", started.elapsed().as_secs_f64());
 
@@ -179,7 +179,7 @@ fn flood_of_garbage_and_forgeries_on_every_topic_does_not_stop_or_fool_the_room(
 /// (`forged_own_result`) and the room goes on.
 fn forged_future_result_in_the_controllers_name_does_not_stall_the_room(broker: Broker) {
     let room = Room::start_with(broker, 4);
-    room.wait_leader(1, Duration::from_secs(30));
+    room.wait_controller(1, Duration::from_secs(30));
     room.wait_height(2, Duration::from_secs(30));
     let snap = Snapshot::take(&room).expect("a controller with a chain");
     let prefix = room.prefix();
@@ -188,7 +188,7 @@ fn forged_future_result_in_the_controllers_name_does_not_stall_the_room(broker: 
     let mut block = snap.block_template(&mut rng);
     block.tx = snap.height + 5;
     let result = Msg::Result { term: snap.term, outcome: Outcome::Accepted(block), commit: snap.height };
-    let env = Envelope::new(snap.leader, result);
+    let env = Envelope::new(snap.controller, result);
     flood.publish_burst(vec![(Target::Result, encode(&env))]);
     let h = room.min_height();
     room.wait_height(h + 3, Duration::from_secs(20));
@@ -493,7 +493,7 @@ struct Snapshot {
     /// controller) cannot make any peer adopt a new controller.
     term: Term,
     /// That term's controller.
-    leader: PeerId,
+    controller: PeerId,
     /// The controller's chain height and tip, as its events show them (never ahead of it).
     height: u64,
     tip: Digest,
@@ -503,21 +503,21 @@ struct Snapshot {
 impl Snapshot {
     fn take(room: &Room) -> Option<Snapshot> {
         let alive = room.alive();
-        let seen: Vec<_> = alive.iter().map(|&i| room.leader_seen_by(i)).collect::<Option<_>>()?;
-        let &(term, leader) = seen.iter().min()?;
+        let seen: Vec<_> = alive.iter().map(|&i| room.controller_seen_by(i)).collect::<Option<_>>()?;
+        let &(term, controller) = seen.iter().min()?;
         let members: Vec<PeerId> = alive.iter().filter_map(|&i| room.id_of(i)).collect();
-        let li = alive.iter().copied().find(|&i| room.id_of(i) == Some(leader))?;
-        let chain = chains(&room.events_of(li)).remove(&leader).unwrap_or_default();
+        let li = alive.iter().copied().find(|&i| room.id_of(i) == Some(controller))?;
+        let chain = chains(&room.events_of(li)).remove(&controller).unwrap_or_default();
         let tip = match chain.last() {
             Some(b) => Digest::Sha1(hex::decode(&b.hash).ok()?.try_into().ok()?),
             None => Digest::zero(HashAlg::Sha1),
         };
-        Some(Snapshot { term, leader, height: chain.len() as u64, tip, members })
+        Some(Snapshot { term, controller, height: chain.len() as u64, tip, members })
     }
 
     /// Aims at the controller's latest challenge of this term, if it is ahead of what we knew.
     fn follow(&mut self, watch: &Watch) {
-        if let Some(c) = watch.lock().unwrap().get(&self.leader)
+        if let Some(c) = watch.lock().unwrap().get(&self.controller)
             && c.term == self.term
             && c.tx >= self.height
         {
@@ -668,19 +668,21 @@ fn real_message(snap: &Snapshot, rng: &mut StdRng) -> Vec<u8> {
             incarnation: rng.random(),
             since_ms: rng.random(),
             term,
-            controller: Some(snap.leader),
+            controller: Some(snap.controller),
             height: tx,
         },
         1 => Msg::Leave { incarnation: rng.random() },
         2 => Msg::PreBallot { to: None, term: term + 1, key, pos },
         3 => Msg::Ballot { term, ballot: rng.random(), key, pos, proposal: None },
-        4 => Msg::Grant { to: snap.leader, to_key: rng.random(), term, key },
+        4 => Msg::Grant { to: snap.controller, to_key: rng.random(), term, key },
         5 => Msg::Heartbeat { term, key, height: tx, commit: tx, tip: snap.tip, open: Some(tx) },
         6 => Msg::Challenge { challenge, commit: tx, config: None },
         7 => Msg::Solution { tx, nonce: rng.random() },
         8 => Msg::Result { term, outcome: Outcome::Accepted(block), commit: tx },
-        9 => Msg::Ack { to: snap.leader, term, height: tx, key },
-        10 => Msg::SyncRequest { to: snap.leader, from: tx.saturating_sub(3), req: rng.random(), key: rng.random() },
+        9 => Msg::Ack { to: snap.controller, term, height: tx, key },
+        10 => {
+            Msg::SyncRequest { to: snap.controller, from: tx.saturating_sub(3), req: rng.random(), key: rng.random() }
+        }
         11 => Msg::SyncReply {
             to: from,
             req: rng.random(),
@@ -723,19 +725,19 @@ fn forgery(snap: &Snapshot, forge: &mut Forger, rng: &mut StdRng) -> (&'static s
                 Outcome::Rejected { tx: h, miner: snap.members[0], nonce: 1, reason: RejectReason::AlreadySolved };
             ("rejection_current_term_stranger", stranger, Msg::Result { term, outcome, commit: h })
         }
-        4 => ("result_bad_hash_as_controller", snap.leader, accepted(block)),
+        4 => ("result_bad_hash_as_controller", snap.controller, accepted(block)),
         5 => {
             // The hash is the real proof of the fields, but lacks the work (almost surely).
             let hash = pow::proof(&block.prev, block.tx, block.miner, block.nonce);
-            ("result_little_work_as_controller", snap.leader, accepted(Block { hash, ..block }))
+            ("result_little_work_as_controller", snap.controller, accepted(Block { hash, ..block }))
         }
         6 => match forge.unlinked.pop() {
-            Some(b) => ("result_unlinked_as_controller", snap.leader, accepted(b)),
-            None => ("result_bad_hash_as_controller", snap.leader, accepted(block)),
+            Some(b) => ("result_unlinked_as_controller", snap.controller, accepted(b)),
+            None => ("result_bad_hash_as_controller", snap.controller, accepted(block)),
         },
         7 => {
             let b = Block { tx: h.saturating_sub(1 + rng.random_range(0..h.max(1))), ..block };
-            ("result_old_block_as_controller", snap.leader, accepted(b))
+            ("result_old_block_as_controller", snap.controller, accepted(b))
         }
         8 => ("solution_closed_tx", stranger, Msg::Solution { tx: rng.random_range(0..h.max(1)), nonce: rng.random() }),
         9 => {
@@ -773,12 +775,12 @@ fn forgery(snap: &Snapshot, forge: &mut Forger, rng: &mut StdRng) -> (&'static s
         }
         13 => {
             // In a member's name, with a key that is not its own: no vote for the controller.
-            let msg = Msg::Grant { to: snap.leader, to_key: wrong_key, term, key: wrong_key };
+            let msg = Msg::Grant { to: snap.controller, to_key: wrong_key, term, key: wrong_key };
             ("grant_wrong_key", member, msg)
         }
         14 => {
             // "I hold far more than you": must not move the commit point.
-            let msg = Msg::Ack { to: snap.leader, term, height: h + 1000, key: wrong_key };
+            let msg = Msg::Ack { to: snap.controller, term, height: h + 1000, key: wrong_key };
             ("ack_wrong_key", member, msg)
         }
         15 => {

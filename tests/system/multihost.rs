@@ -148,14 +148,14 @@ impl Room {
         wait_until(T, &format!("every running peer at height {height}"), || self.min_height() >= height);
     }
 
-    fn leader_seen_by(&self, index: usize) -> Option<(Term, PeerId)> {
-        leader_in(&self.events_of(index))
+    fn controller_seen_by(&self, index: usize) -> Option<(Term, PeerId)> {
+        controller_in(&self.events_of(index))
     }
 
     /// Waits until every running peer agrees on a controller of at least `min_term`; returns the
     /// term and the controller's index.
-    fn wait_leader(&self, min_term: Term) -> (Term, usize) {
-        let (term, id) = wait_agreement(T, min_term, || self.running(), |i| self.leader_seen_by(i));
+    fn wait_controller(&self, min_term: Term) -> (Term, usize) {
+        let (term, id) = wait_agreement(T, min_term, || self.running(), |i| self.controller_seen_by(i));
         let index = (0..self.files.len()).find(|&i| self.id_of(i) == Some(id)).expect("the controller is ours");
         (term, index)
     }
@@ -186,7 +186,7 @@ impl Room {
 #[test]
 fn a_room_across_four_hosts_elects_mines_and_survives_the_loss_of_the_controllers_host() {
     let mut room = Room::start();
-    let (term, leader) = room.wait_leader(1);
+    let (term, controller) = room.wait_controller(1);
     room.wait_height(2);
     // Every peer reached the broker over its host's link, at the broker's own address.
     for i in 0..room.files.len() {
@@ -197,14 +197,14 @@ fn a_room_across_four_hosts_elects_mines_and_survives_the_loss_of_the_controller
         assert_eq!(connected, Some(format!("{BROKER_ADDR}:{BROKER_PORT}")), "peer #{i}");
     }
 
-    let lost = leader / PER_HOST;
+    let lost = controller / PER_HOST;
     let survivors: Vec<usize> = (0..room.files.len()).filter(|&i| i / PER_HOST != lost).collect();
     let lost_at = now_ms();
     let killed = room.lose_host(lost);
     assert_eq!(killed, PER_HOST, "every peer of the controller's host was killed");
 
-    let (new_term, new_leader) = room.wait_leader(term + 1);
-    assert!(survivors.contains(&new_leader), "the new controller (#{new_leader}) is on the surviving host");
+    let (new_term, new_controller) = room.wait_controller(term + 1);
+    assert!(survivors.contains(&new_controller), "the new controller (#{new_controller}) is on the surviving host");
     let first_challenge = room
         .records()
         .iter()
@@ -217,7 +217,7 @@ fn a_room_across_four_hosts_elects_mines_and_survives_the_loss_of_the_controller
     let h = room.min_height();
     room.wait_height(h + 3);
     println!(
-        "lost host {} (controller #{leader}, term {term}): first challenge of term {new_term} from #{new_leader} \
+        "lost host {} (controller #{controller}, term {term}): first challenge of term {new_term} from #{new_controller} \
          after {} ms; the surviving host's peers went from height {h} to {}",
         HOSTS[lost].0,
         first_challenge.saturating_sub(lost_at),

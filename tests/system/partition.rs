@@ -152,14 +152,14 @@ impl Partitioned {
     }
 
     /// The controller peer `index` believes in for its latest term.
-    fn leader_seen_by(&self, index: usize) -> Option<(Term, PeerId)> {
-        leader_in(&self.events_of(index))
+    fn controller_seen_by(&self, index: usize) -> Option<(Term, PeerId)> {
+        controller_in(&self.events_of(index))
     }
 
     /// Waits until every connected peer agrees on a controller of at least `min_term`; returns
     /// the term and the controller's index.
-    fn wait_leader(&self, min_term: Term) -> (Term, usize) {
-        let (term, id) = wait_agreement(T, min_term, || self.connected(), |i| self.leader_seen_by(i));
+    fn wait_controller(&self, min_term: Term) -> (Term, usize) {
+        let (term, id) = wait_agreement(T, min_term, || self.connected(), |i| self.controller_seen_by(i));
         let index = (0..self.files.len()).find(|&i| self.id_of(i) == Some(id)).expect("the controller is ours");
         (term, index)
     }
@@ -169,7 +169,7 @@ impl Partitioned {
         self.events_of(index)
             .iter()
             .filter_map(|r| match r.event {
-                Event::LeaderElected { term, .. } => Some(term),
+                Event::ControllerElected { term, .. } => Some(term),
                 _ => None,
             })
             .collect()
@@ -302,9 +302,9 @@ fn truncations(records: &[Record]) -> usize {
 #[test]
 fn a_partitioned_peer_is_treated_as_crashed_and_rejoins_without_rolling_the_room_back() {
     let mut p = Partitioned::start(4);
-    let (term, leader) = p.wait_leader(1);
+    let (term, controller) = p.wait_controller(1);
     p.wait_height(2);
-    let cut = (0..4).find(|&i| i != leader).expect("a miner");
+    let cut = (0..4).find(|&i| i != controller).expect("a miner");
 
     let (proc, cut_at) = p.cut(cut);
     let left_at = p.wait_left(cut, cut_at);
@@ -345,43 +345,43 @@ fn a_partitioned_peer_is_treated_as_crashed_and_rejoins_without_rolling_the_room
 #[test]
 fn a_partitioned_controller_is_replaced_and_follows_the_new_term_when_the_link_returns() {
     let mut p = Partitioned::start(4);
-    let (term, leader) = p.wait_leader(1);
+    let (term, controller) = p.wait_controller(1);
     p.wait_height(2);
 
-    let (proc, cut_at) = p.cut(leader);
-    let left_at = p.wait_left(leader, cut_at);
-    let (new_term, new_leader) = p.wait_leader(term + 1);
-    assert_ne!(new_leader, leader);
+    let (proc, cut_at) = p.cut(controller);
+    let left_at = p.wait_left(controller, cut_at);
+    let (new_term, new_controller) = p.wait_controller(term + 1);
+    assert_ne!(new_controller, controller);
     let challenge_at = p.first_challenge_after(term).expect("a challenge of the new term");
     let lost_at =
-        p.wait_event(leader, cut_at, "notice the lost connection", |e| matches!(e, Event::Disconnected { .. }));
+        p.wait_event(controller, cut_at, "notice the lost connection", |e| matches!(e, Event::Disconnected { .. }));
     // The new controller's room mines on, so the old controller falls behind.
-    p.wait_height(p.height(leader) + 2);
-    let target = p.others_height(leader);
+    p.wait_height(p.height(controller) + 2);
+    let target = p.others_height(controller);
 
-    let healed_at = p.heal(leader, proc);
-    let back_at = p.wait_event(leader, healed_at, "reconnect", |e| matches!(e, Event::Connected { .. }));
-    let rejoined_at = p.wait_rejoined(leader, healed_at);
+    let healed_at = p.heal(controller, proc);
+    let back_at = p.wait_event(controller, healed_at, "reconnect", |e| matches!(e, Event::Connected { .. }));
+    let rejoined_at = p.wait_rejoined(controller, healed_at);
     // It learns of the newer term from the others' replies to its hello and follows it.
     let followed_at = p.wait_event(
-        leader,
+        controller,
         healed_at,
         "follow the new term",
-        |e| matches!(e, Event::LeaderElected { term: t, .. } if *t >= new_term),
+        |e| matches!(e, Event::ControllerElected { term: t, .. } if *t >= new_term),
     );
-    let caught_up_at = p.wait_caught_up(leader, target);
+    let caught_up_at = p.wait_caught_up(controller, target);
     p.wait_event(
-        leader,
+        controller,
         healed_at,
         "mine for the new controller",
         |e| matches!(e, Event::MiningStarted { term: t, .. } if *t >= new_term),
     );
-    assert_eq!(p.wait_leader(new_term), (new_term, new_leader), "all four agree on the new controller");
+    assert_eq!(p.wait_controller(new_term), (new_term, new_controller), "all four agree on the new controller");
     let h = p.min_height();
     p.wait_height(h + 2);
     p.assert_whole();
 
-    let old = p.events_of(leader);
+    let old = p.events_of(controller);
     println!(
         "controller partition: cut -> peer_left at all others {} ms -> first challenge of term {new_term} {} ms \
          (old controller noticed after {} ms); link up -> reconnected {} ms -> re-announced {} ms \
@@ -401,7 +401,7 @@ fn a_partitioned_controller_is_replaced_and_follows_the_new_term_when_the_link_r
         let terms = p.terms(i);
         assert!(terms.iter().all(|&t| t <= new_term), "peer #{i} saw a term after {new_term}: {terms:?}");
     }
-    for i in p.others(leader) {
+    for i in p.others(controller) {
         assert_eq!(truncations(&p.events_of(i)), 0, "peer #{i} dropped a block the room had");
     }
     let chain = assert_invariants(&p.records());

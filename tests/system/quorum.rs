@@ -115,7 +115,9 @@ impl QuorumRoom {
         self.records()
             .iter()
             .filter_map(|r| match r.event {
-                Event::LeaderElected { term, leader, votes } if votes > 0 && leader == r.peer => Some((term, leader)),
+                Event::ControllerElected { term, controller, votes } if votes > 0 && controller == r.peer => {
+                    Some((term, controller))
+                }
                 _ => None,
             })
             .max()
@@ -159,9 +161,12 @@ fn assert_quorum_invariants(records: &[Record]) {
     let mut committed: BTreeMap<TxId, String> = BTreeMap::new();
     for r in records {
         match &r.event {
-            Event::LeaderElected { term, leader, votes } if *votes > 0 && *leader == r.peer => {
-                let other = controllers.insert(*term, *leader);
-                assert!(other.is_none_or(|o| o == *leader), "two controllers in term {term}: {other:?} and {leader}");
+            Event::ControllerElected { term, controller, votes } if *votes > 0 && *controller == r.peer => {
+                let other = controllers.insert(*term, *controller);
+                assert!(
+                    other.is_none_or(|o| o == *controller),
+                    "two controllers in term {term}: {other:?} and {controller}"
+                );
             }
             Event::BlockAccepted { tx, hash, .. } => {
                 accepted.insert((r.peer, *tx), hash.clone());
@@ -412,7 +417,7 @@ fn figures() {
         let terms = records
             .iter()
             .filter_map(|r| match r.event {
-                Event::LeaderElected { term, .. } => Some(term),
+                Event::ControllerElected { term, .. } => Some(term),
                 _ => None,
             })
             .max()
@@ -492,7 +497,7 @@ fn elected_after_last_connect(room: &QuorumRoom, timeout: Duration) -> u64 {
             .collect();
         let elected = records
             .iter()
-            .filter(|r| matches!(r.event, Event::LeaderElected { votes, leader, .. } if votes > 0 && leader == r.peer))
+            .filter(|r| matches!(r.event, Event::ControllerElected { votes, controller, .. } if votes > 0 && controller == r.peer))
             .map(|r| r.ts_ms)
             .min();
         if let (true, Some(at)) = (connected.len() == room.size, elected) {
@@ -511,8 +516,8 @@ fn commit_overhead(records: &[Record]) -> (Vec<u64>, Vec<u64>) {
     let mut controller_of: BTreeMap<Term, PeerId> = BTreeMap::new();
     for r in records {
         match r.event {
-            Event::LeaderElected { term, leader, votes } if votes > 0 && leader == r.peer => {
-                controller_of.insert(term, leader);
+            Event::ControllerElected { term, controller, votes } if votes > 0 && controller == r.peer => {
+                controller_of.insert(term, controller);
             }
             Event::BlockAccepted { tx, term, .. } if controller_of.get(&term) == Some(&r.peer) => {
                 accepted.insert((r.peer, tx), r.ts_ms);

@@ -97,13 +97,13 @@ impl Room {
     }
 
     /// The controller peer `index` believes in for its latest term.
-    pub fn leader_seen_by(&self, index: usize) -> Option<(Term, PeerId)> {
-        leader_in(&self.events_of(index))
+    pub fn controller_seen_by(&self, index: usize) -> Option<(Term, PeerId)> {
+        controller_in(&self.events_of(index))
     }
 
     /// Waits until every live peer agrees on a controller of at least `term`; returns it.
-    pub fn wait_leader(&self, min_term: Term, timeout: Duration) -> (Term, usize) {
-        let (term, id) = wait_agreement(timeout, min_term, || self.alive(), |i| self.leader_seen_by(i));
+    pub fn wait_controller(&self, min_term: Term, timeout: Duration) -> (Term, usize) {
+        let (term, id) = wait_agreement(timeout, min_term, || self.alive(), |i| self.controller_seen_by(i));
         (term, self.index_of(id).expect("controller is one of ours"))
     }
 
@@ -143,7 +143,7 @@ impl Room {
                     .events_of(i)
                     .iter()
                     .filter_map(|r| match r.event {
-                        Event::LeaderElected { term, .. } => Some(term),
+                        Event::ControllerElected { term, .. } => Some(term),
                         _ => None,
                     })
                     .collect();

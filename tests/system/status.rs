@@ -90,7 +90,7 @@ fn wait_all_online(room: &Room, watcher: &Watcher) -> BTreeMap<PeerId, Seen> {
         statuses.len() == ids.len()
             && controllers.len() == 1
             && statuses.iter().all(|s| {
-                s.leader == Some(controllers[0])
+                s.controller == Some(controllers[0])
                     && (s.role == Role::Controller || s.role == Role::Miner)
                     && s.threads == 1
                     && s.at_ms >= s.started_ms
@@ -106,7 +106,7 @@ fn wait_all_online(room: &Room, watcher: &Watcher) -> BTreeMap<PeerId, Seen> {
 fn retained_will_marks_a_killed_miner_offline(mut room: Room, broker: &str) -> String {
     let prefix = room.prefix();
     let live = Watcher::start("status-live", room.port, &prefix);
-    let (_, leader) = room.wait_leader(1, T);
+    let (_, controller) = room.wait_controller(1, T);
     room.wait_height(2, T);
     let online = wait_all_online(&room, &live);
     // Mining figures come once a second: wait for a hash rate from every miner.
@@ -114,7 +114,7 @@ fn retained_will_marks_a_killed_miner_offline(mut room: Room, broker: &str) -> S
         live.latest().values().filter(|s| s.status.role == Role::Miner).all(|s| s.status.hash_rate > 0)
     });
 
-    let victim = (0..room.size).find(|&i| i != leader).expect("a miner");
+    let victim = (0..room.size).find(|&i| i != controller).expect("a miner");
     let victim_id = room.id_of(victim).expect("the miner's id");
     let incarnation = online[&victim_id].status.incarnation;
     let killed_at = Instant::now();

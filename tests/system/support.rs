@@ -367,24 +367,24 @@ impl Mosquitto {
 }
 
 /// The controller a peer believes in for its latest term, from its events.
-pub fn leader_in(records: &[Record]) -> Option<(Term, PeerId)> {
+pub fn controller_in(records: &[Record]) -> Option<(Term, PeerId)> {
     records.iter().rev().find_map(|r| match r.event {
-        Event::LeaderElected { term, leader, .. } => Some((term, leader)),
+        Event::ControllerElected { term, controller, .. } => Some((term, controller)),
         _ => None,
     })
 }
 
 /// Waits until the peers `peers()` all believe in one controller of a term of at least
-/// `min_term` (each one's belief from `leader_of`); returns that term and controller.
+/// `min_term` (each one's belief from `controller_of`); returns that term and controller.
 pub fn wait_agreement(
     timeout: Duration,
     min_term: Term,
     peers: impl Fn() -> Vec<usize>,
-    leader_of: impl Fn(usize) -> Option<(Term, PeerId)>,
+    controller_of: impl Fn(usize) -> Option<(Term, PeerId)>,
 ) -> (Term, PeerId) {
     let mut found = None;
     wait_until(timeout, &format!("agreement on a controller of term >= {min_term}"), || {
-        let seen: Vec<_> = peers().into_iter().map(&leader_of).collect();
+        let seen: Vec<_> = peers().into_iter().map(&controller_of).collect();
         found = match seen.first() {
             Some(&Some((t, l))) if t >= min_term && seen.iter().all(|s| *s == Some((t, l))) => Some((t, l)),
             _ => None,

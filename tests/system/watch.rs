@@ -86,16 +86,16 @@ fn watch_follows_a_room_on_mosquitto_and_both_reports_hold_the_peers_chain() {
     let records = read_events(&events);
     let chain = assert_invariants(&records);
     assert!(chain.len() as u64 >= ROUNDS, "{} blocks", chain.len());
-    let leader = records
+    let controller = records
         .iter()
         .find_map(|r| match r.event {
-            Event::LeaderElected { term: 1, leader, .. } => Some(leader),
+            Event::ControllerElected { term: 1, controller, .. } => Some(controller),
             _ => None,
         })
         .expect("an election in term 1");
 
     // The watcher saw the same election and the same winners, from MQTT alone.
-    assert!(watch_said.contains(&format!("term 1: controller {leader} elected in ")), "{watch_said}");
+    assert!(watch_said.contains(&format!("term 1: controller {controller} elected in ")), "{watch_said}");
     for b in chain.iter().take(ROUNDS as usize) {
         assert!(
             watch_said.contains(&format!("block {} won by {} in ", b.tx, b.winner)),

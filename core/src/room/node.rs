@@ -578,7 +578,7 @@ impl RoomNode {
             incarnation: self.cfg.incarnation,
             role: self.role(),
             term: self.term,
-            leader: self.controller,
+            controller: self.controller,
             height: self.chain.height(),
             tx: self.open().map(|c| c.tx),
             difficulty: self.open().map(|c| c.difficulty),

@@ -156,8 +156,8 @@ struct Slot {
     /// Expected to exit on its own (a duplicate of another peer's id).
     may_exit: bool,
     id: Option<PeerId>,
-    /// The latest `leader_elected` of this peer.
-    leader: Option<(Term, PeerId)>,
+    /// The latest `controller_elected` of this peer.
+    controller: Option<(Term, PeerId)>,
     /// Its stdout has closed.
     eof: bool,
 }
@@ -328,7 +328,7 @@ impl Room {
             data,
             may_exit,
             id: None,
-            leader: None,
+            controller: None,
             eof: false,
         });
         Ok(index)
@@ -413,13 +413,13 @@ impl Room {
     /// issued a challenge in its term: `(term, index)`.
     pub fn agreed(&self) -> Option<(Term, usize)> {
         let running = self.running();
-        let first = self.slots.get(*running.first()?)?.leader?;
-        if !running.iter().all(|&i| self.slots[i].leader == Some(first)) {
+        let first = self.slots.get(*running.first()?)?.controller?;
+        if !running.iter().all(|&i| self.slots[i].controller == Some(first)) {
             return None;
         }
-        let (term, leader) = first;
-        let index = *self.ids.get(&leader)?;
-        let issued = self.challenges.get(&term).is_some_and(|&(_, by)| by == leader);
+        let (term, controller) = first;
+        let index = *self.ids.get(&controller)?;
+        let issued = self.challenges.get(&term).is_some_and(|&(_, by)| by == controller);
         (self.slots[index].state == State::Running && issued).then_some((term, index))
     }
 
@@ -444,8 +444,8 @@ impl Room {
             room.agreed().is_some() && room.running().iter().all(|&i| room.height(i) >= target)
         })
         .await?;
-        let (term, leader) = self.agreed().expect("checked by the wait");
-        Ok((term, leader, target))
+        let (term, controller) = self.agreed().expect("checked by the wait");
+        Ok((term, controller, target))
     }
 
     /// Waits for the first challenge of a term above `term`; returns its time (Unix ms).
@@ -605,7 +605,9 @@ impl Room {
                     self.ids.insert(*client_id, index);
                 }
             }
-            Event::LeaderElected { term, leader, .. } => self.slots[index].leader = Some((*term, *leader)),
+            Event::ControllerElected { term, controller, .. } => {
+                self.slots[index].controller = Some((*term, *controller))
+            }
             Event::ChallengeIssued { term, .. } => {
                 let first = self.challenges.entry(*term).or_insert((r.ts_ms, r.peer));
                 first.0 = first.0.min(r.ts_ms);
@@ -622,12 +624,12 @@ impl Room {
     pub fn describe(&self) -> String {
         let mut out = String::from("peers (index id state height term:controller):");
         for (i, s) in self.slots.iter().enumerate().filter(|(_, s)| s.state != State::Gone) {
-            let leader = match s.leader {
+            let controller = match s.controller {
                 Some((t, l)) => format!("{t}:{}", self.ids.get(&l).map_or(l.to_string(), |i| format!("#{i}"))),
                 None => "-".into(),
             };
             let id = s.id.map_or("?".into(), |id| id.to_string());
-            let _ = write!(out, " [#{i} {id} {:?} {} {leader}]", s.state, self.height(i));
+            let _ = write!(out, " [#{i} {id} {:?} {} {controller}]", s.state, self.height(i));
         }
         out
     }
@@ -677,9 +679,9 @@ impl Room {
     /// does not hold an election while it closes), then the broker; takes the last events and
     /// returns the invariant check over the whole run.
     pub async fn stop(mut self) -> Result<Summary, Violation> {
-        let leader = self.agreed().map(|(_, i)| i);
-        let miners: Vec<usize> = (0..self.slots.len()).filter(|&i| Some(i) != leader).collect();
-        for group in [miners, leader.into_iter().collect()] {
+        let controller = self.agreed().map(|(_, i)| i);
+        let miners: Vec<usize> = (0..self.slots.len()).filter(|&i| Some(i) != controller).collect();
+        for group in [miners, controller.into_iter().collect()] {
             let mut procs: Vec<Proc> = group
                 .into_iter()
                 .filter_map(|i| {

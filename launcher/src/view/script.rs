@@ -10,14 +10,14 @@ use proptest::prelude::*;
 use super::{Observed, RoomView};
 
 /// A status of `id` in `role`.
-pub fn status(id: PeerId, role: Role, term: Term, leader: Option<PeerId>, hash_rate: u64) -> Observed {
+pub fn status(id: PeerId, role: Role, term: Term, controller: Option<PeerId>, hash_rate: u64) -> Observed {
     Observed::Status(Status {
         version: VERSION,
         id,
         incarnation: u64::from(id) * 7,
         role,
         term,
-        leader,
+        controller,
         height: 0,
         tx: None,
         difficulty: None,

@@ -359,7 +359,7 @@ impl RoomNode {
         self.learners.clear();
         self.pending = None;
         self.grant_deadline = None;
-        self.emit(Event::LeaderElected { term: self.term, leader: self.cfg.id, votes: self.grants.len() });
+        self.emit(Event::ControllerElected { term: self.term, controller: self.cfg.id, votes: self.grants.len() });
         self.out.push(Action::StopMining);
         self.mining = None;
         self.submitted = None;
@@ -508,6 +508,6 @@ impl RoomNode {
         self.heard_ms = self.now;
         self.grant_deadline = None;
         self.reset_election_timer();
-        self.emit(Event::LeaderElected { term: self.term, leader: c, votes: 0 });
+        self.emit(Event::ControllerElected { term: self.term, controller: c, votes: 0 });
     }
 }

@@ -486,7 +486,7 @@ fn a_controller_message_from_outside_the_configuration_is_not_followed_nor_moves
         let actions = room.nodes[follower].handle(room.now, Input::Message(Envelope::new(stranger, beat)));
         let named = actions
             .iter()
-            .any(|a| matches!(a, Action::Emit(Event::LeaderElected { leader, .. }) if *leader == stranger));
+            .any(|a| matches!(a, Action::Emit(Event::ControllerElected { controller, .. }) if *controller == stranger));
         let dropped = actions
             .iter()
             .any(|a| matches!(a, Action::Emit(Event::MessageDropped { reason, .. }) if reason == "not_member"));
