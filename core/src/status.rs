@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::{DecodeError, PeerId, Term, TxId};
 
 /// The version of the status payload (its first byte), checked before anything else.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Largest encoded status accepted; a real one is well under 100 bytes.
 pub const MAX_STATUS_BYTES: usize = 256;
@@ -89,6 +89,9 @@ pub struct Status {
     pub hash_rate: u64,
     /// Hashes computed since the peer started.
     pub hashes: u64,
+    /// Milliseconds spent mining since the peer started: `hashes` over it is the mean hash rate
+    /// while mining.
+    pub mining_ms: u64,
     /// Blocks of the peer's chain that it mined.
     pub blocks_won: u64,
     /// Mining threads.
@@ -191,6 +194,7 @@ mod tests {
             difficulty: Some(20),
             hash_rate: 70_000_000,
             hashes: 1 << 40,
+            mining_ms: 60_000,
             blocks_won: 4,
             threads: 2,
             started_ms: 1_000,

@@ -319,6 +319,8 @@ impl Launcher {
         if rounds > 0 && outcome.is_ok() {
             self.catch_up(|v| v.height() >= rounds).await;
         }
+        // Who was in the room at its end, before the peers' offline statuses say otherwise.
+        self.view.end_run(peer::events::now_ms());
         // Miners first, the controller last: the room should not hold an election while it closes.
         self.children.stop_all(self.tally.controller_index(), GRACE).await;
         // And the peers' last statuses (offline, with their final figures).

@@ -148,7 +148,7 @@ mod tests {
         assert_eq!(decode(&topics, "sd", "sd/init", b"\x01\x07\x01").unwrap_err(), "bad_version");
         // A status is a payload of its own version, not a message.
         assert_eq!(decode(&topics, "sd", "sd/status/7", &leave).unwrap_err(), "bad_version");
-        assert_eq!(decode(&topics, "sd", "sd/status/7", b"\x01\xff\xff").unwrap_err(), "malformed");
+        assert_eq!(decode(&topics, "sd", "sd/status/7", &[status::VERSION, 0xff, 0xff]).unwrap_err(), "malformed");
         assert_eq!(decode(&topics, "sd", "sd/status/7", b"").unwrap_err(), "cleared_status");
         assert_eq!(decode(&topics, "sd", "sd/other", &leave).unwrap_err(), "unexpected_topic");
     }

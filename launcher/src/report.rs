@@ -301,27 +301,28 @@ fn summary(h: &mut String, view: &RoomView) {
     let _ = writeln!(h, "</ul>");
 }
 
-/// The table of peers: role, presence, hash rate, blocks won.
+/// The table of peers, as a reader wants it after the run: what each was, how fast it mined,
+/// what it won, and whether it was still in the room at the end.
 fn peers(h: &mut String, view: &RoomView) {
     let _ = writeln!(h, "<h2>Peers</h2>");
     if view.peers().len() == 0 {
         let _ = writeln!(h, "<p class=\"none\">no data</p>");
     } else {
-        let now = view.now_ms();
         let _ = writeln!(
             h,
-            "<table>\n<tr><th>peer</th><th>role</th><th>state</th><th>last hash rate</th><th>blocks won</th></tr>"
+            "<table>\n<tr><th>peer</th><th>role</th><th>mean hash rate while mining</th><th>blocks won</th>\
+             <th>in the room at the end</th></tr>"
         );
         for p in view.peers() {
-            let role = p.role().map_or("?", |r| r.as_str());
-            let rate = p.hash_rate().map_or_else(|| "-".to_string(), format_rate);
+            let role = p.last_role().or_else(|| p.role()).map_or("?", |r| r.as_str());
+            let rate = p.mean_mining_rate().map_or_else(|| "-".to_string(), format_rate);
             let _ = writeln!(
                 h,
                 "<tr class=\"peer\"><td>{}</td><td>{role}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 p.id,
-                p.presence(now).as_str(),
                 escape(&rate),
-                view.blocks_won(p.id)
+                view.blocks_won(p.id),
+                if view.in_room_at_end(p.id) { "yes" } else { "no" }
             );
         }
         let _ = writeln!(h, "</table>");

@@ -6,7 +6,7 @@
 //! gets back the [`Happening`]s worth a line. Every collection it keeps is bounded, so a hostile
 //! client publishing made-up ids, terms or transactions cannot make it grow without end.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 use hashvote_core::room::{Envelope, Msg};
@@ -78,6 +78,8 @@ pub struct PeerView {
     pub height: Option<u64>,
     /// `(observer ms, hashes per second)` from its statuses, oldest first, at most [`MAX_SAMPLES`].
     pub samples: VecDeque<(u64, u64)>,
+    /// Its role in its latest status that did not say offline.
+    last_role: Option<Role>,
     silent_told: bool,
 }
 
@@ -92,6 +94,7 @@ impl PeerView {
             term: None,
             height: None,
             samples: VecDeque::new(),
+            last_role: None,
             silent_told: false,
         }
     }
@@ -126,6 +129,18 @@ impl PeerView {
     /// Its hash rate (H/s) from its latest status.
     pub fn hash_rate(&self) -> Option<u64> {
         self.status.as_ref().map(|s| s.hash_rate)
+    }
+
+    /// Its mean hash rate (H/s) while it mined, from its latest status: the hashes it computed
+    /// over the time it spent mining; `None` if it never mined.
+    pub fn mean_mining_rate(&self) -> Option<u64> {
+        let s = self.status.as_ref().filter(|s| s.mining_ms > 0)?;
+        Some(u64::try_from(u128::from(s.hashes) * 1000 / u128::from(s.mining_ms)).unwrap_or(u64::MAX))
+    }
+
+    /// Its role in its latest status that did not say offline (what it was while in the room).
+    pub fn last_role(&self) -> Option<Role> {
+        self.last_role
     }
 }
 
@@ -373,12 +388,30 @@ pub struct RoomView {
     wins: BTreeMap<PeerId, u64>,
     replaced: u64,
     ignored: u64,
+    /// The peers in the room when its run ended, if the run was marked ended (see
+    /// [`RoomView::end_run`]).
+    at_end: Option<BTreeSet<PeerId>>,
 }
 
 impl RoomView {
     /// An empty room.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Marks the end of the run at `now_ms`, before its peers are stopped: the peers not offline
+    /// then were in the room at the end, whatever their last statuses say afterwards.
+    pub fn end_run(&mut self, now_ms: u64) {
+        let present = self.peers.values().filter(|p| p.presence(now_ms) != Presence::Offline).map(|p| p.id);
+        self.at_end = Some(present.collect());
+    }
+
+    /// Whether peer `id` was in the room at the end of the run (or, with no end marked, is now).
+    pub fn in_room_at_end(&self, id: PeerId) -> bool {
+        match &self.at_end {
+            Some(present) => present.contains(&id),
+            None => self.peers.get(&id).is_some_and(|p| p.presence(self.now_ms) != Presence::Offline),
+        }
     }
 
     /// Takes one thing received at `now_ms` (observer's clock); returns what it changed that is
@@ -407,7 +440,8 @@ impl RoomView {
     }
 
     /// The latest observer time given to [`observe`](Self::observe) or [`tick`](Self::tick).
-    pub fn now_ms(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn now_ms(&self) -> u64 {
         self.now_ms
     }
 
@@ -560,11 +594,18 @@ impl RoomView {
         let previous = self.peers.get(&id).and_then(|p| p.status.clone());
         let before = previous.as_ref().map(|st| st.incarnation);
         // A Last Will is fixed when the peer connects, so its figures are zeros: keep the last
-        // figures this incarnation published and only mark it offline.
+        // figures this incarnation published and only mark it offline. A clean exit's offline
+        // status has the final counts: the larger of each count.
         let s = match previous {
-            Some(last) if !alive && last.incarnation == s.incarnation => {
-                Status { role: Role::Offline, hash_rate: 0, at_ms: s.at_ms.max(last.at_ms), ..last }
-            }
+            Some(last) if !alive && last.incarnation == s.incarnation => Status {
+                role: Role::Offline,
+                hash_rate: 0,
+                at_ms: s.at_ms.max(last.at_ms),
+                hashes: s.hashes.max(last.hashes),
+                mining_ms: s.mining_ms.max(last.mining_ms),
+                blocks_won: s.blocks_won.max(last.blocks_won),
+                ..last
+            },
             _ => s,
         };
         let mut said = Vec::new();
@@ -590,6 +631,9 @@ impl RoomView {
                     p.samples.pop_front();
                 }
                 p.samples.push_back((now_ms, s.hash_rate));
+            }
+            if s.role != Role::Offline {
+                p.last_role = Some(s.role);
             }
             p.status = Some(s);
         }

@@ -30,7 +30,7 @@ pub(crate) trait Wire {
     fn subscriptions(&self) -> Vec<String>;
 
     /// Waits for the next input of the wire's own; `None` when it dealt with what came itself.
-    async fn own_input(&mut self) -> Option<Self::Input>;
+    async fn own_input(&mut self, report: &mut Reporter) -> Option<Self::Input>;
 
     /// The link is up again and subscribed.
     fn on_connected(&mut self) -> Self::Input;
@@ -73,7 +73,7 @@ async fn drive<W: Wire>(
             // and tell the node so before it reads the backlog of what happened meanwhile.
             biased;
             () = stop.cancelled() => return Ok(()),
-            own = wire.own_input() => match own {
+            own = wire.own_input(report) => match own {
                 Some(input) => input,
                 None => continue,
             },
@@ -132,6 +132,11 @@ impl Reporter {
         self.events.emit(event);
     }
 
+    /// Milliseconds spent mining so far, the job under way included.
+    pub(crate) fn mining_ms(&self) -> u64 {
+        self.mining.total_ms()
+    }
+
     /// Records that the miner now works on `tx` (or nothing), with `hashes` done so far; the job
     /// that ended gets its [`Event::MiningStopped`].
     pub(crate) fn mining(&mut self, tx: Option<u64>, hashes: u64) {
@@ -157,6 +162,12 @@ impl MiningClock {
         });
         self.current = tx.map(|t| (t, Instant::now()));
         ended
+    }
+
+    /// Time spent mining, the job under way included.
+    fn total_ms(&self) -> u64 {
+        let current = self.current.map_or(Duration::ZERO, |(_, since)| since.elapsed());
+        (self.total + current).as_millis() as u64
     }
 }
 

@@ -147,11 +147,11 @@ impl RoomDriver {
     }
 
     /// Publishes the status if due; after a stall, tells the node.
-    async fn on_status_tick(&mut self) -> Option<Input> {
+    async fn on_status_tick(&mut self, mining_ms: u64) -> Option<Input> {
         let stalled = self.last_tick.elapsed() > self.stall_after;
         self.last_tick = Instant::now();
         if self.online {
-            self.status.send(&self.beacon, self.node.status(self.clock.now_ms()), &self.miner, false).await;
+            self.status.send(&self.beacon, self.node.status(self.clock.now_ms()), &self.miner, mining_ms, false).await;
         }
         if stalled && self.connected_once {
             let ms = self.stall_after.as_millis() as u64;
@@ -163,11 +163,13 @@ impl RoomDriver {
 
     /// Follows the beacon's connection. Retained statuses are lost when a broker without
     /// persistence restarts (rumqttd keeps them in memory only): every connection sends ours again.
-    async fn on_beacon(&mut self, net: Net) {
+    async fn on_beacon(&mut self, net: Net, mining_ms: u64) {
         match net {
             Net::Connected => {
                 self.online = true;
-                self.status.send(&self.beacon, self.node.status(self.clock.now_ms()), &self.miner, true).await;
+                self.status
+                    .send(&self.beacon, self.node.status(self.clock.now_ms()), &self.miner, mining_ms, true)
+                    .await;
             }
             Net::Lost(_) => self.online = false,
             Net::Publish { .. } | Net::Fatal(_) => {}
@@ -257,16 +259,16 @@ impl Wire for RoomDriver {
             .collect()
     }
 
-    async fn own_input(&mut self) -> Option<Input> {
+    async fn own_input(&mut self, report: &mut Reporter) -> Option<Input> {
         let timer = self.clock.instant(self.node.next_timer());
         tokio::select! {
             // The status tick first: after the process stood still, it tells the node so.
             biased;
-            _ = self.status_tick.tick() => self.on_status_tick().await,
+            _ = self.status_tick.tick() => self.on_status_tick(report.mining_ms()).await,
             () = tokio::time::sleep_until(timer), if self.main_up => Some(Input::Tick),
             Some(found) = self.found.recv() => Some(Input::Mined(found)),
             Some(net) = self.beacon.recv() => {
-                self.on_beacon(net).await;
+                self.on_beacon(net, report.mining_ms()).await;
                 None
             }
         }
@@ -329,12 +331,13 @@ impl Wire for RoomDriver {
             return Err(PeerError::Protocol(reason));
         }
         if self.online {
-            self.status.send(&self.beacon, self.node.status(self.clock.now_ms()), &self.miner, force_status).await;
+            let status = self.node.status(self.clock.now_ms());
+            self.status.send(&self.beacon, status, &self.miner, report.mining_ms(), force_status).await;
         }
         Ok(())
     }
 
-    async fn shutdown(&mut self, mut link: Link, clean: bool, _report: &mut Reporter) {
+    async fn shutdown(&mut self, mut link: Link, clean: bool, report: &mut Reporter) {
         self.miner.stop();
         // What we staged becomes durable, so a restart resumes from where we stopped.
         if let Err(e) = self.store.sync() {
@@ -347,7 +350,8 @@ impl Wire for RoomDriver {
             // Never an empty publish to clear a retained status: rumqttd deletes a retained
             // message on an empty publish *without* RETAIN, which MQTT says must not touch it.
             let now = Instant::now();
-            let offline = self.status.fill(offline_status(self.node.status(self.clock.now_ms())), &self.miner, now);
+            let offline = offline_status(self.node.status(self.clock.now_ms()));
+            let offline = self.status.fill(offline, &self.miner, report.mining_ms(), now);
             self.beacon.publish(self.status.topic.clone(), true, offline.encode()).await;
         }
         // A DISCONNECT also discards our Last Will: a duplicate giving way must not announce
@@ -440,20 +444,21 @@ struct StatusPublisher {
 impl StatusPublisher {
     /// Publishes `status` (the node's, built after every input: no field costs more than a map
     /// lookup) if it is due, or at once if `force`.
-    async fn send(&mut self, beacon: &Link, status: Status, miner: &Miner, force: bool) {
+    async fn send(&mut self, beacon: &Link, status: Status, miner: &Miner, mining_ms: u64, force: bool) {
         let now = Instant::now();
         if !force && !self.schedule.due(&status, now) {
             return;
         }
-        let status = self.fill(status, miner, now);
+        let status = self.fill(status, miner, mining_ms, now);
         // Retained, so a watcher that subscribes later gets it; QoS 1 like everything else.
         beacon.publish(self.topic.clone(), true, status.encode()).await;
         self.schedule.published(&status, now);
     }
 
     /// Adds the mining figures the node does not know.
-    fn fill(&mut self, mut status: Status, miner: &Miner, now: Instant) -> Status {
+    fn fill(&mut self, mut status: Status, miner: &Miner, mining_ms: u64, now: Instant) -> Status {
         let hashes = miner.hashes();
+        status.mining_ms = mining_ms;
         status.hash_rate = self.schedule.hash_rate(hashes, now);
         status.hashes = hashes;
         status.threads = self.threads;

@@ -80,6 +80,7 @@ mod tests {
             difficulty: Some(20),
             hash_rate: 70_000_000,
             hashes: 1 << 40,
+            mining_ms: 60_000,
             blocks_won: 4,
             threads: 2,
             started_ms: 1_000,

@@ -31,6 +31,21 @@ fn report_rows(dir: &Path) -> Vec<(u64, u32)> {
         .collect()
 }
 
+/// The peer rows of a report's peers table: (id, mean hash rate while mining, blocks won, in the
+/// room at the end).
+fn report_peers(dir: &Path) -> Vec<(u32, String, u64, String)> {
+    let html = std::fs::read_to_string(dir.join("index.html")).expect("index.html");
+    html.split("<tr class=\"peer\">")
+        .skip(1)
+        .map(|row| {
+            let cells: Vec<&str> =
+                row.split("<td>").skip(1).map(|c| c.split("</td>").next().unwrap_or_default()).collect();
+            let id = cells[0].parse().expect("id cell");
+            (id, cells[2].to_string(), cells[3].parse().expect("blocks won cell"), cells[4].to_string())
+        })
+        .collect()
+}
+
 /// Reads a child's whole stdout after it exited.
 fn stdout_of(proc: &mut Proc) -> String {
     let mut text = String::new();
@@ -119,6 +134,21 @@ fn watch_follows_a_room_on_mosquitto_and_both_reports_hold_the_peers_chain() {
         if report == &room_report {
             assert!(said.contains(&format!("({} blocks, 3 plots)", rows.len())), "{said}");
         }
+        let peers = report_peers(report);
+        assert_eq!(peers.len(), 4, "{peers:?} in {}", report.display());
+        assert!(peers.iter().any(|p| p.2 > 0), "nobody won a block in {}: {peers:?}", report.display());
+    }
+    // The launcher's report, written once the peers' final statuses came: every peer that won a
+    // block shows its blocks and a nonzero mean hash rate while mining; all four were in the room
+    // at its end, although their last statuses say offline (the launcher stopped them).
+    let room_peers = report_peers(&room_report);
+    for (id, rate, won, in_room) in &room_peers {
+        let won_in_chain = chain.iter().filter(|b| b.winner == *id).count() as u64;
+        assert!(*won >= won_in_chain.min(ROUNDS), "peer {id}: {won} blocks won, {won_in_chain} in the chain");
+        if *won > 0 {
+            assert!(rate.ends_with("H/s") && !rate.starts_with("0 "), "peer {id} won {won} at rate {rate:?}");
+        }
+        assert_eq!(in_room, "yes", "peer {id}: {room_peers:?}");
     }
 
     // The launcher stopped its peers and left Mosquitto alone.

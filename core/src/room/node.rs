@@ -584,6 +584,7 @@ impl RoomNode {
             difficulty: self.open().map(|c| c.difficulty),
             hash_rate: 0,
             hashes: 0,
+            mining_ms: 0,
             blocks_won: self.chain.won_by(self.cfg.id),
             threads: 0,
             started_ms: self.cfg.since_ms,

@@ -23,6 +23,7 @@ pub fn status(id: PeerId, role: Role, term: Term, controller: Option<PeerId>, ha
         difficulty: None,
         hash_rate,
         hashes: 0,
+        mining_ms: 0,
         blocks_won: 0,
         threads: 1,
         started_ms: 0,

@@ -100,7 +100,7 @@ impl Wire for LabDriver {
         self.topics.all().into_iter().map(str::to_string).collect()
     }
 
-    async fn own_input(&mut self) -> Option<LabInput> {
+    async fn own_input(&mut self, _report: &mut Reporter) -> Option<LabInput> {
         tokio::select! {
             Some(found) = self.found.recv() => Some(LabInput::Mined(found)),
             Some(()) = self.wake.recv() => Some(LabInput::Wake),
