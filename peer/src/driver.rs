@@ -67,6 +67,7 @@ async fn drive<W: Wire>(
     report: &mut Reporter,
     stop: &CancellationToken,
 ) -> Result<(), PeerError> {
+    let mut connected_once = false;
     loop {
         let input = tokio::select! {
             // In this order: after the process stood still, the wire's overdue timers come first
@@ -88,6 +89,10 @@ async fn drive<W: Wire>(
                 Some(Net::Connected) => {
                     if !link.subscribe(wire.subscriptions()).await {
                         continue;
+                    }
+                    if !connected_once {
+                        info!(broker = %link.addr(), "connected");
+                        connected_once = true;
                     }
                     report.events.emit(Event::Connected { broker: link.addr().to_string() });
                     wire.on_connected()

@@ -19,7 +19,7 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::config::PeerConfig;
 use crate::protocol::PeerId;
@@ -124,9 +124,7 @@ impl Link {
     pub async fn recv(&mut self) -> Option<Net> {
         let net = self.rx.recv().await;
         if matches!(net, Some(Net::Connected)) {
-            if !self.connected_once {
-                info!(broker = %self.addr, "connected");
-            }
+            debug!(broker = %self.addr, first = !self.connected_once, "connected");
             self.connected_once = true;
         }
         net
