@@ -94,7 +94,7 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
     let addr = format!("{}:{}", target.host, target.port);
     // No first-connect timeout: a watcher waits for its broker for ever, saying so meanwhile.
     let first = FirstConnect { addr: addr.clone(), timeout_s: None, credentials: target.login.is_some() };
-    let mut link = Link::open(options, 64, first);
+    let mut link = Link::open(vec![options], 64, first);
     let topics = Topics::new(&target.prefix);
     loop {
         let net = tokio::select! {
@@ -103,7 +103,7 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
         };
         let seen = match net {
             None => break,
-            Some(Net::Connected) => {
+            Some(Net::Connected(_)) => {
                 // Protocol topics at QoS 1, as the peers publish (without counting on rumqttd's
                 // upgrade of QoS 0 publishes). The statuses at QoS 0: rumqttd hands a QoS 1
                 // subscriber at most `max_inflight_count` (100) retained messages and drops the

@@ -23,7 +23,8 @@ pub struct Args {
     /// Configuration file (TOML, keys as in config/peer.toml).
     #[arg(long, env = "HASHVOTE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Broker host.
+    /// Broker host; or the nodes of a broker cluster, comma-separated, each `host` or
+    /// `host:port` (the peer connects to the node its id picks, and moves on when it is lost).
     #[arg(long, env = "HASHVOTE_HOST")]
     pub host: Option<String>,
     /// Broker port.

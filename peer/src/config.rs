@@ -14,9 +14,10 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/peer.toml");
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
-    /// Broker host name or address.
+    /// Broker host name or address; or several brokers of one cluster, comma-separated, each
+    /// `host` or `host:port` (see [`PeerConfig::brokers`]).
     pub host: String,
-    /// Broker port.
+    /// Broker port (of each host given without one).
     pub port: u16,
     /// Peers that must know each other before the first election.
     pub room_size: usize,
@@ -167,15 +168,19 @@ impl PeerConfig {
         }
     }
 
+    /// The brokers to connect to, in order: every entry of `host` (comma-separated `host` or
+    /// `host:port`, a bracketed IPv6 address as `[addr]:port`), with `port` where it names none.
+    pub fn brokers(&self) -> Result<Vec<(String, u16)>, ConfigError> {
+        parse_brokers(&self.host, self.port).map_err(|message| ConfigError::Invalid { key: "host", message })
+    }
+
     /// Checks every value, with a precise message for the first one out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, message: String| Err(ConfigError::Invalid { key, message });
-        if self.host.trim().is_empty() {
-            return bad("host", "must not be empty".into());
-        }
         if self.port == 0 {
             return bad("port", "must be 1..=65535".into());
         }
+        self.brokers()?;
         if self.room_size == 0 || self.room_size > 10_000 {
             return bad("room_size", format!("{} is not in 1..=10000", self.room_size));
         }
@@ -274,9 +279,54 @@ fn one_line(message: &str) -> String {
     lines.join(" ")
 }
 
+/// Parses a comma-separated list of brokers (`host`, `host:port` or `[ipv6]:port`), `port` for
+/// an entry without one.
+pub fn parse_brokers(list: &str, port: u16) -> Result<Vec<(String, u16)>, String> {
+    let mut out = Vec::new();
+    for entry in list.split(',').map(str::trim) {
+        if entry.is_empty() {
+            return Err(format!("'{list}' has an empty broker address"));
+        }
+        let (host, entry_port) = match entry.rsplit_once(':') {
+            // A bare IPv6 address has colons and no port.
+            Some((h, _)) if h.contains(':') && !h.starts_with('[') => (entry, None),
+            Some((h, p)) => (
+                h,
+                Some(
+                    p.parse::<u16>()
+                        .ok()
+                        .filter(|&p| p > 0)
+                        .ok_or_else(|| format!("'{entry}': the port '{p}' is not in 1..=65535"))?,
+                ),
+            ),
+            None => (entry, None),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("'{entry}' has no host"));
+        }
+        out.push((host.to_string(), entry_port.unwrap_or(port)));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broker_list_names_each_broker_with_its_port_or_the_default() {
+        let brokers = parse_brokers("a, b:1884,[::1]:1885,::1, 10.0.0.1:9", 1883).unwrap();
+        let want = [("a", 1883), ("b", 1884), ("::1", 1885), ("::1", 1883), ("10.0.0.1", 9)];
+        assert_eq!(brokers, want.map(|(h, p)| (h.to_string(), p)));
+        for bad in ["", "a,,b", "a:0", "a:99999", "a:x", ":1883", "[]:1"] {
+            let e = parse_brokers(bad, 1883).unwrap_err();
+            assert!(!e.is_empty() && !e.contains('\n'), "{bad}: {e}");
+        }
+        let c = PeerConfig::from_toml("host = \"n1:1883, n2:1883\"", "test").unwrap();
+        assert_eq!(c.brokers().unwrap().len(), 2);
+        assert!(PeerConfig::from_toml("host = \"n1:x\"", "test").unwrap().validate().is_err());
+    }
 
     #[test]
     fn embedded_defaults_parse_and_validate() {

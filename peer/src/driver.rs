@@ -86,7 +86,7 @@ async fn drive<W: Wire>(
                     report.events.emit(Event::Disconnected { reason });
                     continue;
                 }
-                Some(Net::Connected) => {
+                Some(Net::Connected(_)) => {
                     if !link.subscribe(wire.subscriptions()).await {
                         continue;
                     }

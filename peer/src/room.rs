@@ -165,7 +165,7 @@ impl RoomDriver {
     /// persistence restarts (rumqttd keeps them in memory only): every connection sends ours again.
     async fn on_beacon(&mut self, net: Net, mining_ms: u64) {
         match net {
-            Net::Connected => {
+            Net::Connected(_) => {
                 self.online = true;
                 self.status
                     .send(&self.beacon, self.node.status(self.clock.now_ms()), &self.miner, mining_ms, true)
@@ -404,9 +404,10 @@ fn connections(
     let offline = Status { threads: status.threads, ..offline_status(node.status(crate::events::now_ms())) };
     let beacon_will = LastWill::new(&status.topic, offline.encode(), QoS::AtLeastOnce, true);
     let first = FirstConnect::of(cfg);
-    let link = Link::open(mqtt_options(cfg, mqtt_client_id(id, incarnation), Some(leave)), 1024, first.clone());
+    // Both connections go to the same broker of a list first: the peer's id spreads the room.
+    let link = Link::open(mqtt_options(cfg, &mqtt_client_id(id, incarnation), Some(leave), id), 1024, first.clone());
     // The beacon's own failures to connect are the protocol connection's too, which reports them.
-    let beacon = Link::open(mqtt_options(cfg, beacon_client_id(id, incarnation), Some(beacon_will)), 64, first);
+    let beacon = Link::open(mqtt_options(cfg, &beacon_client_id(id, incarnation), Some(beacon_will), id), 64, first);
     (link, beacon)
 }
 

@@ -66,8 +66,9 @@ pub enum PeerError {
 /// What a [`Link`]'s network task reports.
 #[derive(Debug)]
 pub enum Net {
-    /// A CONNACK: connected, the first time or again. Nothing is subscribed yet.
-    Connected,
+    /// A CONNACK from the broker at this host:port: connected, the first time or again (maybe to
+    /// another broker of the list). Nothing is subscribed yet.
+    Connected(String),
     /// A message on a subscribed topic.
     Publish {
         /// Its topic.
@@ -94,14 +95,18 @@ pub struct Link {
 }
 
 impl Link {
-    /// Starts connecting with `options` (`capacity` requests may wait in rumqttc's channel); the
-    /// first [`Net`] says how it went. Needs a tokio runtime.
-    pub fn open(options: MqttOptions, capacity: usize, first: FirstConnect) -> Self {
+    /// Starts connecting with the first of `options`, one per broker of a cluster (`capacity`
+    /// requests may wait in rumqttc's channel); a lost connection moves on to the next broker.
+    /// The first [`Net`] says how it went. Needs a tokio runtime.
+    ///
+    /// # Panics
+    /// If `options` is empty.
+    pub fn open(options: Vec<MqttOptions>, capacity: usize, first: FirstConnect) -> Self {
         let addr = first.addr.clone();
-        let (client, eventloop) = connect(options, capacity);
+        let (client, eventloop) = connect(options[0].clone(), capacity);
         let (tx, rx) = mpsc::channel(capacity.saturating_mul(4).max(16));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(poll_network(eventloop, tx, stop.clone(), first));
+        let task = tokio::spawn(poll_network(eventloop, options, tx, stop.clone(), first));
         Self { client, rx, task, stop, addr, connected_once: false }
     }
 
@@ -110,7 +115,7 @@ impl Link {
         &self.client
     }
 
-    /// The broker's host:port.
+    /// The broker's host:port (the broker connected to last, once connected).
     pub fn addr(&self) -> &str {
         &self.addr
     }
@@ -123,8 +128,9 @@ impl Link {
     /// The next report of the network task; `None` once it stopped.
     pub async fn recv(&mut self) -> Option<Net> {
         let net = self.rx.recv().await;
-        if matches!(net, Some(Net::Connected)) {
-            debug!(broker = %self.addr, first = !self.connected_once, "connected");
+        if let Some(Net::Connected(broker)) = &net {
+            debug!(%broker, first = !self.connected_once, "connected");
+            self.addr.clone_from(broker);
             self.connected_once = true;
         }
         net
@@ -181,9 +187,21 @@ pub fn beacon_client_id(id: PeerId, incarnation: u64) -> String {
     format!("s{id:08x}{:014x}", incarnation & ((1 << 52) - 1))
 }
 
-/// The MQTT options of one of the peer's connections.
-pub(crate) fn mqtt_options(cfg: &PeerConfig, client_id: String, will: Option<LastWill>) -> MqttOptions {
-    let mut options = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+/// The MQTT options of one of the peer's connections, one per broker of `cfg`'s list, starting
+/// at the broker `spread` picks (so that the peers of a room spread over a cluster's nodes).
+pub(crate) fn mqtt_options(cfg: &PeerConfig, client_id: &str, will: Option<LastWill>, spread: u32) -> Vec<MqttOptions> {
+    let brokers = cfg.brokers().unwrap_or_else(|_| vec![(cfg.host.clone(), cfg.port)]);
+    let first = spread as usize % brokers.len().max(1);
+    brokers[first..]
+        .iter()
+        .chain(&brokers[..first])
+        .map(|(host, port)| broker_options(cfg, client_id, will.clone(), host, *port))
+        .collect()
+}
+
+/// The MQTT options of one connection to the broker at `host`:`port`.
+fn broker_options(cfg: &PeerConfig, client_id: &str, will: Option<LastWill>, host: &str, port: u16) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, host, port);
     options
         // Never 0 (the config allows 1..=3600): rumqttd refuses a keepalive of 0, which MQTT allows
         // (and rumqttc panics below 1 s). Any broker then sends our will 1.5 x keepalive after we
@@ -254,7 +272,10 @@ impl FirstConnect {
     /// What a peer configured with `cfg` waits for.
     pub(crate) fn of(cfg: &PeerConfig) -> Self {
         Self {
-            addr: format!("{}:{}", cfg.host, cfg.port),
+            addr: match cfg.brokers() {
+                Ok(list) => list.iter().map(|(h, p)| format!("{h}:{p}")).collect::<Vec<_>>().join(", "),
+                Err(_) => format!("{}:{}", cfg.host, cfg.port),
+            },
             timeout_s: Some(cfg.connect_timeout_s),
             credentials: cfg.username.is_some(),
         }
@@ -284,6 +305,7 @@ fn closed_before_connack(error: &ConnectionError) -> bool {
 /// passes; and it reports nothing but that meanwhile.
 async fn poll_network(
     mut eventloop: rumqttc::EventLoop,
+    brokers: Vec<MqttOptions>,
     tx: mpsc::Sender<Net>,
     stop: CancellationToken,
     first: FirstConnect,
@@ -293,6 +315,7 @@ async fn poll_network(
     let mut connected_once = false;
     let mut closed_early = 0;
     let mut backoff = Duration::from_millis(50);
+    let mut broker = 0;
     loop {
         let event = tokio::select! {
             () = stop.cancelled() => return,
@@ -302,7 +325,8 @@ async fn poll_network(
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 connected_once = true;
                 backoff = Duration::from_millis(50);
-                if tx.send(Net::Connected).await.is_err() {
+                let (host, port) = eventloop.mqtt_options.broker_address();
+                if tx.send(Net::Connected(format!("{host}:{port}"))).await.is_err() {
                     return;
                 }
             }
@@ -340,6 +364,12 @@ async fn poll_network(
                     }
                 } else {
                     debug!(error = %reason, "broker not reachable yet");
+                }
+                // The next broker of the list, if there is one: a lost node's peers move to the
+                // others of its cluster (rumqttc reconnects to the options it holds).
+                if brokers.len() > 1 {
+                    broker = (broker + 1) % brokers.len();
+                    eventloop.mqtt_options = brokers[broker].clone();
                 }
                 // Backoff between reconnection attempts, capped so a restarted broker is found fast.
                 tokio::select! {

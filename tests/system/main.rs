@@ -2,6 +2,7 @@
 
 mod auth;
 mod chaos;
+mod cluster;
 mod dashboard;
 mod demo;
 mod errors;

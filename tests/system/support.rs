@@ -289,6 +289,24 @@ impl Mosquitto {
     /// Starts `mosquitto -c <conf>` listening on `port` and waits until it accepts connections.
     /// Fails (does not skip) if the binary is missing or it does not come up.
     pub fn start_on(port: u16) -> Result<Mosquitto, String> {
+        Self::start_with(port, "")
+    }
+
+    /// Starts a Mosquitto on a free port bridged to the one on `other` for every topic, both
+    /// ways: the two are one pub/sub domain, two nodes of a cluster as the peers see it.
+    pub fn start_bridged_to(other: u16) -> Result<Mosquitto, String> {
+        let bridge = format!(
+            "connection hashvote-bridge\n\
+             address 127.0.0.1:{other}\n\
+             topic # both 1\n\
+             cleansession true\n\
+             restart_timeout 1\n\
+             try_private true\n"
+        );
+        Self::start_with(free_port(), &bridge)
+    }
+
+    fn start_with(port: u16, extra: &str) -> Result<Mosquitto, String> {
         let dir = tempfile::Builder::new()
             .prefix("hashvote-mosquitto")
             .disable_cleanup(std::env::var_os("KEEP_ROOMS").is_some())
@@ -316,7 +334,8 @@ impl Mosquitto {
              # Mosquitto's defaults (20 in flight, 1000 queued per client) drop most of a burst; the\n\
              # flood tests send 50k messages a second. rumqttd's window is 100.\n\
              max_inflight_messages 100\n\
-             max_queued_messages 20000\n",
+             max_queued_messages 20000\n\
+             {extra}",
             log = log.display(),
             packet = PEER_MAX_PAYLOAD + 1024,
         );

@@ -32,7 +32,7 @@ pub async fn run(
     info!(id, room_size = cfg.room_size, threads, wire = "lab", "peer starting");
     // The same connection settings as the room protocol's connection, without a will.
     let incarnation: u64 = rand::random();
-    let link = Link::open(mqtt_options(&cfg, mqtt_client_id(id, incarnation), None), 1024, FirstConnect::of(&cfg));
+    let link = Link::open(mqtt_options(&cfg, &mqtt_client_id(id, incarnation), None, id), 1024, FirstConnect::of(&cfg));
     let (found_tx, found) = mpsc::unbounded_channel::<LabFound>();
     let (wake_tx, wake) = mpsc::unbounded_channel::<()>();
     let lab = LabDriver {
