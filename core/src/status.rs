@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::{DecodeError, PeerId, Term, TxId};
 
 /// The version of the status payload (its first byte), checked before anything else.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Largest encoded status accepted; a real one is well under 100 bytes.
 pub const MAX_STATUS_BYTES: usize = 256;
@@ -26,8 +26,8 @@ pub const MAX_STATUS_BYTES: usize = 256;
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Least time between two statuses for a change of open transaction alone. Blocks can come every
-/// few ms, and every peer hears every status: one status per block and peer would cost more than
-/// the mining protocol itself. Role, term and controller changes go out at once.
+/// few ms: one status per block and peer would cost a watcher of a large room more than the
+/// mining protocol costs the peers. Role, term and controller changes go out at once.
 pub const STATUS_MIN_GAP: Duration = Duration::from_millis(100);
 
 /// What a peer is doing.
@@ -94,6 +94,11 @@ pub struct Status {
     pub mining_ms: u64,
     /// Blocks of the peer's chain that it mined.
     pub blocks_won: u64,
+    /// Messages the peer has published since it started (both of its connections, its statuses
+    /// included), counted as they leave for the broker.
+    pub published: u64,
+    /// Messages the broker has delivered to the peer since it started.
+    pub delivered: u64,
     /// Mining threads.
     pub threads: u16,
     /// The peer's clock (Unix ms) when it started.
@@ -196,6 +201,8 @@ mod tests {
             hashes: 1 << 40,
             mining_ms: 60_000,
             blocks_won: 4,
+            published: 120,
+            delivered: 340,
             threads: 2,
             started_ms: 1_000,
             at_ms: 5_000,

@@ -13,6 +13,9 @@ use hashvote_core::room::{Envelope, Msg};
 use peer::protocol::{Block, Challenge, Outcome, PeerId, RejectReason, Term, TxId};
 use peer::status::{Role, Status, Waiting};
 
+pub(crate) mod traffic;
+use traffic::{Mark, Traffic};
+
 /// Most peers kept; past it the peer heard from least recently (offline ones first) is forgotten.
 pub const MAX_PEERS: usize = 1024;
 /// Most results kept in [`RoomView::results`].
@@ -391,6 +394,10 @@ pub struct RoomView {
     /// The peers in the room when its run ended, if the run was marked ended (see
     /// [`RoomView::end_run`]).
     at_end: Option<BTreeSet<PeerId>>,
+    /// Each peer's counts in its first status of the steady state (see [`traffic`]).
+    traffic_from: BTreeMap<PeerId, Mark>,
+    /// Each peer's counts, and role, in its latest status when the run was marked ended.
+    traffic_to: Option<BTreeMap<PeerId, (Mark, Role)>>,
 }
 
 impl RoomView {
@@ -404,6 +411,22 @@ impl RoomView {
     pub fn end_run(&mut self, now_ms: u64) {
         let present = self.peers.values().filter(|p| p.presence(now_ms) != Presence::Offline).map(|p| p.id);
         self.at_end = Some(present.collect());
+        self.traffic_to = Some(self.traffic_marks());
+    }
+
+    /// The room's steady-state traffic: from each peer's first status at a height of
+    /// [`traffic::STEADY_FROM`] to its latest when the run was marked ended (or now); `None`
+    /// until some peer has statuses at both ends.
+    pub fn traffic(&self) -> Option<Traffic> {
+        match &self.traffic_to {
+            Some(to) => Traffic::between(&self.traffic_from, to),
+            None => Traffic::between(&self.traffic_from, &self.traffic_marks()),
+        }
+    }
+
+    fn traffic_marks(&self) -> BTreeMap<PeerId, (Mark, Role)> {
+        let last = |p: &PeerView| Some((Mark::of(p.status.as_ref()?), p.last_role?));
+        self.peers.values().filter_map(|p| Some((p.id, last(p)?))).collect()
     }
 
     /// Whether peer `id` was in the room at the end of the run (or, with no end marked, is now).
@@ -604,10 +627,19 @@ impl RoomView {
                 hashes: s.hashes.max(last.hashes),
                 mining_ms: s.mining_ms.max(last.mining_ms),
                 blocks_won: s.blocks_won.max(last.blocks_won),
+                published: s.published.max(last.published),
+                delivered: s.delivered.max(last.delivered),
                 ..last
             },
             _ => s,
         };
+        if alive && s.height >= traffic::STEADY_FROM {
+            let mark = Mark::of(&s);
+            let from = self.traffic_from.entry(id).or_insert(mark);
+            if from.incarnation() != s.incarnation {
+                *from = mark;
+            }
+        }
         let mut said = Vec::new();
         let was_online = self.heard(now_ms, id, alive, &mut said);
         if !alive && was_online {

@@ -5,6 +5,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -76,6 +77,11 @@ pub struct Args {
     /// Broker user name.
     #[arg(long, env = "HASHVOTE_USERNAME")]
     pub username: Option<String>,
+    /// Peers this process runs, for scale tests (--wire room): each its own MQTT client, id, state,
+    /// data directory (DIR/peer-<n> under --data-dir) and events; the mining threads (--threads)
+    /// are shared. With --id, the ids are ID, ID+1, ...
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub instances: u32,
     /// Write events as JSON lines to FILE (`-` for stdout).
     #[arg(long, value_name = "FILE")]
     pub events: Option<String>,
@@ -154,21 +160,25 @@ fn run(args: &Args) -> anyhow::Result<()> {
         ))),
     };
     match cfg.wire {
-        Wire::Room => run_room(cfg, out),
+        Wire::Room => run_room(cfg, out, args.instances),
+        Wire::Lab if args.instances > 1 => anyhow::bail!("--instances runs peers of --wire room only"),
         Wire::Lab => run_lab(cfg, out),
     }
 }
 
 /// Runs a peer of the lab's wire format: no data directory, an id drawn at random if none is set.
-fn run_lab(cfg: crate::config::PeerConfig, out: Option<Box<dyn Write + Send>>) -> anyhow::Result<()> {
+fn run_lab(cfg: PeerConfig, out: Option<Box<dyn Write + Send>>) -> anyhow::Result<()> {
+    use tracing::Instrument;
     let id = cfg.id.unwrap_or_else(|| rand::random_range(1..=u32::MAX));
-    block_on(id, out, |events, shutdown| crate::lab::driver::run(cfg, id, events, shutdown))
+    let events = EventSink::new(id, out);
+    block_on(|shutdown| crate::lab::driver::run(cfg, id, events, shutdown).instrument(tracing::info_span!("peer", id)))
 }
 
-/// Runs a peer of the room protocol: its data directory first (a bad one is a one-line error
-/// before anything connects), then the room.
-fn run_room(cfg: crate::config::PeerConfig, out: Option<Box<dyn Write + Send>>) -> anyhow::Result<()> {
+/// Runs `instances` peers of the room protocol, sharing one pool of mining threads: their data
+/// directories first (a bad one is a one-line error before anything connects), then the room.
+fn run_room(cfg: PeerConfig, out: Option<Box<dyn Write + Send>>, instances: u32) -> anyhow::Result<()> {
     use anyhow::Context;
+    use tracing::Instrument;
     // Without --data-dir: a directory for this run only, removed when the peer stops.
     let (dir, _ephemeral) = match &cfg.data_dir {
         Some(dir) => (dir.clone(), None),
@@ -180,25 +190,76 @@ fn run_room(cfg: crate::config::PeerConfig, out: Option<Box<dyn Write + Send>>) 
             (tmp.path().to_path_buf(), Some(tmp))
         }
     };
-    let wanted = crate::store::NewIdentity { id: cfg.id, room: cfg.prefix.clone() };
-    let (store, identity, durable) = crate::store::Store::open(&dir, wanted)?;
-    let id = identity.id;
-    tracing::info!(id, dir = %dir.display(), height = durable.blocks.len(), term = durable.term, "data directory");
-    block_on(id, out, |events, shutdown| crate::room::run(cfg, store, identity, durable.into(), events, shutdown))
+    if let Some(id) = cfg.id {
+        anyhow::ensure!(
+            id.checked_add(instances - 1).is_some(),
+            "--id {id} with --instances {instances} runs past the largest id, {}",
+            u32::MAX
+        );
+    }
+    // One writer for every peer's events, a whole line at a time.
+    let out = out.map(|w| Arc::new(Mutex::new(w)));
+    let pool = crate::miner::Pool::new(cfg.mining_threads());
+    let mut peers = Vec::new();
+    for n in 0..instances {
+        let dir = if instances == 1 { dir.clone() } else { dir.join(format!("peer-{n}")) };
+        let cfg = PeerConfig { id: cfg.id.map(|id| id + n), ..cfg.clone() };
+        let wanted = crate::store::NewIdentity { id: cfg.id, room: cfg.prefix.clone() };
+        let (store, identity, durable) = crate::store::Store::open(&dir, wanted)?;
+        let id = identity.id;
+        tracing::info!(id, dir = %dir.display(), height = durable.blocks.len(), term = durable.term, "data directory");
+        let out = out.clone().map(|w| Box::new(Lines(w)) as Box<dyn Write + Send>);
+        peers.push((cfg, store, identity, durable, EventSink::new(id, out)));
+    }
+    block_on(|shutdown| async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (cfg, store, identity, durable, events) in peers {
+            let (pool, shutdown) = (Arc::clone(&pool), shutdown.clone());
+            let id = identity.id;
+            let named = instances > 1;
+            let peer = async move {
+                let outcome = crate::room::run(cfg, store, identity, durable.into(), &pool, events, shutdown).await;
+                // One process, many peers: the error says whose it is.
+                outcome.map_err(|e| if named { anyhow::anyhow!("peer {id}: {e}") } else { e.into() })
+            };
+            tasks.spawn(peer.instrument(tracing::info_span!("peer", id)));
+        }
+        // The first peer to fail stops the others: the process's exit says why.
+        let mut failed = None;
+        while let Some(done) = tasks.join_next().await {
+            let outcome = done.map_err(|e| anyhow::anyhow!("a peer's task failed: {e}")).and_then(|r| r);
+            if let Err(e) = outcome {
+                shutdown.cancel();
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    })
 }
 
-/// Runs `peer` (a wire format's driver, given its event sink and the token cancelled on SIGINT or
-/// SIGTERM) on the peer's runtime: two worker threads, for the network tasks and the driver loop.
-fn block_on<F>(
-    id: crate::protocol::PeerId,
-    out: Option<Box<dyn Write + Send>>,
-    peer: impl FnOnce(EventSink, CancellationToken) -> F,
-) -> anyhow::Result<()>
+/// One process's event stream shared by the peers it runs: each write goes out whole, so the
+/// lines of different peers never mix.
+struct Lines(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).flush()
+    }
+}
+
+/// Runs `peers` (given the token cancelled on SIGINT or SIGTERM) on the process's runtime: two
+/// worker threads, for the network tasks and the driver loops.
+fn block_on<F, E>(peers: impl FnOnce(CancellationToken) -> F) -> anyhow::Result<()>
 where
-    F: Future<Output = Result<(), crate::transport::PeerError>>,
+    F: Future<Output = Result<(), E>>,
+    anyhow::Error: From<E>,
 {
     use anyhow::Context;
-    use tracing::Instrument;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -211,7 +272,7 @@ where
             shutdown_signal().await;
             cancel.cancel();
         });
-        peer(EventSink::new(id, out), shutdown).instrument(tracing::info_span!("peer", id)).await
+        peers(shutdown).await
     })?;
     Ok(())
 }

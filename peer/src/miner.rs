@@ -1,12 +1,16 @@
-//! The miner: a pool of worker threads searching nonces for the current job.
+//! The miner: a pool of worker threads searching nonces for the jobs of one or more peers.
 //!
-//! Workers live as long as the [`Miner`]; a job is handed to all of them at once and replaced or
-//! withdrawn by bumping a generation counter that every worker checks between small batches, so a
-//! decided or superseded transaction stops every thread within a batch (tens of microseconds at
-//! full speed; `cargo bench -p peer --bench pow` measures it).
-//! Thread `i` of `n` searches batches `i, i + n, i + 2n, ...` of the nonce space: no overlap, and
-//! nothing shared is written in the loop: each worker publishes its hash count in its own
-//! cache-line-padded slot, summed only when someone asks.
+//! A process runs one [`Pool`]; each peer in it holds a [`Miner`], its seat at the pool (one peer
+//! per process, the default: one seat). Workers live as long as the pool. A peer's job is handed
+//! to every worker at once and replaced or withdrawn by bumping the pool's generation counter,
+//! which every worker checks between small batches, so a decided or superseded transaction stops
+//! every thread within a batch (tens of microseconds at full speed; `cargo bench -p peer --bench
+//! pow` measures it). With several seats mining (many peers in one process, for scale tests), the
+//! workers take the jobs in turn, a slice of [`SLICE`] batches at a time.
+//!
+//! The workers of a job draw batches of the nonce space from one counter of that job: no overlap.
+//! Each worker publishes its hash count in its own cache-line-padded slot; a seat's count is
+//! added once per slice.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,12 +24,36 @@ pub use hashvote_core::work::{Found, Job};
 /// and the counter update cost nothing measurable.
 pub const BATCH: u64 = 1 << 12;
 
+/// Batches a worker gives one job before it looks for another seat's (a few ms): the share of
+/// each peer when many peers share a pool, and how often a seat's hash count is brought up to date.
+pub const SLICE: u32 = 64;
+
+/// A seat's job, as the workers see it.
+#[derive(Clone)]
+struct Assigned {
+    /// The pool generation at which the job was set: it is off once the seat's job changes.
+    generation: u64,
+    job: Job,
+    started: Instant,
+    /// The seat's hash count when the job started, to report the job's own.
+    hashes_before: u64,
+    /// The next batch of the nonce space to search, shared by the job's workers.
+    next: Arc<AtomicU64>,
+    seat: Arc<Seat>,
+}
+
+/// What belongs to one peer of the pool.
+struct Seat {
+    index: usize,
+    /// Candidates tried for this seat since it joined (brought up to date once per slice).
+    hashes: AtomicU64,
+    on_found: Box<dyn Fn(Found) + Send + Sync>,
+}
+
 struct Current {
     generation: u64,
-    job: Option<Job>,
-    started: Instant,
-    /// All workers' hash count when the job started, to report the job's own.
-    hashes_before: u64,
+    /// One entry per seat ever taken: its job, if it has one.
+    jobs: Vec<Option<Assigned>>,
 }
 
 /// What one worker publishes. Written only by its worker; aligned so that no two workers (nor
@@ -51,104 +79,158 @@ struct Shared {
 }
 
 impl Shared {
-    fn hashes(&self) -> u64 {
-        self.slots.iter().map(|s| s.hashes.load(Ordering::Relaxed)).sum()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets seat `index`'s job (or none) under the lock, as a new generation, and wakes the
+    /// workers.
+    fn set(&self, current: &mut Current, index: usize, job: Option<Assigned>) {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        current.generation = generation;
+        current.jobs[index] = job.map(|a| Assigned { generation, ..a });
+        self.wake.notify_all();
     }
 }
 
-/// A pool of mining threads.
-pub struct Miner {
+/// The mining threads of a process, shared by the peers it runs.
+pub struct Pool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
 }
 
-impl std::fmt::Debug for Miner {
+impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Miner").field("threads", &self.workers.len()).finish()
+        f.debug_struct("Pool").field("threads", &self.workers.len()).finish()
     }
 }
 
-impl Miner {
-    /// Starts `threads` idle workers; `on_found` is called (from a worker) for each solution.
-    pub fn new(threads: usize, on_found: impl Fn(Found) + Send + Sync + 'static) -> Self {
+impl Pool {
+    /// Starts `threads` idle workers.
+    pub fn new(threads: usize) -> Arc<Self> {
         let threads = threads.max(1);
         let epoch = Instant::now();
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
-            current: Mutex::new(Current { generation: 0, job: None, started: epoch, hashes_before: 0 }),
+            current: Mutex::new(Current { generation: 0, jobs: Vec::new() }),
             wake: Condvar::new(),
             slots: (0..threads).map(|_| Slot::default()).collect(),
             epoch,
         });
-        let on_found = Arc::new(on_found);
         let workers = (0..threads)
             .map(|index| {
                 let shared = Arc::clone(&shared);
-                let on_found = Arc::clone(&on_found);
                 std::thread::Builder::new()
                     .name(format!("miner-{index}"))
-                    .spawn(move || worker(&shared, index, threads as u64, &*on_found))
+                    .spawn(move || worker(&shared, index))
                     .expect("spawn miner thread")
             })
             .collect();
-        Self { shared, workers }
+        Arc::new(Self { shared, workers })
     }
 
-    /// Replaces whatever is being mined with `job`.
-    pub fn start(&self, job: Job) {
-        self.set(Some(job));
+    /// The pool's worker threads.
+    pub fn threads(&self) -> usize {
+        self.workers.len()
     }
 
-    /// Stops mining.
-    pub fn stop(&self) {
-        self.set(None);
+    /// A seat for one peer; `on_found` is called (from a worker) for each of its solutions.
+    pub fn seat(self: &Arc<Self>, on_found: impl Fn(Found) + Send + Sync + 'static) -> Miner {
+        let mut current = self.shared.lock();
+        let seat =
+            Arc::new(Seat { index: current.jobs.len(), hashes: AtomicU64::new(0), on_found: Box::new(on_found) });
+        current.jobs.push(None);
+        Miner { pool: Arc::clone(self), seat }
     }
+}
 
-    /// The current generation, bumped by every [`start`](Self::start), [`stop`](Self::stop) and
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        {
+            let _current = self.shared.lock();
+            self.shared.generation.fetch_add(1, Ordering::AcqRel);
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// One peer's seat at a [`Pool`]: it mines one job at a time.
+pub struct Miner {
+    pool: Arc<Pool>,
+    seat: Arc<Seat>,
+}
+
+impl std::fmt::Debug for Miner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Miner").field("seat", &self.seat.index).field("pool", &self.pool).finish()
+    }
+}
+
+impl Miner {
+    /// A pool of `threads` idle workers of its own; `on_found` is called (from a worker) for each
     /// solution.
+    pub fn new(threads: usize, on_found: impl Fn(Found) + Send + Sync + 'static) -> Self {
+        Pool::new(threads).seat(on_found)
+    }
+
+    /// Replaces whatever this seat mines with `job`.
+    pub fn start(&self, job: Job) {
+        let shared = &self.pool.shared;
+        let mut current = shared.lock();
+        let assigned = Assigned {
+            generation: 0,
+            job,
+            started: Instant::now(),
+            hashes_before: self.seat.hashes.load(Ordering::Relaxed),
+            next: Arc::new(AtomicU64::new(0)),
+            seat: Arc::clone(&self.seat),
+        };
+        shared.set(&mut current, self.seat.index, Some(assigned));
+    }
+
+    /// Stops this seat's mining.
+    pub fn stop(&self) {
+        let shared = &self.pool.shared;
+        let mut current = shared.lock();
+        shared.set(&mut current, self.seat.index, None);
+    }
+
+    /// The pool's current generation, bumped by every [`start`](Self::start),
+    /// [`stop`](Self::stop) and solution of any seat.
     pub fn generation(&self) -> u64 {
-        self.shared.generation.load(Ordering::Acquire)
+        self.pool.shared.generation.load(Ordering::Acquire)
     }
 
-    /// Candidates tried by all workers since the pool started (counted per batch).
+    /// Candidates tried for this seat since it joined the pool (counted per slice).
     pub fn hashes(&self) -> u64 {
-        self.shared.hashes()
+        self.seat.hashes.load(Ordering::Relaxed)
     }
 
-    /// Once every worker has let go of all generations before `generation` (stopped hashing an
-    /// older job), the latest instant at which one of them noticed; `None` while any may still be
-    /// hashing one. With [`generation`](Self::generation) read right after a `stop`, this measures
-    /// how long the stop took to reach every thread.
+    /// Once every worker of the pool has let go of all generations before `generation` (stopped
+    /// hashing an older job), the latest instant at which one of them noticed; `None` while any
+    /// may still be hashing one. With [`generation`](Self::generation) read right after a
+    /// `stop`, this measures how long the stop took to reach every thread.
     pub fn released(&self, generation: u64) -> Option<Instant> {
+        let shared = &self.pool.shared;
         let mut latest = Duration::ZERO;
-        for slot in self.shared.slots.iter() {
+        for slot in shared.slots.iter() {
             if slot.released.load(Ordering::Acquire) < generation {
                 return None;
             }
             latest = latest.max(Duration::from_nanos(slot.noticed_ns.load(Ordering::Relaxed)));
         }
-        Some(self.shared.epoch + latest)
-    }
-
-    fn set(&self, job: Option<Job>) {
-        let mut current = self.shared.current.lock().unwrap_or_else(|e| e.into_inner());
-        let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        current.generation = generation;
-        current.job = job;
-        current.started = Instant::now();
-        current.hashes_before = self.shared.hashes();
-        self.shared.wake.notify_all();
+        Some(shared.epoch + latest)
     }
 }
 
 impl Drop for Miner {
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::Release);
         self.stop();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
     }
 }
 
@@ -169,7 +251,7 @@ pub(crate) fn lower_priority() {
     }
 }
 
-fn worker(shared: &Shared, index: usize, threads: u64, on_found: &(dyn Fn(Found) + Send + Sync)) {
+fn worker(shared: &Shared, index: usize) {
     lower_priority();
     let slot = &shared.slots[index];
     // Records the first moment this worker knew of `generation` (only this thread writes the
@@ -184,53 +266,69 @@ fn worker(shared: &Shared, index: usize, threads: u64, on_found: &(dyn Fn(Found)
         }
     };
     let mut hashes = 0u64;
-    let mut seen = 0;
-    loop {
-        let (generation, job, started, hashes_before) = {
-            let mut current = shared.current.lock().unwrap_or_else(|e| e.into_inner());
-            while current.generation == seen && !shared.shutdown.load(Ordering::Acquire) {
-                current = shared.wake.wait(current).unwrap_or_else(|e| e.into_inner());
-            }
-            if shared.shutdown.load(Ordering::Acquire) {
-                return;
-            }
-            seen = current.generation;
-            (current.generation, current.job, current.started, current.hashes_before)
-        };
-        release(generation);
-        let Some(job) = job else { continue };
-        let difficulty = u32::from(job.difficulty);
-        let mut batch = index as u64;
-        while shared.generation.load(Ordering::Acquire) == generation {
-            let start = batch.wrapping_mul(BATCH);
-            let found = job.template.search(difficulty, start, BATCH);
+    let mut cursor = 0;
+    while let Some((seen, a)) = next_job(shared, &mut cursor, &release) {
+        let difficulty = u32::from(a.job.difficulty);
+        let mut done = 0u64;
+        let mut found = None;
+        while done < u64::from(SLICE) * BATCH && shared.generation.load(Ordering::Acquire) == seen {
+            let batch = a.next.fetch_add(1, Ordering::Relaxed);
+            found = a.job.template.search(difficulty, batch.wrapping_mul(BATCH), BATCH);
+            done += BATCH;
             hashes += BATCH;
             // Only this thread writes its slot: a plain store, no read-modify-write.
             slot.hashes.store(hashes, Ordering::Relaxed);
-            if let Some(nonce) = found {
-                // Claim the job so the other threads stop and only one solution is reported.
-                if shared
-                    .generation
-                    .compare_exchange(generation, generation + 1, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    let elapsed_ms = started.elapsed().as_millis() as u64;
-                    let hashes = shared.hashes().saturating_sub(hashes_before);
-                    on_found(Found { tx: job.tx, nonce, hashes, elapsed_ms });
-                }
+            if found.is_some() {
                 break;
             }
-            batch = batch.wrapping_add(threads);
         }
-        // Whatever ended the loop (a new generation, or this worker's own claim), it is off the job.
-        release(shared.generation.load(Ordering::Acquire));
+        a.seat.hashes.fetch_add(done, Ordering::Relaxed);
+        if let Some(nonce) = found {
+            claim(shared, &a, nonce);
+        }
     }
+}
+
+/// The next seat's job after `cursor` (round robin: with many seats, each gets its slices in
+/// turn), with the pool generation at which it was taken; waits while no seat has a job. `None`
+/// once the pool shuts down.
+fn next_job(shared: &Shared, cursor: &mut usize, release: &impl Fn(u64)) -> Option<(u64, Assigned)> {
+    let mut current = shared.lock();
+    loop {
+        if shared.shutdown.load(Ordering::Acquire) {
+            return None;
+        }
+        let generation = current.generation;
+        // Whatever this worker mined before, it is off it now.
+        release(generation);
+        let n = current.jobs.len();
+        if let Some(i) = (0..n).map(|k| (*cursor + k) % n).find(|&i| current.jobs[i].is_some()) {
+            *cursor = i + 1;
+            return current.jobs[i].clone().map(|a| (generation, a));
+        }
+        current = shared.wake.wait(current).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Reports `nonce` for `a` unless the seat's job has changed meanwhile (decided, replaced, or
+/// solved by another worker first): one report per job.
+fn claim(shared: &Shared, a: &Assigned, nonce: u64) {
+    let mut current = shared.lock();
+    if current.jobs[a.seat.index].as_ref().is_none_or(|j| j.generation != a.generation) {
+        return;
+    }
+    shared.set(&mut current, a.seat.index, None);
+    drop(current);
+    let hashes = a.seat.hashes.load(Ordering::Relaxed).saturating_sub(a.hashes_before);
+    let elapsed_ms = a.started.elapsed().as_millis() as u64;
+    (a.seat.on_found)(Found { tx: a.job.tx, nonce, hashes, elapsed_ms });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pow::{Digest, HashAlg, Template};
+    use std::collections::BTreeSet;
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -305,6 +403,43 @@ mod tests {
         let stopped = miner.hashes();
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(miner.hashes(), stopped);
+    }
+
+    #[test]
+    fn seats_of_one_pool_mine_their_own_jobs_in_turn() {
+        let pool = Pool::new(2);
+        let (tx, rx) = mpsc::channel();
+        let seats: Vec<Miner> = (0..5u32)
+            .map(|i| {
+                let tx = tx.clone();
+                pool.seat(move |f| tx.send((i, f)).unwrap())
+            })
+            .collect();
+        // An endless job on seat 0 must not starve the others: each takes its slices in turn.
+        let endless = Template::new(&Digest::zero(HashAlg::Sha1), 0, 1);
+        seats[0].start(Job { tx: 0, template: endless, difficulty: 160 });
+        for (i, seat) in seats.iter().enumerate().skip(1) {
+            let template = Template::new(&Digest::zero(HashAlg::Sha1), i as u64, 100 + i as u32);
+            seat.start(Job { tx: i as u64, template, difficulty: 16 });
+        }
+        let mut solved = BTreeSet::new();
+        while solved.len() < 4 {
+            let (seat, found) = rx.recv_timeout(Duration::from_secs(60)).expect("every seat solves its job");
+            assert_eq!(found.tx, u64::from(seat), "a seat's solution is for its own job");
+            let template = Template::new(&Digest::zero(HashAlg::Sha1), found.tx, 100 + seat);
+            assert!(template.digest(found.nonce).leading_zeros() >= 16);
+            assert!(solved.insert(seat), "one report per job");
+        }
+        assert!(seats[0].hashes() > 0, "the endless job got its share");
+        // Stopping one seat leaves the others' jobs alone.
+        seats[0].stop();
+        let template = Template::new(&Digest::zero(HashAlg::Sha1), 9, 101);
+        seats[1].start(Job { tx: 9, template, difficulty: 12 });
+        seats[2].stop();
+        let (seat, found) = rx.recv_timeout(Duration::from_secs(30)).expect("seat 1's new job");
+        assert_eq!((seat, found.tx), (1, 9));
+        drop(seats);
+        drop(pool); // joins every worker
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! retained status (see [`crate::status`]), with the offline status as its will, for whoever
 //! watches.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, LastWill, QoS};
@@ -19,11 +20,11 @@ use tracing::{info, warn};
 use crate::config::PeerConfig;
 use crate::driver::{self, Dropped, Reporter, Wire};
 use crate::events::{Event, EventSink};
-use crate::miner::{Found, Miner};
+use crate::miner::{Found, Miner, Pool};
 use crate::protocol::{DropReason, PeerId, Topics};
 use crate::status::{Role, STATUS_MIN_GAP, Schedule, Status};
 use crate::store::{Identity, Store};
-use crate::transport::{FirstConnect, Link, Net, PeerError, beacon_client_id, mqtt_client_id, mqtt_options};
+use crate::transport::{FirstConnect, Link, Net, PeerError, Traffic, beacon_client_id, mqtt_client_id, mqtt_options};
 use hashvote_core::room::{self, Action, Channel, Input, Msg, Restored, RoomNode, RoomNodeConfig, Timing, Write};
 
 /// Runs a peer until `shutdown` is cancelled (clean exit: announces its departure) or a fatal
@@ -33,10 +34,11 @@ pub async fn run(
     store: Store,
     identity: Identity,
     restored: Restored,
+    pool: &Arc<Pool>,
     mut events: EventSink,
     shutdown: CancellationToken,
 ) -> Result<(), PeerError> {
-    let (room, link) = RoomDriver::start(cfg, store, identity, restored, &mut events);
+    let (room, link) = RoomDriver::start(cfg, store, identity, restored, pool, &mut events);
     driver::run(room, link, Reporter::new(events), shutdown).await
 }
 
@@ -83,11 +85,13 @@ impl RoomDriver {
         store: Store,
         identity: Identity,
         restored: Restored,
+        pool: &Arc<Pool>,
         events: &mut EventSink,
     ) -> (Self, Link) {
         let id = identity.id;
         let topics = Topics::new(&cfg.prefix);
-        let threads = cfg.mining_threads();
+        // The process's mining threads, shared by the peers it runs.
+        let threads = pool.threads();
         events.emit(Event::Started { pid: std::process::id(), client_id: id, room_size: cfg.room_size, threads });
         info!(
             id,
@@ -110,14 +114,17 @@ impl RoomDriver {
                 tip: node.chain().blocks().last().map(|b| b.hash.to_hex()),
             });
         }
+        let status_topic = topics.status_topic(id);
+        let status_threads = u16::try_from(threads).unwrap_or(u16::MAX);
+        let (link, beacon) = connections(&cfg, &topics, id, incarnation, &node, &status_topic, status_threads);
         let status = StatusPublisher {
-            topic: topics.status_topic(id),
-            threads: u16::try_from(threads).unwrap_or(u16::MAX),
+            topic: status_topic,
+            threads: status_threads,
+            traffic: [link.traffic(), beacon.traffic()],
             schedule: Schedule::default(),
         };
-        let (link, beacon) = connections(&cfg, &topics, id, incarnation, &node, &status);
         let (found_tx, found) = mpsc::unbounded_channel::<Found>();
-        let miner = Miner::new(threads, move |f| {
+        let miner = pool.seat(move |f| {
             let _ = found_tx.send(f);
         });
         let mut status_tick = tokio::time::interval(STATUS_MIN_GAP);
@@ -393,7 +400,8 @@ fn connections(
     id: PeerId,
     incarnation: u64,
     node: &RoomNode,
-    status: &StatusPublisher,
+    status_topic: &str,
+    threads: u16,
 ) -> (Link, Link) {
     let leave = LastWill::new(
         topics.topic(crate::protocol::Channel::Init),
@@ -401,8 +409,8 @@ fn connections(
         QoS::AtLeastOnce,
         false,
     );
-    let offline = Status { threads: status.threads, ..offline_status(node.status(crate::events::now_ms())) };
-    let beacon_will = LastWill::new(&status.topic, offline.encode(), QoS::AtLeastOnce, true);
+    let offline = Status { threads, ..offline_status(node.status(crate::events::now_ms())) };
+    let beacon_will = LastWill::new(status_topic, offline.encode(), QoS::AtLeastOnce, true);
     let first = FirstConnect::of(cfg);
     // Both connections go to the same broker of a list first: the peer's id spreads the room.
     let link = Link::open(mqtt_options(cfg, &mqtt_client_id(id, incarnation), Some(leave), id), 1024, first.clone());
@@ -439,6 +447,8 @@ struct StatusPublisher {
     /// `<prefix>/status/<id>`.
     topic: String,
     threads: u16,
+    /// The counts of both connections, the protocol's and the beacon's.
+    traffic: [Arc<Traffic>; 2],
     schedule: Schedule,
 }
 
@@ -463,6 +473,8 @@ impl StatusPublisher {
         status.hash_rate = self.schedule.hash_rate(hashes, now);
         status.hashes = hashes;
         status.threads = self.threads;
+        status.published = self.traffic.iter().map(|t| t.published()).sum();
+        status.delivered = self.traffic.iter().map(|t| t.delivered()).sum();
         status
     }
 }

@@ -82,6 +82,8 @@ mod tests {
             hashes: 1 << 40,
             mining_ms: 60_000,
             blocks_won: 4,
+            published: 0,
+            delivered: 0,
             threads: 2,
             started_ms: 1_000,
             at_ms: 5_000,

@@ -11,6 +11,8 @@
 //! that is careful about one says so ("Broker independence" in docs/PROTOCOL.md lists them), and
 //! the fault and flood system tests run on rumqttd and on Mosquitto.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::{
@@ -82,11 +84,32 @@ pub enum Net {
     Fatal(PeerError),
 }
 
+/// The messages through one connection since it opened, counted by its network task as they
+/// cross the wire (a publish sent again after a reconnection counts again).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    published: AtomicU64,
+    delivered: AtomicU64,
+}
+
+impl Traffic {
+    /// Messages published to the broker.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// Messages the broker delivered.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+}
+
 /// One MQTT connection: its client, and the task that polls its event loop for ever (see
 /// [`poll_network`]), reconnecting after every loss.
 #[derive(Debug)]
 pub struct Link {
     client: AsyncClient,
+    traffic: Arc<Traffic>,
     rx: mpsc::Receiver<Net>,
     task: JoinHandle<()>,
     stop: CancellationToken,
@@ -106,8 +129,14 @@ impl Link {
         let (client, eventloop) = connect(options[0].clone(), capacity);
         let (tx, rx) = mpsc::channel(capacity.saturating_mul(4).max(16));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(poll_network(eventloop, options, tx, stop.clone(), first));
-        Self { client, rx, task, stop, addr, connected_once: false }
+        let traffic = Arc::new(Traffic::default());
+        let task = tokio::spawn(poll_network(eventloop, options, tx, stop.clone(), first, Arc::clone(&traffic)));
+        Self { client, traffic, rx, task, stop, addr, connected_once: false }
+    }
+
+    /// The counts of messages through this connection, kept up to date by its network task.
+    pub fn traffic(&self) -> Arc<Traffic> {
+        Arc::clone(&self.traffic)
     }
 
     /// The client, to publish with.
@@ -309,6 +338,7 @@ async fn poll_network(
     tx: mpsc::Sender<Net>,
     stop: CancellationToken,
     first: FirstConnect,
+    traffic: Arc<Traffic>,
 ) {
     let FirstConnect { addr, timeout_s: connect_timeout_s, credentials } = first;
     let started = Instant::now();
@@ -330,7 +360,11 @@ async fn poll_network(
                     return;
                 }
             }
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Publish(_))) => {
+                traffic.published.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                traffic.delivered.fetch_add(1, Ordering::Relaxed);
                 if tx.send(Net::Publish { topic: p.topic, payload: p.payload }).await.is_err() {
                     return;
                 }

@@ -14,6 +14,7 @@ mod netns;
 mod partition;
 mod quorum;
 mod room;
+mod scale;
 mod status;
 mod support;
 mod watch;

@@ -586,6 +586,8 @@ impl RoomNode {
             hashes: 0,
             mining_ms: 0,
             blocks_won: self.chain.won_by(self.cfg.id),
+            published: 0,
+            delivered: 0,
             threads: 0,
             started_ms: self.cfg.since_ms,
             at_ms,

@@ -25,6 +25,8 @@ pub fn status(id: PeerId, role: Role, term: Term, controller: Option<PeerId>, ha
         hashes: 0,
         mining_ms: 0,
         blocks_won: 0,
+        published: 0,
+        delivered: 0,
         threads: 1,
         started_ms: 0,
         at_ms: 0,
