@@ -73,10 +73,12 @@ pub struct RoomArgs {
     /// Broker port. If not given, 1883, or a free port when 1883 is busy.
     #[arg(long, conflicts_with = "broker")]
     pub port: Option<u16>,
-    /// Run the peers against this MQTT broker (any MQTT 3.1.1 broker) instead of starting one.
+    /// Run the peers against this MQTT broker (any MQTT 3.1.1 broker) instead of starting one;
+    /// or against the nodes of a broker cluster, comma-separated (`n1:1883,n2:1883,[::1]:1885`;
+    /// a node without a port takes 1883). The peers get every node and spread over them.
     /// A login is taken from HASHVOTE_USERNAME and HASHVOTE_PASSWORD if set.
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
-    pub broker: Option<(String, u16)>,
+    #[arg(long, value_name = "HOST:PORT,...")]
+    pub broker: Option<String>,
     /// Topic prefix of the room.
     #[arg(long, default_value = "sd", value_parser = parse_prefix)]
     pub prefix: String,
@@ -121,16 +123,74 @@ impl RoomArgs {
     pub fn keepalive_s(&self) -> u64 {
         self.keepalive.unwrap_or(2 + u64::from(self.peers.saturating_sub(50)) / 25)
     }
+
+    /// The nodes of `--broker`, if given. Parsed here rather than by clap so that a bad entry is
+    /// the launcher's one-line error (exit 1), like every other mistake found before the room
+    /// starts.
+    pub fn brokers(&self) -> anyhow::Result<Option<Brokers>> {
+        let Some(list) = &self.broker else { return Ok(None) };
+        Brokers::parse(list, MQTT_PORT).map(Some).map_err(|e| anyhow::anyhow!("--broker: {e}"))
+    }
+}
+
+/// MQTT's standard port: that of a `--broker` node given without one.
+const MQTT_PORT: u16 = 1883;
+
+/// The nodes of a broker cluster in the order given; a single broker is a cluster of one. Never
+/// empty. Parsed by the peer's own parser, so the launcher, `watch` and the peers read a list
+/// the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Brokers(Vec<(String, u16)>);
+
+impl Brokers {
+    /// One broker.
+    pub fn one(host: impl Into<String>, port: u16) -> Self {
+        Self(vec![(host.into(), port)])
+    }
+
+    /// Parses a comma-separated list of `host`, `host:port` or `[ipv6]:port`, `port` for an
+    /// entry without one (see [`peer::config::parse_brokers`]); the error is one line.
+    pub fn parse(list: &str, port: u16) -> Result<Self, String> {
+        peer::config::parse_brokers(list, port).map(Self)
+    }
+
+    /// The nodes, each (host, port).
+    pub fn nodes(&self) -> &[(String, u16)] {
+        &self.0
+    }
+
+    /// The first node's port.
+    pub fn first_port(&self) -> u16 {
+        self.0.first().map_or(MQTT_PORT, |(_, port)| *port)
+    }
+
+    /// The list as a peer's `--host` takes it: `n1:1883,[::1]:1885`.
+    pub fn to_host_arg(&self) -> String {
+        self.0.iter().map(|(h, p)| address(h, *p)).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// For people: `n1:1883, [::1]:1885`.
+impl std::fmt::Display for Brokers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.iter().map(|(h, p)| address(h, *p)).collect::<Vec<_>>().join(", "))
+    }
+}
+
+/// `host:port`, an IPv6 address bracketed (as the peer's parser wants it back).
+fn address(host: &str, port: u16) -> String {
+    if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
 }
 
 /// `launcher watch`: where the room is.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchArgs {
-    /// Broker host.
-    #[arg(long, env = "HASHVOTE_HOST", default_value = "127.0.0.1")]
+    /// Broker host; or the nodes of a broker cluster, comma-separated, each `host` or `host:port`
+    /// (as a peer's --host): the watcher connects to the first and moves on when it is lost.
+    #[arg(long, visible_alias = "broker", env = "HASHVOTE_HOST", default_value = "127.0.0.1")]
     pub host: String,
-    /// Broker port.
-    #[arg(long, env = "HASHVOTE_PORT", default_value_t = 1883)]
+    /// Broker port (of each node given without one).
+    #[arg(long, env = "HASHVOTE_PORT", default_value_t = MQTT_PORT)]
     pub port: u16,
     /// Topic prefix of the room.
     #[arg(long, env = "HASHVOTE_PREFIX", default_value = "sd", value_parser = parse_prefix)]
@@ -152,16 +212,11 @@ pub struct WatchArgs {
     pub report: Option<PathBuf>,
 }
 
-/// Parses `HOST:PORT` (the host may be a name, an IPv4 address or a bracketed IPv6 address).
-fn parse_host_port(s: &str) -> Result<(String, u16), String> {
-    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("'{s}' is not HOST:PORT"))?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    if host.is_empty() {
-        return Err(format!("'{s}' has no host"));
+impl WatchArgs {
+    /// The nodes of `--host` (`--broker`), each without a port taking `--port`.
+    pub fn brokers(&self) -> anyhow::Result<Brokers> {
+        Brokers::parse(&self.host, self.port).map_err(|e| anyhow::anyhow!("--host/--broker: {e}"))
     }
-    let port =
-        port.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| format!("'{port}' is not a port (1-65535)"))?;
-    Ok((host.to_string(), port))
 }
 
 /// A topic prefix: one or more topic levels without wildcards.
@@ -314,13 +369,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn broker_addresses_parse_or_say_why() {
-        assert_eq!(parse_host_port("10.0.0.1:1883"), Ok(("10.0.0.1".into(), 1883)));
-        assert_eq!(parse_host_port("mqtt.example.org:8883"), Ok(("mqtt.example.org".into(), 8883)));
-        assert_eq!(parse_host_port("[::1]:1883"), Ok(("::1".into(), 1883)));
-        for bad in ["localhost", ":1883", "h:0", "h:99999", "h:x"] {
-            assert!(parse_host_port(bad).is_err(), "{bad}");
+    fn broker_lists_parse_or_say_why() {
+        let room = |broker: &str| Args::try_parse_from(["launcher", "--broker", broker]).unwrap().room.brokers();
+        let one = room("10.0.0.1:1883").unwrap().unwrap();
+        assert_eq!(one, Brokers::one("10.0.0.1", 1883));
+        let cluster = room("n1:1884, mqtt.example.org,[::1]:1885").unwrap().unwrap();
+        let want = [("n1", 1884), ("mqtt.example.org", 1883), ("::1", 1885)];
+        assert_eq!(cluster.nodes(), want.map(|(h, p)| (h.to_string(), p)));
+        assert_eq!(cluster.first_port(), 1884);
+        // Given back to a peer's --host, the list reads the same.
+        assert_eq!(cluster.to_host_arg(), "n1:1884,mqtt.example.org:1883,[::1]:1885");
+        assert_eq!(Brokers::parse(&cluster.to_host_arg(), 1).unwrap(), cluster);
+        assert_eq!(cluster.to_string(), "n1:1884, mqtt.example.org:1883, [::1]:1885");
+        for bad in [":1883", "h:0", "h:99999", "h:x", "a,,b", ""] {
+            let e = room(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--broker: ") && !e.contains('\n'), "{bad}: {e}");
         }
+        assert!(Args::try_parse_from(["launcher"]).unwrap().room.brokers().unwrap().is_none());
+
+        let watch = |args: &[&str]| match Args::try_parse_from(["launcher", "watch"].iter().chain(args)).unwrap().role {
+            Some(Role::Watch(w)) => w.brokers().map_err(|e| e.to_string()),
+            other => panic!("{other:?}"),
+        };
+        // Backwards compatible: --host and --port; a list, under --host or --broker.
+        assert_eq!(watch(&["--host", "h", "--port", "1999"]), Ok(Brokers::one("h", 1999)));
+        assert_eq!(watch(&["--broker", "a:1,b", "--port", "2"]).unwrap().to_string(), "a:1, b:2");
+        assert!(watch(&["--host", "a:x"]).unwrap_err().starts_with("--host/--broker: "));
         assert!(parse_prefix("sd").is_ok() && parse_prefix("a/b").is_ok());
         assert!(parse_prefix("sd/#").is_err() && parse_prefix("").is_err());
     }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::children::{Children, Output};
-use crate::cli::RoomArgs;
+use crate::cli::{Brokers, RoomArgs};
 use crate::dashboard::{Command, Ui};
 use crate::login::{Login, PasswordFile};
 use crate::observe::{Seen, Target};
@@ -54,8 +54,8 @@ pub(crate) fn main(args: RoomArgs) -> ExitCode {
 
 /// The broker the room runs on.
 struct Broker {
-    host: String,
-    port: u16,
+    /// Ours (one node), or the `--broker` list.
+    brokers: Brokers,
     login: Option<Login>,
     /// Ours, kept until the room stops: the password is useless once the broker is gone.
     password_file: Option<PasswordFile>,
@@ -95,7 +95,8 @@ impl Launcher {
     /// returns the room with the channel of its children's output.
     async fn start(args: RoomArgs) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<Output>)> {
         // Before anything starts: a mistake here is the user's, with nothing to clean up.
-        check_peer_args(&args)?;
+        let outside = args.brokers()?;
+        check_peer_args(&args, outside.as_ref())?;
         let events_file = match &args.events {
             Some(path) => Some(BufWriter::new(
                 std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
@@ -107,10 +108,10 @@ impl Launcher {
         let exe = std::env::current_exe().context("cannot find the launcher's own executable")?;
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let mut children = Children::new(exe, out_tx);
-        let broker = broker(&args, &mut children).await?;
+        let broker = broker(&args, outside, &mut children).await?;
         children.set_login(broker.login.clone());
         for index in 0..args.peers as usize {
-            let mut peer = peer_args(&args, &broker.host, broker.port);
+            let mut peer = peer_args(&args, &broker.brokers);
             if let Some(dir) = &run_dir {
                 peer.extend(["--data-dir".into(), dir.join(format!("peer-{index}")).display().to_string()]);
             }
@@ -122,15 +123,13 @@ impl Launcher {
         let stop_observer = CancellationToken::new();
         let observer = (dashboard || args.report.is_some()).then(|| {
             let target = Target {
-                host: broker.host.clone(),
-                port: broker.port,
+                brokers: broker.brokers.clone(),
                 prefix: args.prefix.clone(),
                 login: broker.login.as_ref().map(|l| (l.user.clone(), l.password().to_string())),
             };
             observe::spawn(target, stop_observer.clone())
         });
-        let address = format!("{}:{}", broker.host, broker.port);
-        let ui = Ui::new("hashvote room".to_string(), address, Some(args.peers as usize));
+        let ui = Ui::new("hashvote room".to_string(), broker.brokers.to_string(), Some(args.peers as usize));
         let (screen, keys) = if dashboard {
             let (s, k) = Screen::start().context("cannot take over the terminal (try --plain)")?;
             (Some(s), Some(k))
@@ -351,13 +350,13 @@ impl Launcher {
     }
 }
 
-/// Our own broker with a generated login, or someone else's with the login in our environment;
-/// said on the console.
-async fn broker(args: &RoomArgs, children: &mut Children) -> anyhow::Result<Broker> {
-    if let Some((host, port)) = &args.broker {
+/// Our own broker with a generated login, or someone else's (`outside`: a broker or a cluster's
+/// nodes) with the login in our environment; said on the console.
+async fn broker(args: &RoomArgs, outside: Option<Brokers>, children: &mut Children) -> anyhow::Result<Broker> {
+    if let Some(brokers) = outside {
         let login = Login::from_env();
-        println!("using the broker at {host}:{port} ({})", if login.is_some() { "with a login" } else { "no login" });
-        return Ok(Broker { host: host.clone(), port: *port, login, password_file: None });
+        println!("using the broker at {brokers} ({})", if login.is_some() { "with a login" } else { "no login" });
+        return Ok(Broker { brokers, login, password_file: None });
     }
     let (port, note) = pick_port(args.port)?;
     if let Some(note) = note {
@@ -379,7 +378,7 @@ async fn broker(args: &RoomArgs, children: &mut Children) -> anyhow::Result<Brok
         ),
         _ => println!("auth: off (--no-auth): anyone who reaches {addr} can connect and publish"),
     }
-    Ok(Broker { host: addr.ip().to_string(), port: addr.port(), login, password_file })
+    Ok(Broker { brokers: Brokers::one(addr.ip().to_string(), addr.port()), login, password_file })
 }
 
 /// Picks the broker port: the one asked for (which must be free), else 1883, else any free port.
@@ -415,7 +414,7 @@ fn observed(view: &mut RoomView, seen: Seen) -> Option<anyhow::Error> {
             None
         }
         Seen::Refused(reason) => Some(anyhow::anyhow!("the dashboard's MQTT client: {reason}")),
-        Seen::Connected | Seen::Lost(_) | Seen::Dropped { .. } => None,
+        Seen::Connected(_) | Seen::Lost(_) | Seen::Dropped { .. } => None,
     }
 }
 
@@ -448,9 +447,10 @@ fn run_dir(args: &RoomArgs) -> anyhow::Result<Option<PathBuf>> {
 /// Refuses, before anything starts, what the peers would refuse: the arguments every peer will be
 /// given, parsed and checked by the peer's own code (a `--difficulty 200` would otherwise start a
 /// broker and ten peers that all exit).
-fn check_peer_args(args: &RoomArgs) -> anyhow::Result<()> {
+fn check_peer_args(args: &RoomArgs, outside: Option<&Brokers>) -> anyhow::Result<()> {
     use clap::Parser;
-    let argv = std::iter::once("peer".to_string()).chain(peer_args(args, "127.0.0.1", crate::launch::DEFAULT_PORT));
+    let ours = Brokers::one("127.0.0.1", DEFAULT_PORT);
+    let argv = std::iter::once("peer".to_string()).chain(peer_args(args, outside.unwrap_or(&ours)));
     let parsed = peer::cli::Args::try_parse_from(argv).map_err(|e| {
         let message = e.to_string();
         let first = message.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
@@ -459,14 +459,16 @@ fn check_peer_args(args: &RoomArgs) -> anyhow::Result<()> {
     parsed.to_config().map(drop)
 }
 
-fn peer_args(args: &RoomArgs, host: &str, port: u16) -> Vec<String> {
+/// A peer's flags: the room's settings, and every node of the broker (each with its port, so the
+/// peer's `--port` only repeats the first node's).
+fn peer_args(args: &RoomArgs, brokers: &Brokers) -> Vec<String> {
     let mut out = vec![
         "--target-block-ms".into(),
         args.target_block_ms.to_string(),
         "--host".into(),
-        host.to_string(),
+        brokers.to_host_arg(),
         "--port".into(),
-        port.to_string(),
+        brokers.first_port().to_string(),
         "--prefix".into(),
         args.prefix.clone(),
         "--room-size".into(),

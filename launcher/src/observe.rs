@@ -1,9 +1,10 @@
 //! A silent MQTT client that follows a room: it subscribes to the room's topics and statuses
 //! and turns each payload into an [`Observed`] for the [`RoomView`](crate::view::RoomView). It
 //! publishes nothing, so it works against any broker and from any machine that can reach it;
-//! the dashboard of `launcher` and `launcher watch` are both built on it. Like the peers, it relies
-//! on nothing that only the embedded broker (rumqttd) does (see "Broker independence" in
-//! docs/PROTOCOL.md).
+//! the dashboard of `launcher` and `launcher watch` are both built on it. Given the nodes of a
+//! broker cluster, it connects to the first and moves on to the next when its node is lost (the
+//! [`Link`] does, as for the peers). Like the peers, it relies on nothing that only the embedded
+//! broker (rumqttd) does (see "Broker independence" in docs/PROTOCOL.md).
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use peer::protocol::Topics;
 use peer::status::{self, Status};
 use peer::transport::{FirstConnect, Link, Net};
 
+use crate::cli::Brokers;
 use crate::view::Observed;
 
 /// Payloads larger than this are dropped unread (the peers' own limit, see config/peer.toml).
@@ -24,10 +26,8 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 /// Where the room is and how to log in.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Broker host name or address.
-    pub host: String,
-    /// Broker port.
-    pub port: u16,
+    /// The broker, or the nodes of a broker cluster.
+    pub brokers: Brokers,
     /// The room's topic prefix (`sd` by default).
     pub prefix: String,
     /// User name and password, if the broker wants a login.
@@ -37,8 +37,8 @@ pub struct Target {
 /// What the observer reports.
 #[derive(Debug)]
 pub enum Seen {
-    /// Connected (again) and subscribed.
-    Connected,
+    /// Connected (again) and subscribed, to the node at this host:port.
+    Connected(String),
     /// The connection broke; the observer keeps reconnecting.
     Lost(String),
     /// A decoded, valid payload.
@@ -80,21 +80,10 @@ pub fn spawn(target: Target, stop: CancellationToken) -> mpsc::Receiver<Seen> {
 async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
     // 23 characters from 0-9a-z, what MQTT 3.1.1 obliges every broker to accept.
     let client_id = format!("hvwatch{:016x}", rand::random::<u64>());
-    let mut options = MqttOptions::new(client_id, target.host.clone(), target.port);
-    options
-        // Not 0: rumqttd refuses a keepalive of 0, which MQTT allows.
-        .set_keep_alive(Duration::from_secs(5))
-        // Clean: no session to count on after a reconnect or broker restart (rumqttd keeps them in
-        // memory only); we subscribe again on every CONNACK.
-        .set_clean_session(true)
-        .set_max_packet_size(MAX_PAYLOAD + 1024, MAX_PAYLOAD + 1024);
-    if let Some((user, password)) = &target.login {
-        options.set_credentials(user.clone(), password.clone());
-    }
-    let addr = format!("{}:{}", target.host, target.port);
+    let options = target.brokers.nodes().iter().map(|(host, port)| options(&client_id, host, *port, &target)).collect();
     // No first-connect timeout: a watcher waits for its broker for ever, saying so meanwhile.
-    let first = FirstConnect { addr: addr.clone(), timeout_s: None, credentials: target.login.is_some() };
-    let mut link = Link::open(vec![options], 64, first);
+    let first = FirstConnect { addr: target.brokers.to_string(), timeout_s: None, credentials: target.login.is_some() };
+    let mut link = Link::open(options, 64, first);
     let topics = Topics::new(&target.prefix);
     loop {
         let net = tokio::select! {
@@ -103,7 +92,7 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
         };
         let seen = match net {
             None => break,
-            Some(Net::Connected(_)) => {
+            Some(Net::Connected(node)) => {
                 // Protocol topics at QoS 1, as the peers publish (without counting on rumqttd's
                 // upgrade of QoS 0 publishes). The statuses at QoS 0: rumqttd hands a QoS 1
                 // subscriber at most `max_inflight_count` (100) retained messages and drops the
@@ -111,7 +100,7 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
                 // ever ran there. A lost status is replaced within a second anyway.
                 let qos1 = topics.all().into_iter().map(str::to_string).collect();
                 if link.subscribe_with(qos1, vec![topics.status.clone()]).await {
-                    Seen::Connected
+                    Seen::Connected(node)
                 } else {
                     Seen::Lost("cannot subscribe".to_string())
                 }
@@ -120,7 +109,8 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
                 Ok(observed) => Seen::Observed(observed),
                 Err(reason) => Seen::Dropped { topic, reason },
             },
-            Some(Net::Lost(reason)) => Seen::Lost(format!("{addr}: {reason}")),
+            // The node connected to last: the one lost (the link already tries the next).
+            Some(Net::Lost(reason)) => Seen::Lost(format!("{}: {reason}", link.addr())),
             Some(Net::Fatal(e)) => {
                 let _ = tx.send(Seen::Refused(e.to_string())).await;
                 break;
@@ -131,6 +121,22 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
         }
     }
     link.close().await;
+}
+
+/// The options of the observer's connection to the node at `host`:`port`.
+fn options(client_id: &str, host: &str, port: u16, target: &Target) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, host, port);
+    options
+        // Not 0: rumqttd refuses a keepalive of 0, which MQTT allows.
+        .set_keep_alive(Duration::from_secs(5))
+        // Clean: no session to count on after a reconnect, a broker restart or a move to another
+        // node (rumqttd keeps them in memory only); we subscribe again on every CONNACK.
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PAYLOAD + 1024, MAX_PAYLOAD + 1024);
+    if let Some((user, password)) = &target.login {
+        options.set_credentials(user.clone(), password.clone());
+    }
+    options
 }
 
 #[cfg(test)]

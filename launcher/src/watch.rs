@@ -1,6 +1,8 @@
 //! `launcher watch`: the dashboard of a room started elsewhere — any broker, peers on any
 //! machines — built only from the room's MQTT traffic (see [`observe`](crate::observe)). Without
-//! a terminal (or with `--plain`) it prints one timestamped line per happening instead.
+//! a terminal (or with `--plain`) it prints one timestamped line per happening instead. Given the
+//! nodes of a broker cluster, it follows the room from the first, and from the next when its node
+//! is lost.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -11,7 +13,7 @@ use ratatui::crossterm::event::KeyEvent;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::WatchArgs;
+use crate::cli::{Brokers, WatchArgs};
 use crate::dashboard::{Command, Ui};
 use crate::launch::REDRAW;
 use crate::observe::{self, Seen, Target};
@@ -44,11 +46,12 @@ fn login(args: &WatchArgs) -> anyhow::Result<Option<(String, String)>> {
 }
 
 async fn run(args: WatchArgs) -> anyhow::Result<()> {
-    let target = Target { host: args.host.clone(), port: args.port, prefix: args.prefix.clone(), login: login(&args)? };
+    let brokers = args.brokers()?;
+    let target = Target { brokers: brokers.clone(), prefix: args.prefix.clone(), login: login(&args)? };
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let mut seen_rx = observe::spawn(target, stop.clone());
-    let mut watcher = Watcher::new(args)?;
+    let mut watcher = Watcher::new(args, brokers)?;
     let mut redraw = tokio::time::interval(REDRAW);
     redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut shutdown = std::pin::pin!(peer::cli::shutdown_signal());
@@ -70,6 +73,8 @@ async fn run(args: WatchArgs) -> anyhow::Result<()> {
 /// A room being watched and what shows it.
 struct Watcher {
     args: WatchArgs,
+    /// The broker, or the nodes of its cluster.
+    brokers: Brokers,
     /// The dashboard is on (else plain lines).
     dashboard: bool,
     started: std::time::Instant,
@@ -85,7 +90,7 @@ struct Watcher {
 type Next = Option<anyhow::Result<()>>;
 
 impl Watcher {
-    fn new(args: WatchArgs) -> anyhow::Result<Self> {
+    fn new(args: WatchArgs, brokers: Brokers) -> anyhow::Result<Self> {
         let dashboard = !args.plain && std::io::stdout().is_terminal();
         let (screen, keys) = if dashboard {
             let (s, k) = Screen::start().context("cannot take over the terminal (try --plain)")?;
@@ -93,9 +98,10 @@ impl Watcher {
         } else {
             (None, None)
         };
-        let ui = Ui::new(format!("watching room '{}'", args.prefix), format!("{}:{}", args.host, args.port), None);
+        let ui = Ui::new(format!("watching room '{}'", args.prefix), brokers.to_string(), None);
         let watcher = Self {
             args,
+            brokers,
             dashboard,
             started: std::time::Instant::now(),
             view: RoomView::new(),
@@ -105,10 +111,7 @@ impl Watcher {
             connected: false,
         };
         if !dashboard {
-            watcher.print(format!(
-                "watching room '{}' at {}:{}",
-                watcher.args.prefix, watcher.args.host, watcher.args.port
-            ));
+            watcher.print(format!("watching room '{}' at {}", watcher.args.prefix, watcher.brokers));
         }
         Ok(watcher)
     }
@@ -135,13 +138,14 @@ impl Watcher {
                 }
                 None
             }
-            Seen::Connected => {
+            Seen::Connected(node) => {
                 self.connected = true;
-                Some(format!("connected to {}:{}", self.args.host, self.args.port))
+                Some(format!("connected to {node}"))
             }
             Seen::Lost(reason) if self.connected => {
                 self.connected = false;
-                Some(format!("connection lost ({reason}); reconnecting"))
+                let to = if self.brokers.nodes().len() > 1 { "the next node" } else { "it" };
+                Some(format!("connection lost ({reason}); reconnecting to {to}"))
             }
             Seen::Lost(_) => None,
             Seen::Dropped { topic, reason } => Some(format!("dropped a message on {topic}: {reason}")),
@@ -187,8 +191,7 @@ impl Watcher {
     fn finish(mut self, outcome: anyhow::Result<()>) -> anyhow::Result<()> {
         drop(self.screen.take());
         if let Some(dir) = &self.args.report {
-            let a = &self.args;
-            report::save(dir, &self.view, &format!("hashvote room '{}' at {}:{}", a.prefix, a.host, a.port))?;
+            report::save(dir, &self.view, &format!("hashvote room '{}' at {}", self.args.prefix, self.brokers))?;
         }
         outcome
     }

@@ -79,6 +79,25 @@ fn the_launcher_explains_a_missing_directory_a_bad_value_and_a_busy_port_in_one_
     one_line_error(&["--plain", "--port", &port], "launcher", &[&port]);
 }
 
+/// A bad `--broker` list (of the launcher, or of `watch`): one line naming the entry and exit 1, before
+/// any peer starts or any connection is tried (a watcher would otherwise wait for ever).
+#[test]
+fn a_bad_broker_list_is_one_line_and_exit_1_before_anything_starts() {
+    for (args, who, said) in [
+        (&["--plain", "--broker", "127.0.0.1:x"][..], "launcher", &["--broker", "'x' is not in 1..=65535"][..]),
+        (&["--plain", "--broker", "127.0.0.1:1883,:1884"], "launcher", &["--broker", "':1884' has no host"]),
+        (&["--plain", "--broker", "127.0.0.1:1883,,b"], "launcher", &["--broker", "empty broker address"]),
+        (&["watch", "--plain", "--broker", "127.0.0.1:1883,h:0"], "launcher watch", &["--broker", "h:0"]),
+        (&["watch", "--plain", "--host", "127.0.0.1:x"], "launcher watch", &["--host", "'x'"]),
+    ] {
+        one_line_error(args, who, said);
+        let out = launcher().args(args).env_remove("HASHVOTE_HOST").stdin(Stdio::null()).output().expect("run");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("started") && !stdout.contains("watching"), "{args:?} started: {stdout}");
+    }
+}
+
 /// A peer whose data directory is damaged exits at once; the launcher says which peer and why,
 /// with the peer's own last error line, and keeps the rest of the room running.
 #[test]
