@@ -13,6 +13,7 @@ mod multihost;
 mod netns;
 mod partition;
 mod quorum;
+mod rabbitmq;
 mod room;
 mod scale;
 mod status;

@@ -491,3 +491,408 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Where Debian's rabbitmq-server package keeps its scripts. Not `/usr/sbin/rabbitmq-server`: that
+/// wrapper runs the node as the `rabbitmq` user (who cannot write into our private directory) from
+/// `/var/lib/rabbitmq`, with that user's Erlang cookie.
+pub const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
+
+/// The environment variable that marks every process of a [`RabbitCluster`] (its nodes' Erlang
+/// VMs and their port programs, rabbitmqctl, the private epmd); its value is the cluster's
+/// directory. The cluster kills what carries it when dropped, and `.ci/run` fails if any such
+/// process outlives the tests.
+pub const RABBIT_MARK: &str = "HASHVOTE_RABBIT";
+
+/// One node of a [`RabbitCluster`].
+#[derive(Debug)]
+pub struct RabbitNode {
+    /// Its Erlang node name, `hvN-<random>@localhost`.
+    pub name: String,
+    /// Its MQTT listener, on 127.0.0.1.
+    pub mqtt_port: u16,
+    /// Its config, enabled plugins, database, logs and pid file.
+    pub dir: PathBuf,
+    /// The rabbitmq-server script: a shell waiting for the Erlang VM it started (`None` once
+    /// the node is killed).
+    proc: Option<Proc>,
+}
+
+impl RabbitNode {
+    /// Its MQTT address, as a peer's `--host` list names it.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.mqtt_port)
+    }
+
+    /// True until [`RabbitCluster::kill`] kills it.
+    pub fn running(&self) -> bool {
+        self.proc.is_some()
+    }
+
+    /// The `KEY=value` its processes carry in their environment (and no other node's do).
+    fn mark(&self) -> String {
+        format!("{RABBIT_MARK}_NODE={}", self.name)
+    }
+
+    /// The last lines of its log and of the script's output, for an error message.
+    fn log_tail(&self) -> String {
+        let files = [self.dir.join("log").join(format!("{}.log", self.name)), self.dir.join("stdout.log")];
+        files
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(f).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+                format!("--- {} (last lines):\n{tail}", f.display())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The pid of its Erlang VM (beam.smp), from the pid file the node writes as it boots, if
+    /// that process still runs and is this node's.
+    fn vm_pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.dir.join("pid")).ok()?.trim().parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "beam.smp" && marked(pid, &self.mark())).then_some(pid)
+    }
+}
+
+/// True if process `pid` carries `mark` (`KEY=value`) in its environment.
+fn marked(pid: u32, mark: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == mark.as_bytes()))
+}
+
+/// SIGKILLs `first` (a process checked to carry `mark`), then every live process that carries
+/// `mark` in its environment but `spare`, until none is left (10 s at most), and waits until they
+/// are reaped; the error lists the survivors.
+fn kill_marked(mark: &str, first: Option<u32>, spare: &[u32]) -> Result<(), String> {
+    let find = || -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| !spare.contains(&pid) && marked(pid, mark) && alive(pid))
+            .collect()
+    };
+    let mut ours: std::collections::BTreeSet<u32> = find().into_iter().chain(first).collect();
+    if let Some(pid) = first {
+        // SAFETY: kill(2) has no memory-safety preconditions; the caller checked the pid.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = find();
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("processes marked {mark} survive SIGKILL: {left:?}"));
+        }
+        for pid in left {
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid was just seen carrying
+            // our mark, so it is one of the processes this cluster started.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            ours.insert(pid);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Their parents may be dead too (the VM's port programs outlive it by a moment): init reaps
+    // them, in its own time (some container inits poll every few seconds). Wait for it, so that
+    // no zombie of ours is listed after the test; a zombie runs nothing, so one left is no error.
+    let reaped = Instant::now() + Duration::from_secs(10);
+    while ours.iter().any(|pid| Path::new(&format!("/proc/{pid}")).exists()) && Instant::now() < reaped {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// A private RabbitMQ cluster of three nodes with the MQTT plugin, on 127.0.0.1 and free ports,
+/// in a temporary directory: its own epmd (port mapper), Erlang cookie and `HOME`, so it shares
+/// nothing with a RabbitMQ the machine may run. Dropping it kills every process it started.
+#[derive(Debug)]
+pub struct RabbitCluster {
+    /// The nodes; the 2nd and 3rd joined the 1st.
+    pub nodes: Vec<RabbitNode>,
+    /// How long [`RabbitCluster::start`] took, installation included.
+    pub started_in: Duration,
+    epmd_port: u16,
+    epmd: Proc,
+    home: PathBuf,
+    /// Everything of the cluster (kept with `KEEP_ROOMS`).
+    dir: tempfile::TempDir,
+}
+
+impl RabbitCluster {
+    /// Starts three nodes (installing Debian's rabbitmq-server when it is missing), joins the 2nd
+    /// and 3rd to the 1st, and waits until every node's MQTT listener accepts connections and the
+    /// plugin's client-id tracker (a Raft cluster) has all three as members. The error names the
+    /// node and shows the end of its log.
+    pub fn start() -> Result<RabbitCluster, String> {
+        let t0 = Instant::now();
+        let server = ensure_installed(&format!("{RABBITMQ_BIN}/rabbitmq-server"), "rabbitmq-server")
+            .map_err(|e| format!("the RabbitMQ cluster test needs RabbitMQ: {e}"))?;
+        let epmd_bin = ensure_installed("epmd", "erlang-base")?;
+        let dir = tempfile::Builder::new()
+            .prefix("hashvote-rabbit")
+            .disable_cleanup(std::env::var_os("KEEP_ROOMS").is_some())
+            .tempdir_in(scratch())
+            .map_err(|e| format!("temporary directory for RabbitMQ: {e}"))?;
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).map_err(|e| format!("creating {}: {e}", home.display()))?;
+        // Erlang refuses a cookie file that others can read.
+        let cookie = home.join(".erlang.cookie");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .open(&cookie)
+                .map_err(|e| format!("creating {}: {e}", cookie.display()))?;
+            write!(f, "HASHVOTE{:016X}", rand::random::<u64>()).map_err(|e| format!("writing the cookie: {e}"))?;
+        }
+        // rabbitmq-env sources this file (the package's is /etc/rabbitmq/rabbitmq-env.conf).
+        std::fs::write(dir.path().join("rabbitmq-env.conf"), "").map_err(|e| format!("rabbitmq-env.conf: {e}"))?;
+
+        // A private epmd in the foreground, ours to kill: a node started without one would start a
+        // daemon that outlives it.
+        let epmd_port = free_port();
+        let epmd_log = std::fs::File::create(dir.path().join("epmd.log")).map_err(|e| format!("epmd.log: {e}"))?;
+        let child = Command::new(&epmd_bin)
+            .args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"])
+            .env(RABBIT_MARK, dir.path())
+            .stdin(Stdio::null())
+            .stdout(epmd_log.try_clone().map_err(|e| format!("epmd.log: {e}"))?)
+            .stderr(epmd_log)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", epmd_bin.display()))?;
+        let epmd = Proc { child, name: format!("epmd:{epmd_port}") };
+        let mut cluster = RabbitCluster { nodes: Vec::new(), started_in: Duration::ZERO, epmd_port, epmd, home, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !port_open(epmd_port) {
+            if Instant::now() > deadline {
+                return Err(format!("epmd did not listen on {epmd_port} within 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        for i in 1..=3 {
+            let node = cluster.spawn_node(&server, i)?;
+            cluster.nodes.push(node);
+        }
+        // The three boot in parallel (each takes several seconds).
+        for i in 0..3 {
+            cluster.await_mqtt(i, Duration::from_secs(120))?;
+        }
+        let first = cluster.nodes[0].name.clone();
+        for i in 1..3 {
+            for args in [&["stop_app"][..], &["join_cluster", &first], &["start_app"]] {
+                cluster.ctl(i, args, Duration::from_secs(120))?;
+            }
+            cluster.await_mqtt(i, Duration::from_secs(120))?;
+        }
+        // Every node running, and the MQTT client-id tracker's Raft cluster with all three as
+        // members: losing one node then leaves it a majority.
+        let everyone = Instant::now() + Duration::from_secs(60);
+        let ra_members = "{ok, Members, _} = ra:members({mqtt_node, node()}), length(Members).";
+        loop {
+            let running = cluster.ctl(0, &["eval", "length(rabbit_nodes:all_running())."], Duration::from_secs(30))?;
+            let members = cluster.ctl(0, &["eval", ra_members], Duration::from_secs(30)).unwrap_or_default();
+            if running.trim() == "3" && members.trim() == "3" {
+                break;
+            }
+            if Instant::now() > everyone {
+                return Err(format!(
+                    "the cluster did not form within 60 s: {} nodes running, {} in the MQTT tracker\n{}",
+                    running.trim(),
+                    members.trim(),
+                    cluster.nodes[0].log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        cluster.started_in = t0.elapsed();
+        Ok(cluster)
+    }
+
+    /// The nodes' MQTT addresses, comma-separated (a peer's `--host`).
+    pub fn addrs(&self) -> String {
+        self.nodes.iter().map(RabbitNode::addr).collect::<Vec<_>>().join(",")
+    }
+
+    /// Which node listens at `addr` (`127.0.0.1:PORT`).
+    pub fn node_at(&self, addr: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.addr() == addr)
+    }
+
+    /// Kills node `i` as a crash would: SIGKILL to its Erlang VM (beam.smp), then to whatever of
+    /// that node still runs (its port programs: erl_child_setup, inet_gethost). Its clients'
+    /// connections die with it.
+    pub fn kill(&mut self, i: usize) {
+        self.stop_node(i).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Runs `rabbitmqctl -n <node i> args...` against this cluster (its epmd, its cookie) for at
+    /// most `timeout`; returns its standard output, or an error naming the node with the
+    /// command's output and the end of the node's log.
+    pub fn ctl(&self, i: usize, args: &[&str], timeout: Duration) -> Result<String, String> {
+        let node = &self.nodes[i];
+        let bin = format!("{RABBITMQ_BIN}/rabbitmqctl");
+        let dist = free_port().to_string();
+        let child = Command::new(&bin)
+            .args(["-n", &node.name])
+            .args(args)
+            .envs(self.env())
+            // The command line's own Erlang node needs a distribution port too (35672 by default,
+            // which a RabbitMQ of the machine's may hold).
+            .env("RABBITMQ_CTL_DIST_PORT_MIN", &dist)
+            .env("RABBITMQ_CTL_DIST_PORT_MAX", &dist)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting {bin}: {e}"))?;
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let what = format!("rabbitmqctl -n {} {}", node.name, args.join(" "));
+        let out = match rx.recv_timeout(timeout) {
+            Ok(out) => out.map_err(|e| format!("{what}: {e}"))?,
+            Err(_) => {
+                // SAFETY: kill(2) on our own child, not yet reaped (its waiter still waits).
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+                return Err(format!("{what}: no answer within {timeout:?}\n{}", node.log_tail()));
+            }
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            Err(format!("{what} failed ({}):\n{stdout}{stderr}\n{}", out.status, node.log_tail()))
+        }
+    }
+
+    /// The environment every process of the cluster gets: the private `HOME` (its Erlang cookie),
+    /// epmd port and rabbitmq-env file, and the mark.
+    fn env(&self) -> Vec<(String, String)> {
+        let dir = self.dir.path();
+        [
+            ("HOME", self.home.display().to_string()),
+            ("ERL_EPMD_PORT", self.epmd_port.to_string()),
+            ("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf").display().to_string()),
+            (RABBIT_MARK, dir.display().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Writes node `i`'s files and starts it (it boots alone; [`RabbitCluster::start`] joins it).
+    fn spawn_node(&self, server: &Path, i: usize) -> Result<RabbitNode, String> {
+        let name = format!("hv{i}-{:08x}@localhost", rand::random::<u32>());
+        let dir = self.dir.path().join(format!("node{i}"));
+        std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let (amqp, dist, mqtt) = (free_port(), free_port(), free_port());
+        let conf = dir.join("rabbitmq.conf");
+        let text = format!(
+            "# Node {name} of the hashvote system tests' private cluster.\n\
+             mqtt.listeners.tcp.default = 127.0.0.1:{mqtt}\n\
+             mqtt.allow_anonymous = true\n\
+             loopback_users = none\n\
+             # The peers' payload limit, as Mosquitto's message_size_limit in these tests: a larger\n\
+             # publish is refused (its channel closed) instead of reaching, and disconnecting, every peer.\n\
+             max_message_size = {PEER_MAX_PAYLOAD}\n"
+        );
+        std::fs::write(&conf, text).map_err(|e| format!("writing {}: {e}", conf.display()))?;
+        // The MQTT plugin alone: no management plugin, no web listener.
+        let plugins = dir.join("enabled_plugins");
+        std::fs::write(&plugins, "[rabbitmq_mqtt].\n").map_err(|e| format!("writing {}: {e}", plugins.display()))?;
+        let out = std::fs::File::create(dir.join("stdout.log")).map_err(|e| format!("stdout.log: {e}"))?;
+        let path = |p: PathBuf| p.display().to_string();
+        let node = RabbitNode { name, mqtt_port: mqtt, dir: dir.clone(), proc: None };
+        let child = Command::new(server)
+            .envs(self.env())
+            .env(format!("{RABBIT_MARK}_NODE"), &node.name)
+            .env("RABBITMQ_NODENAME", &node.name)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", amqp.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            // Erlang distribution on the loopback interface only (it listens on all by default).
+            .env("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", "-kernel inet_dist_use_interface {127,0,0,1}")
+            .env("RABBITMQ_CONFIG_FILE", path(conf))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", path(dir.join("advanced.config")))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", path(plugins))
+            .env("RABBITMQ_MNESIA_BASE", path(dir.join("mnesia")))
+            .env("RABBITMQ_LOG_BASE", path(dir.join("log")))
+            .env("RABBITMQ_PID_FILE", path(dir.join("pid")))
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().map_err(|e| format!("stdout.log: {e}"))?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", server.display()))?;
+        Ok(RabbitNode { proc: Some(Proc { child, name: format!("rabbitmq {}", node.name) }), ..node })
+    }
+
+    /// Waits until node `i`'s MQTT listener accepts connections (it opens at the end of boot).
+    fn await_mqtt(&mut self, i: usize, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let node = &mut self.nodes[i];
+        while !port_open(node.mqtt_port) {
+            let proc = node.proc.as_mut().ok_or_else(|| format!("node {} was killed", node.name))?;
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                return Err(format!("node {} exited ({status}) while starting:\n{}", node.name, node.log_tail()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "node {} did not listen for MQTT on {} within {timeout:?}:\n{}",
+                    node.name,
+                    node.mqtt_port,
+                    node.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// [`RabbitCluster::kill`], with the error returned.
+    fn stop_node(&mut self, i: usize) -> Result<(), String> {
+        let node = &mut self.nodes[i];
+        let Some(mut script) = node.proc.take() else { return Ok(()) };
+        // The VM first, as a crash; the script is spared: it reaps the VM and exits, and we reap it.
+        let swept = kill_marked(&node.mark(), node.vm_pid(), &[script.pid()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while script.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(script); // SIGKILL and reap, if it has not exited
+        swept.map_err(|e| format!("node {}: {e}", node.name))
+    }
+}
+
+impl Drop for RabbitCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            if let Err(e) = self.stop_node(i) {
+                eprintln!("{e}");
+            }
+        }
+        // Anything else of ours (a rabbitmqctl that timed out, a port program); epmd last, by
+        // its Proc.
+        let mark = format!("{RABBIT_MARK}={}", self.dir.path().display());
+        if let Err(e) = kill_marked(&mark, None, &[self.epmd.pid()]) {
+            eprintln!("{e}");
+        }
+    }
+}
