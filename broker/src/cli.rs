@@ -152,6 +152,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
     watch_signals(stop_tx.clone()).context("cannot install signal handlers")?;
 
     let mut config = args.broker_config();
+    // Each client is a file descriptor: a room of 1,000 peers holds 2,000 connections, beyond the
+    // usual soft limit of 1,024. The hard limit is ours to take.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(open_files = limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit; connections beyond it are refused"),
+    }
     if let Some(auth) = args.auth()? {
         tracing::info!(users = auth.len(), "clients must log in");
         config.auth = Some(auth);

@@ -43,9 +43,10 @@ pub enum PeerError {
         reason: String,
     },
     /// The broker closed the first connections after accepting TCP but before any CONNACK.
-    /// rumqttd refuses a bad or missing login this way, without a return code.
+    /// rumqttd refuses a bad or missing login this way, without a return code, and a connection
+    /// beyond its `max_connections` too.
     #[error(
-        "the broker at {addr} closed the connection before accepting the login ({})",
+        "the broker at {addr} closed the connection before accepting the login ({}; or is it full?)",
         if *credentials { "wrong user name or password?" } else { "does it require a login? set --username and HASHVOTE_PASSWORD" }
     )]
     LoginRejected {
@@ -201,31 +202,37 @@ impl Link {
     }
 }
 
-/// The MQTT client id of process `incarnation` of peer `id`: unique per process (two processes
-/// started with one peer id must not take over each other's session at the broker; the protocol
-/// tells them apart instead), and within what MQTT 3.1.1 obliges every broker to accept — 1 to 23
+/// The MQTT client id of process `incarnation` of peer `id`, less its last character, which
+/// names the broker node (see [`mqtt_options`]): unique per process (two processes started with
+/// one peer id must not take over each other's session at the broker; the protocol tells them
+/// apart instead), and within what MQTT 3.1.1 obliges every broker to accept — 1 to 23
 /// characters from 0-9a-zA-Z — rather than what rumqttd and Mosquitto also allow. 52 random bits
 /// of the incarnation keep it unique.
 pub fn mqtt_client_id(id: PeerId, incarnation: u64) -> String {
-    format!("h{id:08x}{:014x}", incarnation & ((1 << 52) - 1))
+    format!("h{id:08x}{:013x}", incarnation & ((1 << 52) - 1))
 }
 
 /// The MQTT client id of the status beacon of process `incarnation` of peer `id` (see
 /// [`mqtt_client_id`]).
 pub fn beacon_client_id(id: PeerId, incarnation: u64) -> String {
-    format!("s{id:08x}{:014x}", incarnation & ((1 << 52) - 1))
+    format!("s{id:08x}{:013x}", incarnation & ((1 << 52) - 1))
 }
 
 /// The MQTT options of one of the peer's connections, one per broker of `cfg`'s list, starting
 /// at the broker `spread` picks (so that the peers of a room spread over a cluster's nodes).
+///
+/// The client id is `client_id` followed by the node's place in the list (0-9a-z): one id per
+/// node. A RabbitMQ cluster keeps a clean session's subscription queue, named after its client
+/// id, on the client's node; when that node dies the queue stays behind, down, and the same id
+/// cannot subscribe on another node until an operator forgets the dead node (measured on 3.10).
 pub(crate) fn mqtt_options(cfg: &PeerConfig, client_id: &str, will: Option<LastWill>, spread: u32) -> Vec<MqttOptions> {
     let brokers = cfg.brokers().unwrap_or_else(|_| vec![(cfg.host.clone(), cfg.port)]);
     let first = spread as usize % brokers.len().max(1);
-    brokers[first..]
-        .iter()
-        .chain(&brokers[..first])
-        .map(|(host, port)| broker_options(cfg, client_id, will.clone(), host, *port))
-        .collect()
+    let node = |i: usize| char::from_digit((i % 36) as u32, 36).expect("below 36");
+    let options: Vec<MqttOptions> = (brokers.iter().enumerate())
+        .map(|(i, (host, port))| broker_options(cfg, &format!("{client_id}{}", node(i)), will.clone(), host, *port))
+        .collect();
+    options[first..].iter().chain(&options[..first]).cloned().collect()
 }
 
 /// The MQTT options of one connection to the broker at `host`:`port`.
@@ -441,10 +448,18 @@ mod tests {
 
     #[test]
     fn client_ids_are_what_every_mqtt_broker_must_accept_and_differ_per_process() {
+        let hosts = (0..40).map(|p| format!("n:{}", p + 1)).collect::<Vec<_>>().join(",");
+        let cfg = PeerConfig { host: hosts, ..PeerConfig::load(None).expect("the embedded defaults") };
         for (id, incarnation) in [(1, 0), (u32::MAX, u64::MAX), (7, 1 << 63), (123_456, 0xdead_beef_f00d)] {
             for cid in [mqtt_client_id(id, incarnation), beacon_client_id(id, incarnation)] {
-                assert_eq!(cid.len(), 23, "{cid}");
-                assert!(cid.bytes().all(|b| b.is_ascii_alphanumeric()), "{cid}");
+                // One id per node of a cluster, each within MQTT 3.1.1's 23 characters.
+                let ids: Vec<String> =
+                    mqtt_options(&cfg, &cid, None, id).iter().map(|o| o.client_id().to_string()).collect();
+                assert_eq!(ids.iter().collect::<std::collections::BTreeSet<_>>().len(), 36, "{ids:?}");
+                for cid in ids {
+                    assert_eq!(cid.len(), 23, "{cid}");
+                    assert!(cid.bytes().all(|b| b.is_ascii_alphanumeric()), "{cid}");
+                }
             }
             assert_ne!(mqtt_client_id(id, incarnation), beacon_client_id(id, incarnation));
         }
@@ -457,7 +472,7 @@ mod tests {
         let with = PeerError::LoginRejected { addr: "h:1".into(), credentials: true }.to_string();
         assert_eq!(
             with,
-            "the broker at h:1 closed the connection before accepting the login (wrong user name or password?)"
+            "the broker at h:1 closed the connection before accepting the login (wrong user name or password?; or is it full?)"
         );
         let without = PeerError::LoginRejected { addr: "h:1".into(), credentials: false }.to_string();
         assert!(without.contains("--username and HASHVOTE_PASSWORD") && !without.contains('\n'), "{without}");

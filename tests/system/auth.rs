@@ -116,7 +116,10 @@ fn peer_refused_by_the_broker_exits_within_its_connect_timeout_with_one_line() {
     let _broker = start_auth_broker(port, &["--auth-file", auth_file.to_str().unwrap()], &[]);
 
     let cases: [(Option<&str>, &str); 2] = [
-        (Some("wrong"), "closed the connection before accepting the login (wrong user name or password?)"),
+        (
+            Some("wrong"),
+            "closed the connection before accepting the login (wrong user name or password?; or is it full?)",
+        ),
         (None, "closed the connection before accepting the login (does it require a login?"),
     ];
     for (password, expected) in cases {
