@@ -154,6 +154,13 @@ impl Children {
         Ok(())
     }
 
+    /// The peak resident memory (KiB) of the largest peer process still running, and of the
+    /// broker if we started it: the memory a room of this size needs.
+    pub(crate) fn peak_rss_kib(&self) -> (Option<u64>, Option<u64>) {
+        let peers = self.peers.iter().filter_map(Proc::peak_rss_kib).max();
+        (peers, self.broker.as_ref().and_then(Proc::peak_rss_kib))
+    }
+
     /// Sends `sig` to peer `index` if it is still running; false if it is not.
     pub(crate) fn signal_peer(&self, index: usize, sig: libc::c_int) -> bool {
         self.peers.get(index).is_some_and(|p| p.signal(sig))

@@ -48,8 +48,13 @@ pub enum Role {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RoomArgs {
     /// Number of peers.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=500))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=5000))]
     pub peers: u16,
+    /// Peers per process, for scale tests (--wire room): each peer still has its own MQTT
+    /// clients, id, data directory and events; a process's peers share its mining threads
+    /// (--threads). The dashboard's kill and pause keys then act on a whole process.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub peers_per_process: u16,
     /// Stop after this many accepted blocks (every peer has them) and print a summary; 0 runs
     /// until Ctrl-C.
     #[arg(long, default_value_t = 0)]

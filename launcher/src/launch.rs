@@ -86,7 +86,9 @@ struct Launcher {
     ui: Ui,
     screen: Option<Screen>,
     keys: Option<mpsc::UnboundedReceiver<KeyEvent>>,
-    /// Peers stopped with SIGSTOP from the dashboard.
+    /// Which process runs which peers.
+    groups: Groups,
+    /// Peer processes stopped with SIGSTOP from the dashboard.
     paused: BTreeSet<usize>,
 }
 
@@ -110,18 +112,30 @@ impl Launcher {
         let mut children = Children::new(exe, out_tx);
         let broker = broker(&args, outside, &mut children).await?;
         children.set_login(broker.login.clone());
-        for index in 0..args.peers as usize {
+        let groups = Groups::new(args.peers.into(), args.peers_per_process.into());
+        for process in 0..groups.processes() {
             let mut peer = peer_args(&args, &broker.brokers);
             if let Some(dir) = &run_dir {
-                peer.extend(["--data-dir".into(), dir.join(format!("peer-{index}")).display().to_string()]);
+                let name = if groups.per == 1 { format!("peer-{process}") } else { format!("group-{process}") };
+                peer.extend(["--data-dir".into(), dir.join(name).display().to_string()]);
             }
-            children.start_peer(index, &peer)?;
+            if groups.per > 1 {
+                peer.extend(["--instances".into(), groups.peers_of(process).len().to_string()]);
+            }
+            children.start_peer(process, &peer)?;
         }
-        println!("started {} peers; waiting for them to meet and elect a controller", args.peers);
+        match groups.processes() {
+            n if n == groups.peers => println!("started {n} peers; waiting for them to meet and elect a controller"),
+            n => println!(
+                "started {} peers in {n} processes; waiting for them to meet and elect a controller",
+                groups.peers
+            ),
+        }
         // The dashboard and the report are built from the room's MQTT traffic, as `launcher watch`
         // builds them from afar; the plain lines and the summary come from the peers' events.
         let stop_observer = CancellationToken::new();
-        let observer = (dashboard || args.report.is_some()).then(|| {
+        // The summary's traffic figures come from the peers' statuses too.
+        let observer = (dashboard || args.report.is_some() || args.rounds > 0).then(|| {
             let target = Target {
                 brokers: broker.brokers.clone(),
                 prefix: args.prefix.clone(),
@@ -138,6 +152,7 @@ impl Launcher {
         };
         let launcher = Self {
             tally: Tally::new(args.peers as usize),
+            groups,
             args,
             dashboard,
             children,
@@ -212,9 +227,9 @@ impl Launcher {
     fn kill_controller(&mut self) -> String {
         let target = self.view.controller().and_then(|(_, id)| self.tally.index_of(id).map(|i| (id, i)));
         match target {
-            Some((id, index)) if self.children.signal_peer(index, libc::SIGKILL) => {
-                self.paused.remove(&index);
-                format!("killed the controller, peer #{index} ({id}), with SIGKILL")
+            Some((id, index)) if self.children.signal_peer(self.groups.process_of(index), libc::SIGKILL) => {
+                self.paused.remove(&self.groups.process_of(index));
+                format!("killed the controller, peer #{index} ({id}), with SIGKILL{}", self.groups.others(index))
             }
             _ => "no running controller to kill".to_string(),
         }
@@ -222,17 +237,20 @@ impl Launcher {
 
     /// `p`: SIGSTOP to the selected peer, or SIGCONT if it is paused; what happened.
     fn toggle_pause(&mut self, id: peer::protocol::PeerId) -> String {
-        match self.tally.index_of(id) {
-            Some(index) if self.paused.contains(&index) => {
-                self.children.signal_peer(index, libc::SIGCONT);
-                self.paused.remove(&index);
+        let index = self.tally.index_of(id);
+        let process = index.map(|i| self.groups.process_of(i));
+        let others = index.map(|i| self.groups.others(i)).unwrap_or_default();
+        match (index, process) {
+            (Some(index), Some(process)) if self.paused.contains(&process) => {
+                self.children.signal_peer(process, libc::SIGCONT);
+                self.paused.remove(&process);
                 self.ui.paused.remove(&id);
-                format!("resumed peer #{index} ({id})")
+                format!("resumed peer #{index} ({id}){others}")
             }
-            Some(index) if self.children.signal_peer(index, libc::SIGSTOP) => {
-                self.paused.insert(index);
+            (Some(index), Some(process)) if self.children.signal_peer(process, libc::SIGSTOP) => {
+                self.paused.insert(process);
                 self.ui.paused.insert(id);
-                format!("paused peer #{index} ({id}) with SIGSTOP; p again resumes it")
+                format!("paused peer #{index} ({id}) with SIGSTOP{others}; p again resumes it")
             }
             _ => format!("peer {id} is not one of this launcher's running peers"),
         }
@@ -260,10 +278,13 @@ impl Launcher {
                 Next::Continue
             }
             Some(Output::Exited { index, status, last_error }) => {
-                self.tally.exited(index);
+                for peer in self.groups.peers_of(index) {
+                    self.tally.exited(peer);
+                }
+                let who = self.groups.name(index);
                 match last_error {
-                    Some(why) => self.say(format!("peer #{index} exited ({status}): {why}")),
-                    None => self.say(format!("peer #{index} exited ({status})")),
+                    Some(why) => self.say(format!("{who} exited ({status}): {why}")),
+                    None => self.say(format!("{who} exited ({status})")),
                 }
                 if self.tally.live() == 0 {
                     Next::Stop(Err(anyhow::anyhow!("every peer exited")))
@@ -275,8 +296,8 @@ impl Launcher {
         })
     }
 
-    /// A line of peer `index`'s event stream: into the events file and the tally.
-    fn on_event(&mut self, index: usize, line: &str) -> anyhow::Result<Next> {
+    /// A line of peer process `process`'s event stream: into the events file and the tally.
+    fn on_event(&mut self, process: usize, line: &str) -> anyhow::Result<Next> {
         if let Some(file) = self.events_file.as_mut() {
             writeln!(file, "{line}").context("cannot write the events file")?;
         }
@@ -286,9 +307,9 @@ impl Launcher {
                 print_line(&l)
             }
         };
-        match serde_json::from_str(line) {
-            Ok(record) => self.tally.record(index, record, &mut say),
-            Err(_) => say(format!("peer #{index}: {line}")),
+        match serde_json::from_str::<peer::events::Record>(line) {
+            Ok(record) => self.tally.record(self.groups.index(process, record.peer), record, &mut say),
+            Err(_) => say(format!("{}: {line}", self.groups.name(process))),
         }
         let done = self.args.rounds > 0 && self.tally.all_have(self.args.rounds);
         Ok(if done { Next::Stop(Ok(())) } else { Next::Continue })
@@ -309,8 +330,8 @@ impl Launcher {
             file.flush().context("cannot write the events file")?;
         }
         // A stopped peer would only die at the SIGKILL after the grace period.
-        for &index in &self.paused {
-            self.children.signal_peer(index, libc::SIGCONT);
+        for &process in &self.paused {
+            self.children.signal_peer(process, libc::SIGCONT);
         }
         let rounds = self.args.rounds;
         // The observer trails the peers' own events by a message or two: let the report catch up
@@ -320,13 +341,25 @@ impl Launcher {
         }
         // Who was in the room at its end, before the peers' offline statuses say otherwise.
         self.view.end_run(peer::events::now_ms());
+        let memory = self.children.peak_rss_kib();
         // Miners first, the controller last: the room should not hold an election while it closes.
-        self.children.stop_all(self.tally.controller_index(), GRACE).await;
+        let controller = self.tally.controller_index().map(|i| self.groups.process_of(i));
+        self.children.stop_all(controller, GRACE).await;
         // And the peers' last statuses (offline, with their final figures).
         self.catch_up(|_| false).await;
         drop(self.broker.password_file.take());
         if rounds > 0 && outcome.is_ok() {
             println!("{}", self.tally.summary());
+            if let Some(traffic) = self.view.traffic() {
+                println!("{traffic}");
+            }
+            let mib = |kib: Option<u64>| kib.map_or("-".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+            match memory {
+                (peers, None) => println!("memory (peak resident): largest peer process {}", mib(peers)),
+                (peers, broker) => {
+                    println!("memory (peak resident): largest peer process {}, the broker {}", mib(peers), mib(broker))
+                }
+            }
         }
         if let Some(dir) = &self.args.report {
             report::save(dir, &self.view, &format!("hashvote room of {} peers", self.args.peers))?;
@@ -432,7 +465,14 @@ fn run_dir(args: &RoomArgs) -> anyhow::Result<Option<PathBuf>> {
     };
     let existing = std::fs::read_dir(&dir)
         .map(|entries| {
-            entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("peer-")).count()
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with("peer-") || name.starts_with("group-")
+                })
+                .count()
         })
         .unwrap_or(0);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the run directory {}", dir.display()))?;
@@ -449,6 +489,10 @@ fn run_dir(args: &RoomArgs) -> anyhow::Result<Option<PathBuf>> {
 /// broker and ten peers that all exit).
 fn check_peer_args(args: &RoomArgs, outside: Option<&Brokers>) -> anyhow::Result<()> {
     use clap::Parser;
+    anyhow::ensure!(
+        args.peers_per_process == 1 || args.wire == Wire::Room,
+        "--peers-per-process runs peers of --wire room only"
+    );
     let ours = Brokers::one("127.0.0.1", DEFAULT_PORT);
     let argv = std::iter::once("peer".to_string()).chain(peer_args(args, outside.unwrap_or(&ours)));
     let parsed = peer::cli::Args::try_parse_from(argv).map_err(|e| {
@@ -497,6 +541,68 @@ fn peer_args(args: &RoomArgs, brokers: &Brokers) -> Vec<String> {
         out.extend(["--difficulty-range".into(), format!("{lo}-{hi}")]);
     }
     out
+}
+
+/// Which process runs which peers: `--peers-per-process` peers each, the last process the rest.
+/// A peer's index (the tally's, 0-based) is its process's first index plus its place among that
+/// process's peers in the order their events first name them.
+struct Groups {
+    peers: usize,
+    per: usize,
+    slots: std::collections::HashMap<peer::protocol::PeerId, usize>,
+    next: Vec<usize>,
+}
+
+impl Groups {
+    fn new(peers: usize, per: usize) -> Self {
+        let per = per.clamp(1, peers.max(1));
+        let next = (0..peers.div_ceil(per)).map(|p| p * per).collect();
+        Self { peers, per, slots: std::collections::HashMap::new(), next }
+    }
+
+    fn processes(&self) -> usize {
+        self.next.len()
+    }
+
+    /// The indices of the peers of `process`.
+    fn peers_of(&self, process: usize) -> std::ops::Range<usize> {
+        let first = process * self.per;
+        first..(first + self.per).min(self.peers)
+    }
+
+    fn process_of(&self, index: usize) -> usize {
+        index / self.per
+    }
+
+    /// The index of peer `id`, of `process`.
+    fn index(&mut self, process: usize, id: peer::protocol::PeerId) -> usize {
+        if self.per == 1 {
+            return process;
+        }
+        let range = self.peers_of(process);
+        let next = &mut self.next[process];
+        *self.slots.entry(id).or_insert_with(|| {
+            let index = *next;
+            *next = (index + 1).min(range.end.saturating_sub(1));
+            index
+        })
+    }
+
+    /// How the launcher names `process` in its messages.
+    fn name(&self, process: usize) -> String {
+        match self.per {
+            1 => format!("peer #{process}"),
+            _ => format!("peer process #{process} (peers #{:?})", self.peers_of(process)),
+        }
+    }
+
+    /// What a signal to peer `index`'s process also reaches, for the message that tells it.
+    fn others(&self, index: usize) -> String {
+        match self.peers_of(self.process_of(index)).len() {
+            0 | 1 => String::new(),
+            n => format!(" (and the {} other peers of its process)", n - 1),
+        }
+    }
 }
 
 fn print_line(line: &str) {

@@ -99,6 +99,17 @@ impl Proc {
         self.status.borrow().clone()
     }
 
+    /// Its peak resident memory so far, in KiB (Linux's `VmHWM`); `None` once it has been reaped
+    /// (only then could its pid belong to another process) or where `/proc` cannot tell.
+    pub(crate) fn peak_rss_kib(&self) -> Option<u64> {
+        if self.status.borrow().is_some() {
+            return None;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()
+    }
+
     /// Sends `sig`, unless the process has been reaped (only then could its pid have been given
     /// to another process). Returns whether it was sent.
     pub(crate) fn signal(&self, sig: libc::c_int) -> bool {

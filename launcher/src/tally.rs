@@ -6,6 +6,8 @@ use std::fmt::Write;
 use std::time::Instant;
 
 use peer::events::{Event, Record};
+
+use crate::stats::percentile;
 use peer::protocol::{PeerId, Term, TxId};
 
 #[derive(Debug, Default, Clone)]
@@ -25,6 +27,9 @@ struct BlockInfo {
     solve_ms: u64,
 }
 
+/// Beyond this many peers, the summary gives the spread of a per-peer figure, not a line a peer.
+const MAX_PEER_LINES: usize = 20;
+
 /// The room as seen through its events.
 #[derive(Debug)]
 pub struct Tally {
@@ -39,6 +44,14 @@ pub struct Tally {
     all_known: bool,
     left: BTreeSet<PeerId>,
     late_solutions: u64,
+    /// Each peer's first connection (its records' clock, Unix ms).
+    first_connected: BTreeMap<PeerId, u64>,
+    /// When the first controller elected by a quorum said so.
+    first_elected: Option<u64>,
+    /// Blocks the controller of their term accepted, and when (its clock).
+    accepted: BTreeMap<(PeerId, TxId), u64>,
+    /// From a block accepted by its controller to its commit there (ms), block by block.
+    commit_ms: Vec<u64>,
 }
 
 impl Tally {
@@ -55,6 +68,10 @@ impl Tally {
             all_known: false,
             left: BTreeSet::new(),
             late_solutions: 0,
+            first_connected: BTreeMap::new(),
+            first_elected: None,
+            accepted: BTreeMap::new(),
+            commit_ms: Vec::new(),
         }
     }
 
@@ -74,6 +91,7 @@ impl Tally {
     pub fn record(&mut self, index: usize, r: Record, print: &mut dyn FnMut(String)) {
         let t = self.started.elapsed().as_secs_f64();
         let mut say = |s: String| print(format!("[{t:7.3}s] {s}"));
+        self.time(&r);
         let Some(state) = self.peers.get_mut(index) else { return };
         match r.event {
             Event::Started { pid, client_id, .. } => {
@@ -129,6 +147,36 @@ impl Tally {
         }
     }
 
+    /// Takes the times of one record: connections, the first election, accepted and committed
+    /// blocks at their controller.
+    fn time(&mut self, r: &Record) {
+        match r.event {
+            Event::Connected { .. } => {
+                self.first_connected.entry(r.peer).or_insert(r.ts_ms);
+            }
+            Event::ControllerElected { controller, votes, .. } if votes > 0 && controller == r.peer => {
+                self.first_elected.get_or_insert(r.ts_ms);
+            }
+            Event::BlockAccepted { tx, term, .. } if self.controllers.get(&term) == Some(&r.peer) => {
+                self.accepted.insert((r.peer, tx), r.ts_ms);
+            }
+            Event::BlockCommitted { tx, .. } => {
+                if let Some(at) = self.accepted.remove(&(r.peer, tx)) {
+                    self.commit_ms.push(r.ts_ms.saturating_sub(at));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// From the last peer's first connection to the first controller elected by a quorum (ms);
+    /// `None` before both, or if a controller was elected before every peer connected.
+    pub fn election_after_last_connect(&self) -> Option<u64> {
+        let last = self.first_connected.values().max()?;
+        (self.first_connected.len() >= self.expected).then_some(())?;
+        self.first_elected?.checked_sub(*last)
+    }
+
     /// Marks peer `index` as gone.
     pub fn exited(&mut self, index: usize) {
         if let Some(p) = self.peers.get_mut(index) {
@@ -162,8 +210,15 @@ impl Tally {
         for b in self.blocks.values() {
             *wins.entry(b.winner).or_default() += 1;
         }
-        for (id, n) in &wins {
-            let _ = writeln!(s, "    {}: {n} won", self.name(*id));
+        if wins.len() > MAX_PEER_LINES {
+            let most = wins.iter().max_by_key(|(_, n)| **n).map(|(id, n)| (self.name(*id), n));
+            if let Some((name, n)) = most {
+                let _ = writeln!(s, "    won by {} peers; the most by {name}: {n}", wins.len());
+            }
+        } else {
+            for (id, n) in &wins {
+                let _ = writeln!(s, "    {}: {n} won", self.name(*id));
+            }
         }
         let times: Vec<u64> = self.blocks.values().map(|b| b.solve_ms).collect();
         if !times.is_empty() {
@@ -172,20 +227,41 @@ impl Tally {
             let _ = writeln!(s, "  solve time: min {min} ms, mean {mean:.0} ms, max {max} ms");
         }
         let _ = writeln!(s, "  late solutions (found after the block was decided): {}", self.late_solutions);
+        if let Some(ms) = self.election_after_last_connect() {
+            let _ = writeln!(s, "  election: {ms} ms after the last peer connected");
+        }
+        if !self.commit_ms.is_empty() {
+            let mut ms = self.commit_ms.clone();
+            ms.sort_unstable();
+            let _ = writeln!(
+                s,
+                "  commit latency (block accepted -> committed, at the controller): p50 {} ms, p95 {} ms, {} blocks",
+                percentile(&ms, 50.0).unwrap_or(0),
+                percentile(&ms, 95.0).unwrap_or(0),
+                ms.len()
+            );
+        }
         let difficulties: Vec<u8> = self.blocks.values().map(|b| b.difficulty).collect();
         let (lo, hi) = (difficulties.iter().min(), difficulties.iter().max());
         if let (Some(lo), Some(hi), Some(last)) = (lo, hi, difficulties.last()) {
             let _ = writeln!(s, "  difficulty: {lo}..={hi} bits, last {last}");
         }
         let _ = writeln!(s, "  hash rate (per peer, while mining):");
-        let mut total = 0.0;
-        for (i, p) in self.peers.iter().enumerate() {
-            if p.mining_ms > 0 {
-                let mhs = p.hashes as f64 / p.mining_ms as f64 / 1000.0;
-                total += mhs;
+        let rates: Vec<(usize, f64)> = (self.peers.iter().enumerate())
+            .filter(|(_, p)| p.mining_ms > 0)
+            .map(|(i, p)| (i, p.hashes as f64 / p.mining_ms as f64 / 1000.0))
+            .collect();
+        // A large room gets the spread, not a line per peer.
+        if rates.len() > MAX_PEER_LINES {
+            let (lo, hi) = rates.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), (_, r)| (lo.min(*r), hi.max(*r)));
+            let mean = rates.iter().map(|(_, r)| r).sum::<f64>() / rates.len() as f64;
+            let _ = writeln!(s, "    {} peers: min {lo:.2}, mean {mean:.2}, max {hi:.2} MH/s", rates.len());
+        } else {
+            for (i, mhs) in &rates {
                 let _ = writeln!(s, "    peer #{i}: {mhs:.1} MH/s");
             }
         }
+        let total: f64 = rates.iter().map(|(_, r)| r).sum();
         let _ = write!(s, "  room total: {total:.1} MH/s");
         s
     }

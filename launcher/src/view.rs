@@ -633,10 +633,10 @@ impl RoomView {
             },
             _ => s,
         };
-        if alive && s.height >= traffic::STEADY_FROM {
+        if Mark::steady(&s) {
             let mark = Mark::of(&s);
             let from = self.traffic_from.entry(id).or_insert(mark);
-            if from.incarnation() != s.incarnation {
+            if from.superseded_by(&s) {
                 *from = mark;
             }
         }

@@ -81,3 +81,157 @@ fn twenty_rooms_on_one_broker_stay_apart() {
     }
     assert!(controllers.len() >= ROOMS, "every room has a controller of its own: {controllers:?}");
 }
+
+/// What one `launcher` run printed of its room, and how long it took.
+#[derive(Debug, Default)]
+struct RoomFigures {
+    election_ms: Option<u64>,
+    commit_p50_ms: Option<u64>,
+    /// Per second: the mean miner's deliveries, and the controller's.
+    miner_delivered_per_s: Option<f64>,
+    controller_delivered_per_s: Option<f64>,
+    miner_published_per_s: Option<f64>,
+    largest_peer_mib: Option<f64>,
+    took: Duration,
+}
+
+/// The first number in `line` after `marker`.
+fn number_after(line: &str, marker: &str) -> Option<f64> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    let num: String = rest.trim_start().chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    num.parse().ok()
+}
+
+/// Runs `launcher` over `args` to its end and reads the figures its summary prints; checks every
+/// invariant over the events of all its peers.
+fn launcher_room(args: &[String]) -> RoomFigures {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let started = Instant::now();
+    let out = launcher()
+        .args(args)
+        .args(["--plain", "--run-dir"])
+        .arg(dir.path().join("run"))
+        .arg("--events")
+        .arg(&events)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the launcher");
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "launcher {args:?} failed ({}):\n{stdout}", out.status);
+    assert_invariants(&read_events(&events));
+    let mut f = RoomFigures { took, ..RoomFigures::default() };
+    for line in stdout.lines() {
+        if line.contains("after the last peer connected") {
+            f.election_ms = number_after(line, "election:").map(|ms| ms as u64);
+        } else if line.contains("commit latency") {
+            f.commit_p50_ms = number_after(line, "p50").map(|ms| ms as u64);
+        } else if line.contains("a miner (mean):") {
+            f.miner_delivered_per_s = number_after(line, "delivered");
+            f.miner_published_per_s = number_after(line, "published");
+        } else if line.contains("the controller (") {
+            f.controller_delivered_per_s = number_after(line, "delivered");
+        } else if line.contains("largest peer process") {
+            f.largest_peer_mib = number_after(line, "largest peer process");
+        }
+    }
+    f
+}
+
+/// Scale figures, printed as a table, not asserted (this machine is shared and noisy):
+/// `cargo test --release -p launcher --test system scale::figures -- --ignored --nocapture`.
+///
+/// Rooms of 10, 100 and 300 peer processes and of 1,000 peers in 10 processes, each run by
+/// `launcher` on its embedded broker, then on a 3-node RabbitMQ cluster (started on free ports;
+/// `HASHVOTE_FIGURES_CLUSTER=0` skips it, `HASHVOTE_FIGURES_ROOMS=10,100` picks the rooms). A
+/// room runs until every peer holds 25 blocks, paced to a block every 500 ms. Columns:
+/// - election: from the last peer's first connection to the first controller elected by a quorum;
+/// - commit p50: at the controller, from a block accepted to its commit by a quorum;
+/// - deliveries per second, in steady state (from block 5): the mean miner's and the controller's,
+///   from the counts in the peers' statuses;
+/// - the largest peer process's peak resident memory.
+#[test]
+#[ignore = "a benchmark: run it on purpose, see its documentation"]
+fn figures() {
+    let rooms: Vec<(u16, u16)> = match std::env::var("HASHVOTE_FIGURES_ROOMS") {
+        Ok(list) => list.split(',').filter_map(|n| n.trim().parse().ok()).map(|n| (n, 1)).collect(),
+        Err(_) => vec![(10, 1), (100, 1), (300, 1), (1000, 100)],
+    };
+    let cluster = std::env::var("HASHVOTE_FIGURES_CLUSTER").map_or(true, |v| v != "0");
+    let mut brokers: Vec<(&str, Option<String>, Option<RabbitCluster>)> = vec![("embedded", None, None)];
+    if cluster {
+        let c = RabbitCluster::start().unwrap_or_else(|e| panic!("{e}"));
+        brokers.push(("3-node RabbitMQ", Some(c.addrs()), Some(c)));
+    }
+    println!(
+        "| room | broker | election after last connect | commit p50 | deliveries/s: a miner (mean) | the controller | publishes/s: a miner | largest process RSS | run |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (label, list, _cluster) in &brokers {
+        for &(peers, per_process) in &rooms {
+            let mut args: Vec<String> =
+                ["--peers", &peers.to_string(), "--peers-per-process", &per_process.to_string()]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+            args.extend(
+                ["--rounds", "25", "--target-block-ms", "500", "--difficulty", "12", "--threads", "1"]
+                    .map(String::from),
+            );
+            match list {
+                Some(list) => args.extend(["--broker".to_string(), list.clone()]),
+                None => args.push("--no-auth".into()),
+            }
+            let f = launcher_room(&args);
+            let room = if per_process > 1 {
+                format!("{peers} peers in {} processes", peers / per_process)
+            } else {
+                format!("{peers} processes")
+            };
+            let ms = |v: Option<u64>| v.map_or("-".into(), |v| format!("{v} ms"));
+            let rate = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+            println!(
+                "| {room} | {label} | {} | {} | {} | {} | {} | {} | {:.0} s |",
+                ms(f.election_ms),
+                ms(f.commit_p50_ms),
+                rate(f.miner_delivered_per_s),
+                rate(f.controller_delivered_per_s),
+                rate(f.miner_published_per_s),
+                f.largest_peer_mib.map_or("-".into(), |v| format!("{v:.0} MiB")),
+                f.took.as_secs_f64()
+            );
+        }
+    }
+}
+
+/// `launcher --peers-per-process`: six peers in two processes make one room; the summary tells
+/// the election, the commit latency, the steady-state traffic counted at the peers, and the
+/// memory of the largest process.
+#[test]
+fn launcher_runs_several_peers_per_process_and_tells_the_rooms_figures() {
+    // Paced to a block every 200 ms: statuses (one a second) span the steady state.
+    let args = ["--peers", "6", "--peers-per-process", "3", "--rounds", "20", "--target-block-ms", "200"];
+    let args = [&args[..], &["--difficulty", "8", "--threads", "1"]].concat();
+    let f = launcher_room(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    println!("{f:?}");
+    assert!(f.election_ms.is_some(), "the election is timed");
+    assert!(f.commit_p50_ms.is_some(), "commits are timed");
+    // Every miner hears at least each block's challenge and result.
+    assert!(f.miner_delivered_per_s.is_some_and(|r| r > 0.0), "the traffic is counted");
+    assert!(f.largest_peer_mib.is_some_and(|m| m > 1.0), "the memory is measured");
+}
+
+/// A room of 1,000 peers, 100 per process, on the embedded broker: one controller per term,
+/// blocks committed. Ten processes take both cores for a minute: `.ci/run` runs it, beside the
+/// README's quick test command: `cargo test -p launcher --test system -- --ignored thousand`.
+#[test]
+#[ignore = "1,000 peers: `cargo test -p launcher --test system -- --ignored thousand`"]
+fn a_thousand_peers_in_ten_processes_elect_and_commit() {
+    let args =
+        ["--peers", "1000", "--peers-per-process", "100", "--rounds", "8", "--difficulty", "12", "--threads", "1"];
+    let f = launcher_room(&args.map(String::from));
+    println!("1,000 peers in 10 processes: {f:?}");
+    assert!(f.election_ms.is_some(), "every peer connected and a controller was elected");
+}

@@ -2,8 +2,10 @@
 //! peer published and was delivered, per second and per block.
 //!
 //! Each peer's window opens at its first status at a height of [`STEADY_FROM`] blocks or more
-//! (elections and catching up are over) and closes at its latest status when the run ends
-//! (before the peers are stopped). Rates are over the peer's own clock between the two statuses,
+//! that names the controller of its term (catching up and the election are over), opens again
+//! at each later term (an election is not the steady state), and closes at its latest status when
+//! the run ends (before the peers are stopped); a window whose two ends are of different terms
+//! does not count. Rates are over the peer's own clock between the two statuses,
 //! and per block over the blocks its chain grew by meanwhile, so a status that arrives late
 //! skews nothing.
 
@@ -24,11 +26,19 @@ pub(crate) struct Mark {
     published: u64,
     delivered: u64,
     incarnation: u64,
+    term: u64,
 }
 
 impl Mark {
-    pub(crate) fn incarnation(&self) -> u64 {
-        self.incarnation
+    /// Whether `s`, a status of the steady state, opens a new window after this one: another
+    /// process, or another term.
+    pub(crate) fn superseded_by(&self, s: &Status) -> bool {
+        self.incarnation != s.incarnation || self.term != s.term
+    }
+
+    /// Whether `s` is of the steady state: high enough, its term's controller known.
+    pub(crate) fn steady(s: &Status) -> bool {
+        s.height >= STEADY_FROM && s.controller.is_some() && s.role != Role::Offline
     }
 
     pub(crate) fn of(s: &Status) -> Self {
@@ -38,6 +48,7 @@ impl Mark {
             published: s.published,
             delivered: s.delivered,
             incarnation: s.incarnation,
+            term: s.term,
         }
     }
 }
@@ -119,7 +130,9 @@ impl Traffic {
         let (mut seconds, mut blocks) = (0.0f64, 0u64);
         let mut total = Rates::default();
         for (&id, &(end, role)) in to {
-            let Some(&start) = from.get(&id).filter(|m| m.incarnation == end.incarnation) else { continue };
+            let Some(&start) = from.get(&id).filter(|m| m.incarnation == end.incarnation && m.term == end.term) else {
+                continue;
+            };
             let Some(r) = Rates::between(start, end) else { continue };
             seconds = seconds.max(end.at_ms.saturating_sub(start.at_ms) as f64 / 1000.0);
             blocks = blocks.max(end.height.saturating_sub(start.height));
@@ -172,7 +185,7 @@ mod tests {
     use super::*;
 
     fn mark(at_ms: u64, height: u64, published: u64, delivered: u64) -> Mark {
-        Mark { at_ms, height, published, delivered, incarnation: 7 }
+        Mark { at_ms, height, published, delivered, incarnation: 7, term: 1 }
     }
 
     #[test]
@@ -198,9 +211,17 @@ mod tests {
     }
 
     #[test]
-    fn a_restarted_peer_or_an_empty_window_counts_for_nothing() {
-        let from = BTreeMap::from([(1, Mark { incarnation: 8, ..mark(1_000, 5, 0, 0) }), (2, mark(2_000, 5, 0, 0))]);
-        let to = BTreeMap::from([(1, (mark(3_000, 9, 5, 5), Role::Miner)), (2, (mark(2_000, 5, 0, 0), Role::Miner))]);
+    fn a_restarted_peer_a_new_term_or_an_empty_window_counts_for_nothing() {
+        let from = BTreeMap::from([
+            (1, Mark { incarnation: 8, ..mark(1_000, 5, 0, 0) }),
+            (2, mark(2_000, 5, 0, 0)),
+            (3, mark(1_000, 5, 0, 0)),
+        ]);
+        let to = BTreeMap::from([
+            (1, (mark(3_000, 9, 5, 5), Role::Miner)),
+            (2, (mark(2_000, 5, 0, 0), Role::Miner)),
+            (3, (Mark { term: 2, ..mark(3_000, 9, 5, 5) }, Role::Miner)),
+        ]);
         assert_eq!(Traffic::between(&from, &to), None);
     }
 }
