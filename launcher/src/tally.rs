@@ -261,7 +261,8 @@ impl Tally {
                 let _ = writeln!(s, "    peer #{i}: {mhs:.1} MH/s");
             }
         }
-        let total: f64 = rates.iter().map(|(_, r)| r).sum();
+        // A fold from +0.0: an empty float sum is -0.0.
+        let total = rates.iter().fold(0.0, |sum, (_, r)| sum + r);
         let _ = write!(s, "  room total: {total:.1} MH/s");
         s
     }

@@ -190,6 +190,10 @@ impl Watcher {
     /// Gives the terminal back and writes the report.
     fn finish(mut self, outcome: anyhow::Result<()>) -> anyhow::Result<()> {
         drop(self.screen.take());
+        // What the room's statuses say of its traffic, as the launcher's summary does.
+        if let Some(traffic) = self.view.traffic().filter(|_| self.args.rounds > 0 && outcome.is_ok()) {
+            println!("{traffic}");
+        }
         if let Some(dir) = &self.args.report {
             report::save(dir, &self.view, &format!("hashvote room '{}' at {}", self.args.prefix, self.brokers))?;
         }
