@@ -609,3 +609,22 @@ fn print_line(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Groups;
+
+    #[test]
+    fn groups_number_each_process_peers_in_the_order_their_events_name_them() {
+        let mut g = Groups::new(7, 3);
+        assert_eq!(g.processes(), 3);
+        assert_eq!((g.peers_of(0), g.peers_of(2)), (0..3, 6..7));
+        assert_eq!((g.index(1, 40), g.index(1, 10), g.index(1, 40), g.index(0, 99)), (3, 4, 3, 0));
+        assert_eq!((g.process_of(4), g.process_of(6)), (1, 2));
+        assert_eq!(g.others(6), "", "the last process has one peer");
+        assert_eq!(g.others(0), " (and the 2 other peers of its process)");
+        // One peer a process: the process is the peer.
+        let mut one = Groups::new(4, 1);
+        assert_eq!((one.processes(), one.index(2, 12345), one.name(2)), (4, 2, "peer #2".to_string()));
+    }
+}

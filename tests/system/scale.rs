@@ -93,6 +93,8 @@ struct RoomFigures {
     miner_published_per_s: Option<f64>,
     largest_peer_mib: Option<f64>,
     took: Duration,
+    /// It was stopped at its time limit, before its rounds.
+    stopped: bool,
 }
 
 /// The first number in `line` after `marker`.
@@ -103,26 +105,42 @@ fn number_after(line: &str, marker: &str) -> Option<f64> {
 }
 
 /// Runs `launcher` over `args` to its end and reads the figures its summary prints; checks every
-/// invariant over the events of all its peers.
-fn launcher_room(args: &[String]) -> RoomFigures {
+/// invariant over the events of all its peers. A run still going after `limit` is stopped
+/// (SIGTERM: the launcher stops its room in order) and its figures are those it printed.
+fn launcher_room(args: &[String], limit: Duration) -> RoomFigures {
     let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("events.jsonl");
+    let (events, out) = (dir.path().join("events.jsonl"), dir.path().join("launcher.out"));
     let started = Instant::now();
-    let out = launcher()
+    let child = launcher()
         .args(args)
         .args(["--plain", "--run-dir"])
         .arg(dir.path().join("run"))
         .arg("--events")
         .arg(&events)
         .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("create the launcher's output file"))
         .stderr(Stdio::inherit())
-        .output()
+        .spawn()
         .expect("run the launcher");
+    let mut room = Proc { child, name: format!("launcher {args:?}") };
+    let deadline = started + limit;
+    let mut stopped = false;
+    let status = loop {
+        if let Some(status) = room.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            room.signal(libc::SIGTERM);
+            stopped = true;
+            break room.wait_exit(Duration::from_secs(60));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let took = started.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "launcher {args:?} failed ({}):\n{stdout}", out.status);
+    let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(status.success(), "launcher {args:?} failed ({status}):\n{stdout}");
     assert_invariants(&read_events(&events));
-    let mut f = RoomFigures { took, ..RoomFigures::default() };
+    let mut f = RoomFigures { took, stopped, ..RoomFigures::default() };
     for line in stdout.lines() {
         if line.contains("after the last peer connected") {
             f.election_ms = number_after(line, "election:").map(|ms| ms as u64);
@@ -184,7 +202,8 @@ fn figures() {
                 Some(list) => args.extend(["--broker".to_string(), list.clone()]),
                 None => args.push("--no-auth".into()),
             }
-            let f = launcher_room(&args);
+            // A room that has not done its rounds in 5 minutes is stopped: its row says what it did.
+            let f = launcher_room(&args, Duration::from_secs(300));
             let room = if per_process > 1 {
                 format!("{peers} peers in {} processes", peers / per_process)
             } else {
@@ -193,14 +212,15 @@ fn figures() {
             let ms = |v: Option<u64>| v.map_or("-".into(), |v| format!("{v} ms"));
             let rate = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
             println!(
-                "| {room} | {label} | {} | {} | {} | {} | {} | {} | {:.0} s |",
+                "| {room} | {label} | {} | {} | {} | {} | {} | {} | {:.0} s{} |",
                 ms(f.election_ms),
                 ms(f.commit_p50_ms),
                 rate(f.miner_delivered_per_s),
                 rate(f.controller_delivered_per_s),
                 rate(f.miner_published_per_s),
                 f.largest_peer_mib.map_or("-".into(), |v| format!("{v:.0} MiB")),
-                f.took.as_secs_f64()
+                f.took.as_secs_f64(),
+                if f.stopped { ", stopped before its rounds" } else { "" }
             );
         }
     }
@@ -214,8 +234,9 @@ fn launcher_runs_several_peers_per_process_and_tells_the_rooms_figures() {
     // Paced to a block every 200 ms: statuses (one a second) span the steady state.
     let args = ["--peers", "6", "--peers-per-process", "3", "--rounds", "20", "--target-block-ms", "200"];
     let args = [&args[..], &["--difficulty", "8", "--threads", "1"]].concat();
-    let f = launcher_room(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let f = launcher_room(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>(), Duration::from_secs(120));
     println!("{f:?}");
+    assert!(!f.stopped, "the room did its rounds");
     assert!(f.election_ms.is_some(), "the election is timed");
     assert!(f.commit_p50_ms.is_some(), "commits are timed");
     // Every miner hears at least each block's challenge and result.
@@ -231,7 +252,8 @@ fn launcher_runs_several_peers_per_process_and_tells_the_rooms_figures() {
 fn a_thousand_peers_in_ten_processes_elect_and_commit() {
     let args =
         ["--peers", "1000", "--peers-per-process", "100", "--rounds", "8", "--difficulty", "12", "--threads", "1"];
-    let f = launcher_room(&args.map(String::from));
+    let f = launcher_room(&args.map(String::from), Duration::from_secs(600));
     println!("1,000 peers in 10 processes: {f:?}");
+    assert!(!f.stopped, "the room did its rounds within 10 minutes");
     assert!(f.election_ms.is_some(), "every peer connected and a controller was elected");
 }
