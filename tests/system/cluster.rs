@@ -24,26 +24,9 @@ fn peers_spread_over_two_nodes_move_to_the_survivor_and_the_room_goes_on() {
     let b = Mosquitto::start_bridged_to(a.port).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let brokers = format!("127.0.0.1:{},127.0.0.1:{}", a.port, b.port);
-    let room = PEERS.to_string();
     let events: Vec<_> = (0..PEERS).map(|i| dir.path().join(format!("peer-{i}.jsonl"))).collect();
-    let _peers: Vec<Proc> = (0..PEERS)
-        .map(|i| {
-            let log = std::fs::File::create(events[i].with_extension("log")).expect("create peer log");
-            let child = launcher()
-                .args(["peer", "--host", &brokers, "--id", &(i + 1).to_string(), "--room-size", &room])
-                .args(["--difficulty", "10", "--threads", "1", "--keepalive", "2", "--log", "info"])
-                .arg("--data-dir")
-                .arg(dir.path().join(format!("data-{i}")))
-                .arg("--events")
-                .arg(&events[i])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("spawn peer");
-            Proc { child, name: format!("peer #{i}") }
-        })
-        .collect();
+    let _peers: Vec<Proc> =
+        (0..PEERS).map(|i| start_cluster_peer(&brokers, i + 1, PEERS, dir.path(), &events[i])).collect();
     let brokers_of = |records: &[peer::events::Record]| -> BTreeSet<String> {
         records
             .iter()

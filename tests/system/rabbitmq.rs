@@ -7,7 +7,6 @@
 //! takes on another node is free: docs/PROTOCOL.md, "Broker clusters").
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use peer::events::{Event, Record, now_ms};
@@ -44,26 +43,9 @@ fn room_on_a_three_node_cluster_survives_the_loss_of_the_controllers_node() {
         .tempdir()
         .unwrap();
     let brokers = cluster.addrs();
-    let room = PEERS.to_string();
     let events: Vec<_> = (0..PEERS).map(|i| dir.path().join(format!("peer-{i}.jsonl"))).collect();
-    let _peers: Vec<Proc> = (0..PEERS)
-        .map(|i| {
-            let log = std::fs::File::create(events[i].with_extension("log")).expect("create peer log");
-            let child = launcher()
-                .args(["peer", "--host", &brokers, "--id", &(i + 1).to_string(), "--room-size", &room])
-                .args(["--difficulty", "10", "--threads", "1", "--keepalive", "2", "--log", "info"])
-                .arg("--data-dir")
-                .arg(dir.path().join(format!("data-{i}")))
-                .arg("--events")
-                .arg(&events[i])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("spawn peer");
-            Proc { child, name: format!("peer #{}", i + 1) }
-        })
-        .collect();
+    let _peers: Vec<Proc> =
+        (0..PEERS).map(|i| start_cluster_peer(&brokers, i + 1, PEERS, dir.path(), &events[i])).collect();
     let every_peer_has = |at_least: &BTreeMap<PeerId, usize>, more: usize| {
         let now = blocks_by_peer(&read_all(&events));
         now.len() == PEERS && now.iter().all(|(id, n)| *n >= at_least.get(id).copied().unwrap_or(0) + more)

@@ -434,6 +434,26 @@ pub fn start_peer(port: u16, events: &Path, extra: &[&str]) -> Proc {
     Proc { child, name: format!("peer:{}", events.display()) }
 }
 
+/// Starts peer `id` (1-based) of a room of `room` peers on the broker nodes `hosts` (a
+/// comma-separated list), at difficulty 10 with one mining thread and a 2 s keepalive; its data in
+/// `dir`/data-<id - 1>, its events in `events` and its log beside them (`.log`).
+pub fn start_cluster_peer(hosts: &str, id: usize, room: usize, dir: &Path, events: &Path) -> Proc {
+    let log = std::fs::File::create(events.with_extension("log")).expect("create peer log");
+    let child = launcher()
+        .args(["peer", "--host", hosts, "--id", &id.to_string(), "--room-size", &room.to_string()])
+        .args(["--difficulty", "10", "--threads", "1", "--keepalive", "2", "--log", "info"])
+        .arg("--data-dir")
+        .arg(dir.join(format!("data-{}", id - 1)))
+        .arg("--events")
+        .arg(events)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn peer");
+    Proc { child, name: format!("peer {id}") }
+}
+
 /// Reads every record of a JSON-lines events file (a partial last line is skipped).
 pub fn read_events(path: &Path) -> Vec<Record> {
     let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
