@@ -505,7 +505,7 @@ mod tests {
         let cases = [
             ("max_segment_size = 262144", "max_segment_size = 1000", "at least 1024"),
             ("max_segment_count = 3", "max_segment_count = 0", "max_segment_count"),
-            ("max_connections = 1000", "max_connections = 0", "max_connections"),
+            ("max_connections = 5000", "max_connections = 0", "max_connections"),
             ("connection_timeout_ms = 5000", "connection_timeout_ms = 0", "connection_timeout_ms"),
         ];
         for (i, (from, to, expected)) in cases.into_iter().enumerate() {
