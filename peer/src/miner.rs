@@ -8,7 +8,8 @@
 //! pow` measures it). With several seats mining (many peers in one process, for scale tests), the
 //! workers take the jobs in turn, a slice of [`SLICE`] batches at a time.
 //!
-//! The workers of a job draw batches of the nonce space from one counter of that job: no overlap.
+//! The workers of a job draw their slices of the nonce space from one counter of that job, one
+//! fetch-add a slice: no overlap, and nothing shared is written between batches.
 //! Each worker publishes its hash count in its own cache-line-padded slot; a seat's count is
 //! added once per slice.
 
@@ -271,8 +272,13 @@ fn worker(shared: &Shared, index: usize) {
         let difficulty = u32::from(a.job.difficulty);
         let mut done = 0u64;
         let mut found = None;
-        while done < u64::from(SLICE) * BATCH && shared.generation.load(Ordering::Acquire) == seen {
-            let batch = a.next.fetch_add(1, Ordering::Relaxed);
+        // The slice's batches, taken at once: the only shared write of the slice. Those left
+        // unsearched when a change interrupts it are skipped (the nonce space is 2^64).
+        let first = a.next.fetch_add(u64::from(SLICE), Ordering::Relaxed);
+        for batch in first..first.saturating_add(u64::from(SLICE)) {
+            if shared.generation.load(Ordering::Acquire) != seen {
+                break;
+            }
             found = a.job.template.search(difficulty, batch.wrapping_mul(BATCH), BATCH);
             done += BATCH;
             hashes += BATCH;

@@ -25,21 +25,11 @@ fn twenty_rooms_on_one_broker_stay_apart() {
     let files: Vec<PathBuf> = (0..ROOMS).map(|k| dir.path().join(format!("room-{k}.jsonl"))).collect();
     let _rooms: Vec<Proc> = (0..ROOMS)
         .map(|k| {
-            let log = std::fs::File::create(files[k].with_extension("log")).expect("create the room's log");
-            let child = launcher()
-                .args(["peer", "--host", "127.0.0.1", "--port", &port.to_string(), "--prefix", &format!("room{k}")])
-                .args(["--instances", &ROOM_SIZE.to_string(), "--room-size", &ROOM_SIZE.to_string()])
-                .args(["--difficulty", "10", "--threads", "1", "--keepalive", "2", "--log", "warn"])
-                .arg("--data-dir")
-                .arg(dir.path().join(format!("room-{k}")))
-                .arg("--events")
-                .arg(&files[k])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("spawn a room's process");
-            Proc { child, name: format!("room {k}") }
+            let (port, size, data) = (port.to_string(), ROOM_SIZE.to_string(), dir.path().join(format!("room-{k}")));
+            let room = ["--host", "127.0.0.1", "--port", &port, "--prefix", &format!("room{k}")];
+            let peers = ["--instances", &size, "--room-size", &size, "--data-dir", &data.display().to_string()];
+            let tuning = ["--difficulty", "10", "--threads", "1", "--keepalive", "2", "--log", "warn"];
+            spawn_peer(room.iter().chain(&peers).chain(&tuning), &files[k], format!("room {k}"))
         })
         .collect();
     let started = Instant::now();

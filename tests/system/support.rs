@@ -418,32 +418,13 @@ pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_millis(200)).is_ok()
 }
 
-/// Starts a peer writing its events to `events` and its log next to it (`.log`).
-pub fn start_peer(port: u16, events: &Path, extra: &[&str]) -> Proc {
+/// Starts `launcher peer` with `args`, writing its events to `events` and its log next to it
+/// (`.log`); named `name` in failures.
+pub fn spawn_peer<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>, events: &Path, name: String) -> Proc {
     let log = std::fs::File::create(events.with_extension("log")).expect("create peer log");
     let child = launcher()
-        .args(["peer", "--host", "127.0.0.1", "--port", &port.to_string(), "--events"])
-        .arg(events)
-        .args(["--log", "info"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn peer");
-    Proc { child, name: format!("peer:{}", events.display()) }
-}
-
-/// Starts peer `id` (1-based) of a room of `room` peers on the broker nodes `hosts` (a
-/// comma-separated list), at difficulty 10 with one mining thread and a 2 s keepalive; its data in
-/// `dir`/data-<id - 1>, its events in `events` and its log beside them (`.log`).
-pub fn start_cluster_peer(hosts: &str, id: usize, room: usize, dir: &Path, events: &Path) -> Proc {
-    let log = std::fs::File::create(events.with_extension("log")).expect("create peer log");
-    let child = launcher()
-        .args(["peer", "--host", hosts, "--id", &id.to_string(), "--room-size", &room.to_string()])
-        .args(["--difficulty", "10", "--threads", "1", "--keepalive", "2", "--log", "info"])
-        .arg("--data-dir")
-        .arg(dir.join(format!("data-{}", id - 1)))
+        .arg("peer")
+        .args(args)
         .arg("--events")
         .arg(events)
         .stdin(Stdio::null())
@@ -451,7 +432,23 @@ pub fn start_cluster_peer(hosts: &str, id: usize, room: usize, dir: &Path, event
         .stderr(log)
         .spawn()
         .expect("spawn peer");
-    Proc { child, name: format!("peer {id}") }
+    Proc { child, name }
+}
+
+/// Starts a peer writing its events to `events` and its log next to it (`.log`).
+pub fn start_peer(port: u16, events: &Path, extra: &[&str]) -> Proc {
+    let args = ["--host", "127.0.0.1", "--port", &port.to_string(), "--log", "info"];
+    spawn_peer(args.iter().chain(extra), events, format!("peer:{}", events.display()))
+}
+
+/// Starts peer `id` (1-based) of a room of `room` peers on the broker nodes `hosts` (a
+/// comma-separated list), at difficulty 10 with one mining thread and a 2 s keepalive; its data in
+/// `dir`/data-<id - 1>, its events in `events` and its log beside them (`.log`).
+pub fn start_cluster_peer(hosts: &str, id: usize, room: usize, dir: &Path, events: &Path) -> Proc {
+    let data = dir.join(format!("data-{}", id - 1)).display().to_string();
+    let args = ["--host", hosts, "--id", &id.to_string(), "--room-size", &room.to_string()];
+    let tuning = ["--difficulty", "10", "--threads", "1", "--keepalive", "2", "--log", "info", "--data-dir", &data];
+    spawn_peer(args.iter().chain(&tuning), events, format!("peer {id}"))
 }
 
 /// Reads every record of a JSON-lines events file (a partial last line is skipped).
