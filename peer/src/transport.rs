@@ -333,6 +333,17 @@ fn closed_before_connack(error: &ConnectionError) -> bool {
     }
 }
 
+/// How many connection attempts of this process may wait for their CONNACK at once. A process
+/// running many peers (`--instances`) opened all their connections at once: rumqttd listens
+/// with a backlog of 128 and accepts about one connection per millisecond at best, so most of
+/// 2,000 connections from ten processes overflowed its queue; the kernel dropped them and they
+/// came in over the next 50 s, in waves of SYN retries, some given up on after the connection
+/// timeout and opened again under the same client id, which made the broker drop the live one
+/// (and publish its will) in the middle of the first election. A peer alone holds two.
+const CONNECTING_AT_ONCE: usize = 8;
+
+static CONNECTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONNECTING_AT_ONCE);
+
 /// Polls rumqttc's event loop for ever, reconnecting with backoff after errors.
 ///
 /// It gives up with a fatal error at once on a refusing CONNACK code. With a first-connect
@@ -353,11 +364,24 @@ async fn poll_network(
     let mut closed_early = 0;
     let mut backoff = Duration::from_millis(50);
     let mut broker = 0;
+    let mut up = false;
     loop {
+        // A connection attempt (TCP, CONNECT, CONNACK: all within one poll) holds one of the
+        // process's few permits; an established connection holds none.
+        let permit = if up {
+            None
+        } else {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                p = CONNECTING.acquire() => p.ok(),
+            }
+        };
         let event = tokio::select! {
             () = stop.cancelled() => return,
             e = eventloop.poll() => e,
         };
+        drop(permit);
+        up = matches!(event, Ok(MqttEvent::Incoming(Packet::ConnAck(_)))) || (up && event.is_ok());
         match event {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 connected_once = true;

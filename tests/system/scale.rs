@@ -82,6 +82,8 @@ struct RoomFigures {
     controller_delivered_per_s: Option<f64>,
     miner_published_per_s: Option<f64>,
     largest_peer_mib: Option<f64>,
+    /// Connections lost, over all peers.
+    disconnects: usize,
     took: Duration,
     /// It was stopped at its time limit, before its rounds.
     stopped: bool,
@@ -129,8 +131,10 @@ fn launcher_room(args: &[String], limit: Duration) -> RoomFigures {
     let took = started.elapsed();
     let stdout = std::fs::read_to_string(&out).unwrap_or_default();
     assert!(status.success(), "launcher {args:?} failed ({status}):\n{stdout}");
-    assert_invariants(&read_events(&events));
-    let mut f = RoomFigures { took, stopped, ..RoomFigures::default() };
+    let records = read_events(&events);
+    assert_invariants(&records);
+    let disconnects = records.iter().filter(|r| matches!(r.event, Event::Disconnected { .. })).count();
+    let mut f = RoomFigures { took, stopped, disconnects, ..RoomFigures::default() };
     for line in stdout.lines() {
         if line.contains("after the last peer connected") {
             f.election_ms = number_after(line, "election:").map(|ms| ms as u64);
@@ -246,4 +250,9 @@ fn a_thousand_peers_in_ten_processes_elect_and_commit() {
     println!("1,000 peers in 10 processes: {f:?}");
     assert!(!f.stopped, "the room did its rounds within 10 minutes");
     assert!(f.election_ms.is_some(), "every peer connected and a controller was elected");
+    // Ten processes opening 2,000 connections at once overflowed the broker's listen queue:
+    // connections given up on were opened again under the same client id, and the broker then
+    // dropped live ones (and published their wills) in the middle of the first election. A
+    // process now opens a few at a time.
+    assert_eq!(f.disconnects, 0, "no peer lost its broker connection");
 }
