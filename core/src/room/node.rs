@@ -203,6 +203,13 @@ struct Ballot {
     proposal: Option<Digest>,
 }
 
+/// An election message held until this peer knows the room it is for.
+#[derive(Debug, Clone, Copy)]
+enum Early {
+    PreBallot { key: u64, term: Term, pos: Pos },
+    Ballot { key: u64, term: Term, ballot: Ballot },
+}
+
 /// How many voters this peer can hear, against how many a quorum needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reach {
@@ -268,6 +275,9 @@ pub struct RoomNode {
     /// A controller of the current term was known (elected here, or followed).
     term_led: bool,
     ballots: BTreeMap<PeerId, Ballot>,
+    /// Pre-ballots and ballots that came before we knew the room to vote in (see
+    /// [`RoomNode::hold_early`]): the latest of each kind per sender, counted once we do.
+    early: BTreeMap<(PeerId, bool), Early>,
     my_ballot: Option<u32>,
     grant_deadline: Option<u64>,
     /// The grant deadline passed; it was set again for our broadcast's echo (see `try_grant`).
@@ -400,6 +410,7 @@ impl RoomNode {
             backoff_since: 0,
             term_led: false,
             ballots: BTreeMap::new(),
+            early: BTreeMap::new(),
             my_ballot: None,
             grant_deadline: None,
             grant_awaits_echo: false,
@@ -607,7 +618,10 @@ impl RoomNode {
         self.now = self.now.max(now);
         match input {
             Input::Connected => self.connected(),
-            Input::Message(env) => self.message(env),
+            Input::Message(env) => {
+                self.message(env);
+                self.count_early();
+            }
             Input::Mined(found) => self.mined(found),
             Input::Tick => self.tick(),
             Input::Stalled => self.stalled(),

@@ -4,7 +4,7 @@
 
 use rand::Rng;
 
-use super::{Action, BACKOFF_DECAY_MS, Ballot, MAX_BACKOFF, Role2, RoomNode, Write};
+use super::{Action, BACKOFF_DECAY_MS, Ballot, Early, MAX_BACKOFF, Role2, RoomNode, Write};
 use crate::events::Event;
 use crate::protocol::{DropReason, PeerId, Term};
 use crate::room::msg::{Msg, Pos};
@@ -143,6 +143,7 @@ impl RoomNode {
             self.request_sync_now(from);
         }
         if !self.is_voter_id(from, key) {
+            self.hold_early(from, Early::PreBallot { key, term, pos });
             return;
         }
         if term > self.term + 1 {
@@ -182,6 +183,63 @@ impl RoomNode {
             self.publish(Msg::PreBallot { to: None, term, key: self.cfg.key, pos: self.pos() });
         }
         self.check_pre_vote();
+    }
+
+    /// Holds an election message from `from`, not a voter as far as we know, if we may not know
+    /// the room yet: before block 0, no room seen, and fewer live peers known than its size.
+    /// Returns whether it was held. In a room of 1,000 starting at once, the last peers to
+    /// connect waited seconds for the answers to their hellos, queued behind everyone's
+    /// pre-ballots and ballots; those reached them first and were dropped, so the late peers
+    /// voted last, on the few sent again, and split the term. Held, they count as soon as the
+    /// room is known (see `count_early`), as if the broker had delivered them then. One of each
+    /// kind per sender, the latest term's; no more senders than twice the room.
+    pub(super) fn hold_early(&mut self, from: PeerId, msg: Early) -> bool {
+        let unknown_room = self.voters().is_none() && self.config.is_none() && !self.room_seen;
+        if !unknown_room || self.chain.height() > 0 {
+            return false;
+        }
+        let (ballot, term) = match msg {
+            Early::PreBallot { term, .. } => (false, term),
+            Early::Ballot { term, .. } => (true, term),
+        };
+        let slot = (from, ballot);
+        let held = |e: &Early| match *e {
+            Early::PreBallot { term, .. } | Early::Ballot { term, .. } => term,
+        };
+        if self.early.get(&slot).is_some_and(|e| held(e) > term) {
+            return true;
+        }
+        if !self.early.contains_key(&slot) && self.early.len() >= 4 * self.cfg.room_size {
+            return false;
+        }
+        self.early.insert(slot, msg);
+        true
+    }
+
+    /// Counts the election messages held by `hold_early` once the room is known (pre-ballots
+    /// first, as they came before the ballots), or forgets them once they can no longer count.
+    pub(super) fn count_early(&mut self) {
+        if self.early.is_empty() {
+            return;
+        }
+        if self.config.is_some() || self.room_seen || self.chain.height() > 0 {
+            self.early.clear();
+            return;
+        }
+        if self.voters().is_none() {
+            return;
+        }
+        let early = std::mem::take(&mut self.early);
+        for (&(from, _), &msg) in early.iter().filter(|((_, ballot), _)| !ballot) {
+            if let Early::PreBallot { key, term, pos } = msg {
+                self.on_pre_ballot(from, key, term, pos);
+            }
+        }
+        for (&(from, _), &msg) in early.iter().filter(|((_, ballot), _)| *ballot) {
+            if let Early::Ballot { key, term, ballot } = msg {
+                self.on_ballot(from, key, term, ballot);
+            }
+        }
     }
 
     fn check_pre_vote(&mut self) {
@@ -250,7 +308,9 @@ impl RoomNode {
         if !self.is_voter_id(from, key) {
             self.try_start_bootstrap();
             if !self.is_voter_id(from, key) {
-                self.drop_msg(DropReason::NotAVoter, format!("ballot from {from} in term {term}"));
+                if !self.hold_early(from, Early::Ballot { key, term, ballot }) {
+                    self.drop_msg(DropReason::NotAVoter, format!("ballot from {from} in term {term}"));
+                }
                 return;
             }
         }

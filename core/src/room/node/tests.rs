@@ -1337,3 +1337,38 @@ fn a_peer_whose_term_a_forger_gave_it_still_hears_another_process_under_its_id_l
     let asked = publishes(&actions).iter().any(|m| matches!(m, Msg::SyncRequest { to, .. } if *to == v_id));
     assert!(asked, "{actions:?}");
 }
+
+/// A room of 1,000 starting at once: the last peers to connect waited seconds for the answers
+/// to their hellos, queued behind everyone's pre-ballots and ballots. Those reached them first,
+/// from peers they did not know yet to vote, and were dropped. The late peers then entered the
+/// term last, voted on the few ballots sent again, and split it (terms 1 of two runs in five).
+#[test]
+fn election_messages_that_come_before_the_room_is_known_count_once_it_is() {
+    let mut node = lone(4);
+    node.handle(1, Input::Message(Envelope::new(100, node.hello(None, true))));
+    let t = Timing::default().discovery_ms + 1;
+    let pos = Pos::default();
+    let members = (100..104).map(|id| Member { id, key: 1000 + u64::from(id) }).collect();
+    let proposal = Some(RoomConfig::new(members).unwrap().digest(HashAlg::Sha256));
+    // 101 and 102 are known only from their election messages, 103 not at all yet.
+    for id in [101, 102] {
+        let key = 1000 + u64::from(id);
+        node.handle(t, Input::Message(Envelope::new(id, Msg::PreBallot { to: None, term: 1, key, pos })));
+    }
+    let ballots = [(101, 7u32), (102, u32::MAX)];
+    for (id, ballot) in ballots {
+        let key = 1000 + u64::from(id);
+        let msg = Msg::Ballot { term: 1, ballot, key, pos, proposal };
+        node.handle(t, Input::Message(Envelope::new(id, msg)));
+    }
+    assert_eq!(node.term(), 0, "no quorum known yet");
+    // 103's hello completes the room: the pre-ballots and ballots held count now.
+    node.handle(t + 10, hello_from(103));
+    assert_eq!(node.term(), 1, "the pre-vote of 101 and 102 made a quorum with ours");
+    assert_eq!(node.ballots.keys().copied().collect::<Vec<_>>(), vec![100, 101, 102]);
+    assert_eq!(node.proposal_digest(), proposal);
+    // Once the last ballot is in, it grants the highest: 102's, held since before.
+    let msg = Msg::Ballot { term: 1, ballot: 3, key: 1103, pos, proposal };
+    node.handle(t + 20, Input::Message(Envelope::new(103, msg)));
+    assert_eq!(node.voted_for(), Some(102));
+}
