@@ -1372,3 +1372,38 @@ fn election_messages_that_come_before_the_room_is_known_count_once_it_is() {
     node.handle(t + 20, Input::Message(Envelope::new(103, msg)));
     assert_eq!(node.voted_for(), Some(102));
 }
+
+/// Voters that granted at a fixed time after entering the term, on the ballots in by then, split
+/// the first term of a room of 1,000 (464, 374 and 162 grants): its ballots took a second or two
+/// to go round, and each voter had seen another part of them. A voter now waits the ballot wait
+/// past the last new ballot, so those that grant before every ballot is in have seen the same ones.
+#[test]
+fn a_voter_waits_for_the_ballots_to_stop_coming_before_it_grants_on_part_of_them() {
+    let mut room = Room::new(5);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, 1);
+    let ctl = room.controllers()[0];
+    let others: Vec<usize> = (0..5).filter(|&i| i != ctl).collect();
+    let a = others[0];
+    let term = room.nodes[a].term() + 1;
+    let pos = room.nodes[a].pos();
+    let voter = |i: usize| (room.nodes[i].id(), room.nodes[i].key());
+    let (v1, v2, v3) = (voter(others[1]), voter(others[2]), voter(others[3]));
+    let ballot = |(id, key): (PeerId, u64), ballot: u32| {
+        Input::Message(Envelope::new(id, Msg::Ballot { term, ballot, key, pos, proposal: None }))
+    };
+    let wait = Timing::default().ballot_wait_ms;
+    let t = room.now;
+    let node = &mut room.nodes[a];
+    handle_echoed(node, t, ballot(v1, 5));
+    assert_eq!(node.term(), term);
+    handle_echoed(node, t + wait - 10, ballot(v2, 6));
+    // A quorum's ballots (ours, v1's, v2's) and the wait past entering the term: not yet, a
+    // ballot came in only 60 ms ago.
+    handle_echoed(node, t + wait + 50, Input::Tick);
+    assert_eq!(node.voted_for(), None, "granted on part of the ballots while they were still coming");
+    handle_echoed(node, t + wait + 60, ballot(v3, u32::MAX));
+    // Then none for the ballot wait (and the broker's lag): it grants the best it holds.
+    handle_echoed(node, t + 3 * wait + 100, Input::Tick);
+    assert_eq!(node.voted_for(), Some(v3.0));
+}
