@@ -29,6 +29,11 @@ pub(crate) trait Wire {
     /// The topics to subscribe to, on every CONNACK (clean sessions keep none).
     fn subscriptions(&self) -> Vec<String>;
 
+    /// Of those, the ones to subscribe to at QoS 0 (see the room's); the others at QoS 1.
+    fn qos0(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Waits for the next input of the wire's own; `None` when it dealt with what came itself.
     async fn own_input(&mut self, report: &mut Reporter) -> Option<Self::Input>;
 
@@ -87,7 +92,9 @@ async fn drive<W: Wire>(
                     continue;
                 }
                 Some(Net::Connected(_)) => {
-                    if !link.subscribe(wire.subscriptions()).await {
+                    let zero = wire.qos0();
+                    let (qos0, qos1) = wire.subscriptions().into_iter().partition(|t| zero.contains(t));
+                    if !link.subscribe_with(qos1, qos0).await {
                         continue;
                     }
                     if !connected_once {
