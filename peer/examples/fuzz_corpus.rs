@@ -93,6 +93,7 @@ fn samples() -> Vec<(&'static str, room::Envelope)> {
         term: 2,
         controller: Some(from),
         height: 2,
+        peers: if to.is_some() { vec![Member { id: from, key: 11 }] } else { Vec::new() },
     };
     let samples = [
         ("room_hello", hello(None)),

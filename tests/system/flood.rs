@@ -670,6 +670,7 @@ fn real_message(snap: &Snapshot, rng: &mut StdRng) -> Vec<u8> {
             term,
             controller: Some(snap.controller),
             height: tx,
+            peers: Vec::new(),
         },
         1 => Msg::Leave { incarnation: rng.random() },
         2 => Msg::PreBallot { to: None, term: term + 1, key, pos },

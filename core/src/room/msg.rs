@@ -13,7 +13,7 @@ use crate::protocol::{
 };
 
 /// The wire version of the room protocol.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 
 /// Most members a room's configuration may have.
 pub const MAX_ROOM: usize = 2048;
@@ -127,6 +127,9 @@ pub enum Msg {
         controller: Option<PeerId>,
         /// The sender's chain height.
         height: u64,
+        /// In an answer from a room still gathering (before block 0): the live peers the sender
+        /// knows, itself included, the `room_size` lowest ids; empty otherwise.
+        peers: Vec<Member>,
     },
     /// `init`: the sender leaves: published on a clean exit, and registered as the Last Will of
     /// its protocol connection, so the broker publishes it when the sender dies or is cut off.
@@ -380,7 +383,10 @@ fn validate(env: &Envelope) -> Result<(), DecodeError> {
     let check = |ok: bool, what: &'static str| if ok { Ok(()) } else { Err(DecodeError::Invalid(what)) };
     check(env.from != 0, "sender")?;
     match &env.msg {
-        Msg::Hello { to, controller, .. } => check(*controller != Some(0) && *to != Some(0), "controller or recipient"),
+        Msg::Hello { to, controller, peers, .. } => {
+            check(*controller != Some(0) && *to != Some(0), "controller or recipient")?;
+            check(peers.len() <= MAX_ROOM && peers.iter().all(|m| m.id != 0), "peers")
+        }
         Msg::Leave { .. } | Msg::Solution { .. } => Ok(()),
         Msg::PreBallot { term, to, .. } => check(*term > 0 && *to != Some(0), "term or recipient"),
         Msg::Ballot { term, proposal, .. } => {
@@ -501,6 +507,7 @@ mod tests {
                 term: 4,
                 controller: Some(5),
                 height: 6,
+                peers: Vec::new(),
             },
             Msg::Hello {
                 to: Some(9),
@@ -511,6 +518,7 @@ mod tests {
                 term: 4,
                 controller: None,
                 height: 6,
+                peers: vec![Member { id: 7, key: 8 }],
             },
             Msg::Leave { incarnation: 2 },
             Msg::PreBallot { to: None, term: 2, key: 1, pos: Pos::default() },

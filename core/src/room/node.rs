@@ -833,8 +833,8 @@ impl RoomNode {
             return;
         }
         match env.msg {
-            Msg::Hello { want_reply, key, incarnation, term, controller, height, .. } => {
-                self.on_hello(from, want_reply, key, incarnation, term, controller, height);
+            Msg::Hello { want_reply, key, incarnation, term, controller, height, peers, .. } => {
+                self.on_hello(from, want_reply, key, incarnation, term, controller, height, peers);
             }
             Msg::Leave { incarnation } => {
                 // A will fired late, after the peer restarted and said hello, is not its departure.

@@ -52,6 +52,7 @@ pub fn hello(from: PeerId) -> Observed {
             term: 0,
             controller: None,
             height: 0,
+            peers: Vec::new(),
         },
     )
 }

@@ -7,7 +7,11 @@ use super::{Action, Learner, MAX_HELLO_BACKOFF, Peer, RoomNode};
 use crate::events::Event;
 use crate::pow::{Digest, HashAlg};
 use crate::protocol::{Block, Change, DropReason, MAX_SYNC_BLOCKS, PeerId, Term};
-use crate::room::msg::{Member, Msg, RoomConfig};
+use crate::room::msg::{MAX_ROOM, Member, Msg, RoomConfig};
+
+/// How many peers of a gathering room answer a newcomer's hello, with the list of every live
+/// peer they know (see `on_hello`).
+const GATHERING_ANSWERERS: usize = 3;
 
 impl RoomNode {
     pub(super) fn hello(&self, to: Option<PeerId>, want_reply: bool) -> Msg {
@@ -20,7 +24,33 @@ impl RoomNode {
             term: self.term,
             controller: self.controller,
             height: self.chain.height(),
+            peers: Vec::new(),
         }
+    }
+
+    /// Whether the room is still gathering, as far as this peer knows: no block 0, no
+    /// configuration, no sign of a room with a chain.
+    pub(super) fn gathering(&self) -> bool {
+        self.config.is_none() && self.chain.height() == 0 && !self.room_seen
+    }
+
+    /// The live peers known, this one included: the `room_size` lowest ids (all a proposal needs).
+    fn known_live(&self) -> Vec<Member> {
+        let mut live: Vec<Member> = (self.peers.iter())
+            .filter(|(_, p)| !p.gone)
+            .map(|(&id, p)| Member { id, key: p.key })
+            .chain(std::iter::once(Member { id: self.cfg.id, key: self.cfg.key }))
+            .collect();
+        live.sort_unstable();
+        live.truncate(self.cfg.room_size.min(MAX_ROOM));
+        live
+    }
+
+    /// Whether this peer is one of the few of a gathering room that answer a newcomer: the
+    /// [`GATHERING_ANSWERERS`] lowest ids among the live peers it knows.
+    fn answers_newcomers(&self) -> bool {
+        let below = self.peers.iter().filter(|(id, p)| !p.gone && **id < self.cfg.id).take(GATHERING_ANSWERERS).count();
+        below < GATHERING_ANSWERERS
     }
 
     pub(super) fn report_reach(&mut self) {
@@ -295,6 +325,7 @@ impl RoomNode {
         term: Term,
         controller: Option<PeerId>,
         height: u64,
+        peers: Vec<Member>,
     ) {
         // Whether it knows us already: then a repeated hello (its periodic one, see `tick`, or
         // after a reconnect of the same process, even one its will called gone) is answered only
@@ -310,7 +341,18 @@ impl RoomNode {
             p.incarnation = incarnation;
         }
         let news = !known || self.is_controller() || (self.term, self.chain.height()) > (term, height);
-        if want_reply && news {
+        // A room gathering (ours, and the asker's): its few lowest ids answer, each with every
+        // live peer it knows.
+        let gathering = self.gathering() && height == 0 && controller.is_none();
+        if want_reply && news && gathering {
+            if self.answers_newcomers() {
+                let mut answer = self.hello(Some(from), false);
+                if let Msg::Hello { peers, .. } = &mut answer {
+                    *peers = self.known_live();
+                }
+                self.publish(answer);
+            }
+        } else if want_reply && news {
             self.publish(self.hello(Some(from), false));
             if self.is_controller() {
                 // It has just subscribed: what it missed of the open transaction, it gets now.
@@ -322,6 +364,14 @@ impl RoomNode {
         }
         if height > 0 {
             self.saw_room();
+        }
+        if self.gathering() {
+            // Heard of, not heard from: peers we know already keep their own times.
+            for m in peers {
+                if m.id != self.cfg.id && !self.peers.contains_key(&m.id) {
+                    self.heard(m.id, Some(m.key));
+                }
+            }
         }
         self.learn_controller(term, controller);
         if height > self.chain.height() {

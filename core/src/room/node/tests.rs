@@ -432,6 +432,7 @@ fn a_sync_request_to_a_dead_peer_does_not_starve_the_one_to_the_controller() {
         term: 0,
         controller: None,
         height: 10,
+        peers: Vec::new(),
     };
     record(&mut sent_to, node.handle(1, Input::Message(Envelope::new(dead, hello))));
     assert_eq!(sent_to, vec![dead]);
@@ -516,6 +517,7 @@ fn a_repeated_hello_is_answered_only_by_a_peer_that_knows_more_than_the_asker() 
         term,
         controller: None,
         height,
+        peers: Vec::new(),
     };
     let answers = |room: &mut Room, i: usize, msg: Msg| {
         let actions = room.nodes[i].handle(room.now, Input::Message(Envelope::new(asker, msg)));
@@ -537,7 +539,7 @@ fn a_repeated_hello_is_answered_only_by_a_peer_that_knows_more_than_the_asker() 
     // A new process under its id (a restart: another incarnation) knows nothing: answer.
     let restarted = match hello(term, height) {
         Msg::Hello { to, want_reply, key, since_ms, term, controller, height, .. } => {
-            Msg::Hello { to, want_reply, key, incarnation: 8, since_ms, term, controller, height }
+            Msg::Hello { to, want_reply, key, incarnation: 8, since_ms, term, controller, height, peers: Vec::new() }
         }
         _ => unreachable!(),
     };
@@ -690,6 +692,7 @@ fn hello_from(id: PeerId) -> Input {
         term: 0,
         controller: None,
         height: 0,
+        peers: Vec::new(),
     };
     Input::Message(Envelope::new(id, hello))
 }
@@ -1209,6 +1212,7 @@ fn answer_to(to: PeerId, key: u64, term: Term, controller: PeerId, height: u64) 
         term,
         controller: Some(controller),
         height,
+        peers: Vec::new(),
     }
 }
 
@@ -1406,4 +1410,40 @@ fn a_voter_waits_for_the_ballots_to_stop_coming_before_it_grants_on_part_of_them
     // Then none for the ballot wait (and the broker's lag): it grants the best it holds.
     handle_echoed(node, t + 3 * wait + 100, Input::Tick);
     assert_eq!(node.voted_for(), Some(v3.0));
+}
+
+/// A room of 1,000 gathering: every peer answered every newcomer's hello, a million answers,
+/// most of the start-up's traffic, and the last peers to connect learned the room seconds late.
+/// Now the three lowest ids answer, each with every live peer it knows.
+#[test]
+fn in_a_gathering_room_the_three_lowest_ids_answer_a_newcomer_with_every_peer_they_know() {
+    let mut room = Room::with_room_size(5, 6, Timing::default());
+    room.run(FOUNDED_MS);
+    assert!(room.controllers().is_empty(), "five of six: no proposal yet");
+    let cfg = RoomNodeConfig {
+        id: 105,
+        key: 1105,
+        incarnation: 7,
+        since_ms: 0,
+        room_size: 6,
+        pace: Pace::Fixed(2),
+        alg: HashAlg::Sha1,
+        seed: 47,
+        timing: Timing::default(),
+    };
+    room.nodes.push(RoomNode::new(cfg, Restored::default()));
+    let first = room.actions.len();
+    room.input(5, Input::Connected);
+    room.run(0);
+    let answers: Vec<(PeerId, usize)> = room.actions[first..]
+        .iter()
+        .filter_map(|(i, a)| match a {
+            Action::Publish(Msg::Hello { to: Some(105), peers, .. }) => Some((room.nodes[*i].id(), peers.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, vec![(100, 6), (101, 6), (102, 6)]);
+    assert!(room.nodes[5].is_voter(), "the newcomer knows the whole room from the answers");
+    room.run(FOUNDED_MS);
+    assert_eq!(room.controllers().len(), 1);
 }
