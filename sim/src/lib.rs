@@ -599,10 +599,21 @@ impl World {
         let elected = self.controllers.last_key_value().map_or(u64::MAX, |(_, &(_, at))| at);
         let time = elected.saturating_add(replace + 3_000) <= end;
         if let Some(config) = self.room_config().filter(|_| quorum_exists && replace > 0 && time) {
-            let lost =
-                config.members().iter().find(|m| !self.procs.iter().any(|p| p.alive && p.id == m.id && p.key == m.key));
-            let heir = self.procs.iter().find(|p| p.alive && p.connected && config.key_of(p.id) != Some(p.key));
-            if let (Some(m), Some(h)) = (lost, heir) {
+            // An heir: a live process that is no member, under an id no member holds or the lost
+            // member's own (ids are unique in a configuration: a process under another member's
+            // id cannot take this one's place; seed 48793 once said one could).
+            let heir = |m: &hashvote_core::room::Member| {
+                self.procs.iter().find(|p| {
+                    p.alive
+                        && p.connected
+                        && config.key_of(p.id) != Some(p.key)
+                        && (p.id == m.id || config.key_of(p.id).is_none())
+                })
+            };
+            let lost = (config.members().iter())
+                .filter(|m| !self.procs.iter().any(|p| p.alive && p.id == m.id && p.key == m.key))
+                .find_map(|m| heir(m).map(|h| (m, h)));
+            if let Some((m, h)) = lost {
                 return Err(self.fail(format!(
                     "member {} is lost for good and not replaced {} ms after the faults ended, though {} could take its place",
                     m.id, self.sc.settle_ms, h.id

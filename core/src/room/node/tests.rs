@@ -701,25 +701,32 @@ fn pre_ballots(actions: &[Action]) -> Vec<Option<PeerId>> {
     publishes(actions).iter().filter_map(|m| if let Msg::PreBallot { to, .. } = m { Some(*to) } else { None }).collect()
 }
 
+fn ballots(actions: &[Action]) -> usize {
+    publishes(actions).iter().filter(|m| matches!(m, Msg::Ballot { .. })).count()
+}
+
 #[test]
-fn a_room_gathering_does_not_repeat_a_pre_ballot_on_every_hello() {
+fn a_room_gathering_casts_one_ballot_not_one_per_hello() {
     let mut node = lone(3);
     // Our hello (on connecting) comes back at once: the broker does not lag.
     node.handle(1, Input::Message(Envelope::new(100, node.hello(None, true))));
     let mut t = Timing::default().discovery_ms + 1;
-    // The room is complete: the pre-vote for term 1 starts, with one pre-ballot.
+    // The room is complete: founding, it enters term 1 at once (no pre-vote: there is no
+    // controller to disrupt), with one ballot.
     handle_echoed(&mut node, t, hello_from(101));
-    assert_eq!(pre_ballots(&handle_echoed(&mut node, t, hello_from(102))), vec![None]);
-    // More peers keep coming (a room of 300 gathering): each hello used to send it again, to
-    // everyone, and the broker's queue grew faster than it drained.
+    let actions = handle_echoed(&mut node, t, hello_from(102));
+    assert_eq!((ballots(&actions), pre_ballots(&actions).len(), node.term()), (1, 0, 1));
+    // More peers keep coming (a room of 300 gathering): each hello used to send a pre-ballot
+    // again, to everyone, and the broker's queue grew faster than it drained.
     let mut again = 0;
     for id in 103..120 {
         t += 10;
-        again += pre_ballots(&handle_echoed(&mut node, t, hello_from(id))).len();
+        let actions = handle_echoed(&mut node, t, hello_from(id));
+        again += ballots(&actions) + pre_ballots(&actions).len();
     }
     assert_eq!(again, 0);
-    // After an election timeout without a quorum's answer, it is sent again.
-    t += Timing::default().election_max_ms;
+    // After an election timeout without a quorum's answer, the next term's pre-vote starts.
+    t += 2 * Timing::default().election_max_ms;
     assert_eq!(pre_ballots(&handle_echoed(&mut node, t, Input::Tick)), vec![None]);
 }
 
@@ -750,8 +757,8 @@ fn a_broker_that_lags_stretches_the_election_timers_by_as_much() {
     let t = Timing::default().discovery_ms + 1;
     node.handle(t, hello_from(101));
     let actions = node.handle(t, hello_from(102));
-    let sent = publishes(&actions).into_iter().find(|m| matches!(m, Msg::PreBallot { .. })).unwrap().clone();
-    // Our pre-ballot comes back through the broker 3 s later: its queue is that long.
+    let sent = publishes(&actions).into_iter().find(|m| matches!(m, Msg::Ballot { .. })).unwrap().clone();
+    // Our ballot comes back through the broker 3 s later: its queue is that long.
     let lag = 3_000;
     let back = t + lag;
     node.handle(back, Input::Message(Envelope::new(100, sent)));
