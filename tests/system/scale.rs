@@ -157,7 +157,8 @@ fn launcher_room(args: &[String], limit: Duration) -> RoomFigures {
 ///
 /// Rooms of 10, 100 and 300 peer processes and of 1,000 peers in 10 processes, each run by
 /// `launcher` on its embedded broker, then on a 3-node RabbitMQ cluster (started on free ports;
-/// `HASHVOTE_FIGURES_CLUSTER=0` skips it, `HASHVOTE_FIGURES_ROOMS=10,100` picks the rooms). A
+/// `HASHVOTE_FIGURES_CLUSTER=0` skips it, `HASHVOTE_FIGURES_ROOMS=10,100,1000/100` picks the rooms:
+/// `N/K` is N peers, K per process). A
 /// room runs until every peer holds 25 blocks, paced to a block every 500 ms. Columns:
 /// - election: from the last peer's first connection to the first controller elected by a quorum;
 /// - commit p50: at the controller, from a block accepted to its commit by a quorum;
@@ -168,7 +169,14 @@ fn launcher_room(args: &[String], limit: Duration) -> RoomFigures {
 #[ignore = "a benchmark: run it on purpose, see its documentation"]
 fn figures() {
     let rooms: Vec<(u16, u16)> = match std::env::var("HASHVOTE_FIGURES_ROOMS") {
-        Ok(list) => list.split(',').filter_map(|n| n.trim().parse().ok()).map(|n| (n, 1)).collect(),
+        // `N` for N processes of one peer, `N/K` for N peers, K per process.
+        Ok(list) => list
+            .split(',')
+            .filter_map(|room| match room.trim().split_once('/') {
+                Some((n, k)) => Some((n.parse().ok()?, k.parse().ok()?)),
+                None => Some((room.trim().parse().ok()?, 1)),
+            })
+            .collect(),
         Err(_) => vec![(10, 1), (100, 1), (300, 1), (1000, 100)],
     };
     let cluster = std::env::var("HASHVOTE_FIGURES_CLUSTER").map_or(true, |v| v != "0");
