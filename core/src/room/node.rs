@@ -210,6 +210,14 @@ enum Early {
     Ballot { key: u64, term: Term, ballot: Ballot },
 }
 
+impl Early {
+    fn term(&self) -> Term {
+        match *self {
+            Self::PreBallot { term, .. } | Self::Ballot { term, .. } => term,
+        }
+    }
+}
+
 /// How many voters this peer can hear, against how many a quorum needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reach {
@@ -277,7 +285,7 @@ pub struct RoomNode {
     ballots: BTreeMap<PeerId, Ballot>,
     /// Pre-ballots and ballots that came before we knew the room to vote in (see
     /// [`RoomNode::hold_early`]): the latest of each kind per sender, counted once we do.
-    early: BTreeMap<(PeerId, bool), Early>,
+    early: BTreeMap<(bool, PeerId), Early>,
     my_ballot: Option<u32>,
     grant_deadline: Option<u64>,
     /// The grant deadline passed; it was set again for our broadcast's echo (see `try_grant`).

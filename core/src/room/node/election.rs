@@ -203,19 +203,11 @@ impl RoomNode {
     /// room is known (see `count_early`), as if the broker had delivered them then. One of each
     /// kind per sender, the latest term's; no more senders than twice the room.
     pub(super) fn hold_early(&mut self, from: PeerId, msg: Early) -> bool {
-        let unknown_room = self.voters().is_none() && self.config.is_none() && !self.room_seen;
-        if !unknown_room || self.chain.height() > 0 {
+        if !self.gathering() || self.voters().is_some() {
             return false;
         }
-        let (ballot, term) = match msg {
-            Early::PreBallot { term, .. } => (false, term),
-            Early::Ballot { term, .. } => (true, term),
-        };
-        let slot = (from, ballot);
-        let held = |e: &Early| match *e {
-            Early::PreBallot { term, .. } | Early::Ballot { term, .. } => term,
-        };
-        if self.early.get(&slot).is_some_and(|e| held(e) > term) {
+        let slot = (matches!(msg, Early::Ballot { .. }), from);
+        if self.early.get(&slot).is_some_and(|e| e.term() > msg.term()) {
             return true;
         }
         if !self.early.contains_key(&slot) && self.early.len() >= 4 * self.cfg.room_size {
@@ -231,22 +223,18 @@ impl RoomNode {
         if self.early.is_empty() {
             return;
         }
-        if self.config.is_some() || self.room_seen || self.chain.height() > 0 {
+        if !self.gathering() {
             self.early.clear();
             return;
         }
         if self.voters().is_none() {
             return;
         }
-        let early = std::mem::take(&mut self.early);
-        for (&(from, _), &msg) in early.iter().filter(|((_, ballot), _)| !ballot) {
-            if let Early::PreBallot { key, term, pos } = msg {
-                self.on_pre_ballot(from, key, term, pos);
-            }
-        }
-        for (&(from, _), &msg) in early.iter().filter(|((_, ballot), _)| *ballot) {
-            if let Early::Ballot { key, term, ballot } = msg {
-                self.on_ballot(from, key, term, ballot);
+        // Keyed (is a ballot, sender): the pre-ballots come first.
+        for ((_, from), msg) in std::mem::take(&mut self.early) {
+            match msg {
+                Early::PreBallot { key, term, pos } => self.on_pre_ballot(from, key, term, pos),
+                Early::Ballot { key, term, ballot } => self.on_ballot(from, key, term, ballot),
             }
         }
     }

@@ -42,7 +42,7 @@ impl RoomNode {
             .chain(std::iter::once(Member { id: self.cfg.id, key: self.cfg.key }))
             .collect();
         live.sort_unstable();
-        live.truncate(self.cfg.room_size.min(MAX_ROOM));
+        live.truncate(self.cfg.room_size);
         live
     }
 
@@ -170,17 +170,9 @@ impl RoomNode {
         self.proposal = None;
         // Cheap test first: this runs for every peer met, and most of them complete nothing.
         let live = self.peers.len() - self.gone_peers + 1;
-        if live >= self.cfg.room_size && self.config.is_none() && !self.room_seen && self.chain.height() == 0 {
-            let mut live: Vec<Member> = self
-                .peers
-                .iter()
-                .filter(|(_, p)| !p.gone)
-                .map(|(&id, p)| Member { id, key: p.key })
-                .chain(std::iter::once(Member { id: self.cfg.id, key: self.cfg.key }))
-                .collect();
+        if live >= self.cfg.room_size && self.gathering() {
+            let live = self.known_live();
             if live.len() >= self.cfg.room_size {
-                live.sort();
-                live.truncate(self.cfg.room_size);
                 self.proposal = RoomConfig::new(live).map(|c| {
                     let d = c.digest(HashAlg::Sha256);
                     (c, d)
@@ -344,16 +336,13 @@ impl RoomNode {
         // A room gathering (ours, and the asker's): its few lowest ids answer, each with every
         // live peer it knows.
         let gathering = self.gathering() && height == 0 && controller.is_none();
-        if want_reply && news && gathering {
-            if self.answers_newcomers() {
-                let mut answer = self.hello(Some(from), false);
-                if let Msg::Hello { peers, .. } = &mut answer {
-                    *peers = self.known_live();
-                }
-                self.publish(answer);
+        if want_reply && news && (!gathering || self.answers_newcomers()) {
+            let mut answer = self.hello(Some(from), false);
+            if gathering && let Msg::Hello { peers, .. } = &mut answer {
+                *peers = self.known_live();
+                peers.truncate(MAX_ROOM);
             }
-        } else if want_reply && news {
-            self.publish(self.hello(Some(from), false));
+            self.publish(answer);
             if self.is_controller() {
                 // It has just subscribed: what it missed of the open transaction, it gets now.
                 self.beat();
