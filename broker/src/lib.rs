@@ -20,4 +20,4 @@ pub mod server;
 
 pub use config::BrokerConfig;
 pub use error::BrokerError;
-pub use server::{Broker, READY_PREFIX, RunningBroker, parse_ready_line, start};
+pub use server::{Broker, READY_PREFIX, RunningBroker, TCP_USER_TIMEOUT, parse_ready_line, start};

@@ -113,18 +113,19 @@ fn auth_map_admits_only_the_right_password() {
 }
 
 /// Nagle's algorithm is off on the connections the broker accepts (rumqttd leaves it on; with it,
-/// back-to-back small messages to a subscriber waited for its delayed ACK, ~40 ms). Checked on
+/// back-to-back small messages to a subscriber waited for its delayed ACK, ~40 ms), and they have
+/// a TCP user timeout (rumqttd never times out a cut-off client it keeps sending to). Checked on
 /// the accepted socket itself: the broker runs in this process.
 #[cfg(target_os = "linux")]
 #[test]
-fn accepted_connections_have_nagle_off() {
+fn accepted_connections_have_nagle_off_and_a_user_timeout() {
     use std::os::fd::BorrowedFd;
     let config = broker::BrokerConfig { port: free_port(), ..broker::BrokerConfig::default() };
     let running = broker::start(&config).expect("start broker");
     let client = std::net::TcpStream::connect(running.listen_addr()).expect("connect");
     let ours = client.local_addr().expect("client address");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let nodelay = loop {
+    let (nodelay, user_timeout) = loop {
         let mut found = None;
         for entry in std::fs::read_dir("/proc/self/fd").expect("/proc") {
             let Some(fd) = entry.expect("fd").file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
@@ -135,16 +136,17 @@ fn accepted_connections_have_nagle_off() {
             let fd = unsafe { BorrowedFd::borrow_raw(fd) };
             let socket = socket2::SockRef::from(&fd);
             if socket.peer_addr().ok().and_then(|a| a.as_socket()) == Some(ours) {
-                found = socket.tcp_nodelay().ok();
+                found = socket.tcp_nodelay().ok().zip(socket.tcp_user_timeout().ok());
             }
         }
-        if let Some(nodelay) = found {
-            break nodelay;
+        if let Some(options) = found {
+            break options;
         }
         assert!(std::time::Instant::now() < deadline, "the broker never accepted our connection");
         std::thread::sleep(Duration::from_millis(5));
     };
     assert!(nodelay, "TCP_NODELAY is off on the broker's side of the connection");
+    assert_eq!(user_timeout, Some(broker::TCP_USER_TIMEOUT), "TCP_USER_TIMEOUT on the broker's side");
 }
 
 #[test]

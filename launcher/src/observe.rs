@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use rumqttc::MqttOptions;
+use rumqttc::{MqttOptions, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -98,8 +98,10 @@ async fn run(target: Target, tx: mpsc::Sender<Seen>, stop: CancellationToken) {
                 // subscriber at most `max_inflight_count` (100) retained messages and drops the
                 // rest, and a room's prefix keeps the retained offline status of every peer that
                 // ever ran there. A lost status is replaced within a second anyway.
-                let qos1 = topics.all().into_iter().map(str::to_string).collect();
-                if link.subscribe_with(qos1, vec![topics.status.clone()]).await {
+                let mut filters: Vec<(String, QoS)> =
+                    topics.all().into_iter().map(|t| (t.to_string(), QoS::AtLeastOnce)).collect();
+                filters.push((topics.status.clone(), QoS::AtMostOnce));
+                if link.subscribe_with(filters).await {
                     Seen::Connected(node)
                 } else {
                     Seen::Lost("cannot subscribe".to_string())

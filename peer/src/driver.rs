@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -29,9 +30,9 @@ pub(crate) trait Wire {
     /// The topics to subscribe to, on every CONNACK (clean sessions keep none).
     fn subscriptions(&self) -> Vec<String>;
 
-    /// Of those, the ones to subscribe to at QoS 0 (see the room's); the others at QoS 1.
-    fn qos0(&self) -> Vec<String> {
-        Vec::new()
+    /// The QoS of those subscriptions (see the room's): QoS 1 unless the wire says otherwise.
+    fn subscription_qos(&self) -> QoS {
+        QoS::AtLeastOnce
     }
 
     /// Waits for the next input of the wire's own; `None` when it dealt with what came itself.
@@ -92,9 +93,7 @@ async fn drive<W: Wire>(
                     continue;
                 }
                 Some(Net::Connected(_)) => {
-                    let zero = wire.qos0();
-                    let (qos0, qos1) = wire.subscriptions().into_iter().partition(|t| zero.contains(t));
-                    if !link.subscribe_with(qos1, qos0).await {
+                    if !link.subscribe(wire.subscriptions(), wire.subscription_qos()).await {
                         continue;
                     }
                     if !connected_once {

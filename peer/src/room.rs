@@ -241,7 +241,7 @@ impl RoomDriver {
         self.solutions = self.node.is_controller();
         let topic = self.topics.topic(crate::protocol::Channel::Solution).to_string();
         let done = if self.solutions {
-            self.client.subscribe(topic, QoS::AtLeastOnce).await
+            self.client.subscribe(topic, self.subscription_qos()).await
         } else {
             self.client.unsubscribe(topic).await
         };
@@ -266,15 +266,21 @@ impl Wire for RoomDriver {
             .collect()
     }
 
-    /// The voting topic: an election there is every voter's pre-ballot and ballot to every
-    /// voter, a million deliveries each in a room of 1,000. At QoS 1 a subscriber holds at most
-    /// 100 of them unacknowledged (rumqttd's fixed window), and each acknowledgement is a write
-    /// and a round trip through a busy broker: a room of 1,000 elected 4.8 to 5.8 s after its
-    /// last peer connected, and 3.7 to 3.9 s at QoS 0 (three runs each). Losing one is
-    /// tolerated: pre-ballots go again after an election timeout, and a voter grants on a
-    /// quorum's ballots once they stop coming. Everything else stays at QoS 1.
-    fn qos0(&self) -> Vec<String> {
-        vec![self.topics.topic(crate::protocol::Channel::Voting).to_string()]
+    /// All at QoS 0. The sessions are clean, so QoS 1 redelivers nothing after a reconnect;
+    /// on a live connection TCP already delivers in order, and the protocol repeats what
+    /// matters (pre-ballots after an election timeout, grants and ballots on reconnecting,
+    /// syncs and solutions until answered). What QoS 1 adds is cost: an acknowledgement and a
+    /// round trip per delivery, within a window of 100 unacknowledged on rumqttd, and on
+    /// RabbitMQ a durable queue per subscriber, to which each QoS 1 publish is written as a
+    /// persistent message. 300 peer processes on a 3-node RabbitMQ cluster took 26 s to hear
+    /// each other's hellos at QoS 1, missed their keepalives, reconnected by hundreds, and
+    /// made no 25 blocks in 5 minutes; at QoS 0 they elected 18 to 20 s after the last
+    /// connected and made them in one term. On rumqttd, a room of 1,000 elects as fast either
+    /// way (three runs each); the voting topic alone was measured faster at QoS 0 (3.7 to 3.9
+    /// s against 4.8 to 5.8 s, a room of 1,000, before its hellos were cut). Publishes stay at
+    /// QoS 1, acknowledged by the broker.
+    fn subscription_qos(&self) -> QoS {
+        QoS::AtMostOnce
     }
 
     async fn own_input(&mut self, report: &mut Reporter) -> Option<Input> {
@@ -391,7 +397,10 @@ fn new_node(cfg: &PeerConfig, identity: &Identity, incarnation: u64, now_ms: u64
             pace: cfg.pace(),
             alg: cfg.hash,
             seed: rand::random(),
-            timing: Timing { replace_after_ms: cfg.replace_after_s.saturating_mul(1_000), ..Timing::default() },
+            timing: Timing {
+                replace_after_ms: cfg.replace_after_s.saturating_mul(1_000),
+                ..Timing::for_room(cfg.room_size)
+            },
         },
         restored,
     )

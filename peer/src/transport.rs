@@ -166,17 +166,14 @@ impl Link {
         net
     }
 
-    /// Subscribes to `topics` at QoS 1; false (with a warning) if rumqttc refused the request.
-    pub async fn subscribe(&self, topics: Vec<String>) -> bool {
-        self.subscribe_with(topics, Vec::new()).await
+    /// Subscribes to `topics` at `qos`; false (with a warning) if rumqttc refused the request.
+    pub async fn subscribe(&self, topics: Vec<String>, qos: QoS) -> bool {
+        self.subscribe_with(topics.into_iter().map(|t| (t, qos))).await
     }
 
-    /// Subscribes to `qos1` at QoS 1 and `qos0` at QoS 0 (see [`Link::subscribe`]).
-    pub async fn subscribe_with(&self, qos1: Vec<String>, qos0: Vec<String>) -> bool {
-        let filters = qos1
-            .into_iter()
-            .map(|t| SubscribeFilter::new(t, QoS::AtLeastOnce))
-            .chain(qos0.into_iter().map(|t| SubscribeFilter::new(t, QoS::AtMostOnce)));
+    /// Subscribes to each topic at its QoS (see [`Link::subscribe`]).
+    pub async fn subscribe_with(&self, topics: impl IntoIterator<Item = (String, QoS)>) -> bool {
+        let filters = topics.into_iter().map(|(t, qos)| SubscribeFilter::new(t, qos));
         match self.client.subscribe_many(filters).await {
             Ok(()) => true,
             Err(e) => {

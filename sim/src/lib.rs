@@ -94,7 +94,7 @@ impl Scenario {
             fault_every_ms: 0,
             block_ms: 200,
             keepalive_ms: 2_000,
-            timing: Timing::default(),
+            timing: Timing::for_room(peers),
             trace: 200,
             connect_over_ms: 50,
             deliveries_per_s: 0,

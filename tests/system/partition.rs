@@ -215,8 +215,9 @@ impl Partitioned {
     /// broker once the keepalive lapses); returns when the last of them heard it.
     ///
     /// In a busy room this takes longer than 1.5 x keepalive: rumqttd restarts a connection's
-    /// keepalive timer whenever it forwards a message to it, so it only starts counting once the
-    /// cut peer's window of 100 unacknowledged QoS 1 messages is full.
+    /// keepalive timer whenever it forwards a message to it, and never times out a cut peer the
+    /// room keeps sending to; the embedded broker's TCP user timeout closes the connection once
+    /// what it sent has gone unacknowledged for 10 s (`broker::TCP_USER_TIMEOUT`).
     fn wait_left(&self, index: usize, since: u64) -> u64 {
         let id = self.id_of(index).expect("id");
         let mut at = 0;

@@ -2,7 +2,7 @@
 //! them, the mining of its challenges, and the changes to our own chain that every role makes
 //! (append, truncate, a divergence noted). The `Chain` type itself is `crate::chain`'s.
 
-use super::{ACK_QUIET_MS, Action, Diverged, LEARNER_ACK_MS, RoomNode, SOLUTION_RETRY_MS, Write};
+use super::{Action, Diverged, RoomNode, SOLUTION_RETRY_MS, Write};
 use crate::chain::Chain;
 use crate::events::Event;
 use crate::pow::{Digest, HashAlg, Template};
@@ -21,10 +21,11 @@ impl RoomNode {
         self.diverged = None;
         self.set_commit(commit.min(upto));
         let (to, term, height, at) = self.last_ack;
-        if !self.is_voter() && (to, term) == (controller, self.term) && self.now < at + LEARNER_ACK_MS {
+        if !self.is_voter() && (to, term) == (controller, self.term) && self.now < at + self.cfg.timing.learner_ack_ms()
+        {
             return;
         }
-        if (to, term, height) == (controller, self.term, upto) && self.now < at + ACK_QUIET_MS {
+        if (to, term, height) == (controller, self.term, upto) && self.now < at + self.cfg.timing.ack_quiet_ms() {
             return;
         }
         self.last_ack = (controller, self.term, upto, self.now);

@@ -559,10 +559,25 @@ fn an_acknowledgement_that_says_nothing_new_is_not_repeated_within_the_quiet_tim
         let actions = room.nodes[f].handle(at, Input::Message(Envelope::new(ctl_id, beat.clone())));
         publishes(&actions).iter().filter(|m| matches!(m, Msg::Ack { .. })).count()
     };
-    let now = room.now + ACK_QUIET_MS;
+    let quiet = room.nodes[f].cfg.timing.ack_quiet_ms();
+    let now = room.now + quiet;
     assert_eq!(acks(&mut room, now), 1);
     assert_eq!(acks(&mut room, now + 50), 0, "nothing new within the quiet time");
-    assert_eq!(acks(&mut room, now + ACK_QUIET_MS), 1, "still here, after it");
+    assert_eq!(acks(&mut room, now + quiet), 1, "still here, after it");
+}
+
+#[test]
+fn a_large_rooms_heartbeat_and_election_timeout_stretch_with_its_size() {
+    assert_eq!(Timing::for_room(3), Timing::default());
+    assert_eq!(Timing::for_room(ROOM_AT_DEFAULT_TIMING), Timing::default());
+    let (d, t) = (Timing::default(), Timing::for_room(300));
+    assert_eq!((t.heartbeat_ms, t.election_min_ms, t.election_max_ms), (300, 1_200, 2_400));
+    assert_eq!(Timing { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800, ..t }, d, "the others stay");
+    assert_eq!(t.ack_quiet_ms(), 600, "a follower's acknowledgements slow down with the heartbeats");
+    // Heartbeat deliveries a second, at most a thousand at any size.
+    for n in [10, 100, 300, 1_000, crate::room::MAX_ROOM] {
+        assert!(n as u64 * 1_000 / Timing::for_room(n).heartbeat_ms <= 1_000, "{n}");
+    }
 }
 
 #[test]
