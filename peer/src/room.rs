@@ -274,8 +274,9 @@ impl Wire for RoomDriver {
     /// RabbitMQ a durable queue per subscriber, to which each QoS 1 publish is written as a
     /// persistent message. 300 peer processes on a 3-node RabbitMQ cluster took 26 s to hear
     /// each other's hellos at QoS 1, missed their keepalives, reconnected by hundreds, and
-    /// made no 25 blocks in 5 minutes; at QoS 0 they elected 18 to 20 s after the last
-    /// connected and made them in one term. On rumqttd, a room of 1,000 elects as fast either
+    /// made no 25 blocks in 5 minutes; at QoS 0, with the timers of a room of 300
+    /// (`Timing::for_room`), they elected 13 to 20 s after the last connected and made them in
+    /// one term (four runs). On rumqttd, a room of 1,000 elects as fast either
     /// way (three runs each); the voting topic alone was measured faster at QoS 0 (3.7 to 3.9
     /// s against 4.8 to 5.8 s, a room of 1,000, before its hellos were cut). Publishes stay at
     /// QoS 1, acknowledged by the broker.
