@@ -281,11 +281,11 @@ const CLOSED_BEFORE_CONNACK_LIMIT: u32 = 3;
 
 /// Publishes `payload` on `topic` at QoS 1; a failure (the request channel closed) is logged.
 ///
-/// QoS 1 everywhere: every message is idempotent, and QoS 0 may be dropped under load. Published at
-/// QoS 1 to QoS 1 subscriptions, so delivered at QoS 1 by any broker: nothing counts on rumqttd
-/// delivering a QoS 0 publish at QoS 1 to a QoS 1 subscriber (MQTT says the lower wins). The one
-/// QoS 0 subscription, the room's voting topic, is delivered at QoS 0 on purpose (see the room
-/// driver's `qos0`).
+/// QoS 1 everywhere: every message is idempotent, and the broker acknowledges each. A QoS 1
+/// subscriber (the lab wire's peers, the watcher) is delivered at QoS 1 by any broker: nothing
+/// counts on rumqttd delivering a QoS 0 publish at QoS 1 to a QoS 1 subscriber (MQTT says the
+/// lower wins). The room's peers subscribe at QoS 0 on purpose, so they are delivered at QoS 0
+/// (see the room driver's `subscription_qos`).
 pub(crate) async fn publish(client: &AsyncClient, topic: String, retain: bool, payload: Vec<u8>) {
     if let Err(e) = client.publish(topic, QoS::AtLeastOnce, retain, payload).await {
         warn!(error = %e, "publish failed");
