@@ -55,6 +55,14 @@ pub struct Scenario {
     /// together (0: no limit). A room of hundreds of processes on a machine of two cores gets
     /// through some tens of thousands: beyond that, deliveries queue and arrive late.
     pub deliveries_per_s: u64,
+    /// The broker is a cluster of this many nodes (1: one broker). Process `p` is connected to
+    /// node `p % broker_nodes`; each node gets through its share of `deliveries_per_s` with its
+    /// own queue, and a message reaches the queues of the other nodes `node_hop_ms` after its
+    /// own node's: the subscribers of each node get a burst of broadcasts (a term's ballots)
+    /// in another order, their own node's first, as on a RabbitMQ cluster under load.
+    pub broker_nodes: usize,
+    /// With `broker_nodes` > 1: how much later a message enters another node's queue (ms).
+    pub node_hop_ms: u64,
 }
 
 impl Scenario {
@@ -81,6 +89,8 @@ impl Scenario {
             trace: 400,
             connect_over_ms: 50,
             deliveries_per_s: 0,
+            broker_nodes: 1,
+            node_hop_ms: 0,
         }
     }
 
@@ -98,6 +108,8 @@ impl Scenario {
             trace: 200,
             connect_over_ms: 50,
             deliveries_per_s: 0,
+            broker_nodes: 1,
+            node_hop_ms: 0,
         }
     }
 }
@@ -332,7 +344,7 @@ pub struct World {
     delay: u32,
     chaos_until: u64,
     /// When the broker is next free to deliver (µs; see [`Scenario::deliveries_per_s`]).
-    broker_free_us: u64,
+    broker_free_us: Vec<u64>,
     /// A fresh peer listens for the room until then: no message loss begins before.
     listening_until: u64,
     // Checker state.
@@ -376,7 +388,7 @@ impl World {
             dup: 0,
             delay: 0,
             chaos_until: 0,
-            broker_free_us: 0,
+            broker_free_us: vec![0; sc.broker_nodes.max(1)],
             listening_until: 0,
             controllers: BTreeMap::new(),
             committed: Vec::new(),
@@ -996,10 +1008,15 @@ impl World {
             // A fixed latency per (publisher, subscriber) keeps each pair's messages in order,
             // and so does the broker's queue (it only grows later).
             let base = 1 + (hash3(self.seed, p as u64, q as u64) % 4);
-            let mut at = self.now + base;
-            if let Some(us) = 1_000_000u64.checked_div(self.sc.deliveries_per_s) {
-                let free = self.broker_free_us.max(self.now * 1000) + us;
-                self.broker_free_us = free;
+            let nodes = self.broker_free_us.len();
+            let (node, hop) = match (p % nodes, q % nodes) {
+                (a, b) if a == b => (b, 0),
+                (_, b) => (b, self.sc.node_hop_ms),
+            };
+            let mut at = self.now + base + hop;
+            if let Some(us) = (1_000_000 * nodes as u64).checked_div(self.sc.deliveries_per_s) {
+                let free = self.broker_free_us[node].max((self.now + hop) * 1000) + us;
+                self.broker_free_us[node] = free;
                 let queued = free.div_ceil(1000);
                 self.report.max_queue_ms = self.report.max_queue_ms.max(queued.saturating_sub(at));
                 at = at.max(queued);

@@ -35,6 +35,13 @@ struct Args {
     /// thousands.
     #[arg(long, default_value_t = 0)]
     deliveries_per_s: u64,
+    /// With --peers: the broker is a cluster of this many nodes, each with its share of
+    /// --deliveries-per-s, the peers spread over them.
+    #[arg(long, default_value_t = 1)]
+    broker_nodes: usize,
+    /// With --broker-nodes: how much later a message enters another node's queue (ms).
+    #[arg(long, default_value_t = 0)]
+    node_hop_ms: u64,
     /// With --peers: how long after the faults end a block must be committed (ms).
     #[arg(long, default_value_t = 6_000)]
     settle_ms: u64,
@@ -54,6 +61,8 @@ fn main() -> ExitCode {
             fault_ms: Scenario::large(n).fault_ms + args.connect_over_ms,
             connect_over_ms: args.connect_over_ms,
             deliveries_per_s: args.deliveries_per_s,
+            broker_nodes: args.broker_nodes,
+            node_hop_ms: args.node_hop_ms,
             settle_ms: args.settle_ms,
             ..Scenario::large(n)
         },

@@ -58,6 +58,9 @@ pub struct Timing {
     /// A controller replaces a voting member it has not heard from for this long by a live
     /// non-voting peer, if there is one (0: never).
     pub replace_after_ms: u64,
+    /// The most the broker's lag measured stretches a timer by (see `RoomNode::lag`): an echo
+    /// lost (QoS 0) or a broker that stopped must not stretch them for ever.
+    pub max_lag_ms: u64,
 }
 
 impl Default for Timing {
@@ -71,6 +74,7 @@ impl Default for Timing {
             sync_retry_ms: 500,
             sync_blocks: MAX_SYNC_BLOCKS,
             replace_after_ms: 30_000,
+            max_lag_ms: 10_000,
         }
     }
 }
@@ -101,6 +105,7 @@ impl Timing {
             heartbeat_ms: stretch(d.heartbeat_ms),
             election_min_ms: stretch(d.election_min_ms),
             election_max_ms: stretch(d.election_max_ms),
+            max_lag_ms: stretch(d.max_lag_ms),
             ..d
         }
     }
@@ -109,6 +114,13 @@ impl Timing {
     /// controller's quorum check looks back `election_max_ms`).
     fn ack_quiet_ms(&self) -> u64 {
         2 * self.heartbeat_ms
+    }
+
+    /// The lag measured halves this often without a new sample (5 s up to 100 members): a
+    /// follower times few broadcasts of its own, and one measured while its room gathered must
+    /// not slow its failovers for good.
+    fn lag_half_life_ms(&self) -> u64 {
+        (self.max_lag_ms / 2).max(1)
     }
 
     /// A non-voting peer acknowledges the controller's blocks at most this often: enough for
@@ -391,7 +403,7 @@ pub struct RoomNode {
     /// (see `rival_beat`): we give way if our chain's changes come to name it the member.
     rival_led: Option<u64>,
     /// How long our own broadcasts take to come back to us through the broker (rises at once,
-    /// comes down slowly, and halves every `LAG_HALF_LIFE_MS` without a new sample): in a room of
+    /// comes down slowly, and halves every `Timing::lag_half_life_ms` without a new sample): in a room of
     /// hundreds on a busy machine, the broker's queue delays every message by as much, and the
     /// election's timers stretch with it (see `wait_ms`).
     lag_ms: u64,
@@ -404,14 +416,6 @@ pub struct RoomNode {
 
 /// The periodic announcement backs off up to this many doublings of `election_min_ms`.
 const MAX_HELLO_BACKOFF: u32 = 5;
-
-/// The most the broker's lag stretches a timer by: an echo lost (QoS 0) or a broker that stopped
-/// must not stretch them for good.
-const MAX_LAG_MS: u64 = 10_000;
-
-/// The lag measured halves this often without a new sample: a follower times few broadcasts of
-/// its own, and one measured while its room gathered must not slow its failovers for good.
-const LAG_HALF_LIFE_MS: u64 = 5_000;
 
 impl RoomNode {
     /// A node recovering `restored` from its disk (`Restored::default()` for a new one).
@@ -676,7 +680,7 @@ impl RoomNode {
     }
 
     fn publish(&mut self, msg: Msg) {
-        // Time one broadcast at a time; one not back after `MAX_LAG_MS` was lost (QoS 0). Not a
+        // Time one broadcast at a time; one not back after `max_lag_ms` was lost (QoS 0). Not a
         // solution: only the controller subscribes to them (a miner's never comes back to it).
         let small = !matches!(msg, Msg::Challenge { .. } | Msg::Result { .. } | Msg::Solution { .. });
         if self.echo.as_ref().is_some_and(|(timed, _)| *timed == msg) {
@@ -686,7 +690,7 @@ impl RoomNode {
             self.echo = None;
         } else if small
             && !matches!(msg.channel(), Channel::Direct(_))
-            && self.echo.as_ref().is_none_or(|(_, sent)| self.now >= sent + MAX_LAG_MS)
+            && self.echo.as_ref().is_none_or(|(_, sent)| self.now >= sent + self.cfg.timing.max_lag_ms)
         {
             self.echo = Some((msg.clone(), self.now));
         }
@@ -699,7 +703,7 @@ impl RoomNode {
         if let Some((sent, at)) = &self.echo
             && sent == msg
         {
-            let lag = self.now.saturating_sub(*at).min(MAX_LAG_MS);
+            let lag = self.now.saturating_sub(*at).min(self.cfg.timing.max_lag_ms);
             let before = self.measured_lag();
             self.lag_ms = if lag > before { lag } else { (before * 7 + lag) / 8 };
             self.lag_at = self.now;
@@ -726,16 +730,16 @@ impl RoomNode {
         2 * self.measured_lag() + self.cfg.timing.election_max_ms
     }
 
-    /// The lag measured, halved per `LAG_HALF_LIFE_MS` since.
+    /// The lag measured, halved per `Timing::lag_half_life_ms` since.
     fn measured_lag(&self) -> u64 {
-        let halvings = self.now.saturating_sub(self.lag_at) / LAG_HALF_LIFE_MS;
+        let halvings = self.now.saturating_sub(self.lag_at) / self.cfg.timing.lag_half_life_ms();
         self.lag_ms.checked_shr(u32::try_from(halvings).unwrap_or(u32::MAX)).unwrap_or(0)
     }
 
     /// The broker's lag as it stands: what was measured, or longer while a broadcast is out.
     fn lag(&self) -> u64 {
         let measured = self.measured_lag();
-        let most = (2 * measured).max(self.cfg.timing.election_max_ms).min(MAX_LAG_MS);
+        let most = (2 * measured).max(self.cfg.timing.election_max_ms).min(self.cfg.timing.max_lag_ms);
         let out = self.echo.as_ref().map_or(0, |(_, sent)| self.now.saturating_sub(*sent).min(most));
         measured.max(out)
     }

@@ -343,16 +343,38 @@ impl RoomNode {
     /// past the last new one, not past its entry into the term: in a room of 1,000 whose ballots
     /// took a second or two to go round, voters that granted a fixed time after entering the
     /// term had each seen another part of them, and split it (464, 374 and 162 grants). Once
-    /// they stop coming, every voter holds the same ones. Never past the election timer, so a
-    /// trickle of ballots does not hold the term for ever.
+    /// they stop coming, every voter holds the same ones. Not capped by the election timer: on
+    /// a 3-node RabbitMQ cluster whose queues were a minute long, the ballots of 1,000 voters
+    /// came in for a minute and more, and voters that granted at their election timer split the
+    /// term three ways, each node's subscribers having heard their own node's ballots first
+    /// (371, 323 and 306). A voter has one ballot per voter and term to wait on, so the wait
+    /// ends.
     fn wait_for_more_ballots(&mut self) {
-        if self.voted_for.is_some() || self.grant_awaits_echo {
+        if self.voted_for.is_some() {
             return;
         }
-        let until = (self.now + self.cfg.timing.ballot_wait_ms + 2 * self.lag()).min(self.election_deadline);
-        if self.grant_deadline.is_some_and(|g| g < until) {
+        let until = self.now + self.ballot_quiet_ms();
+        if self.grant_deadline.is_none_or(|g| g < until) {
             self.grant_deadline = Some(until);
         }
+    }
+
+    /// How long no new ballot must come before a voter grants on part of them.
+    pub(super) fn ballot_quiet_ms(&self) -> u64 {
+        self.cfg.timing.ballot_wait_ms + 2 * self.lag()
+    }
+
+    /// A broadcast of ours came back through the broker. If a grant waited for it (see
+    /// `try_grant`), the ballots sent before it through our broker node are in, but not
+    /// necessarily those of other nodes, which a cluster forwards later: voters that granted
+    /// on their ballot's echo split a room of 1,000 on three nodes by node. So the voter then
+    /// waits for the ballots to stop coming, as above, with the lag just measured.
+    pub(super) fn ballot_echoed(&mut self) {
+        if self.grant_awaits_echo && self.echo_out().is_none() && self.voted_for.is_none() {
+            self.grant_awaits_echo = false;
+            self.grant_deadline = Some(self.now + self.ballot_quiet_ms());
+        }
+        self.try_grant(false);
     }
 
     /// Grants this term's vote once every live voter's ballot is in, or `deadline` passed.
@@ -363,7 +385,7 @@ impl RoomNode {
         let Some(voters) = self.voters() else { return };
         // The ballots held are voters' only (others are refused), ours included.
         let waiting = self.ballots.len() < voters.len().saturating_sub(self.gone_voters);
-        let past = deadline || self.grant_deadline.is_none() || self.grant_awaits_echo;
+        let past = deadline || self.grant_deadline.is_none();
         // Past the deadline, still not before a quorum's ballots are in: a voter that grants on
         // fewer grants the best of what reached it first, often its own, and in a room of
         // hundreds whose ballots take seconds to go round, every voter then granted itself.

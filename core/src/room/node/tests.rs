@@ -567,12 +567,19 @@ fn an_acknowledgement_that_says_nothing_new_is_not_repeated_within_the_quiet_tim
 }
 
 #[test]
-fn a_large_rooms_heartbeat_and_election_timeout_stretch_with_its_size() {
+fn a_large_rooms_heartbeat_election_timeout_and_lag_cap_stretch_with_its_size() {
     assert_eq!(Timing::for_room(3), Timing::default());
     assert_eq!(Timing::for_room(ROOM_AT_DEFAULT_TIMING), Timing::default());
     let (d, t) = (Timing::default(), Timing::for_room(300));
     assert_eq!((t.heartbeat_ms, t.election_min_ms, t.election_max_ms), (300, 1_200, 2_400));
-    assert_eq!(Timing { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800, ..t }, d, "the others stay");
+    // A broker delivering a room's broadcasts to N peers may lag N / 100 times as long.
+    assert_eq!((t.max_lag_ms, t.lag_half_life_ms()), (30_000, 15_000));
+    assert_eq!((d.max_lag_ms, d.lag_half_life_ms()), (10_000, 5_000));
+    assert_eq!(
+        Timing { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800, max_lag_ms: 10_000, ..t },
+        d,
+        "the others stay"
+    );
     assert_eq!(t.ack_quiet_ms(), 600, "a follower's acknowledgements slow down with the heartbeats");
     // Heartbeat deliveries a second, at most a thousand at any size.
     for n in [10, 100, 300, 1_000, crate::room::MAX_ROOM] {
@@ -1432,6 +1439,53 @@ fn a_voter_waits_for_the_ballots_to_stop_coming_before_it_grants_on_part_of_them
     // Then none for the ballot wait (and the broker's lag): it grants the best it holds.
     handle_echoed(node, t + 3 * wait + 100, Input::Tick);
     assert_eq!(node.voted_for(), Some(v3.0));
+}
+
+/// On a 3-node RabbitMQ cluster whose queues were a minute long, the first term of a room of
+/// 1,000 split 371, 323 and 306: each node's subscribers heard their own node's ballots first,
+/// and a voter granted once its own ballot came back, or at its election timer, on the ballots of
+/// its node and part of the others'. A voter now waits, after its echo and past its election
+/// timer, until no new ballot has come for the ballot wait and twice the lag.
+#[test]
+fn a_voter_grants_on_part_of_the_ballots_only_once_they_stop_coming_not_on_its_echo_or_timer() {
+    let mut room = Room::new(5);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, 1);
+    let ctl = room.controllers()[0];
+    let others: Vec<usize> = (0..5).filter(|&i| i != ctl).collect();
+    let a = others[0];
+    let term = room.nodes[a].term() + 1;
+    let pos = room.nodes[a].pos();
+    let voter = |i: usize| (room.nodes[i].id(), room.nodes[i].key());
+    let (v1, v2, v3) = (voter(others[1]), voter(others[2]), voter(others[3]));
+    let ballot = |(id, key): (PeerId, u64), ballot: u32| {
+        Input::Message(Envelope::new(id, Msg::Ballot { term, ballot, key, pos, proposal: None }))
+    };
+    let t = room.now;
+    let node = &mut room.nodes[a];
+    // Our ballot goes out with the first one heard; its echo is held back (a long queue).
+    let out = node.handle(t, ballot(v1, 5));
+    let mine = publishes(&out).into_iter().find(|m| matches!(m, Msg::Ballot { .. })).cloned().expect("our ballot");
+    node.handle(t + 10, ballot(v2, 6));
+    // A quorum's ballots (ours, v1's, v2's), the deadline past: the echo is awaited.
+    node.handle(t + 300, Input::Tick);
+    assert_eq!(node.voted_for(), None, "our ballot is still in the queue");
+    // The echo comes back 600 ms after it left: ballots of other nodes may still be on their way.
+    let echoed = t + 600;
+    node.handle(echoed, Input::Message(Envelope::new(node.id(), mine)));
+    assert_eq!(node.voted_for(), None, "not on the echo");
+    assert!(node.ballot_quiet_ms() >= 2 * 600, "the lag just measured");
+    // Another voter's ballot comes past our election timer: the wait starts again from it.
+    let late = t + 1_000;
+    assert!(late > node.election_deadline, "past the election timer");
+    node.handle(late - 1, Input::Tick);
+    node.handle(late, ballot(v3, u32::MAX));
+    assert_eq!(node.voted_for(), None, "one voter's ballot is still missing");
+    let quiet = node.ballot_quiet_ms();
+    node.handle(late + quiet - 10, Input::Tick);
+    assert_eq!(node.voted_for(), None, "a ballot came in within the wait");
+    node.handle(late + quiet + 10, Input::Tick);
+    assert_eq!(node.voted_for(), Some(v3.0), "the best of those in, once they stopped coming");
 }
 
 /// A room of 1,000 gathering: every peer answered every newcomer's hello, a million answers,
