@@ -104,7 +104,8 @@ pub struct RoomArgs {
     /// chain) to DIR.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
-    /// MQTT keepalive of the peers, in seconds [default: 2, and one more per 25 peers beyond 50].
+    /// MQTT keepalive of the peers, in seconds [default: 2, and more in a room of more than 50
+    /// peers: one more per 25 beyond 50, or N² / 10,000, whichever is more].
     #[arg(long)]
     pub keepalive: Option<u64>,
     /// Write every peer's events, merged, as JSON lines to FILE.
@@ -121,12 +122,21 @@ pub struct RoomArgs {
 }
 
 impl RoomArgs {
-    /// The peers' keepalive (s): `--keepalive`, or 2 s and one more per 25 peers beyond 50. A
-    /// client gives its connection up when the broker's answer to a ping comes later than that,
-    /// and in a room of hundreds on a few cores the broker's queue is seconds long: with 2 s, 300
-    /// peers on Mosquitto reconnected 10,000 times in three minutes and never elected.
+    /// The peers' keepalive (s): `--keepalive`, or 2 s and one more per 25 peers beyond 50, or
+    /// 2 s and N² / 10,000, whichever is more. A client gives its connection up when the
+    /// broker's answer to a ping comes later than that, and the answer waits behind what the
+    /// broker has queued for the connection. In a room of hundreds on a few cores the queue is
+    /// seconds long: with 2 s, 300 peers on Mosquitto reconnected 10,000 times in three minutes
+    /// and never elected. A founding room queues N hellos and N ballots for each of its N
+    /// peers, N² deliveries each, so a broker that gets through 10,000 deliveries a second
+    /// keeps a connection's answer waiting N² / 10,000 s: 100 s in a room of 1,000. On a 3-node
+    /// RabbitMQ cluster that got through about 12,000 a second on two cores, 1,000 peers at 40 s
+    /// (the linear rule) lost 262 connections to unanswered pings in 90 s, and each came back
+    /// with a hello to all. A longer keepalive delays only the will of a peer that hangs or is
+    /// cut off (1.5 times it); the room itself notices by the heartbeats.
     pub fn keepalive_s(&self) -> u64 {
-        self.keepalive.unwrap_or(2 + u64::from(self.peers.saturating_sub(50)) / 25)
+        let n = u64::from(self.peers);
+        self.keepalive.unwrap_or(2 + (n.saturating_sub(50) / 25).max(n * n / 10_000))
     }
 
     /// The nodes of `--broker`, if given. Parsed here rather than by clap so that a bad entry is
@@ -402,5 +412,18 @@ mod tests {
         assert!(watch(&["--host", "a:x"]).unwrap_err().starts_with("--host/--broker: "));
         assert!(parse_prefix("sd").is_ok() && parse_prefix("a/b").is_ok());
         assert!(parse_prefix("sd/#").is_err() && parse_prefix("").is_err());
+    }
+
+    #[test]
+    fn the_keepalive_grows_with_the_room_unless_given() {
+        let keepalive =
+            |args: &[&str]| Args::try_parse_from(["launcher"].iter().chain(args)).unwrap().room.keepalive_s();
+        assert_eq!(keepalive(&[]), 2, "ten peers");
+        assert_eq!(keepalive(&["--peers", "100"]), 4, "one more per 25 beyond 50");
+        assert_eq!(keepalive(&["--peers", "300"]), 12);
+        // Beyond about 400 a founding room's N² deliveries per round rule it.
+        assert_eq!(keepalive(&["--peers", "500"]), 27);
+        assert_eq!(keepalive(&["--peers", "1000"]), 102);
+        assert_eq!(keepalive(&["--peers", "1000", "--keepalive", "5"]), 5, "as given");
     }
 }
