@@ -1066,6 +1066,38 @@ fn challenges(actions: &[Action]) -> Vec<TxId> {
         .collect()
 }
 
+/// 1,000 peers on a 3-node RabbitMQ cluster: nearly every miner is late, and the controller's
+/// answer to each (a thousand a block) was more than the cluster took from its connection; its
+/// heartbeats waited behind them and the room lost it after 3 to 7 blocks. A late solution is
+/// now only recorded: the transaction's result, sent to all, already told its miner. A solution
+/// that is wrong is still answered.
+#[test]
+fn a_late_solution_is_recorded_but_not_answered_and_a_wrong_one_is_answered() {
+    let room = founded_with_blocks(1);
+    let ctl = room.controllers()[0];
+    let (first, late) = (room.nodes[(ctl + 1) % 3].id(), room.nodes[(ctl + 2) % 3].id());
+    let mut node = room.nodes.into_iter().nth(ctl).unwrap();
+    let tx = node.open().expect("an open challenge").tx;
+    let now = 100_000;
+    let won = solve_at_controller(&mut node, now, first);
+    assert!(
+        publishes(&won).iter().any(|m| matches!(m, Msg::Result { outcome: Outcome::Accepted(b), .. } if b.tx == tx))
+    );
+    let actions = node.handle(now + 1, Input::Message(Envelope::new(late, Msg::Solution { tx, nonce: 7 })));
+    assert!(publishes(&actions).is_empty(), "{actions:?}");
+    let rejected = |a: &Action| matches!(a, Action::Emit(Event::SolutionRejected { tx: t, miner, reason }) if *t == tx && *miner == late && reason == "already_solved");
+    assert!(actions.iter().any(rejected), "recorded: {actions:?}");
+    let unknown = node.handle(now + 2, Input::Message(Envelope::new(late, Msg::Solution { tx: tx + 50, nonce: 7 })));
+    let answered = publishes(&unknown);
+    assert!(
+        matches!(
+            answered[..],
+            [Msg::Result { outcome: Outcome::Rejected { reason: RejectReason::UnknownTransaction, .. }, .. }]
+        ),
+        "{unknown:?}"
+    );
+}
+
 #[test]
 fn the_next_challenge_goes_out_with_the_result_and_a_second_block_waits_for_the_first_ones_commit() {
     let room = founded_with_blocks(1);
