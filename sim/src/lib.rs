@@ -343,7 +343,8 @@ pub struct World {
     dup: u32,
     delay: u32,
     chaos_until: u64,
-    /// When the broker is next free to deliver (µs; see [`Scenario::deliveries_per_s`]).
+    /// When each broker node is next free to deliver (µs; see [`Scenario::deliveries_per_s`]
+    /// and [`Scenario::broker_nodes`]).
     broker_free_us: Vec<u64>,
     /// A fresh peer listens for the room until then: no message loss begins before.
     listening_until: u64,

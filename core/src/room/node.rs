@@ -403,9 +403,9 @@ pub struct RoomNode {
     /// (see `rival_beat`): we give way if our chain's changes come to name it the member.
     rival_led: Option<u64>,
     /// How long our own broadcasts take to come back to us through the broker (rises at once,
-    /// comes down slowly, and halves every `Timing::lag_half_life_ms` without a new sample): in a room of
-    /// hundreds on a busy machine, the broker's queue delays every message by as much, and the
-    /// election's timers stretch with it (see `wait_ms`).
+    /// comes down slowly, and halves every `Timing::lag_half_life_ms` without a new sample): in
+    /// a room of hundreds on a busy machine, the broker's queue delays every message by as much,
+    /// and the election's timers stretch with it (see `wait_ms`).
     lag_ms: u64,
     /// When `lag_ms` was last sampled.
     lag_at: u64,

@@ -369,7 +369,7 @@ impl RoomNode {
     /// necessarily those of other nodes, which a cluster forwards later: voters that granted
     /// on their ballot's echo split a room of 1,000 on three nodes by node. So the voter then
     /// waits for the ballots to stop coming, as above, with the lag just measured.
-    pub(super) fn ballot_echoed(&mut self) {
+    pub(super) fn broadcast_echoed(&mut self) {
         if self.grant_awaits_echo && self.echo_out().is_none() && self.voted_for.is_none() {
             self.grant_awaits_echo = false;
             self.grant_deadline = Some(self.now + self.ballot_quiet_ms());

@@ -217,7 +217,7 @@ impl RoomNode {
             msg => {
                 self.echoed(&msg);
                 // A grant may have waited for it (see `try_grant`).
-                self.ballot_echoed();
+                self.broadcast_echoed();
             }
         }
     }
