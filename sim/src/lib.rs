@@ -1010,10 +1010,9 @@ impl World {
             // and so does the broker's queue (it only grows later).
             let base = 1 + (hash3(self.seed, p as u64, q as u64) % 4);
             let nodes = self.broker_free_us.len();
-            let (node, hop) = match (p % nodes, q % nodes) {
-                (a, b) if a == b => (b, 0),
-                (_, b) => (b, self.sc.node_hop_ms),
-            };
+            // The subscriber's node queues the delivery; another node's message enters it later.
+            let node = q % nodes;
+            let hop = if p % nodes == node { 0 } else { self.sc.node_hop_ms };
             let mut at = self.now + base + hop;
             if let Some(us) = (1_000_000 * nodes as u64).checked_div(self.sc.deliveries_per_s) {
                 let free = self.broker_free_us[node].max((self.now + hop) * 1000) + us;

@@ -1438,28 +1438,41 @@ fn election_messages_that_come_before_the_room_is_known_count_once_it_is() {
     assert_eq!(node.voted_for(), Some(102));
 }
 
+/// A follower of a founded room of five with a block (not its controller), and the three other
+/// voters that are not the controller either: the setting of the next term's ballots.
+struct NextTerm {
+    node: RoomNode,
+    now: u64,
+    term: Term,
+    pos: Pos,
+    voters: [(PeerId, u64); 3],
+}
+
+fn next_term_of_five() -> NextTerm {
+    let mut room = Room::new(5);
+    room.run(FOUNDED_MS);
+    mine_blocks(&mut room, 1);
+    let ctl = room.controllers()[0];
+    let others: Vec<usize> = (0..5).filter(|&i| i != ctl).collect();
+    let voter = |i: usize| (room.nodes[i].id(), room.nodes[i].key());
+    let voters = [voter(others[1]), voter(others[2]), voter(others[3])];
+    let now = room.now;
+    let node = room.nodes.into_iter().nth(others[0]).expect("a follower");
+    NextTerm { term: node.term() + 1, pos: node.pos(), node, now, voters }
+}
+
 /// Voters that granted at a fixed time after entering the term, on the ballots in by then, split
 /// the first term of a room of 1,000 (464, 374 and 162 grants): its ballots took a second or two
 /// to go round, and each voter had seen another part of them. A voter now waits the ballot wait
 /// past the last new ballot, so those that grant before every ballot is in have seen the same ones.
 #[test]
 fn a_voter_waits_for_the_ballots_to_stop_coming_before_it_grants_on_part_of_them() {
-    let mut room = Room::new(5);
-    room.run(FOUNDED_MS);
-    mine_blocks(&mut room, 1);
-    let ctl = room.controllers()[0];
-    let others: Vec<usize> = (0..5).filter(|&i| i != ctl).collect();
-    let a = others[0];
-    let term = room.nodes[a].term() + 1;
-    let pos = room.nodes[a].pos();
-    let voter = |i: usize| (room.nodes[i].id(), room.nodes[i].key());
-    let (v1, v2, v3) = (voter(others[1]), voter(others[2]), voter(others[3]));
+    let NextTerm { mut node, now: t, term, pos, voters: [v1, v2, v3] } = next_term_of_five();
     let ballot = |(id, key): (PeerId, u64), ballot: u32| {
         Input::Message(Envelope::new(id, Msg::Ballot { term, ballot, key, pos, proposal: None }))
     };
     let wait = Timing::default().ballot_wait_ms;
-    let t = room.now;
-    let node = &mut room.nodes[a];
+    let node = &mut node;
     handle_echoed(node, t, ballot(v1, 5));
     assert_eq!(node.term(), term);
     handle_echoed(node, t + wait - 10, ballot(v2, 6));
@@ -1480,21 +1493,10 @@ fn a_voter_waits_for_the_ballots_to_stop_coming_before_it_grants_on_part_of_them
 /// timer, until no new ballot has come for the ballot wait and twice the lag.
 #[test]
 fn a_voter_grants_on_part_of_the_ballots_only_once_they_stop_coming_not_on_its_echo_or_timer() {
-    let mut room = Room::new(5);
-    room.run(FOUNDED_MS);
-    mine_blocks(&mut room, 1);
-    let ctl = room.controllers()[0];
-    let others: Vec<usize> = (0..5).filter(|&i| i != ctl).collect();
-    let a = others[0];
-    let term = room.nodes[a].term() + 1;
-    let pos = room.nodes[a].pos();
-    let voter = |i: usize| (room.nodes[i].id(), room.nodes[i].key());
-    let (v1, v2, v3) = (voter(others[1]), voter(others[2]), voter(others[3]));
+    let NextTerm { mut node, now: t, term, pos, voters: [v1, v2, v3] } = next_term_of_five();
     let ballot = |(id, key): (PeerId, u64), ballot: u32| {
         Input::Message(Envelope::new(id, Msg::Ballot { term, ballot, key, pos, proposal: None }))
     };
-    let t = room.now;
-    let node = &mut room.nodes[a];
     // Our ballot goes out with the first one heard; its echo is held back (a long queue).
     let out = node.handle(t, ballot(v1, 5));
     let mine = publishes(&out).into_iter().find(|m| matches!(m, Msg::Ballot { .. })).cloned().expect("our ballot");
